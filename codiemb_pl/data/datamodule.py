@@ -1,0 +1,217 @@
+"""LightningDataModule: sub-datasets -> single-task global batches -> tokenised micro-batches.
+
+Training uses `TaskBatchSampler` (SPEC §2): the trainer must run with `use_distributed_sampler=False`
+(the CLI sets it) because the sampler already shards each global batch across ranks. The data loader
+is resumable: its sampler's position is stored in Lightning checkpoints and restored on `--ckpt_path`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import InputError
+from ..paths import resolve_location
+from .collate import CoDiEmbCollator, LengthLimits, SampledItem
+from .tokenize import tokenize_with_prefixes
+from .records import IRRecord, STSRecord
+from .sampler import TaskBatchSampler
+from .sources import SourceConfig, load_ir_corpus, load_sts_pairs, load_training_records
+from .validation import ValidationSet, plan_validation_chunks
+
+log = logging.getLogger(__name__)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed for the per-item random choices (which positives/negatives), identical on every rank."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class MultiSourceDataset(Dataset):
+    """Concatenated sub-datasets; indexed by `(global_index, epoch)` keys from the sampler."""
+
+    def __init__(self, sources: list[SourceConfig], records: list[list[IRRecord | STSRecord]],
+                 instructions: list[Optional[str]], seed: int):
+        self.sources, self.records, self.instructions, self.seed = sources, records, instructions, seed
+        self.offsets = [0]
+        for recs in records:
+            self.offsets.append(self.offsets[-1] + len(recs))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, global_index: int) -> tuple[int, int]:
+        for source_index in range(len(self.records)):
+            if global_index < self.offsets[source_index + 1]:
+                return source_index, global_index - self.offsets[source_index]
+        raise IndexError(global_index)
+
+    def __getitem__(self, key: tuple[int, int]) -> SampledItem:
+        global_index, epoch = key
+        source_index, local_index = self.locate(global_index)
+        source = self.sources[source_index]
+        return SampledItem(record=self.records[source_index][local_index], dataset=source.name, task=source.task,
+                           instruction=self.instructions[source_index],
+                           seed=item_seed(self.seed, epoch, global_index))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose batch sampler position is saved in Lightning checkpoints (Lightning's `_Stateful`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class ValidationTexts(Dataset):
+    """This rank's validation chunks; each item is a whole tokenised chunk."""
+
+    def __init__(self, sets: list[ValidationSet], chunks, tokenize, limits: dict[str, int]):
+        self.sets, self.chunks, self.tokenize, self.limits = sets, chunks, tokenize, limits
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        chunk = self.chunks[index]
+        vset = self.sets[chunk.set_index]
+        texts = [vset.texts[chunk.field][i] for i in chunk.rows]
+        prefix = vset.prefixes.get(chunk.field, "")
+        features = self.tokenize(texts, self.limits[chunk.field], [prefix] * len(texts) if prefix else None)
+        return {"task": "encode", "set_index": chunk.set_index, "field": chunk.field,
+                "rows": torch.tensor(chunk.rows, dtype=torch.long), "features": features}
+
+
+class CoDiEmbDataModule(pl.LightningDataModule):
+    """Training and validation data for CoDiEmb.
+
+    The sampler's position (epoch, consumed micro-batches) travels with the training DataLoader, which
+    Lightning saves in checkpoints and restores before iterating (`ResumableDataLoader`).
+
+    Args:
+        train: training sub-datasets (each a source with a task, an optional instruction and batch size).
+        val: validation sets: STS pair files or BEIR folders (`task: ir`).
+        tokenizer: tokenizer name or path (the CLI links it to the model's `model_name_or_path`).
+        ir_batch_size: queries per device per micro-batch for IR sub-datasets without their own batch size.
+        sts_batch_size: pairs per device per micro-batch for STS sub-datasets without their own batch size.
+        policy: task ordering policy: proportional, balanced, temperature, round_robin, sequential, mixed.
+        temperature_alpha: exponent of the `temperature` policy (p_i ∝ n_i^alpha).
+        n_positives: positives per query (P); shorter lists are re-sampled.
+        n_negatives: hard negatives per query (N); 0 = in-batch negatives only.
+        max_query_length / max_passage_length / max_sts_length: token limits per text group.
+        instruction_template: how a sub-dataset's `instruction` becomes a prefix of queries and STS sentences.
+        passage_prefix: prefix for IR passages (default none).
+        val_batch_size: texts per validation encoding batch.
+        seed: seeds the sampler and the per-item choices (identical on every rank).
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, train: Optional[list[SourceConfig]] = None, val: Optional[list[SourceConfig]] = None,
+                 tokenizer: Optional[str] = None, ir_batch_size: int = 32, sts_batch_size: int = 32,
+                 policy: str = "proportional", temperature_alpha: float = 0.5, n_positives: int = 1,
+                 n_negatives: int = 0, max_query_length: int = 64, max_passage_length: int = 256,
+                 max_sts_length: int = 128, instruction_template: str = "Instruction: {instruction} Query: ",
+                 passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_sources = list(train or [])
+        self.val_sources = list(val or [])
+        self.tokenizer_name = tokenizer
+        self.tokenizer = None
+        self.train_dataset: Optional[MultiSourceDataset] = None
+        self.val_sets: list[ValidationSet] = []
+        self.sampler: Optional[TaskBatchSampler] = None
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def prefix_for(self, instruction: Optional[str]) -> str:
+        return self.hparams.instruction_template.format(instruction=instruction) if instruction else ""
+
+    def load_tokenizer(self):
+        if self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if not self.tokenizer_name:
+                raise InputError("data.tokenizer", "no tokenizer given",
+                                 "set data.tokenizer or model.model_name_or_path")
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve_location(self.tokenizer_name))
+        return self.tokenizer
+
+    def tokenize(self, texts: list[str], max_length: int, prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        return tokenize_with_prefixes(self.load_tokenizer(), texts, max_length, prefixes)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.train_dataset is None:
+            if not self.train_sources:
+                raise InputError("data.train", "no training sources configured", "add at least one entry under data.train")
+            records = [load_training_records(source) for source in self.train_sources]
+            instructions = [self.prefix_for(source.instruction) for source in self.train_sources]
+            self.train_dataset = MultiSourceDataset(self.train_sources, records, instructions, self.hparams.seed)
+        if stage in ("fit", "validate") and not self.val_sets:
+            self.val_sets = [self.build_validation_set(source) for source in self.val_sources]
+
+    def build_validation_set(self, source: SourceConfig) -> ValidationSet:
+        prefix = self.prefix_for(source.instruction)
+        if source.task == "sts":
+            return ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix)
+        return ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix, self.hparams.passage_prefix)
+
+    def batch_size_of(self, source: SourceConfig) -> int:
+        if source.batch_size:
+            return int(source.batch_size)
+        return self.hparams.ir_batch_size if source.task == "ir" else self.hparams.sts_batch_size
+
+    # -- loaders --------------------------------------------------------------------------------------
+    def build_sampler(self, world_size: int, rank: int, accumulate: int) -> TaskBatchSampler:
+        assert self.train_dataset is not None
+        return TaskBatchSampler(
+            sizes=[len(r) for r in self.train_dataset.records],
+            tasks=[s.task for s in self.train_sources],
+            batch_sizes=[self.batch_size_of(s) for s in self.train_sources],
+            world_size=world_size, rank=rank, accumulate=accumulate, policy=self.hparams.policy,
+            seed=self.hparams.seed, temperature_alpha=self.hparams.temperature_alpha,
+            names=[s.name for s in self.train_sources])
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer else 1
+        rank = trainer.global_rank if trainer else 0
+        accumulate = trainer.accumulate_grad_batches if trainer else 1
+        self.sampler = self.build_sampler(world_size, rank, accumulate)
+        if rank == 0:
+            log.info("training plan:\n%s", self.sampler.describe())
+        collator = CoDiEmbCollator(self.tokenize, limits=self.length_limits(), n_positives=self.hparams.n_positives,
+                                   n_negatives=self.hparams.n_negatives)
+        return ResumableDataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=collator,
+                                   num_workers=self.hparams.num_workers,
+                                   persistent_workers=self.hparams.num_workers > 0)
+
+    def length_limits(self) -> LengthLimits:
+        return LengthLimits(query=self.hparams.max_query_length, passage=self.hparams.max_passage_length,
+                            sts=self.hparams.max_sts_length)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_sets:
+            return []
+        trainer = self.trainer
+        world_size = trainer.world_size if trainer else 1
+        rank = trainer.global_rank if trainer else 0
+        chunks = plan_validation_chunks(self.val_sets, self.hparams.val_batch_size, world_size, rank)
+        limits = {"text1": self.hparams.max_sts_length, "text2": self.hparams.max_sts_length,
+                  "query": self.hparams.max_query_length, "corpus": self.hparams.max_passage_length}
+        dataset = ValidationTexts(self.val_sets, chunks, self.tokenize, limits)
+        return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.hparams.num_workers)
+
+    # -- resume bookkeeping ------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training micro-batch as consumed when it is handed to the step (not when prefetched)."""
+        if self.trainer is not None and self.trainer.training and self.sampler is not None:
+            self.sampler.mark_consumed()
+        return batch
