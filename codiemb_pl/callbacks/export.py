@@ -1,4 +1,4 @@
-"""Export the trained encoder as a sentence-transformers folder when `fit` ends, and print the summary.
+"""Export the trained encoder as a sentence-transformers folder when `fit` ends.
 
 With `from_best=True` and a ModelCheckpoint that monitors a metric, the best checkpoint's weights are
 loaded before export; otherwise the final weights are exported. The folder is written atomically.
@@ -13,20 +13,6 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-
-
-def comparison_table(history: list[tuple[str, dict[str, float]]]) -> str:
-    """Rows: validation metrics; columns: the labelled validation passes (e.g. start, final)."""
-    if not history:
-        return ""
-    keys = sorted({k for _, metrics in history for k in metrics})
-    width = max(len(k) for k in keys)
-    header = f"{'metric':<{width}}  " + "  ".join(f"{label:>12}" for label, _ in history)
-    lines = [header, "-" * len(header)]
-    for key in keys:
-        cells = [f"{metrics[key]:>12.4f}" if key in metrics else f"{'':>12}" for _, metrics in history]
-        lines.append(f"{key:<{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 class ExportEncoder(pl.Callback):
@@ -52,10 +38,6 @@ class ExportEncoder(pl.Callback):
             self.exported_from = "final weights"
         if trainer.is_global_zero:
             pl_module.encoder.save(self.dirpath, model_card=self.model_card(pl_module))
-            history = getattr(pl_module, "validation_history", [])
-            table = comparison_table(history)
-            if table:
-                rank_zero_info("\nvalidation metrics\n" + table)
             rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {Path(self.dirpath).resolve()}")
         trainer.strategy.barrier("codiemb-export")
 

@@ -126,6 +126,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.val_sources = list(val or [])
         self.tokenizer_name = tokenizer
         self.tokenizer = None
+        self.length_cap: Optional[int] = None  # set by the model: its maximum sequence length
         self.train_dataset: Optional[MultiSourceDataset] = None
         self.val_sets: list[ValidationSet] = []
         self.sampler: Optional[TaskBatchSampler] = None
@@ -145,6 +146,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         return self.tokenizer
 
     def tokenize(self, texts: list[str], max_length: int, prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        if self.length_cap:
+            max_length = min(max_length, self.length_cap)
         return tokenize_with_prefixes(self.load_tokenizer(), texts, max_length, prefixes)
 
     def setup(self, stage: str) -> None:

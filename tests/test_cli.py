@@ -1,0 +1,79 @@
+"""The CLI end to end on the tiny model: fit a few steps, validate the checkpoint, load the export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codiemb_pl.cli import main
+
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    code = main(["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(run),
+                 "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder",
+                 "--trainer.callbacks.dirpath", str(run / "model")])
+    assert code == 0
+    return run
+
+
+def test_fit_writes_checkpoint_and_sentence_transformers_folder(fitted_run, capsys):
+    checkpoints = list(fitted_run.rglob("*.ckpt"))
+    assert any(p.name == "last.ckpt" for p in checkpoints)
+    state = torch.load(next(p for p in checkpoints if p.name == "last.ckpt"), map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    assert "combined_loader" in state["loops"]["fit_loop"]["state_dict"]  # the sampler position is saved
+
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(fitted_run / "model"), device="cpu")
+    embeddings = model.encode(["a sentence", "another one"], convert_to_tensor=True)
+    assert embeddings.shape == (2, 32)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_fit_changes_the_weights(fitted_run, tiny_model_dir):
+    from codiemb_pl.encoder import TextEncoder
+
+    before = TextEncoder(str(tiny_model_dir)).encode(["the same text"])
+    after = TextEncoder(str(fitted_run / "model")).encode(["the same text"])
+    assert not torch.allclose(before, after, atol=1e-6)
+
+
+def test_validate_on_the_checkpoint_reports_every_metric(fitted_run, tiny_model_dir, capsys):
+    last = next(fitted_run.rglob("last.ckpt"))
+    code = main(["validate", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(fitted_run), "--ckpt_path", str(last)])
+    assert code == 0
+    out = capsys.readouterr().out
+    for key in ("val/demo_sts_dev/cosine_spearman", "val/demo_sts_dev/cosine_pearson", "val/demo_ir_dev/ndcg_at_10",
+                "val/demo_ir_dev/mrr_at_10", "val/demo_ir_dev/recall_at_100", "val/ir_avg", "val/sts_avg", "val/avg"):
+        assert key in out
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "positives": ["p"]}\n{"query": "q2", "positives": []}\n')
+    code = main(["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(tmp_path),
+                 "--data.train", f'[{{"name": "bad", "task": "ir", "path": "{bad}"}}]'])
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("codiemb: error:")]
+    assert len(errors) == 1 and "bad.jsonl:2" in errors[0] and "no positives" in errors[0]
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_and_print_config(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "codiemb_pl", "fit", "--config", str(TINY_CONFIG), "--print_config"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "model_name_or_path: REPLACED_BY_TEST" in result.stdout

@@ -1,0 +1,137 @@
+"""Collate, prefix-aware tokenisation and validation chunking."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem, pick_fixed_count, text_id
+from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
+from codiemb_pl.data.tokenize import leading_special_tokens, tokenize_with_prefixes
+from codiemb_pl.data.validation import EmbeddingBuffers, ValidationSet, plan_validation_chunks
+from conftest import minilm_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def test_text_id_is_stable_and_63_bit():
+    assert text_id("hello") == text_id("hello")
+    assert text_id("hello") != text_id("hello ")
+    assert 0 <= text_id("x") < 2**63
+    # fixed value: the hash must not depend on the process (Python's hash() would)
+    assert text_id("codiemb") == int.from_bytes(__import__("hashlib").blake2b(b"codiemb", digest_size=8).digest(),
+                                                "little") & (2**63 - 1)
+
+
+def test_pick_fixed_count_subsets_and_refills():
+    rng = random.Random(0)
+    chosen = pick_fixed_count(["a", "b", "c", "d"], 2, rng)
+    assert len(chosen) == 2 and len(set(chosen)) == 2 and set(chosen) <= {"a", "b", "c", "d"}
+    filled = pick_fixed_count(["a", "b"], 5, random.Random(1))
+    assert len(filled) == 5 and set(filled) == {"a", "b"}  # every original kept, rest re-sampled
+    assert pick_fixed_count([], 3, rng) == [] and pick_fixed_count(["a"], 0, rng) == []
+
+
+def test_prefix_tokens_are_left_out_of_pooling_mask(tokenizer):
+    prefix = "Instruction: find facts Query: "
+    texts = ["why is the sky blue", "tea"]
+    encoded = tokenize_with_prefixes(tokenizer, texts, 64, [prefix, prefix])
+    plain = tokenize_with_prefixes(tokenizer, texts, 64)
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    assert leading_special_tokens(tokenizer) == 1  # [CLS]
+    for row, text in enumerate(texts):
+        attention = encoded["attention_mask"][row]
+        pooling = encoded["pooling_mask"][row]
+        assert int(attention.sum() - pooling.sum()) == n_prefix
+        assert pooling[0] == 1 and pooling[1:1 + n_prefix].sum() == 0
+        # the text's own tokens (and [SEP]) stay in the mean: as many as without the prefix, minus [CLS]
+        assert int(pooling.sum()) == int(plain["attention_mask"][row].sum())
+    assert "pooling_mask" not in plain
+
+
+def test_prefix_never_masks_everything_when_truncated(tokenizer):
+    prefix = "a very long instruction " * 10
+    encoded = tokenize_with_prefixes(tokenizer, ["text"], 8, [prefix])
+    assert int(encoded["pooling_mask"].sum()) >= 1
+
+
+def sampled(record, task, dataset="d", instruction=None, seed=0):
+    return SampledItem(record=record, dataset=dataset, task=task, instruction=instruction, seed=seed)
+
+
+def test_ir_collate_shapes_masks_and_ids(tokenizer):
+    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
+    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(16, 32, 16), n_positives=2, n_negatives=3)
+    items = [sampled(IRRecord("q1", ("p1",), ("n1", "n2", "n3", "n4")), "ir", seed=1),
+             sampled(IRRecord("q2", ("p2a", "p2b"), ()), "ir", seed=2)]
+    batch = collator(items)
+    assert batch["task"] == "ir" and batch["dataset"] == "d"
+    assert batch["query"]["input_ids"].shape[0] == 2
+    assert batch["positives"]["input_ids"].shape[0] == 4 and batch["negatives"]["input_ids"].shape[0] == 6
+    assert batch["negative_mask"].tolist() == [[True, True, True], [False, False, False]]
+    assert batch["positive_ids"].shape == (2, 2)
+    assert set(batch["positive_ids"][0].tolist()) == {text_id("p1")}  # one positive re-sampled to fill P=2
+    assert set(batch["positive_ids"][1].tolist()) == {text_id("p2a"), text_id("p2b")}
+    assert set(batch["negative_ids"][0].tolist()) <= {text_id(t) for t in ("n1", "n2", "n3", "n4")}
+    again = collator(items)  # same seeds -> same choices
+    assert torch.equal(again["negative_ids"], batch["negative_ids"])
+
+
+def test_ir_collate_without_any_negatives_has_none(tokenizer):
+    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
+    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(), n_positives=1, n_negatives=2)
+    batch = collator([sampled(IRRecord("q", ("p",)), "ir")])
+    assert batch["negatives"] is None and batch["negative_mask"] is None
+
+
+def test_sts_and_mixed_collate(tokenizer):
+    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
+    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(), n_positives=1)
+    sts = [sampled(STSRecord("a cat", "a dog", 0.4), "sts", "s", "Instruction: x Query: "),
+           sampled(STSRecord("red", "blue", 0.1), "sts", "s", "Instruction: x Query: ")]
+    batch = collator(sts)
+    assert batch["task"] == "sts" and torch.allclose(batch["scores"], torch.tensor([0.4, 0.1]))
+    assert "pooling_mask" in batch["text1"] and "pooling_mask" in batch["text2"]
+    mixed = collator([sampled(IRRecord("q", ("p",)), "ir", "i")] + sts)
+    assert mixed["task"] == "mixed" and mixed["ir"]["query"]["input_ids"].shape[0] == 1
+    assert mixed["sts"]["scores"].shape == (2,)
+
+
+def test_validation_chunks_cover_every_text_once_across_ranks():
+    sets = [ValidationSet.from_sts("s", [STSRecord(f"a{i}" * (i % 5 + 1), f"b{i}", 0.5) for i in range(23)]),
+            ValidationSet.from_ir("r", IRCorpus(queries={f"q{i}": f"query {i}" for i in range(7)},
+                                                corpus={f"d{i}": "doc " * (i + 1) for i in range(11)},
+                                                qrels={"q0": {"d0": 1}}))]
+    for world in (1, 2, 3):
+        per_rank = [plan_validation_chunks(sets, 4, world, rank) for rank in range(world)]
+        assert len({len(chunks) for chunks in per_rank}) == 1  # equal step counts on every rank
+        seen = {}
+        for chunks in per_rank:
+            for chunk in chunks:
+                for row in chunk.rows:
+                    seen.setdefault((chunk.set_index, chunk.field, row), 0)
+                    seen[(chunk.set_index, chunk.field, row)] += 1
+        expected = {(i, f, r) for i, s in enumerate(sets) for f, texts in s.texts.items() for r in range(len(texts))}
+        assert set(seen) == expected
+    one_rank = plan_validation_chunks(sets, 4)
+    for chunk in one_rank:  # length-sorted inside a field
+        texts = sets[chunk.set_index].texts[chunk.field]
+        lengths = [len(texts[r]) for r in chunk.rows]
+        assert lengths == sorted(lengths)
+
+
+def test_embedding_buffers_average_repeated_rows_and_detect_gaps():
+    sets = [ValidationSet.from_sts("s", [STSRecord("a", "b", 0.5), STSRecord("c", "d", 0.2)])]
+    buffers = EmbeddingBuffers(sets, dim=2)
+    buffers.add(0, "text1", torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    buffers.add(0, "text1", torch.tensor([1]), torch.tensor([[0.0, 1.0]]))  # a padded repeat
+    assert torch.equal(buffers.embeddings(0, "text1"), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert not buffers.complete()
+    with pytest.raises(RuntimeError, match="never encoded"):
+        buffers.embeddings(0, "text2")
