@@ -74,14 +74,9 @@ def main(args: Optional[list[str]] = None) -> int:
 
 def _load_extra_commands() -> None:
     """Import the modules that register project commands (each registers itself on import)."""
-    import importlib
+    from .commands import import_all
 
-    for module in ("codiemb_pl.commands",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    import_all()
 
 
 def console_main() -> None:

@@ -19,15 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from .bucketing import encode_in_length_buckets
 from .data.validation import EmbeddingBuffers
 from .encoder import TextEncoder
-from .evaluation.retrieval import retrieval_metrics
-from .evaluation.sts import sts_metrics
+from .evaluation.suite import flat_metrics, score_set, summary_metrics
 from .losses.gather import gather_no_grad, gather_with_grad
 from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
 from .losses.sts import STSLossConfig, sts_loss
 from .reporting import format_metrics_table
-
-HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
-
 
 def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
     """LR multiplier: linear 0→1 over `warmup_steps`, then linear 1→0 at `total_steps`."""
@@ -35,18 +31,6 @@ def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float
         return (step + 1) / warmup_steps
     remaining = max(1, total_steps - warmup_steps)
     return max(0.0, (total_steps - step) / remaining)
-
-
-def summary_metrics(per_set: dict[str, dict[str, float]], tasks: dict[str, str]) -> dict[str, float]:
-    """`ir_avg` (mean nDCG@10 of IR sets), `sts_avg` (mean Spearman of STS sets), `avg` (mean of the two)."""
-    out: dict[str, float] = {}
-    for task in ("ir", "sts"):
-        values = [per_set[name][HEADLINE[task]] for name, t in tasks.items() if t == task]
-        if values:
-            out[f"{task}_avg"] = sum(values) / len(values)
-    if out:
-        out["avg"] = sum(out.values()) / len(out)
-    return out
 
 
 class CoDiEmbModule(pl.LightningModule):
@@ -82,7 +66,7 @@ class CoDiEmbModule(pl.LightningModule):
         self.save_hyperparameters()
         self.sts_config = sts_loss or STSLossConfig()
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
-                                   max_seq_length=max_seq_length)
+                                   max_seq_length=max_seq_length, include_prompt=False)
         self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
         if gradient_checkpointing:
             self.encoder.model.gradient_checkpointing_enable()
@@ -246,8 +230,7 @@ class CoDiEmbModule(pl.LightningModule):
         per_set, tasks = self.score_validation(self.val_buffers)
         self.val_buffers = None
         summary = summary_metrics(per_set, tasks)
-        flat = {f"val/{name}/{metric}": value for name, values in per_set.items() for metric, value in values.items()}
-        flat.update({f"val/{key}": value for key, value in summary.items()})
+        flat = flat_metrics(per_set, summary)
         for key, value in flat.items():
             self.log(key, value, sync_dist=False, batch_size=1)
         self.last_validation = flat
@@ -257,19 +240,9 @@ class CoDiEmbModule(pl.LightningModule):
             rank_zero_info(format_metrics_table(per_set, summary, title=f"validation (step {self.global_step})"))
 
     def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-        per_set: dict[str, dict[str, float]] = {}
-        tasks: dict[str, str] = {}
-        for index, vset in enumerate(buffers.sets):
-            tasks[vset.name] = vset.task
-            if vset.task == "sts":
-                gold = torch.tensor(vset.gold, dtype=torch.float32)
-                per_set[vset.name] = sts_metrics(buffers.embeddings(index, "text1").cpu(),
-                                                 buffers.embeddings(index, "text2").cpu(), gold)
-            else:
-                per_set[vset.name] = retrieval_metrics(buffers.embeddings(index, "query"),
-                                                       buffers.embeddings(index, "corpus"),
-                                                       vset.query_ids, vset.doc_ids, vset.qrels)
-        return per_set, tasks
+        per_set = {vset.name: score_set(vset, {name: buffers.embeddings(index, name) for name in vset.texts})
+                   for index, vset in enumerate(buffers.sets)}
+        return per_set, {vset.name: vset.task for vset in buffers.sets}
 
     def hparams_for_card(self) -> dict[str, Any]:
         out = dict(self.hparams)

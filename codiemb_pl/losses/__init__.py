@@ -4,8 +4,6 @@ from codiemb_pl.losses.gather import gather_no_grad, gather_with_grad, rank_and_
 from codiemb_pl.losses.ir import ir_batch_diagnostics, multi_positive_info_nce
 from codiemb_pl.losses.sts import (
     STSLossConfig,
-    STSLossWeights,
-    codiemb_sts_loss,
     cosent_loss,
     descending_average_ranks,
     mid_nce_loss,
@@ -16,7 +14,7 @@ from codiemb_pl.losses.sts import (
 )
 
 __all__ = [
-    "STSLossConfig", "STSLossWeights", "codiemb_sts_loss", "cosent_loss", "descending_average_ranks",
+    "STSLossConfig", "cosent_loss", "descending_average_ranks",
     "gather_no_grad", "gather_with_grad", "ir_batch_diagnostics", "mid_nce_loss",
     "multi_positive_info_nce", "pearson_loss", "pro_loss", "rank_and_world", "rank_kl_loss", "sts_loss",
 ]

@@ -140,10 +140,6 @@ class STSLossConfig:
                                  "use a value > 0")
 
 
-# Name used in docs/ARCHITECTURE.md.
-STSLossWeights = STSLossConfig
-
-
 def sts_loss(
     pred: Tensor, target: Tensor, config: STSLossConfig | None = None,
     mid1: Tensor | None = None, mid2: Tensor | None = None,
@@ -177,5 +173,3 @@ def sts_loss(
     return total, components
 
 
-# Name used in docs/ARCHITECTURE.md.
-codiemb_sts_loss = sts_loss

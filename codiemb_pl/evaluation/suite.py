@@ -1,0 +1,63 @@
+"""Score an encoder on validation sets: the one place where embeddings become the reported metrics.
+
+Used by the LightningModule (embeddings gathered during `validate`), by fusion (each merged candidate)
+and by `codiemb evaluate`. Headline metrics follow MTEB: `cosine_spearman` (STS), `ndcg_at_10` (IR);
+`ir_avg` / `sts_avg` average the headline over sets of a task and `avg` averages the two.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from ..data.validation import ValidationSet
+from .retrieval import retrieval_metrics
+from .sts import sts_metrics
+
+HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
+
+
+def score_set(vset: ValidationSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics of one set from its per-field embeddings (`text1`/`text2` or `query`/`corpus`)."""
+    if vset.task == "sts":
+        gold = torch.tensor(vset.gold, dtype=torch.float32)
+        return sts_metrics(embeddings["text1"].cpu(), embeddings["text2"].cpu(), gold)
+    return retrieval_metrics(embeddings["query"], embeddings["corpus"], vset.query_ids, vset.doc_ids, vset.qrels)
+
+
+def summary_metrics(per_set: Mapping[str, Mapping[str, float]], tasks: Mapping[str, str]) -> dict[str, float]:
+    """`ir_avg` (mean nDCG@10 of IR sets), `sts_avg` (mean Spearman of STS sets), `avg` (mean of the two)."""
+    out: dict[str, float] = {}
+    for task in ("ir", "sts"):
+        values = [per_set[name][HEADLINE[task]] for name, t in tasks.items() if t == task]
+        if values:
+            out[f"{task}_avg"] = sum(values) / len(values)
+    if out:
+        out["avg"] = sum(out.values()) / len(out)
+    return out
+
+
+def flat_metrics(per_set: Mapping[str, Mapping[str, float]], summary: Mapping[str, float],
+                 prefix: str = "val/") -> dict[str, float]:
+    """`{prefix}{set}/{metric}` and `{prefix}{summary}` keys, as logged and monitored."""
+    flat = {f"{prefix}{name}/{metric}": value for name, values in per_set.items() for metric, value in values.items()}
+    flat.update({f"{prefix}{key}": value for key, value in summary.items()})
+    return flat
+
+
+def evaluate_with(encode: Callable[[list[str], str], torch.Tensor], sets: list[ValidationSet]
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Encode every field of every set with `encode(texts, prefix)` and score them."""
+    per_set = {}
+    for vset in sets:
+        embeddings = {name: encode(texts, vset.prefixes.get(name, "")) for name, texts in vset.texts.items()}
+        per_set[vset.name] = score_set(vset, embeddings)
+    return per_set, summary_metrics(per_set, {s.name: s.task for s in sets})
+
+
+def evaluate_encoder(encoder, sets: list[ValidationSet], batch_size: int = 64
+                     ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Evaluate a `TextEncoder` (prefix tokens left out of pooling as in training)."""
+    return evaluate_with(lambda texts, prefix: encoder.encode(texts, batch_size=batch_size, prompt=prefix or None),
+                         sets)
