@@ -13,6 +13,8 @@ no prompts, prompts included in pooling).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import importlib.metadata
 import inspect
 import json
@@ -352,6 +354,23 @@ def _model_class_accepts(config: PretrainedConfig, source: _ModelSource, trust_r
     return argument in inspect.signature(model_class.__init__).parameters
 
 
+@contextmanager
+def _quiet_transformers():
+    """Lower transformers' log level to errors and hide its progress bars for the duration of the block."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torch.dtype | str) -> PreTrainedModel:
     """AutoModel without the unused BERT-style pooler (DDP would flag its parameters as unused)."""
     try:
@@ -359,8 +378,9 @@ def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torc
         extra: dict[str, Any] = {}
         if _model_class_accepts(config, source, trust_remote_code, "add_pooling_layer"):
             extra["add_pooling_layer"] = False
-        return AutoModel.from_pretrained(source.hf_location, config=config, dtype=dtype,
-                                         trust_remote_code=trust_remote_code, **source.hf_kwargs, **extra)
+        with _quiet_transformers():  # the load report would list the pooler we drop on purpose
+            return AutoModel.from_pretrained(source.hf_location, config=config, dtype=dtype,
+                                             trust_remote_code=trust_remote_code, **source.hf_kwargs, **extra)
     except OSError as exc:
         raise InputError(source.location, f"could not load the model ({exc})",
                          "give a local folder, pkg://module, or a hub id that is cached (HF_HUB_OFFLINE=1) "
