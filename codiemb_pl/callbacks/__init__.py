@@ -1,5 +1,6 @@
-"""Lightning callbacks: model export (and, with the fusion extra, post-fit fusion)."""
+"""Lightning callbacks: model export, training monitoring (and, with the fusion extra, post-fit fusion)."""
 
 from .export import ExportEncoder
+from .monitoring import TrainingMonitor, log_figures, log_leaderboard, log_weight_histograms
 
-__all__ = ["ExportEncoder"]
+__all__ = ["ExportEncoder", "TrainingMonitor", "log_figures", "log_leaderboard", "log_weight_histograms"]
