@@ -35,6 +35,13 @@ class CoDiEmbCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
+    def before_fit(self) -> None:
+        """Read and check all data and the sampler plan before any training or writing starts."""
+        trainer = self.trainer
+        plan = self.datamodule.check_training_plan(trainer.world_size, trainer.accumulate_grad_batches)
+        if trainer.is_global_zero:
+            print("[codiemb] training plan\n" + plan.describe(), flush=True)
+
     def after_fit(self) -> None:
         """Validate the final weights if the last validation is stale, then print start-vs-end metrics."""
         module, trainer = self.model, self.trainer

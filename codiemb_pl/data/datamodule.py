@@ -8,7 +8,6 @@ is resumable: its sampler's position is stored in Lightning checkpoints and rest
 from __future__ import annotations
 
 import hashlib
-import logging
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -23,9 +22,6 @@ from .records import IRRecord, STSRecord
 from .sampler import TaskBatchSampler
 from .sources import SourceConfig, load_ir_corpus, load_sts_pairs, load_training_records
 from .validation import ValidationSet, plan_validation_chunks
-
-log = logging.getLogger(__name__)
-
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     """Seed for the per-item random choices (which positives/negatives), identical on every rank."""
@@ -160,6 +156,11 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         if stage in ("fit", "validate") and not self.val_sets:
             self.val_sets = [self.build_validation_set(source) for source in self.val_sources]
 
+    def check_training_plan(self, world_size: int, accumulate: int) -> TaskBatchSampler:
+        """Load and validate every source and build the sampler once, so bad input stops the run early."""
+        self.setup("fit")
+        return self.build_sampler(world_size, 0, accumulate)
+
     def build_validation_set(self, source: SourceConfig) -> ValidationSet:
         prefix = self.prefix_for(source.instruction)
         if source.task == "sts":
@@ -188,8 +189,6 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         rank = trainer.global_rank if trainer else 0
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         self.sampler = self.build_sampler(world_size, rank, accumulate)
-        if rank == 0:
-            log.info("training plan:\n%s", self.sampler.describe())
         collator = CoDiEmbCollator(self.tokenize, limits=self.length_limits(), n_positives=self.hparams.n_positives,
                                    n_negatives=self.hparams.n_negatives)
         return ResumableDataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=collator,
