@@ -1,18 +1,22 @@
 """Export the trained encoder as a sentence-transformers folder when `fit` ends.
 
 With `from_best=True` and a ModelCheckpoint that monitors a metric, the best checkpoint's weights are
-loaded before export; otherwise the final weights are exported. The folder is written atomically.
+loaded before export; otherwise the final weights are exported. The folder is written atomically and
+carries a model card (README.md, see `codiemb_pl.model_card`): base model, data, sampler policy, losses,
+the validation metrics of the exported weights and how to load it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+
+from ..model_card import build_model_card, encoder_card_fields
 
 
 class ExportEncoder(pl.Callback):
@@ -27,25 +31,67 @@ class ExportEncoder(pl.Callback):
         self.dirpath = dirpath
         self.from_best = from_best
         self.exported_from: Optional[str] = None
+        self.exported_step: Optional[int] = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
-            state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-            pl_module.load_state_dict(state)
+            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            pl_module.load_state_dict(checkpoint["state_dict"])
             self.exported_from = best
+            self.exported_step = checkpoint.get("global_step")
         else:
             self.exported_from = "final weights"
+            self.exported_step = trainer.global_step
         if trainer.is_global_zero:
             pl_module.encoder.save(self.dirpath, model_card=self.model_card(pl_module))
             rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {Path(self.dirpath).resolve()}")
         trainer.strategy.barrier("codiemb-export")
 
     def model_card(self, pl_module: pl.LightningModule) -> str:
+        """The README of the exported folder, from the module, its data module and validation history."""
         hp = dict(pl_module.hparams)
-        lines = ["---", "library_name: sentence-transformers", "tags: [sentence-transformers, codiemb]", "---", "",
-                 "# CoDiEmb fine-tuned encoder", "",
-                 f"Base model: `{hp.get('model_name_or_path')}`; trained with codiemb_pl ({self.exported_from}).", "",
-                 "```python", "from sentence_transformers import SentenceTransformer",
-                 "model = SentenceTransformer('PATH')", "```"]
-        return "\n".join(lines) + "\n"
+        trainer = pl_module._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        metrics, source = self.exported_metrics(pl_module)
+        return build_model_card(
+            base_model=str(hp.get("model_name_or_path")), training_data=training_data_rows(datamodule),
+            sampler_policy=getattr(getattr(datamodule, "hparams", None), "policy", None),
+            losses=losses_summary(pl_module), validation_metrics=metrics, metrics_source=source,
+            model_path=self.dirpath, **encoder_card_fields(pl_module.encoder))
+
+    def exported_metrics(self, pl_module: pl.LightningModule) -> tuple[dict[str, float], str]:
+        """The validation metrics measured on the exported weights when known, else the latest ones."""
+        history = list(getattr(pl_module, "validation_history", []))
+        if not history:
+            return {}, ""
+        for label, metrics in reversed(history):
+            if self.exported_step is not None and label == f"step {self.exported_step}":
+                return dict(metrics), f"the validation sets at step {self.exported_step} (the exported weights)"
+        label, metrics = history[-1]
+        return dict(metrics), f"the validation sets, latest validation during training ({label})"
+
+
+def training_data_rows(datamodule: Any) -> list[dict[str, Any]]:
+    """One card row per training sub-dataset of a CoDiEmbDataModule (empty without one)."""
+    sources = getattr(datamodule, "train_sources", None) or []
+    return [{"name": s.name, "task": s.task, "path": s.path, "split": s.split, "instruction": s.instruction,
+             "batch_size": datamodule.batch_size_of(s) if hasattr(datamodule, "batch_size_of") else s.batch_size,
+             "max_samples": s.max_samples} for s in sources]
+
+
+def losses_summary(pl_module: pl.LightningModule) -> dict[str, Any]:
+    """The IR and STS objectives with their settings, from the module's hyperparameters."""
+    hp = pl_module.hparams_for_card() if hasattr(pl_module, "hparams_for_card") else dict(pl_module.hparams)
+    ir = {"loss": "multi-positive InfoNCE with hard negatives", "temperature": hp.get("ir_temperature"),
+          "cross_device_negatives": hp.get("cross_device_negatives"),
+          "false_negative_mask": hp.get("false_negative_mask")}
+    objective = hp.get("sts_objective")
+    sts: dict[str, Any] = {"objective": objective}
+    weights = hp.get("sts_loss") or {}
+    if objective == "codiemb":
+        sts.update({name: weights[name] for name in ("pearson", "rank_kl", "pro", "mid_nce", "cosent")
+                    if weights.get(name)})
+    elif objective == "infonce":
+        sts["threshold"] = hp.get("sts_infonce_threshold")
+    return {"IR": ir, "STS": sts}
