@@ -1,0 +1,220 @@
+"""Fuse the checkpoints of a run when `fit` ends, score every candidate, export the winner.
+
+`CheckpointFusion` writes θ0 (the encoder before training) to `<dirpath>/snapshots/base.safetensors`
+in `setup`, then encoder-only safetensors snapshots at the moments `collect` names:
+
+    epoch      end of every training epoch          last       end of training
+    best_ir    each new best `val/ir_avg`            best_sts   each new best `val/sts_avg`
+    best       each new best `val/avg`               every_n_steps: k   every k optimizer steps
+
+(one file per step, labels joined when moments coincide, superseded bests deleted). At the end of
+`fit`, rank 0 merges them with every configured method (`fusion.runner`), scores the base, every
+snapshot and every merge with the validation suite on `datamodule.val_sets`, prints the leaderboard,
+logs `fusion/<candidate>/<metric>` to the trainer's loggers, writes `leaderboard.json` / `.md` and
+exports the best candidate by `metric` to `<dirpath>/model` (sentence-transformers folder). Other
+ranks wait at a barrier. The module's weights are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_write_text
+from ..errors import InputError
+from ..evaluation.suite import evaluate_encoder, flat_metrics
+from ..fusion.runner import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion
+
+MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
+BEST_MONITORS = {"best_ir": "val/ir_avg", "best_sts": "val/sts_avg", "best": "val/avg"}
+DEFAULT_METHODS: list[dict[str, Any]] = [
+    {"method": "delta_guided", "params": {"gamma": 1.0}},
+    {"method": "uniform_soup"},
+    {"method": "ties", "params": {"density": 0.2}},
+    {"method": "task_arithmetic", "params": {"scale": 1.0}},
+    {"method": "multi_slerp"},
+]
+
+
+def save_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
+    """The encoder's transformer weights (Hugging Face names) as safetensors, written atomically."""
+    state = {key: value.detach().to("cpu").contiguous() for key, value in pl_module.encoder.model.state_dict().items()}
+    partial = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path)
+
+
+def load_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
+    pl_module.encoder.model.load_state_dict(load_file(str(path)), strict=True)
+
+
+class CheckpointFusion(pl.Callback):
+    """Collect encoder snapshots during `fit`, fuse them at the end, export the best candidate.
+
+    Args:
+        dirpath: output folder (snapshots/, candidates/, leaderboard.json/.md, model/); default
+            `<trainer.default_root_dir>/fusion`.
+        methods: merge list, each `{method, params, weights, name}` (see `fusion.runner`).
+        collect: moments to snapshot: epoch, last, best_ir, best_sts, best.
+        every_n_steps: also snapshot every k optimizer steps (0 = off).
+        metric: validation metric that picks the winner (higher is better).
+        export: write the winner as a sentence-transformers folder to `<dirpath>/model`.
+        eval_batch_size: texts per encoding batch when scoring candidates.
+    """
+
+    def __init__(self, dirpath: Optional[str] = None, methods: Optional[list[dict[str, Any]]] = None,
+                 collect: Optional[list[str]] = None, every_n_steps: int = 0, metric: str = DEFAULT_METRIC,
+                 export: bool = True, eval_batch_size: int = 64):
+        self.methods = parse_methods(DEFAULT_METHODS if methods is None else methods, "CheckpointFusion.methods")
+        self.collect = list(collect) if collect is not None else ["epoch"]
+        unknown = sorted(set(self.collect) - set(MOMENTS))
+        if unknown:
+            raise InputError("CheckpointFusion.collect", f"unknown moment(s) {unknown}", f"use {list(MOMENTS)}")
+        if every_n_steps < 0:
+            raise InputError("CheckpointFusion.every_n_steps", f"{every_n_steps} < 0", "use 0 (off) or k > 0")
+        self.dirpath, self.every_n_steps, self.metric = dirpath, int(every_n_steps), metric
+        self.export, self.eval_batch_size = export, int(eval_batch_size)
+        self.snapshots: dict[int, list[str]] = {}      # global step -> labels
+        self.best_values: dict[str, float] = {}
+        self.leaderboard: Optional[Leaderboard] = None
+
+    # -- paths ---------------------------------------------------------------------------------------
+    def root(self, trainer: pl.Trainer) -> Path:
+        return Path(self.dirpath if self.dirpath else os.path.join(trainer.default_root_dir, "fusion"))
+
+    def snapshot_path(self, trainer: pl.Trainer, step: int) -> Path:
+        return self.root(trainer) / "snapshots" / f"step{step:07d}.safetensors"
+
+    def base_path(self, trainer: pl.Trainer) -> Path:
+        return self.root(trainer) / "snapshots" / "base.safetensors"
+
+    # -- collecting ----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """θ0 is written before any checkpoint is restored, and kept when a run resumes."""
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        base = self.base_path(trainer)
+        if not base.exists():
+            base.parent.mkdir(parents=True, exist_ok=True)
+            save_encoder_weights(pl_module, base)
+
+    def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
+        step = trainer.global_step
+        if step == 0:
+            return
+        if trainer.is_global_zero:
+            if step not in self.snapshots:
+                save_encoder_weights(pl_module, self.snapshot_path(trainer, step))
+            if label not in self.snapshots.setdefault(step, []):
+                self.snapshots[step].append(label)
+        trainer.strategy.barrier("codiemb-fusion-snapshot")
+
+    def _drop_label(self, trainer: pl.Trainer, label: str) -> None:
+        for step, labels in list(self.snapshots.items()):
+            if label in labels:
+                labels.remove(label)
+                if not labels:
+                    del self.snapshots[step]
+                    self.snapshot_path(trainer, step).unlink(missing_ok=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and not self._has(step, f"step{step}"):
+            self._snapshot(trainer, pl_module, f"step{step}")
+
+    def _has(self, step: int, label: str) -> bool:
+        return label in self.snapshots.get(step, [])
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.global_step == 0 or trainer.state.fn != TrainerFn.FITTING:
+            return
+        for moment in (m for m in self.collect if m in BEST_MONITORS):
+            value = trainer.callback_metrics.get(BEST_MONITORS[moment])
+            if value is None or not math.isfinite(float(value)):
+                continue
+            if float(value) > self.best_values.get(moment, -math.inf):
+                self.best_values[moment] = float(value)
+                if trainer.is_global_zero:
+                    self._drop_label(trainer, moment)
+                self._snapshot(trainer, pl_module, moment)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "epoch" in self.collect:
+            self._snapshot(trainer, pl_module, f"epoch{trainer.current_epoch}")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "last" in self.collect:
+            self._snapshot(trainer, pl_module, "last")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshots": {str(k): list(v) for k, v in self.snapshots.items()}, "best_values": dict(self.best_values)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.snapshots = {int(k): list(v) for k, v in state_dict.get("snapshots", {}).items()}
+        self.best_values = dict(state_dict.get("best_values", {}))
+
+    # -- fusing --------------------------------------------------------------------------------------
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.fuse(trainer, pl_module)
+        trainer.strategy.barrier("codiemb-fusion")
+
+    def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Leaderboard]:
+        datamodule = trainer.datamodule
+        val_sets = list(getattr(datamodule, "val_sets", []) or [])
+        snapshots = [(step, labels) for step, labels in sorted(self.snapshots.items())
+                     if self.snapshot_path(trainer, step).exists()]
+        if not val_sets or not snapshots:
+            rank_zero_warn("[codiemb] fusion skipped: " + ("no validation sets" if not val_sets else "no snapshots"))
+            return None
+        root = self.root(trainer)
+        current = root / "snapshots" / "current.safetensors"
+        save_encoder_weights(pl_module, current)
+        encoder = pl_module.encoder
+
+        def evaluate(path: Path) -> dict[str, float]:
+            load_encoder_weights(pl_module, path)
+            per_set, summary = evaluate_encoder(encoder, val_sets, batch_size=self.eval_batch_size)
+            return flat_metrics(per_set, summary)
+
+        hparams = dict(getattr(pl_module, "hparams", {}))
+        inputs = FusionInputs(
+            base=self.base_path(trainer),
+            checkpoints=[("+".join(labels), self.snapshot_path(trainer, step)) for step, labels in snapshots],
+            model_folder=str(encoder.name_or_path),
+            probe_sources=list(getattr(datamodule, "train_sources", []) or []),
+            encoder_settings={"pooling": encoder.pooling, "normalize": encoder.normalize,
+                              "max_seq_length": encoder.max_seq_length},
+            seed=int(hparams.get("seed", 0) or 0))
+        try:
+            board = run_fusion(inputs, self.methods, evaluate, root / "candidates", self.metric, log=rank_zero_info)
+            self.leaderboard = board
+            self._report(trainer, board, root)
+            winner = board.winner()
+            if self.export and winner is not None:
+                load_encoder_weights(pl_module, Path(winner.weights_path))
+                encoder.save(root / "model")
+                rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
+                               f"{winner.metrics[self.metric]:.4f}) to {(root / 'model').resolve()}")
+        finally:
+            load_encoder_weights(pl_module, current)
+            current.unlink(missing_ok=True)
+        return board
+
+    def _report(self, trainer: pl.Trainer, board: Leaderboard, root: Path) -> None:
+        print(f"\nfusion leaderboard (ranked by {board.metric})\n{board.to_text()}", flush=True)
+        atomic_write_text(root / "leaderboard.json", board.to_json())
+        atomic_write_text(root / "leaderboard.md", f"# Fusion leaderboard (by `{board.metric}`)\n\n" + board.to_markdown())
+        for logger in trainer.loggers:
+            for candidate in board.candidates:
+                metrics = {f"fusion/{candidate.name}/{key}": value for key, value in candidate.metrics.items()}
+                if metrics:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()

@@ -1,0 +1,115 @@
+"""CheckpointFusion on a tiny fit: θ0 on disk, step snapshots, a scored leaderboard, an exported winner."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from codiemb_pl.cli import main
+from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.fusion import runner
+from codiemb_pl.fusion.runner import FusionInputs, parse_methods, run_fusion
+
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
+METHODS = '[{"method": "uniform_soup"}, {"method": "ties", "params": {"density": 0.5}}, {"method": "delta_guided"}]'
+
+
+@pytest.fixture(scope="module")
+def fused_run(tiny_model_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("fusion_run")
+    code = main(["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(run),
+                 "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run),
+                 "--trainer.callbacks+=codiemb_pl.callbacks.CheckpointFusion",
+                 "--trainer.callbacks.every_n_steps", "2", "--trainer.callbacks.collect", '["last"]',
+                 "--trainer.callbacks.methods", METHODS])
+    assert code == 0
+    return run
+
+
+def test_leaderboard_has_base_snapshots_and_every_method(fused_run, capsys):
+    board = json.loads((fused_run / "fusion" / "leaderboard.json").read_text())
+    rows = {row["name"]: row for row in board["ranking"]}
+    assert set(rows) == {"base", "step2", "step4+last", "uniform_soup", "ties(density=0.5)", "delta_guided"}
+    assert [rows[n]["kind"] for n in ("base", "step2", "uniform_soup")] == ["base", "checkpoint", "fused"]
+    for row in rows.values():
+        for metric in ("val/avg", "val/ir_avg", "val/sts_avg", "val/demo_sts_dev/cosine_spearman",
+                       "val/demo_ir_dev/ndcg_at_10"):
+            assert math.isfinite(row["metrics"][metric]), (row["name"], metric)
+    scores = [row["metrics"]["val/avg"] for row in board["ranking"]]
+    assert scores == sorted(scores, reverse=True) and board["winner"] == board["ranking"][0]["name"]
+    assert "| rank | candidate |" in (fused_run / "fusion" / "leaderboard.md").read_text()
+
+
+def test_base_on_disk_is_the_initial_model_and_snapshots_differ(fused_run, tiny_model_dir):
+    snapshots = fused_run / "fusion" / "snapshots"
+    base = load_file(str(snapshots / "base.safetensors"))
+    initial = TextEncoder(str(tiny_model_dir)).model.state_dict()
+    assert base.keys() == initial.keys() and all(torch.equal(base[k], initial[k]) for k in base)
+    step2, step4 = load_file(str(snapshots / "step0000002.safetensors")), load_file(str(snapshots / "step0000004.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(step2[key], base[key]) and not torch.equal(step2[key], step4[key])
+
+
+def test_winner_is_exported_and_loads_with_pooling(fused_run):
+    from sentence_transformers import SentenceTransformer
+
+    board = json.loads((fused_run / "fusion" / "leaderboard.json").read_text())
+    winner = load_file(board["ranking"][0]["weights_path"])
+    exported = load_file(str(fused_run / "fusion" / "model" / "model.safetensors"))
+    assert all(torch.equal(exported[k], winner[k]) for k in winner)
+    pooling = json.loads((fused_run / "fusion" / "model" / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and not pooling["include_prompt"]
+    model = SentenceTransformer(str(fused_run / "fusion" / "model"), device="cpu")
+    ours = TextEncoder.load(fused_run / "fusion" / "model").encode(["fused model text"])
+    assert torch.allclose(model.encode(["fused model text"], convert_to_tensor=True), ours, atol=1e-5)
+
+
+def test_leaderboard_is_logged_to_the_trainer_loggers(fused_run):
+    metrics_file = next(fused_run.rglob("metrics.csv"))
+    header = next(csv.reader(metrics_file.open()))
+    assert "fusion/uniform_soup/val/avg" in header and "fusion/base/val/ir_avg" in header
+
+
+def _tiny_state(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"layer.0.weight": torch.randn(4, 3, generator=generator)}
+
+
+def test_runner_reports_self_positioning_as_unavailable_without_the_probe(tmp_path, monkeypatch):
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"s{seed}.safetensors")
+        save_file(_tiny_state(seed), str(paths[-1]))
+    monkeypatch.setattr(runner, "self_positioning_available", lambda: False)
+    scored = []
+
+    def evaluate(path: Path) -> dict[str, float]:
+        scored.append(path.name)
+        return {"val/avg": float(load_file(str(path))["layer.0.weight"].sum())}
+
+    inputs = FusionInputs(paths[0], [("a", paths[1]), ("b", paths[2])], model_folder=str(tmp_path))
+    board = run_fusion(inputs, parse_methods(["uniform_soup", "self_positioning"]), evaluate, tmp_path / "c",
+                       log=lambda _: None)
+    rows = {c.name: c for c in board.candidates}
+    assert rows["self_positioning"].note == "unavailable" and not rows["self_positioning"].metrics
+    expected = (_tiny_state(1)["layer.0.weight"] + _tiny_state(2)["layer.0.weight"]).sum() / 2
+    assert rows["uniform_soup"].metrics["val/avg"] == pytest.approx(float(expected), abs=1e-5)
+    assert board.ranked()[-1].name == "self_positioning" and len(scored) == 4
+
+
+def test_method_list_errors_are_input_errors():
+    from codiemb_pl.errors import InputError
+
+    with pytest.raises(InputError, match="unknown merge method"):
+        parse_methods(["souping"])
+    with pytest.raises(InputError, match="unknown parameter"):
+        parse_methods([{"method": "ties", "params": {"densty": 0.2}}])
+    with pytest.raises(InputError, match="labelled"):
+        parse_methods(["uniform_soup", "uniform_soup"])
