@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .bucketing import encode_in_length_buckets
 from .data.validation import EmbeddingBuffers
@@ -24,6 +24,11 @@ from .losses.gather import gather_no_grad, gather_with_grad
 from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
 from .losses.sts import STSLossConfig, sts_loss
 from .reporting import format_metrics_table
+from .rng_state import capture_rng_states, restore_rng_states
+
+RNG_STATES_KEY = "codiemb_rng_states"
+"""Checkpoint key: one RNG-state dict (torch, CUDA, numpy, python) per rank, in rank order."""
+
 
 def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
     """LR multiplier: linear 0→1 over `warmup_steps`, then linear 1→0 at `total_steps`."""
@@ -54,7 +59,7 @@ class CoDiEmbModule(pl.LightningModule):
         gradient_checkpointing: trade compute for memory in the transformer.
     """
 
-    def __init__(self, model_name_or_path: str, pooling: Optional[Literal["mean", "cls", "last"]] = None,
+    def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
                  normalize: Optional[bool] = None, max_seq_length: Optional[int] = None, ir_temperature: float = 0.02,
                  cross_device_negatives: bool = True, false_negative_mask: bool = False,
                  sts_objective: Literal["codiemb", "cosent", "infonce"] = "codiemb",
@@ -174,6 +179,34 @@ class CoDiEmbModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("train/ir/samples_seen", float(self.samples_seen["ir"]), on_step=True, batch_size=1)
         self.log("train/sts/samples_seen", float(self.samples_seen["sts"]), on_step=True, batch_size=1)
+
+    # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first)."""
+        states = capture_rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint[RNG_STATES_KEY] = gathered
+        else:
+            checkpoint[RNG_STATES_KEY] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this rank's saved RNG states; they are applied in `on_train_start` (after set-up drew numbers)."""
+        saved = checkpoint.get(RNG_STATES_KEY)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if saved is not None and len(saved) == world:
+            self._rng_states_to_restore = saved[rank]
+        elif saved is not None:
+            rank_zero_warn(f"checkpoint has RNG states of {len(saved)} ranks, this run has {world}: "
+                           "dropout will not replay the uninterrupted run exactly")
+
+    def on_train_start(self) -> None:
+        states = getattr(self, "_rng_states_to_restore", None)
+        if states is not None:
+            restore_rng_states(states)
+            self._rng_states_to_restore = None
 
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

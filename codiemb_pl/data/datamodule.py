@@ -8,7 +8,7 @@ is resumable: its sampler's position is stored in Lightning checkpoints and rest
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -58,13 +58,36 @@ class MultiSourceDataset(Dataset):
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader whose batch sampler position is saved in Lightning checkpoints (Lightning's `_Stateful`)."""
+    """The training DataLoader: its batch sampler's position is its state (Lightning's `_Stateful`), and each
+    new iterator plans the trainer's current epoch.
+
+    Lightning calls `set_epoch` only on `loader.sampler` and `loader.batch_sampler.sampler`, never on a
+    batch sampler, so `__iter__` sets the epoch itself from `current_epoch()`. Right after
+    `load_state_dict` the restored (epoch, position) stands instead: a resumed run builds its iterator
+    before Lightning restores its loop counters.
+    """
+
+    def __init__(self, *args: Any, current_epoch: Optional[Callable[[], int]] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.current_epoch = current_epoch
+        self.restored = False
 
     def state_dict(self) -> dict[str, Any]:
         return self.batch_sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_sampler.load_state_dict(state)
+        self.restored = True
+
+    def __iter__(self):
+        sampler = self.batch_sampler
+        if self.restored:
+            self.restored = False
+            if sampler.consumed >= len(sampler):  # saved at the end of an epoch: the next one starts
+                sampler.set_epoch(sampler.epoch + 1)
+        elif self.current_epoch is not None:
+            sampler.set_epoch(self.current_epoch())
+        return super().__iter__()
 
 
 class ValidationTexts(Dataset):
@@ -126,6 +149,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[MultiSourceDataset] = None
         self.val_sets: list[ValidationSet] = []
         self.sampler: Optional[TaskBatchSampler] = None
+        self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prefix_for(self, instruction: Optional[str]) -> str:
@@ -191,9 +215,17 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.sampler = self.build_sampler(world_size, rank, accumulate)
         collator = CoDiEmbCollator(self.tokenize, limits=self.length_limits(), n_positives=self.hparams.n_positives,
                                    n_negatives=self.hparams.n_negatives)
-        return ResumableDataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=collator,
-                                   num_workers=self.hparams.num_workers,
-                                   persistent_workers=self.hparams.num_workers > 0)
+        # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
+        # resumed run's RNG stream would drift from the uninterrupted run's at the next epoch boundary
+        generator = torch.Generator().manual_seed(self.hparams.seed + rank)
+        loader = ResumableDataLoader(self.train_dataset, batch_sampler=self.sampler, collate_fn=collator,
+                                     num_workers=self.hparams.num_workers, generator=generator,
+                                     persistent_workers=self.hparams.num_workers > 0,
+                                     current_epoch=(lambda: trainer.current_epoch) if trainer else None)
+        if self.sampler_state_to_load is not None:
+            loader.load_state_dict(self.sampler_state_to_load)
+            self.sampler_state_to_load = None
+        return loader
 
     def length_limits(self) -> LengthLimits:
         return LengthLimits(query=self.hparams.max_query_length, passage=self.hparams.max_passage_length,
@@ -212,6 +244,19 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.hparams.num_workers)
 
     # -- resume bookkeeping ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler position, saved in checkpoints (restored by `load_state_dict` on `--ckpt_path`)."""
+        return {"sampler": self.sampler.state_dict()} if self.sampler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep the saved sampler position for `train_dataloader`.
+
+        Lightning restores the datamodule before `configure_optimizers` builds the training loader (via
+        `estimated_stepping_batches`) but its loop state only afterwards, too late for that loader's first
+        iterator; restoring here lets a resumed run continue at the exact micro-batch.
+        """
+        self.sampler_state_to_load = state.get("sampler")
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count a training micro-batch as consumed when it is handed to the step (not when prefetched)."""
         if self.trainer is not None and self.trainer.training and self.sampler is not None:
