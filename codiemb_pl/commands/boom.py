@@ -1,0 +1,195 @@
+"""`codiemb boom`: bagging-based merging (BOOM) and incremental updates (SPEC §7).
+
+    codiemb boom --config FIT_CONFIG --fractions 0.4 0.6 0.8 1.0 [--seeds S ...] --output DIR [fit overrides]
+    codiemb boom --incremental --config FIT_CONFIG --deployed DIR --base DIR --new-data SOURCES
+                 [--old-fraction 0.1] [--update-weight 0.5] [--seed S] --output DIR [fit overrides]
+
+The options may instead sit in a YAML file under a `boom:` key (command-line flags win); its `config`
+names the fit config(s), and any other top-level keys of that file are a fit config piece too.
+`--new-data` is a YAML/JSON list of sources (as under `data.train`) or a file holding one.
+With `--evaluate` (default when the fit config has `data.val`) the base model, every run (or the
+deployed and update models) and the merge are scored on the validation sets and tabulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codiemb_pl.atomic import atomic_write_text
+from codiemb_pl.cli import register_command
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
+from codiemb_pl.data.validation import ValidationSet
+from codiemb_pl.errors import InputError
+from codiemb_pl.fusion.bagging import plan_runs, resolve_fit_config, run_boom, run_incremental
+
+BOOM_KEY = "boom"
+# YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
+YAML_OPTIONS = {"config": (str, list), "fractions": list, "seeds": list, "output": str, "evaluate": bool,
+                "incremental": bool, "deployed": str, "base": str, "new_data": (str, list), "old_fraction": (int, float),
+                "update_weight": (int, float), "seed": int, "overrides": list}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise InputError("codiemb boom", message, "see `codiemb boom --help`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="codiemb boom", allow_abbrev=False,
+                     description="BOOM: train on random data subsets and merge with Multi-SLERP; "
+                                 "unknown --flags are passed to every `codiemb fit`.")
+    parser.add_argument("--config", action="append", help="fit config (or a YAML with a `boom:` section); repeatable")
+    parser.add_argument("--fractions", type=float, nargs="+", help="fraction of every sub-dataset per run")
+    parser.add_argument("--seeds", type=int, nargs="+", help="one seed per run, or one for all (default 0..m-1)")
+    parser.add_argument("--output", help="output folder: runs/<run>/, merged/")
+    parser.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                        help="score base, runs and merge on data.val (default: when data.val is set)")
+    parser.add_argument("--incremental", action="store_true", default=None, help="incremental update mode")
+    parser.add_argument("--deployed", help="incremental: the deployed model folder")
+    parser.add_argument("--base", help="incremental: the deployed model's base θ0 (default: model.model_name_or_path)")
+    parser.add_argument("--new-data", dest="new_data", help="incremental: YAML/JSON list of new sources, or a file")
+    parser.add_argument("--old-fraction", dest="old_fraction", type=float, help="incremental: sample of old data (0.1)")
+    parser.add_argument("--update-weight", dest="update_weight", type=float,
+                        help="incremental: SLERP weight of the update model (0.5)")
+    parser.add_argument("--seed", type=int, help="incremental: seed of the old-data sample and the fit (0)")
+    return parser
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(path, "no such file", "check the --config path") from None
+    except yaml.YAMLError as error:
+        raise InputError(path, f"is not valid YAML ({error})", "fix the file") from None
+
+
+def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(options, fit config paths, fit overrides) from the flags and any `boom:` YAML section."""
+    parsed, overrides = build_parser().parse_known_args(argv)
+    flags = {key: value for key, value in vars(parsed).items() if value is not None and key != "config"}
+    options: dict[str, Any] = {}
+    fit_configs: list[str | dict] = []  # paths, and fit config pieces found beside a `boom:` section
+    for path in parsed.config or []:
+        content = _read_yaml(path)
+        if not isinstance(content, dict) or BOOM_KEY not in content:
+            fit_configs.append(path)
+            continue
+        section = content.pop(BOOM_KEY) or {}
+        if not isinstance(section, dict):
+            raise InputError(f"{path}: {BOOM_KEY}", "must be a mapping", "e.g. boom: {fractions: [0.5, 1.0]}")
+        for key, value in section.items():
+            if key not in YAML_OPTIONS or not isinstance(value, YAML_OPTIONS[key]):
+                raise InputError(f"{path}: {BOOM_KEY}.{key}", "unknown key or wrong type",
+                                 f"known keys: {', '.join(YAML_OPTIONS)}")
+        fit_configs += [section["config"]] if isinstance(section.get("config"), str) else list(section.get("config", []))
+        overrides = [str(item) for item in section.get("overrides", [])] + overrides
+        options.update({k: v for k, v in section.items() if k not in ("config", "overrides")})
+        if content:  # the rest of the file is a fit config piece of its own
+            fit_configs.append(content)
+    options.update(flags)
+    stray = [arg for arg in overrides if arg.startswith("-") and not arg.startswith("--")]
+    if stray:
+        raise InputError("codiemb boom", f"unknown option {stray[0]}", "fit overrides look like --section.key value")
+    if not fit_configs:
+        raise InputError("codiemb boom", "no fit configuration", "pass --config FIT_CONFIG")
+    if not options.get("output"):
+        raise InputError("codiemb boom", "no output folder", "pass --output DIR (or boom.output in the YAML)")
+    paths = []
+    for index, item in enumerate(fit_configs):
+        if isinstance(item, dict):
+            piece = Path(options["output"]) / f"fit-piece-{index}.yaml"
+            atomic_write_text(piece, yaml.safe_dump(item, sort_keys=False))
+            item = str(piece)
+        paths.append(item)
+    return options, paths, overrides
+
+
+def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
+    """SourceConfigs from a list of dicts, a YAML/JSON text of one, or a file holding one."""
+    if isinstance(spec, str):
+        spec = _read_yaml(spec) if Path(spec).is_file() else yaml.safe_load(spec)
+    if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
+        raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
+    try:
+        return [SourceConfig(**item) for item in spec]
+    except TypeError as error:
+        raise InputError(where, f"bad source ({error})", "use the fields of data.train entries") from None
+
+
+def validation_sets(data: dict[str, Any]) -> list[ValidationSet]:
+    """The fit config's `data.val` sets, with its instruction template and passage prefix."""
+    template = data.get("instruction_template") or "Instruction: {instruction} Query: "
+    sets = []
+    for entry in data.get("val") or []:
+        source = SourceConfig(**entry)
+        prefix = template.format(instruction=source.instruction) if source.instruction else ""
+        if source.task == "sts":
+            sets.append(ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix))
+        else:
+            sets.append(ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix,
+                                              data.get("passage_prefix") or ""))
+    return sets
+
+
+def evaluate_models(models: dict[str, str], resolved: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """[(label, {val/<set>/<metric>: value})] for each model folder, as the fit's validation reports them."""
+    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+
+    data, model = resolved.get("data") or {}, resolved.get("model") or {}
+    sets = validation_sets(data)
+    batch_size = int(data.get("val_batch_size") or 64)
+    settings = {key: model.get(key) for key in ("pooling", "normalize", "max_seq_length")}
+    rows = []
+    for label, path in models.items():
+        overrides = settings if path == model.get("model_name_or_path") else {}
+        encoder = TextEncoder(str(path), include_prompt=False, **overrides)
+        per_set, summary = evaluate_encoder(encoder, sets, batch_size=batch_size)
+        rows.append((label, flat_metrics(per_set, summary)))
+    return rows
+
+
+@register_command("boom")
+def boom_command(argv: list[str]) -> int:
+    """Run BOOM (or an incremental update), print where the merge is and, optionally, the metric table."""
+    from codiemb_pl.reporting import comparison_table
+
+    options, fit_configs, overrides = collect_options(argv)
+    resolved = resolve_fit_config(fit_configs, overrides)
+    output = Path(options["output"])
+    policy = (resolved.get("data") or {}).get("policy")
+    if policy != "proportional":
+        print(f"[codiemb boom] note: data.policy is {policy!r}; BOOM's runs use batch-level shuffling "
+              "(`proportional`)", flush=True)
+    if options.get("incremental"):
+        if not options.get("deployed") or not options.get("new_data"):
+            raise InputError("codiemb boom --incremental", "needs --deployed DIR and --new-data SOURCES",
+                             "name the deployed model folder and the new sub-datasets")
+        base = options.get("base") or resolved["model"]["model_name_or_path"]
+        result = run_incremental(resolved, options["deployed"], base, parse_sources(options["new_data"], "--new-data"),
+                                 output, old_fraction=float(options.get("old_fraction", 0.1)),
+                                 seed=int(options.get("seed", 0)),
+                                 update_weight=float(options.get("update_weight", 0.5)))
+        models = {"base": base, "deployed": options["deployed"], "update": str(result["update"])}
+    else:
+        if not options.get("fractions"):
+            raise InputError("codiemb boom", "no fractions", "pass --fractions 0.4 0.6 0.8 1.0")
+        result = run_boom(resolved, plan_runs(options["fractions"], options.get("seeds")), output)
+        models = {"base": result["base"], **{name: str(path) for name, path in result["runs"].items()}}
+        print(f"[codiemb boom] trained {len(result['trained'])} run(s), reused "
+              f"{len(result['runs']) - len(result['trained'])}", flush=True)
+    models["merged"] = str(result["merged"])
+    print(f"[codiemb boom] merged model (Multi-SLERP): {Path(result['merged']).resolve()}", flush=True)
+    evaluate = options.get("evaluate")
+    if evaluate or (evaluate is None and (resolved.get("data") or {}).get("val")):
+        rows = evaluate_models(models, resolved)
+        table = comparison_table(rows)
+        atomic_write_text(output / "evaluation.json", json.dumps(dict(rows), indent=2) + "\n")
+        print("\nvalidation metrics\n" + table, flush=True)
+    return 0
