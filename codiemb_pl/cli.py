@@ -8,15 +8,20 @@ set `CODIEMB_DEBUG=1` or pass `--debug` for the traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
-from typing import Callable, Optional
+from argparse import ArgumentError
+from typing import Any, Callable, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
+from .callbacks.interruption import GracefulInterruption, TrainingInterrupted
 from .reporting import comparison_table
 from .data.datamodule import CoDiEmbDataModule
+from .data.sampler import POLICIES
 from .errors import InputError
 from .module import CoDiEmbModule
+from .pooling import check_pooling_mode
 
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
 
@@ -35,9 +40,35 @@ class CoDiEmbCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
 
+    def init_parser(self, **kwargs: Any):
+        """The LightningCLI parser, raising on a bad option or value instead of printing usage and exiting."""
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse the command line and configs; a rejected option or value becomes a one-line `InputError`."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            raise config_error(str(error)) from error
+
+    def before_instantiate_classes(self) -> None:
+        """Check the choice-valued settings before the model is loaded or anything is written."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        pooling = config.get("model.pooling")
+        if pooling is not None:
+            check_pooling_mode(pooling, where="model.pooling")
+        policy = config.get("data.policy")
+        if policy is not None and policy not in POLICIES:
+            raise InputError("data.policy", f"unknown sampler policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
+
     def before_fit(self) -> None:
-        """Read and check all data and the sampler plan before any training or writing starts."""
+        """Read and check all data and the sampler plan before any training or writing starts; from here on,
+        SIGTERM / SIGINT save `last.ckpt` and stop (`GracefulInterruption`) unless a config already adds one."""
         trainer = self.trainer
+        if not any(isinstance(callback, GracefulInterruption) for callback in trainer.callbacks):
+            trainer.callbacks.append(GracefulInterruption())
         plan = self.datamodule.check_training_plan(trainer.world_size, trainer.accumulate_grad_batches)
         if trainer.is_global_zero:
             print("[codiemb] training plan\n" + plan.describe(), flush=True)
@@ -54,6 +85,15 @@ class CoDiEmbCLI(LightningCLI):
         table = comparison_table(getattr(module, "validation_history", []))
         if table and trainer.is_global_zero:
             print("\nvalidation metrics (start = before training)\n" + table, flush=True)
+
+
+def config_error(message: str) -> InputError:
+    """jsonargparse's (multi-line) parse error as one `InputError` naming the offending key when it can."""
+    key = re.search(r'(?:Parser key|key) "([^"]+)"', message)
+    problem = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    problem = re.sub(r'^Parser key "[^"]+":\s*', "", problem)
+    return InputError(key.group(1) if key else "command line", problem,
+                      "see `codiemb <command> --help` for the accepted options and values")
 
 
 def run_lightning_cli(args: Optional[list[str]]) -> None:
@@ -77,6 +117,9 @@ def main(args: Optional[list[str]] = None) -> int:
             raise
         print(f"codiemb: error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as interruption:
+        print(f"codiemb: interrupted: {interruption}", file=sys.stderr)
+        return 0
 
 
 def _load_extra_commands() -> None:
