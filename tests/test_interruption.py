@@ -1,0 +1,162 @@
+"""Interruption: SIGTERM / SIGINT during `fit` saves `last.ckpt` and exits 0, and `--ckpt_path last` ends
+with the uninterrupted run's weights; a writer killed with SIGKILL leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+TINY_CONFIG = TESTS_DIR / "conf" / "tiny.yaml"
+TOTAL_STEPS = 12  # one epoch of the tiny config's data (24 IR + 24 STS records, batches of 4)
+
+
+class SlowStepMarker(pl.Callback):
+    """Test callback: writes the global step to `marker` after every batch and sleeps `delay` seconds,
+    so a test can send a signal while training is surely still running."""
+
+    def __init__(self, marker: str, delay: float = 0.3):
+        self.marker, self.delay = Path(marker), delay
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.marker.write_text(str(trainer.global_step))
+        time.sleep(self.delay)
+
+
+def fit_command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "codiemb_pl", "fit", "--config", str(TINY_CONFIG),
+            "--model.model_name_or_path", str(model_dir), "--trainer.default_root_dir", str(run_dir),
+            "--trainer.max_steps", str(TOTAL_STEPS), *extra]
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+                TOKENIZERS_PARALLELISM="false")
+
+
+def run_to_completion(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def run_and_signal(command: list[str], marker: Path, signum: int, after_step: int = 2) -> tuple[int, str]:
+    """Start `command`, send `signum` once the marker shows `after_step`, return (exit code, output)."""
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (marker.exists() and marker.read_text().strip() and int(marker.read_text()) >= after_step):
+            assert process.poll() is None, f"fit ended before the signal:\n{process.communicate()[0][-4000:]}"
+            assert time.monotonic() < deadline, "training did not start in time"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return process.returncode, output
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def marker_callback(marker: Path) -> list[str]:
+    return ["--trainer.callbacks+=test_interruption.SlowStepMarker", f"--trainer.callbacks.marker={marker}"]
+
+
+def test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    marker = tmp_path / "step.txt"
+
+    code, output = run_and_signal(fit_command(tiny_model_dir, resumed, *marker_callback(marker)), marker,
+                                  signal.SIGTERM)
+    assert code == 0, output[-4000:]
+    assert "codiemb: interrupted: SIGTERM received" in output
+    assert "Traceback" not in output
+    last = resumed / "checkpoints" / "last.ckpt"
+    interrupted_step = checkpoint(last)["global_step"]
+    assert 2 <= interrupted_step < TOTAL_STEPS
+    assert not list((resumed / "checkpoints").glob(".*partial")), "the temporary checkpoint was left behind"
+
+    result = run_to_completion(fit_command(tiny_model_dir, resumed, "--ckpt_path", "last"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_to_completion(fit_command(tiny_model_dir, straight))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    expected, actual = checkpoint(straight / "checkpoints" / "last.ckpt"), checkpoint(last)
+    assert expected["global_step"] == actual["global_step"] == TOTAL_STEPS
+    assert expected["state_dict"].keys() == actual["state_dict"].keys()
+    differing = [name for name, tensor in expected["state_dict"].items()
+                 if not torch.equal(tensor, actual["state_dict"][name])]
+    assert not differing, f"{len(differing)} tensors differ after resume, e.g. {differing[:3]}"
+
+
+def test_sigint_saves_last_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
+    marker = tmp_path / "step.txt"
+    code, output = run_and_signal(fit_command(tiny_model_dir, tmp_path / "run", *marker_callback(marker)), marker,
+                                  signal.SIGINT, after_step=1)
+    assert code == 0, output[-4000:]
+    assert "codiemb: interrupted: SIGINT received" in output and "KeyboardInterrupt" not in output
+    assert 1 <= checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] < TOTAL_STEPS
+
+
+WRITER_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from codiemb_pl.atomic import atomic_directory, atomic_write_text
+
+    kind, final = sys.argv[1], sys.argv[2]
+    if kind == "directory":
+        with atomic_directory(final) as staging:
+            (staging / "model.safetensors").write_bytes(os.urandom(1 << 20))
+            print("writing", flush=True)
+            time.sleep(120)
+    else:
+        def stall(descriptor):  # the data is written; hold the process before the rename
+            print("writing", flush=True)
+            time.sleep(120)
+        os.fsync = stall
+        atomic_write_text(final, "new text " * 100000)
+""")
+
+
+@pytest.mark.parametrize("kind", ["directory", "text"])
+@pytest.mark.parametrize("previous", [False, True])
+def test_writer_killed_mid_write_leaves_nothing_under_the_final_name(kind, previous, tmp_path):
+    final = tmp_path / ("model" if kind == "directory" else "results.json")
+    if previous:
+        if kind == "directory":
+            final.mkdir()
+            (final / "old.txt").write_text("old")
+        else:
+            final.write_text("old")
+    process = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, kind, str(final)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "writing"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    if not previous:
+        assert not final.exists()
+    elif kind == "directory":
+        assert sorted(p.name for p in final.iterdir()) == ["old.txt"]
+    else:
+        assert final.read_text() == "old"
+    leftovers = [p.name for p in tmp_path.iterdir() if p != final]
+    assert leftovers and all(name.startswith(f".{final.name}.tmp-") for name in leftovers)
