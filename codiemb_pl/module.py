@@ -38,6 +38,28 @@ def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float
     return max(0.0, (total_steps - step) / remaining)
 
 
+def pad_negatives_to_every_ranks_count(
+    positives: torch.Tensor, negatives: Optional[torch.Tensor], negative_mask: Optional[torch.Tensor],
+    negative_ids: Optional[torch.Tensor],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Give this rank's micro-batch as many hard-negative slots as the other ranks' (DDP only).
+
+    The collate leaves negatives out of a micro-batch none of whose queries has any; if another rank's
+    micro-batch has N, this rank would skip the gathers the others run (a hang or a crash). It gets N
+    masked placeholder slots instead, kept in the autograd graph so the gather's backward runs here too.
+    """
+    count = torch.tensor([0 if negatives is None else negatives.shape[1]], device=positives.device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    slots = int(count.item())
+    if negatives is not None or slots == 0:
+        return negatives, negative_mask, negative_ids
+    size, dim = positives.shape[0], positives.shape[-1]
+    placeholders = (positives[:, :1] * 0.0).expand(size, slots, dim)
+    masked = torch.zeros(size, slots, dtype=torch.bool, device=positives.device)
+    ids = torch.zeros(size, slots, dtype=torch.long, device=positives.device)
+    return placeholders, masked, ids
+
+
 class CoDiEmbModule(pl.LightningModule):
     """LightningModule training one text encoder on IR and STS batches.
 
@@ -124,6 +146,8 @@ class CoDiEmbModule(pl.LightningModule):
         offset = 0
         if self.hparams.cross_device_negatives and self.trainer.world_size > 1:
             offset = self.trainer.global_rank * size
+            negatives, negative_mask, negative_ids = pad_negatives_to_every_ranks_count(
+                positives, negatives, negative_mask, negative_ids)
             positives = gather_with_grad(positives)
             if negatives is not None:
                 negatives = gather_with_grad(negatives)
