@@ -237,15 +237,16 @@ class CoDiEmbModule(pl.LightningModule):
         if datamodule is None or self.trainer.sanity_checking:
             return
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
-        hp = datamodule.hparams
-        for task, per_device in (("ir", hp.ir_batch_size), ("sts", hp.sts_batch_size)):
-            rank_zero_info(f"[codiemb] {task}: {per_device} per device x {world} devices x {accumulate} accumulation "
-                           f"= global batch {per_device * world * accumulate}")
-        global_queries = hp.ir_batch_size * (world if self.hparams.cross_device_negatives else 1)
-        candidates = global_queries * (1 + hp.n_negatives) - 1
-        rank_zero_info(f"[codiemb] IR: each query is scored against {candidates} negatives per positive slot "
-                       f"({global_queries} queries x (1 positive + {hp.n_negatives} hard negatives), "
-                       f"cross-device={self.hparams.cross_device_negatives})")
+        hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
+        for source in getattr(datamodule, "train_sources", []):  # each sub-dataset may set its own batch size
+            per_device = datamodule.batch_size_of(source)
+            rank_zero_info(f"[codiemb] {source.name} ({source.task}): {per_device} per device x {world} devices x "
+                           f"{accumulate} accumulation = global batch {per_device * world * accumulate}")
+            if source.task == "ir":  # negatives come from one micro-batch of every rank, not across micro-steps
+                queries = per_device * (world if cross_device else 1)
+                rank_zero_info(f"[codiemb] {source.name}: each query is scored against "
+                               f"{queries * (1 + hp.n_negatives) - 1} negatives per positive slot ({queries} queries "
+                               f"x (1 positive + {hp.n_negatives} hard negatives), cross-device={cross_device})")
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
