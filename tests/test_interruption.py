@@ -113,6 +113,19 @@ def test_sigint_saves_last_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path
     assert 1 <= checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] < TOTAL_STEPS
 
 
+def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(tiny_model_dir, tmp_path):
+    """Only rank 0 gets the signal (as from `kill PID`); the all-reduced flag stops rank 1 at the same step."""
+    marker = tmp_path / "step.txt"
+    command = fit_command(tiny_model_dir, tmp_path / "run", "--config", str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml"),
+                          "--trainer.devices", "2", "--data.ir_batch_size", "2", "--data.sts_batch_size", "2",
+                          *marker_callback(marker))
+    code, output = run_and_signal(command, marker, signal.SIGTERM, after_step=1)
+    assert code == 0, output[-4000:]
+    step = checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"]
+    assert 1 <= step < TOTAL_STEPS
+    assert output.count(f"stopped after optimizer step {step} and saved") == 2, output[-4000:]  # one line per rank
+
+
 WRITER_SCRIPT = textwrap.dedent("""
     import os, sys, time
     from codiemb_pl.atomic import atomic_directory, atomic_write_text
