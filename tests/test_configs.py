@@ -40,7 +40,13 @@ def test_config_piece_composes_with_quickstart(piece: Path, capsys):
     expected = yaml.safe_load(piece.read_text())
     for section, values in expected.items():
         for key, value in values.items():
-            if isinstance(value, dict) and "class_path" in value:
+            if key.endswith("+"):  # appended list entries: each must be present after composition
+                present = [entry["class_path"] for entry in resolved[section][key[:-1]]]
+                assert all(entry["class_path"] in present for entry in value)
+                # ... and the quickstart's own entries are kept
+                own = yaml.safe_load(QUICKSTART.read_text())[section].get(key[:-1], [])
+                assert all(entry["class_path"] in present for entry in own)
+            elif isinstance(value, dict) and "class_path" in value:
                 assert resolved[section][key]["class_path"] == value["class_path"]
             elif not isinstance(value, dict):
                 assert resolved[section][key] == value, (section, key)
