@@ -30,8 +30,8 @@ from codiemb_pl.fusion.bagging import plan_runs, resolve_fit_config, run_boom, r
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
 YAML_OPTIONS = {"config": (str, list), "fractions": list, "seeds": list, "output": str, "evaluate": bool,
-                "incremental": bool, "deployed": str, "base": str, "new_data": (str, list), "old_fraction": (int, float),
-                "update_weight": (int, float), "seed": int, "overrides": list}
+                "incremental": bool, "deployed": str, "base": str, "new_data": (str, list),
+                "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": list}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +87,8 @@ def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str], list[st
             if key not in YAML_OPTIONS or not isinstance(value, YAML_OPTIONS[key]):
                 raise InputError(f"{path}: {BOOM_KEY}.{key}", "unknown key or wrong type",
                                  f"known keys: {', '.join(YAML_OPTIONS)}")
-        fit_configs += [section["config"]] if isinstance(section.get("config"), str) else list(section.get("config", []))
+        named = section.get("config", [])
+        fit_configs += [named] if isinstance(named, str) else list(named)
         overrides = [str(item) for item in section.get("overrides", [])] + overrides
         options.update({k: v for k, v in section.items() if k not in ("config", "overrides")})
         if content:  # the rest of the file is a fit config piece of its own

@@ -16,7 +16,6 @@ reused; one with a `last.ckpt` but no export resumes from it; a changed configur
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import random
@@ -32,7 +31,7 @@ from codiemb_pl.atomic import atomic_directory, atomic_write_text
 from codiemb_pl.data.records import IRRecord, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.streaming import MappingSource, SafetensorsSource, merge_to_safetensors
+from codiemb_pl.fusion.streaming import MappingSource, SafetensorsSource, key_seed, merge_to_safetensors
 
 EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
 CHECKPOINT_CALLBACK_NAME = "ModelCheckpoint"
@@ -74,11 +73,6 @@ def plan_runs(fractions: Sequence[float], seeds: Sequence[int] | None = None) ->
     return runs
 
 
-def _stable_seed(*parts: object) -> int:
-    """A seed from blake2b of the joined parts (same in every process, unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
 
 def subset_size(total: int, fraction: float) -> int:
     """max(1, round(fraction·total)), never more than total."""
@@ -87,7 +81,7 @@ def subset_size(total: int, fraction: float) -> int:
 
 def subset_indices(total: int, fraction: float, seed: int, source_name: str) -> list[int]:
     """Sorted indices of a seeded random subset of `subset_size(total, fraction)` items of one sub-dataset."""
-    rng = random.Random(_stable_seed(seed, source_name))
+    rng = random.Random(key_seed(seed, source_name))
     return sorted(rng.sample(range(total), subset_size(total, fraction)))
 
 

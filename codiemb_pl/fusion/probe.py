@@ -16,7 +16,6 @@ collate code and cycled, IR and STS batches interleaved.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from codiemb_pl.data.tokenize import tokenize_with_prefixes
 from codiemb_pl.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
-from codiemb_pl.fusion.streaming import TensorSource, as_source
+from codiemb_pl.fusion.streaming import TensorSource, as_source, key_seed
 from codiemb_pl.losses.ir import multi_positive_info_nce
 from codiemb_pl.losses.sts import STSLossConfig, sts_loss
 
@@ -50,11 +49,6 @@ KEY_STYLES: dict[str, Callable[[str], str]] = {
 Checkpoint = Mapping[str, Tensor] | TensorSource | str | os.PathLike
 
 
-def _stable_seed(*parts: object) -> int:
-    """A seed from blake2b of the joined parts (same in every process, unlike hash())."""
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
-
 
 def encoder_view(checkpoint: Checkpoint, dtypes: Mapping[str, torch.dtype], label: str) -> dict[str, Tensor]:
     """{encoder parameter name: tensor in its dtype} read from `checkpoint`, whichever `KEY_STYLES` naming it uses."""
@@ -71,7 +65,7 @@ def encoder_view(checkpoint: Checkpoint, dtypes: Mapping[str, torch.dtype], labe
 def sample_probe_records(source: SourceConfig, probe_size: int, seed: int) -> list:
     """`probe_size` records of `source` chosen with a seeded draw (all of them when it is smaller)."""
     records = load_training_records(source)
-    rng = random.Random(_stable_seed(seed, source.name))
+    rng = random.Random(key_seed(seed, source.name))
     return rng.sample(records, min(probe_size, len(records)))
 
 
@@ -97,7 +91,7 @@ def build_probe_batches(tokenizer, probe_sources: Sequence[SourceConfig], *, pro
         prefix = instruction_template.format(instruction=source.instruction) if source.instruction else None
         records = sample_probe_records(source, probe_size, seed)
         items = [SampledItem(record=record, dataset=source.name, task=source.task, instruction=prefix,
-                             seed=_stable_seed(seed, source.name, index)) for index, record in enumerate(records)]
+                             seed=key_seed(seed, f"{source.name}:{index}")) for index, record in enumerate(records)]
         chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
         per_source.append([collator(chunk) for chunk in chunks if len(chunk) >= 2])
     interleaved = [batches[i] for i in range(max(map(len, per_source))) for batches in per_source if i < len(batches)]
@@ -160,7 +154,8 @@ def self_positioning_merge(base_dir_or_state: str | os.PathLike | Mapping[str, T
     (then `model_dir` gives them). `checkpoints`: state dicts, TensorSources or safetensors paths,
     named like `TextEncoder.state_dict()` (`model.X`), a Hugging Face export (`X`) or a Lightning
     checkpoint (`encoder.model.X`). The merged state dict is named like `TextEncoder.state_dict()`
-    (load it with `encoder.load_state_dict`); buffers come from the base encoder.
+    (load it with `encoder.load_state_dict`); buffers come from the base encoder. The probe set is
+    `probe_size` seeded records per probe source in batches of `probe_batch_size`.
     info: `coefficients` (a), `scale` (λ), `combination` (c with V = Σ c_j τ_j), `loss` / `probe_loss`
     (per step), `coefficient_trace`, `scale_trace`, `initial_probe_loss` / `final_probe_loss` (mean
     over all probe batches at a = λ = init and at the end), `probe_batches` ({task: count}).
