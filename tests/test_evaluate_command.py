@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_tiny_bert
 from codiemb_pl.cli import main
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from codiemb_pl.data.validation import ValidationSet
@@ -122,6 +123,7 @@ def fitted_checkpoint(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     return next((run / "ckpt").glob("*.ckpt")), run / "model"
 
 
+@pytest.mark.slow
 def test_checkpoint_scores_like_its_exported_model(fitted_checkpoint, tiny_model_dir, data, tmp_path, capsys):
     checkpoint, exported = fitted_checkpoint
     results = {}
@@ -136,11 +138,18 @@ def test_checkpoint_scores_like_its_exported_model(fitted_checkpoint, tiny_model
     assert results["ckpt"]["pairs"] != pytest.approx(results["base"]["pairs"], abs=1e-9)   # trained weights were used
 
 
-def test_checkpoint_with_explicit_base(fitted_checkpoint, tiny_model_dir, data, tmp_path, capsys):
+@pytest.mark.slow
+def test_checkpoint_with_explicit_base_and_a_wrong_base(fitted_checkpoint, tiny_model_dir, data, tmp_path, capsys):
     checkpoint, _ = fitted_checkpoint
     code, out, err = run_evaluate(["--model", str(checkpoint), "--base", str(tiny_model_dir),
                                    "--sts", f"pairs={data['sts']}"], capsys)
-    assert code == 0, err and "cosine_spearman" in out
+    assert code == 0, err
+    assert "cosine_spearman" in out
+
+    one_layer = build_tiny_bert(tmp_path / "one_layer", layers=1)
+    code, _, err = run_evaluate(["--model", str(checkpoint), "--base", str(one_layer),
+                                 "--sts", f"pairs={data['sts']}", "--output", str(tmp_path / "never.json")], capsys)
+    assert code == 2 and "weights do not fit" in err and not (tmp_path / "never.json").exists()
 
 
 @pytest.mark.parametrize("args, message", [

