@@ -1,0 +1,1 @@
+"""Helpers for the multi-process tests: probe callbacks, a small config and a subprocess launcher."""

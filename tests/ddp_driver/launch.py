@@ -1,0 +1,62 @@
+"""Run `python -m codiemb_pl ...` in a subprocess (1 or 2 gloo ranks) the way a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+REPO_ROOT = TESTS_DIR.parent
+BASE_CONFIG = Path(__file__).with_name("tiny_ddp.yaml")
+DDP_CPU_CONFIG = REPO_ROOT / "configs" / "trainer" / "ddp_cpu.yaml"
+
+
+def run_codiemb(args: list[str], *, world_size: int = 1, timeout: float = 240.0) -> subprocess.CompletedProcess:
+    """`python -m codiemb_pl fit --config tiny_ddp.yaml [ddp_cpu.yaml] ARGS` with `tests/` importable.
+
+    The whole process group (Lightning starts rank 1 as a child of rank 0) is killed on timeout, so a
+    mismatched collective fails the test instead of hanging it.
+    """
+    command = [sys.executable, "-m", "codiemb_pl", "fit", "--config", str(BASE_CONFIG)]
+    if world_size > 1:
+        command += ["--config", str(DDP_CPU_CONFIG), "--trainer.devices", str(world_size)]
+    command += args
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("MASTER_PORT", None)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"codiemb did not finish in {timeout}s (hung collective?)\n{output[-4000:]}")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # a rank left behind (e.g. after an interrupt)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+def model_without_dropout(source: Path, target: Path) -> Path:
+    """A copy of a Hugging Face model folder with dropout switched off (deterministic gradients)."""
+    if not target.exists():
+        shutil.copytree(source, target)
+        config_path = target / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
