@@ -27,7 +27,7 @@ from ..data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from ..data.validation import ValidationSet
 from ..encoder import TextEncoder
 from ..errors import InputError
-from ..evaluation.geometry import embedding_geometry, token_wise_similarity
+from ..evaluation.geometry import GEOMETRY_METRIC_NAMES, embedding_geometry, token_wise_similarity
 from ..evaluation.suite import score_set, summary_metrics
 from ..reporting import format_metrics_table
 
@@ -187,6 +187,19 @@ def evaluate_sets(encoder: TextEncoder, sets: list[ValidationSet], batch_size: i
     return per_set, summary_metrics(per_set, {s.name: s.task for s in sets})
 
 
+def geometry_table(per_set: dict[str, dict[str, float]]) -> str:
+    """Geometry metrics, one row per set, in 4 significant digits (condition numbers span many decades)."""
+    rows = {name: {m: v for m, v in values.items() if m in GEOMETRY_METRIC_NAMES} for name, values in per_set.items()}
+    rows = {name: values for name, values in rows.items() if values}
+    if not rows:
+        return ""
+    width = max(len(name) for name in rows)
+    lines = ["geometry", f"{'set':<{width}}  " + "  ".join(f"{m:>16}" for m in GEOMETRY_METRIC_NAMES)]
+    for name, values in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{values.get(m, math.nan):>16.4g}" for m in GEOMETRY_METRIC_NAMES))
+    return "\n".join(lines)
+
+
 def _json_value(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -209,7 +222,11 @@ def evaluate_command(argv: list[str]) -> int:
     sets = load_sets(args.sts, args.ir, args.sts_range, args.split)
     encoder = load_model(args.model, args.base, args.max_length)
     per_set, summary = evaluate_sets(encoder, sets, args.batch_size, args.geometry, show_progress=sys.stderr.isatty())
-    print(format_metrics_table(per_set, summary, title=f"evaluation of {args.model}"), flush=True)
+    task_metrics = {name: {m: v for m, v in values.items() if m not in GEOMETRY_METRIC_NAMES}
+                    for name, values in per_set.items()}
+    print(format_metrics_table(task_metrics, summary, title=f"evaluation of {args.model}"), flush=True)
+    if args.geometry:
+        print(geometry_table(per_set), flush=True)
     if args.output is not None:
         atomic_write_text(args.output, results_json(per_set))
         print(f"wrote {args.output}", flush=True)
