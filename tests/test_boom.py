@@ -168,7 +168,7 @@ def test_example_yaml_and_quickstart_are_rewritten_per_run(tmp_path):
     from codiemb_pl.fusion.bagging import resolve_fit_config, run_fit_config
 
     repo = Path(__file__).resolve().parents[1]
-    options, configs, overrides = collect_options(["--config", str(repo / "configs/fusion/boom.yaml"),
+    options, configs, overrides = collect_options(["--config", str(repo / "configs/boom/quickstart.yaml"),
                                                    "--output", str(tmp_path), "--trainer.max_steps", "5"])
     assert options["fractions"] == [0.4, 0.6, 0.8, 1.0] and options["output"] == str(tmp_path)
     assert configs == ["configs/quickstart.yaml"] and overrides[-2:] == ["--trainer.max_steps", "5"]
