@@ -174,3 +174,15 @@ def test_ckpt_base_takes_its_files_from_the_model_it_names(family, tmp_path):
     assert fuse("--base", str(family["ckpt"]), "--model", str(family["ft0"]), "--method", "uniform_soup",
                 "--output", str(out)) == 0
     assert TextEncoder.load(out).pooling == "cls"
+
+
+def test_untrained_keys_only_some_inputs_carry_are_left_out():
+    from codiemb_pl.fusion.checkpoints import drop_unshared_untrained_keys
+
+    weights = {"encoder.layer.0.w": torch.ones(2, 2)}
+    hub_save = dict(weights, **{"pooler.dense.weight": torch.ones(2, 2), "embeddings.position_ids": torch.arange(4)})
+    sources = drop_unshared_untrained_keys([MappedStateDictSource(hub_save), MappedStateDictSource(weights)])
+    assert [source.keys() for source in sources] == [["encoder.layer.0.w"], ["encoder.layer.0.w"]]
+    trained_only_in_one = drop_unshared_untrained_keys([MappedStateDictSource(dict(weights, extra=torch.ones(1))),
+                                                        MappedStateDictSource(weights)])
+    assert "extra" in trained_only_in_one[0].keys()   # a trained tensor is not dropped: the key check refuses it

@@ -10,9 +10,10 @@ in `setup`, then encoder-only safetensors snapshots at the moments `collect` nam
 (one file per step, labels joined when moments coincide, superseded bests deleted). At the end of
 `fit`, rank 0 merges them with every configured method (`fusion.runner`), scores the base, every
 snapshot and every merge with the validation suite on `datamodule.val_sets`, prints the leaderboard,
-logs `fusion/<candidate>/<metric>` to the trainer's loggers, writes `leaderboard.json` / `.md` and
-exports the best candidate by `metric` to `<dirpath>/model` (sentence-transformers folder). Other
-ranks wait at a barrier. The module's weights are restored afterwards.
+logs `fusion/<candidate>/<metric>` to the trainer's loggers (and a `fusion/leaderboard` table to
+W&B), writes `leaderboard.json` / `.md` and exports the best candidate by `metric` to
+`<dirpath>/model` (sentence-transformers folder). Other ranks wait at a barrier. The module's
+weights are restored afterwards.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..atomic import atomic_write_text
 from ..errors import InputError
 from ..evaluation.suite import evaluate_encoder, flat_metrics
 from ..fusion.runner import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion
+from .monitoring import log_leaderboard
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
 BEST_MONITORS = {"best_ir": "val/ir_avg", "best_sts": "val/sts_avg", "best": "val/avg"}
@@ -48,6 +50,7 @@ def save_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
     state = {key: value.detach().to("cpu").contiguous() for key, value in pl_module.encoder.model.state_dict().items()}
     partial = path.with_name(f".{path.name}.tmp")
     save_file(state, str(partial), metadata={"format": "pt"})
+    os.chmod(partial, 0o644)
     os.replace(partial, path)
 
 
@@ -218,3 +221,5 @@ class CheckpointFusion(pl.Callback):
                 if metrics:
                     logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+        log_leaderboard(trainer.loggers, [{"rank": rank, "candidate": c.name, "kind": c.kind, **c.metrics}
+                                          for rank, c in enumerate(board.ranked(), 1)])

@@ -16,7 +16,8 @@ Recipe (mergekit-like):
 Inputs: Lightning `.ckpt` files, Hugging Face or sentence-transformers folders, `.safetensors` files.
 Folders and safetensors are read lazily and merged in slices (`fusion.chunked`); a `.ckpt` is a
 pickle, memory-mapped. Inputs whose config.json architecture, tensor names or shapes differ from the
-base, or that are too far from it to be fine-tuned copies, are refused before anything is written.
+base, or that are too far from it to be fine-tuned copies, are refused before anything is written
+(untrained tensors that only some inputs carry, such as the BERT pooler or `position_ids`, are left out).
 The output (written atomically) keeps the template's pooling, normalisation and prompts: the base
 folder's files, or for a `.ckpt`/`.safetensors` base the model it names (`--template` overrides).
 """
@@ -38,7 +39,8 @@ from ..encoder import TextEncoder
 from ..errors import InputError
 from ..evaluation.suite import evaluate_encoder
 from ..fusion.checkpoints import (WEIGHT_FILE_SUFFIXES, WEIGHT_INDEX_NAMES, OpenedCheckpoint, check_same_architecture,
-                                  check_shares_base, open_checkpoint, transformer_folder)
+                                  check_shares_base, drop_unshared_untrained_keys, open_checkpoint,
+                                  transformer_folder)
 from ..fusion.chunked import ChunkedMerge, write_safetensors
 from ..fusion.methods import MERGE_METHODS
 from ..reporting import format_metrics_table
@@ -161,10 +163,11 @@ def fuse(request: dict[str, Any]) -> Path:
     base = open_checkpoint(request["base"])
     models = [open_checkpoint(model["path"]) for model in request["models"]]
     check_same_architecture(base, models)
-    merge = ChunkedMerge(base.source, [m.source for m in models], request["method"],
+    base_source, *model_sources = drop_unshared_untrained_keys([base.source] + [m.source for m in models])
+    merge = ChunkedMerge(base_source, model_sources, request["method"],
                          request.get("parameters") or {}, weights=prior_weights(request["models"]),
                          seed=int(request.get("seed") or 0))
-    check_shares_base(base, models, merge.keys)
+    check_shares_base(base_source, model_sources, merge.keys, [m.path for m in models])
     output = Path(request["output"])
     with atomic_directory(output) as staging:
         weights_folder = write_template(base, request.get("template"), staging)

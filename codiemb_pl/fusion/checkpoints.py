@@ -6,7 +6,8 @@
     file.ckpt (Lightning, CoDiEmbModule)            -> `state_dict` memory-mapped, `encoder.model.` stripped
 
 Every source reads row ranges (`rows(key, start, stop)`) without loading the whole tensor, so a merge
-can work on slices of the largest tensors (see `fusion.chunked`). A `.ckpt` is a pickle: it is opened
+can work on slices of the largest tensors (see `fusion.chunked`); safetensors files are read with
+plain file reads, not memory-mapped, so untouched weights never enter the resident set. A `.ckpt` is a pickle: it is opened
 with `torch.load(mmap=True)`, which reads tensor bytes only when touched, but trusts the file (load only
 checkpoints you trust). Compatibility checks: config.json architecture (`check_same_architecture`)
 and distance from the base (`check_shares_base`); key and shape checks live in `fusion.streaming`.
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.streaming import MappingSource, SafetensorsSource, TensorSource
+from codiemb_pl.fusion.streaming import MappingSource, TensorSource, is_buffer_key
 from codiemb_pl.paths import resolve_location
 
 LIGHTNING_PREFIX = "encoder.model."
@@ -37,7 +38,8 @@ ARCHITECTURE_FIELDS = ("model_type", "architectures", "hidden_size", "num_hidden
                        "intermediate_size", "vocab_size", "max_position_embeddings", "d_model", "n_layer", "n_embd")
 # ‖θk − θ0‖ / ‖θ0‖ above this: θk was not fine-tuned from θ0 (an unrelated initialisation gives ~1.4).
 MAX_RELATIVE_DISTANCE = 0.5
-ROW_CHUNK_ELEMENTS = 1 << 20
+ROW_CHUNK_ELEMENTS = 1 << 18
+UNTRAINED_PREFIXES = ("pooler.",)
 
 _SAFETENSORS_TO_TORCH = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -46,15 +48,85 @@ _SAFETENSORS_TO_TORCH = {
 }
 
 
-class SafetensorsRowSource(SafetensorsSource):
-    """`SafetensorsSource` that also reads row ranges and dtypes without loading whole tensors."""
+class SafetensorsRowSource:
+    """A `.safetensors` file (or a folder of shards) read with plain file reads, row range by row range.
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
-        tensor_slice = self._handle(key).get_slice(key)
-        return tensor_slice[start:stop] if tensor_slice.get_shape() else self.get(key)
+    Unlike `safe_open`, which memory-maps the file (every page touched stays in the resident set while
+    the file is open), only the bytes of the requested rows are read into a fresh tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.name = str(path)
+        root = Path(path)
+        files = sorted(root.glob("*.safetensors")) if root.is_dir() else [root] if root.is_file() else []
+        if not files:
+            raise InputError(self.name, "no .safetensors file found", "give a .safetensors file or a folder holding one")
+        self._entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for file in files:
+            data_start, header = _read_safetensors_header(file)
+            for key, entry in header.items():
+                if key in self._entries:
+                    raise InputError(self.name, f"key {key!r} appears in two shards", "remove the duplicate shard")
+                self._entries[key] = (file, data_start, entry)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, key: str) -> tuple[Path, int, dict[str, Any]]:
+        if key not in self._entries:
+            raise InputError(self.name, f"no tensor named {key!r}", "check the checkpoint's keys")
+        return self._entries[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entry(key)[2]["shape"])
 
     def dtype(self, key: str) -> torch.dtype:
-        return _SAFETENSORS_TO_TORCH[self._handle(key).get_slice(key).get_dtype()]
+        name = self._entry(key)[2]["dtype"]
+        if name not in _SAFETENSORS_TO_TORCH:
+            raise InputError(self.name, f"tensor {key!r} has unsupported dtype {name}", "convert it to float32")
+        return _SAFETENSORS_TO_TORCH[name]
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        file, data_start, entry = self._entry(key)
+        shape, dtype = list(entry["shape"]), self.dtype(key)
+        row_bytes = math.prod(shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+        if shape:
+            stop = min(stop, shape[0])
+            start = min(start, stop)
+            shape[0] = stop - start
+        else:
+            start, stop, row_bytes = 0, 1, torch.empty(0, dtype=dtype).element_size()
+        first, last = entry["data_offsets"]
+        offset, size = data_start + first + start * row_bytes, (stop - start) * row_bytes
+        if offset + size > data_start + last:
+            raise InputError(self.name, f"tensor {key!r} is truncated", "re-save the checkpoint")
+        buffer = bytearray(size)
+        with open(file, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(buffer) != size:
+                raise InputError(self.name, f"tensor {key!r} is truncated", "re-save the checkpoint")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def get(self, key: str) -> Tensor:
+        shape = self.shape(key)
+        return self.rows(key, 0, shape[0] if shape else 1)
+
+
+def _read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, {key: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length < 100_000_000 else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise InputError(str(file), "is not a safetensors file (bad header)", "re-save the checkpoint")
+    header.pop("__metadata__", None)
+    return 8 + length, header
 
 
 class MappedStateDictSource(MappingSource):
@@ -66,6 +138,44 @@ class MappedStateDictSource(MappingSource):
 
     def dtype(self, key: str) -> torch.dtype:
         return self.state_dict[key].dtype
+
+
+class KeySubsetSource:
+    """Another source restricted to some of its keys (rows, shapes and dtypes pass through)."""
+
+    def __init__(self, source: TensorSource, keys: Iterable[str]):
+        self.source, self._keys = source, [k for k in source.keys() if k in set(keys)]
+        self.name = getattr(source, "name", "checkpoint")
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def get(self, key: str) -> Tensor:
+        return self.source.get(key)
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        return read_rows(self.source, key, start, stop)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tensor_shape(self.source, key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return tensor_dtype(self.source, key)
+
+
+def is_untrained_key(key: str) -> bool:
+    """Buffers (position_ids, ...) and the BERT pooler: present in some saves, never trained by codiemb."""
+    return is_buffer_key(key) or key.startswith(UNTRAINED_PREFIXES)
+
+
+def drop_unshared_untrained_keys(sources: Sequence[TensorSource]) -> list[TensorSource]:
+    """Leave out untrained keys that not every source has (an HF save with a pooler vs a codiemb export)."""
+    key_sets = [set(source.keys()) for source in sources]
+    shared = set.intersection(*key_sets)
+    dropped = {key for keys in key_sets for key in keys - shared if is_untrained_key(key)}
+    if not dropped:
+        return list(sources)
+    return [KeySubsetSource(source, keys - dropped) for source, keys in zip(sources, key_sets)]
 
 
 def read_rows(source: TensorSource, key: str, start: int, stop: int) -> Tensor:
@@ -214,20 +324,21 @@ def relative_distance(base: TensorSource, model: TensorSource, keys: Iterable[st
         if not tensor_dtype(base, key).is_floating_point:
             continue
         for start, stop in row_ranges(tensor_shape(base, key), max_elements):
-            base_rows = read_rows(base, key, start, stop).double()
-            model_rows = read_rows(model, key, start, stop).double()
-            moved += float(((model_rows - base_rows) ** 2).sum())
-            total += float((base_rows ** 2).sum())
+            base_rows = read_rows(base, key, start, stop).float()
+            model_rows = read_rows(model, key, start, stop).float()
+            moved += float(torch.sum((model_rows - base_rows) ** 2, dtype=torch.float64))
+            total += float(torch.sum(base_rows ** 2, dtype=torch.float64))
     return math.sqrt(moved / total) if total > 0 else math.sqrt(moved)
 
 
-def check_shares_base(base: OpenedCheckpoint, models: Sequence[OpenedCheckpoint], keys: Iterable[str],
-                      max_distance: float = MAX_RELATIVE_DISTANCE) -> None:
+def check_shares_base(base: TensorSource, models: Sequence[TensorSource], keys: Iterable[str],
+                      names: Sequence[str], max_distance: float = MAX_RELATIVE_DISTANCE) -> None:
     """InputError when a model is so far from the base that it cannot have been fine-tuned from it."""
     keys = list(keys)
-    for model in models:
-        distance = relative_distance(base.source, model.source, keys)
+    base_name = getattr(base, "name", "base")
+    for model, name in zip(models, names):
+        distance = relative_distance(base, model, keys)
         if distance > max_distance:
-            raise InputError(model.path, f"is not a fine-tuned copy of the base {base.path} (relative distance "
-                                         f"‖θ−θ0‖/‖θ0‖ = {distance:.2f} > {max_distance})",
+            raise InputError(name, f"is not a fine-tuned copy of the base {base_name} (relative distance "
+                                   f"‖θ−θ0‖/‖θ0‖ = {distance:.2f} > {max_distance})",
                              "use the model these checkpoints were trained from as the base")

@@ -2,13 +2,14 @@
 
 `fusion.streaming` merges one whole tensor at a time: for the word embeddings of a MiniLM (half the
 model) and K = 5 checkpoints that alone is ~2K+3 copies of half a model. Here tensors are read and
-merged in dim-0 row ranges of ~1M elements for every method whose result is element-wise given a few
+merged in dim-0 row ranges of ~256k elements for every method whose result is element-wise given a few
 per-tensor statistics, and written straight into the output file (the header is known in advance):
 
     uniform_soup, task_arithmetic, delta_guided (element, row)    row ranges as they are
     delta_guided (tensor, layer)   first pass: ‖Δk‖ per tensor / per layer, then granularity='layer'
     ties                           first pass: per-checkpoint magnitude threshold of the top-d fraction
-                                   (one |Δk| buffer at a time), then ties(density=1) on pre-trimmed slices
+                                   (one |Δk| buffer, partitioned in place), then ties(density=1) on
+                                   pre-trimmed slices
 
 Other methods (dare, slerp, multi_slerp) merge whole tensors exactly as `fusion.streaming` does.
 Results equal `fusion.streaming.merge_state_dicts` (bit for bit, except float rounding of the
@@ -76,7 +77,9 @@ def ties_threshold(base: TensorSource, model: TensorSource, key: str, density: f
         magnitude[offset:offset + delta.numel()] = delta.abs().reshape(-1)
         offset += delta.numel()
     keep = max(1, math.ceil(density * numel))
-    return float(torch.kthvalue(magnitude, numel - keep + 1).values)
+    values = magnitude.numpy()
+    values.partition(numel - keep)      # in place: no sorted copy or index tensor (unlike kthvalue)
+    return float(values[numel - keep])  # == kthvalue(magnitude, numel - keep + 1)
 
 
 class ChunkedMerge:

@@ -202,6 +202,7 @@ def _merge_self_positioning(spec: MethodSpec, inputs: FusionInputs, out_path: Pa
 def _save_atomic(state: Mapping, out_path: Path) -> None:
     partial = out_path.with_name(f".{out_path.name}.tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(partial), metadata={"format": "pt"})
+    os.chmod(partial, 0o644)
     os.replace(partial, out_path)
 
 
