@@ -147,13 +147,16 @@ def _as_list(value: Any) -> list:
 
 def _run_callbacks(callbacks: list, run_folder: Path) -> list:
     """Callbacks writing into the run folder: ModelCheckpoint -> checkpoints/, the (first) ExportEncoder
-    -> model/ (appended when absent), any other explicit `dirpath` -> <class name>/; order kept."""
+    -> model/ (appended when absent), any other explicit `dirpath` -> <class name>/; order kept.
+    CheckpointFusion is dropped: BOOM merges the runs itself, per-run fusion would only cost time."""
     kept, exported = [], False
     for callback in callbacks:
         if not isinstance(callback, dict):
             kept.append(callback)
             continue
         class_name = str(callback.get("class_path", "")).rsplit(".", 1)[-1]
+        if class_name == "CheckpointFusion":
+            continue
         init_args = callback.setdefault("init_args", {})
         if class_name == EXPORT_CALLBACK.rsplit(".", 1)[-1]:
             if exported:
