@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -26,6 +27,9 @@ def run_codiemb(args: list[str], *, world_size: int = 1, timeout: float = 240.0)
     if world_size > 1:
         command += ["--config", str(DDP_CPU_CONFIG), "--trainer.devices", str(world_size)]
     command += args
+    if not any(arg.startswith("--trainer.default_root_dir") for arg in args):
+        # LightningCLI writes config.yaml into the root dir: never let it default to the repository
+        command += ["--trainer.default_root_dir", tempfile.mkdtemp(prefix="codiemb-ddp-")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false")
