@@ -116,6 +116,7 @@ class Suite:
         self.set_configs = self.evaluation_set_configs()
         self.set_keys = {c["name"]: config_key(c) for c in self.set_configs}
         self._sets: Optional[dict[str, ValidationSet]] = None
+        self._sizes: Optional[tuple[int, int]] = None
 
     # -- configs and keys ---------------------------------------------------------------------------------
     def evaluation_set_configs(self) -> list[dict[str, Any]]:
@@ -160,11 +161,14 @@ class Suite:
 
     def training_sizes(self) -> tuple[int, int]:
         """(SciFact train queries, STS-B train pairs) after the budget's caps."""
+        if self._sizes is not None:
+            return self._sizes
         budget = self.budgets.train
         n_ir = len(load_training_records(SourceConfig(name="scifact", task="ir", path=str(self.data / "ir/scifact"),
                                                       split="train")))
         n_sts = sum(1 for line in (self.data / "sts/stsb/train.jsonl").open(encoding="utf-8") if line.strip())
-        return (min(n_ir, budget.ir_max_samples or n_ir), min(n_sts, budget.sts_max_samples or n_sts))
+        self._sizes = (min(n_ir, budget.ir_max_samples or n_ir), min(n_sts, budget.sts_max_samples or n_sts))
+        return self._sizes
 
     def mined_negatives(self) -> Path:
         """SciFact train with hard negatives mined by the base model (positives excluded), cached by config."""
@@ -186,13 +190,12 @@ class Suite:
         log(f"mined in {time.perf_counter() - start:.0f} s -> {path}")
         return path
 
-    def train_sources(self, unit: dict[str, Any]) -> list[dict[str, Any]]:
-        """`data.train` entries of a training unit (caps and BOOM subsets as seeded `max_samples`)."""
+    def train_sources(self, unit: dict[str, Any], folder: Optional[Path] = None) -> list[dict[str, Any]]:
+        """`data.train` entries of a training unit: caps are seeded random subsets (`max_samples` + `seed`);
+        a BOOM member's seeded subset of them is written to `folder/data` (`fusion.bagging`)."""
         budget, subset = self.budgets.train, unit.get("subset")
-        sizes = self.training_sizes()
         sources = []
-        for task, name, cap, size in (("ir", "scifact", budget.ir_max_samples, sizes[0]),
-                                      ("sts", "stsb", budget.sts_max_samples, sizes[1])):
+        for task, name, cap in (("ir", "scifact", budget.ir_max_samples), ("sts", "stsb", budget.sts_max_samples)):
             if task not in unit["tasks"]:
                 continue
             entry: dict[str, Any] = {"name": name, "task": task}
@@ -201,10 +204,16 @@ class Suite:
             else:
                 entry.update(path=str(self.data / "sts/stsb/train.jsonl"), score_range=[0, 5])
             if cap:
-                entry["max_samples"] = cap
-            if subset:
-                entry.update(max_samples=max(1, round(subset["fraction"] * size)), seed=subset["seed"])
+                entry.update(max_samples=cap, seed=SEED)
             sources.append(entry)
+        if subset:
+            from codiemb_pl.fusion.bagging import source_dict, write_subset_sources
+
+            if folder is None:
+                raise ValueError("a BOOM member's subset needs its unit folder")
+            written = write_subset_sources([SourceConfig(**entry) for entry in sources], subset["fraction"],
+                                           subset["seed"], folder / "data")
+            sources = [source_dict(source) for source in written]
         return sources
 
     # -- training -------------------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ class Suite:
                      "sts_batch_size": budget.sts_batch_size, "n_positives": budget.n_positives,
                      "n_negatives": budget.n_negatives, "max_query_length": budget.max_query_length,
                      "max_passage_length": budget.max_passage_length, "max_sts_length": budget.max_sts_length,
-                     "seed": SEED, "train": self.train_sources(unit)},
+                     "seed": SEED, "train": self.train_sources(unit, folder)},
         }
 
     def train_unit(self, unit: dict[str, Any]) -> Path:
@@ -328,7 +337,7 @@ class Suite:
         from codiemb_pl.commands.evaluate import evaluate_sets
         from codiemb_pl.encoder import TextEncoder
 
-        encoder = TextEncoder(str(model))
+        encoder = TextEncoder(str(model), max_seq_length=self.budgets.eval.max_length)
         batch = self.budgets.eval.batch_size
         out = {}
         for name in names:
@@ -371,7 +380,7 @@ class Suite:
         for name, vset in self.sets().items():
             for field_name, texts in vset.texts.items():
                 sizes["documents" if field_name == "corpus" else "sentences"] += len(texts)
-        per_eval = eval_seconds(sizes)
+        per_eval = eval_seconds(sizes, self.budgets.eval.max_length)
         budget = self.budgets.train
         units_seen: set[str] = set()
         mined = self.workdir / "mined" / f"scifact_train_{config_key(mining_config(self.model, self.budgets))}.jsonl"
@@ -385,7 +394,8 @@ class Suite:
             fraction = subset["fraction"] if subset else 1.0
             return training_seconds(train, budget, round(n_ir * fraction), round(n_sts * fraction))
 
-        total = 0.0 if mined.is_file() else (n_ir + sizes["documents"]) * 0.016   # encode queries + corpus
+        total = 0.0 if mined.is_file() else eval_seconds({"documents": sizes["documents"], "sentences": n_ir},
+                                                                self.budgets.mining.max_seq_length)
         lines = [f"{'run':<26} {'status':<10} {'estimate':>9}"]
         for spec in specs:
             missing = self.results.missing_sets(self.key(spec), self.set_keys)
@@ -571,7 +581,8 @@ def write_report(suite: Suite, command: str, quick: bool) -> Path:
         f"mined by the base model (ranks {budgets.mining.rank_range[0]}–{budgets.mining.rank_range[1]}, "
         f"margin {budgets.mining.margin}, {budgets.mining.num_negatives} per query, judged positives excluded) "
         "+ STS-B train (scores 0–5 normalised to [0, 1]).",
-        f"- evaluation: {eval_sets}.",
+        f"- evaluation: {eval_sets}; texts truncated to {budgets.eval.max_length or 'the model maximum of'} tokens "
+        "(SciFact documents are longer: scores are below MTEB's, which uses 256, for every run alike).",
         f"- snapshots for fusion: every ⌊steps / {budgets.fusion.snapshots}⌋ optimizer steps of `codiemb` plus "
         "its last step; every merge fuses all of them against θ0.",
         "",
@@ -611,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--extra-ir", action="append", default=[], metavar="NAME=DIR",
                         help="another BEIR folder (qrels/test.tsv)")
     parser.add_argument("--epochs", type=int, help="override the training budget's epochs")
+    parser.add_argument("--sts-train-samples", type=int, help="override the STS-B train cap (0: all 5749 pairs)")
     parser.add_argument("--sp-steps", type=int, help="override Self Positioning's steps")
     parser.add_argument("--workdir", help="models, snapshots, merges (default runs/experiments[-quick])")
     parser.add_argument("--results", help="results JSON (default benchmarks/results.json; quick: under runs/)")
@@ -633,7 +645,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    budgets = scaled(QUICK if args.quick else FULL, args.epochs, args.sp_steps)
+    budgets = scaled(QUICK if args.quick else FULL, args.epochs, args.sp_steps, args.sts_train_samples)
     suite = Suite(args, budgets)
     if not (suite.data / "ir" / "scifact").is_dir() or not (suite.data / "sts" / "stsb").is_dir():
         raise SystemExit(f"{suite.data} has no ir/scifact and sts/stsb (pass --data)")
