@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.checkpoints import SafetensorsRowSource
@@ -207,15 +208,23 @@ def _save_atomic(state: Mapping, out_path: Path) -> None:
 
 
 def run_fusion(inputs: FusionInputs, methods: Sequence[MethodSpec], evaluate: Evaluate, workdir: str | os.PathLike,
-               metric: str = DEFAULT_METRIC, log: Callable[[str], None] = print) -> Leaderboard:
-    """Score the base and every checkpoint, merge and score every method; candidates go to `workdir`."""
+               metric: str = DEFAULT_METRIC, log: Callable[[str], None] = print,
+               show_progress: bool = True) -> Leaderboard:
+    """Score the base and every checkpoint, merge and score every method; candidates go to `workdir`.
+
+    A progress bar (with ETA) counts the candidates scored: base, each checkpoint, each method.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    progress = tqdm(total=1 + len(inputs.checkpoints) + len(methods), desc="fusion candidates", unit="model",
+                    disable=not show_progress)
     base = Candidate("base", "base", weights_path=str(inputs.base))
     base.metrics = evaluate(inputs.base)
+    progress.update()
     singles = [Candidate(label, "checkpoint", weights_path=str(path)) for label, path in inputs.checkpoints]
     for single in singles:
         single.metrics = evaluate(Path(single.weights_path))
+        progress.update()
     fused: list[Candidate] = []
     for spec in methods:
         candidate = Candidate(spec.name, "fused", spec.method, dict(spec.params))
@@ -234,6 +243,8 @@ def run_fusion(inputs: FusionInputs, methods: Sequence[MethodSpec], evaluate: Ev
             candidate.weights_path = str(out_path)
             candidate.metrics = evaluate(out_path)
         fused.append(candidate)
+        progress.update()
+    progress.close()
     return Leaderboard([base] + singles + fused, metric)
 
 
