@@ -26,13 +26,7 @@ DEMO_SOURCES = [  # as in tiny.yaml: 24 records each
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny fits are faster on one thread than fighting over shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def fit_args(model_dir) -> list[str]:

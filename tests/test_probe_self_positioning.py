@@ -23,13 +23,7 @@ LIMITS = LengthLimits(query=24, passage=40, sts=32)
 STEPS = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small forward/backward passes are faster on one thread than fighting over shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def trained_on_probe(model_dir, steps: int = 6) -> dict[str, torch.Tensor]:
