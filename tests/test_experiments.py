@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -40,14 +39,6 @@ def make_data(folder: Path) -> Path:
     shutil.copy(DEMO / "sts_train.jsonl", stsb / "train.jsonl")
     shutil.copy(DEMO / "sts_dev.jsonl", stsb / "test.jsonl")
     return folder
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
