@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import struct
 from pathlib import Path
@@ -58,6 +59,11 @@ def read_offline_run(save_dir: Path) -> tuple[dict, list[dict], Path]:
     """(config, history rows, run folder) of the single offline run under `save_dir`."""
     run_files = list(save_dir.rglob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, run_files
+    # wandb's service process may still be writing the log after finish(): wait for its exit record
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            record.WhichOneof("record_type") == "exit" for record in wandb_records(run_files[0])):
+        time.sleep(0.5)
     config, history = {}, []
     for record in wandb_records(run_files[0]):
         kind = record.WhichOneof("record_type")
