@@ -160,6 +160,7 @@ def test_checkpoint_with_explicit_base_and_a_wrong_base(fitted_checkpoint, tiny_
     (["--ir", "x={sts}"], "retrieval evaluation needs a BEIR folder"),
     (["--sts", "x={sts}", "--batch-size", "0"], "must be at least 1"),
     (["--sts", "x={sts}", "--bogus"], "unrecognized arguments"),
+    (["--sts", "x={sts}", "--device", "gpu0"], "not a torch device"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir, data, tmp_path, capsys, args, message):
     output = tmp_path / "never.json"

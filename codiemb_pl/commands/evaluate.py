@@ -25,6 +25,7 @@ from ..atomic import atomic_write_text
 from ..cli import register_command
 from ..data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from ..data.validation import ValidationSet
+from ..device import AUTO, resolve_device
 from ..encoder import TextEncoder
 from ..errors import InputError
 from ..evaluation.geometry import GEOMETRY_METRIC_NAMES, embedding_geometry, token_wise_similarity
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "alignment and uniformity to every set")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch (default: 64)")
     parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
+    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: auto, a GPU if any)")
     return parser
 
 
@@ -219,8 +221,9 @@ def evaluate_command(argv: list[str]) -> int:
         raise InputError(f"--batch-size {args.batch_size}", "must be at least 1", "e.g. --batch-size 64")
     if args.output is not None and Path(args.output).is_dir():
         raise InputError(f"--output {args.output}", "is a folder", "name a .json file")
+    device = resolve_device(args.device)
     sets = load_sets(args.sts, args.ir, args.sts_range, args.split)
-    encoder = load_model(args.model, args.base, args.max_length)
+    encoder = load_model(args.model, args.base, args.max_length).to(device)
     per_set, summary = evaluate_sets(encoder, sets, args.batch_size, args.geometry, show_progress=sys.stderr.isatty())
     task_metrics = {name: {m: v for m, v in values.items() if m not in GEOMETRY_METRIC_NAMES}
                     for name, values in per_set.items()}

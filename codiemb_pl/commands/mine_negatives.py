@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from ..cli import register_command
+from ..device import AUTO, resolve_device
 from ..mining import (MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives,
                       write_ir_jsonl)
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-prompt", default=None, help="text prepended to every query (e.g. an instruction)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch")
     parser.add_argument("--max-seq-length", type=int, default=None, help="truncate texts to this many tokens")
+    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: auto, a GPU if any)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -45,10 +47,11 @@ def mine_negatives_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     settings = MiningSettings(rank_range=tuple(args.range), margin=None if args.no_margin else args.margin,
                               num_negatives=args.num_negatives)
+    device = resolve_device(args.device)
     queries, corpus = load_mining_inputs(args.data, args.split, args.corpus)
     from ..encoder import TextEncoder
 
-    encoder = TextEncoder(args.model, max_seq_length=args.max_seq_length)
+    encoder = TextEncoder(args.model, max_seq_length=args.max_seq_length).to(device)
     print(f"[codiemb] mining {len(queries)} queries against {len(corpus)} documents with {args.model}",
           file=sys.stderr, flush=True)
     result = mine_hard_negatives(encoder, queries, corpus, settings, batch_size=args.batch_size,
