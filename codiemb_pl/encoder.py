@@ -39,6 +39,7 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_i
 #: Optional feature: a 0/1 mask `[b, t]` choosing which tokens are pooled (default: the attention mask).
 POOLING_MASK_KEY = "pooling_mask"
 DEFAULT_MAX_SEQ_LENGTH = 512
+DEVICE_BATCHES_PER_COPY = 32  # encode(): batches kept on the accelerator before one copy to the CPU
 
 _DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -211,6 +212,7 @@ class TextEncoder(nn.Module):
         was_training = self.training
         self.eval()
         chunks: list[Tensor] = []
+        on_device: list[Tensor] = []  # copied to the CPU in groups, so tokenising overlaps GPU work
         try:
             with torch.no_grad():
                 for start in batch_starts:
@@ -218,7 +220,12 @@ class TextEncoder(nn.Module):
                     features = {key: value.to(self.device) for key, value in features.items()}
                     if exclude_count:
                         features[POOLING_MASK_KEY] = exclude_leading_tokens(features["attention_mask"], exclude_count)
-                    chunks.append(self(features).float().cpu())
+                    on_device.append(self(features).float())
+                    if len(on_device) == DEVICE_BATCHES_PER_COPY:
+                        chunks.append(torch.cat(on_device).cpu())
+                        on_device = []
+                if on_device:
+                    chunks.append(torch.cat(on_device).cpu())
         finally:
             self.train(was_training)
 
