@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py --quick          # a fast sanity run (a few minutes on 2 CPU cores)
     python benchmarks/throughput.py --rounds 3       # the full comparison
+    python benchmarks/throughput.py --device cuda --precision bf16-mixed --batch-size 128   # on a GPU
 
 Measured, interleaved (ours then theirs, for R rounds; the median per measurement is reported):
 
@@ -16,7 +17,11 @@ Measured, interleaved (ours then theirs, for R rounds; the median per measuremen
     full-corpus ranking + metrics) vs the time to only encode its queries and documents.
 (d) model FLOPs utilisation (MFU) of training = useful FLOPs/s / peak FLOPs/s. Useful FLOPs per sequence of
     s real tokens: 3 × (2·N·s + 4·layers·s²·hidden) (forward + backward; N = non-embedding parameters;
-    padding is not counted); peak = best of several float32 `torch.matmul` of two n×n matrices (2n³ FLOPs).
+    padding is not counted); peak = best of several `torch.matmul` of two n×n matrices (2n³ FLOPs), in
+    float32, or in bfloat16 when training runs in bf16-mixed.
+On a GPU (`--device cuda`) every timer synchronises the device first; `--precision` sets the training
+precision of both trainers (Lightning's `precision`, the ST trainer's `bf16`/`fp16`) and `--num-workers` their
+DataLoader workers (both tokenize in the collate function); encoding stays float32.
 """
 
 from __future__ import annotations
@@ -75,6 +80,12 @@ def evaluation_corpus(scifact: Path, extra_docs: int | None, seed: int = 0) -> I
 # ---------------------------------------------------------------------------------------------------
 # (a) training
 
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work so a wall-clock stamp covers it (no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _steps_per_second(stamps: list[float]) -> float:
     """Optimizer steps per second between the first and the last stamp (the first step is warm-up)."""
     if len(stamps) < 2:
@@ -83,7 +94,7 @@ def _steps_per_second(stamps: list[float]) -> float:
 
 
 def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, steps: int,
-               length_buckets: int) -> float:
+               length_buckets: int, device: str = "cpu", precision: str = "32-true", num_workers: int = 0) -> float:
     """Pairs/s of a Lightning `Trainer.fit` of `CoDiEmbModule` on the pairs (see module docstring)."""
     import lightning.pytorch as pl
 
@@ -95,15 +106,17 @@ def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, s
             self.stamps: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            synchronize(device)
             self.stamps.append(time.perf_counter())
 
     module = CoDiEmbModule(model, ir_temperature=TEMPERATURE, lr=LEARNING_RATE, warmup_ratio=0.0,
                            length_buckets=length_buckets, max_seq_length=max_length)
     data = CoDiEmbDataModule(train=[SourceConfig("pairs", "ir", str(pairs_file))], tokenizer=model,
                              ir_batch_size=batch_size, n_positives=1, n_negatives=0,
-                             max_query_length=max_length, max_passage_length=max_length)
+                             max_query_length=max_length, max_passage_length=max_length, num_workers=num_workers)
     timer = StepTimer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
+                         max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[timer], use_distributed_sampler=False)
     trainer.fit(module, datamodule=data)
@@ -111,7 +124,7 @@ def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, s
 
 
 def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_length: int, steps: int,
-                 workdir: Path) -> float:
+                 workdir: Path, device: str = "cpu", precision: str = "32-true", num_workers: int = 0) -> float:
     """Pairs/s of `SentenceTransformerTrainer` + `MultipleNegativesRankingLoss` on the same pairs."""
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
@@ -124,14 +137,17 @@ def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_
             self.stamps: list[float] = []
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(device)
             self.stamps.append(time.perf_counter())
 
-    st_model = SentenceTransformer(model, device="cpu")
+    st_model = SentenceTransformer(model, device=device)
     st_model.max_seq_length = max_length
     dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
     arguments = SentenceTransformerTrainingArguments(
         output_dir=str(workdir / "st_trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
-        learning_rate=LEARNING_RATE, warmup_ratio=0.0, save_strategy="no", report_to="none", use_cpu=True,
+        learning_rate=LEARNING_RATE, warmup_ratio=0.0, save_strategy="no", report_to="none",
+        use_cpu=not device.startswith("cuda"), bf16=precision.startswith("bf16"), fp16=precision.startswith("16"),
+        dataloader_num_workers=num_workers,
         disable_tqdm=True, logging_strategy="no", dataloader_drop_last=True, seed=42)
     timer = StepTimer()
     trainer = SentenceTransformerTrainer(model=st_model, args=arguments, train_dataset=dataset,
@@ -147,18 +163,21 @@ def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_
 def encode_ours(encoder: TextEncoder, texts: list[str], batch_size: int) -> float:
     start = time.perf_counter()
     encoder.encode(texts, batch_size=batch_size)
+    synchronize(str(encoder.device))
     return len(texts) / (time.perf_counter() - start)
 
 
 def encode_theirs(st_model, texts: list[str], batch_size: int) -> float:
     start = time.perf_counter()
     st_model.encode(texts, batch_size=batch_size, convert_to_tensor=True)
+    synchronize(str(st_model.device))
     return len(texts) / (time.perf_counter() - start)
 
 
 def evaluation_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> float:
     start = time.perf_counter()
     evaluate_sets(encoder, [vset], batch_size=batch_size)
+    synchronize(str(encoder.device))
     return time.perf_counter() - start
 
 
@@ -166,20 +185,25 @@ def encode_only_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: i
     start = time.perf_counter()
     for texts in vset.texts.values():
         encoder.encode(texts, batch_size=batch_size)
+    synchronize(str(encoder.device))
     return time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------------------------------
 # (d) FLOPs
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of `a @ b` for n×n matrices (2n³ FLOPs each) on this CPU."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu",
+                      dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of `a @ b` for n×n matrices (2n³ FLOPs each) on this device in this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up
+    synchronize(device)
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
     return best
 
@@ -214,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-extra-docs", type=int, default=None,
                         help="(c) on judged + this many random SciFact documents (default: the whole corpus)")
     parser.add_argument("--length-buckets", type=int, default=1, help="CoDiEmbModule(length_buckets=...)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (both libraries, every measurement)")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"],
+                        help="training precision of both trainers (encoding stays float32)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="DataLoader workers of both trainers (tokenization moves off the training loop)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults for a sanity run: 1 round, 4 steps, 256 texts, (c) on judged + 300 documents")
     parser.add_argument("--json", help="also write the results here")
@@ -230,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     corpus = evaluation_corpus(scifact, args.eval_extra_docs)
     vset = ValidationSet.from_ir("scifact_test", corpus)
     documents = random.Random(0).sample(sorted(corpus.corpus.values()), min(args.encode_texts, len(corpus.corpus)))
-    encoder = TextEncoder(model, max_seq_length=args.max_length)
+    encoder = TextEncoder(model, max_seq_length=args.max_length).to(args.device)
     from sentence_transformers import SentenceTransformer
 
-    st_model = SentenceTransformer(model, device="cpu")
+    st_model = SentenceTransformer(model, device=args.device)
     st_model.max_seq_length = args.max_length
     ours_emb, theirs_emb = encoder.encode(documents[:16]), st_model.encode(documents[:16], convert_to_tensor=True)
-    same_embeddings = bool(torch.allclose(ours_emb, theirs_emb.cpu(), atol=1e-4))
+    same_embeddings = bool(torch.allclose(ours_emb.cpu(), theirs_emb.cpu(), atol=1e-4))
 
     results: dict[str, list[float]] = {key: [] for key in (
         "train_ours", "train_theirs", "encode_ours", "encode_theirs", "eval_seconds", "encode_only_seconds")}
@@ -246,9 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         pairs_file.write_text("".join(json.dumps({"query": q, "positives": [p]}) + "\n" for q, p in pairs))
         for round_index in range(args.rounds):
             results["train_ours"].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
-                                                    args.train_steps, args.length_buckets))
+                                                    args.train_steps, args.length_buckets, args.device, args.precision,
+                                                    args.num_workers))
             results["train_theirs"].append(train_theirs(model, pairs, args.batch_size, args.max_length,
-                                                        args.train_steps, workdir))
+                                                        args.train_steps, workdir, args.device, args.precision,
+                                                        args.num_workers))
             results["encode_ours"].append(encode_ours(encoder, documents, args.batch_size))
             results["encode_theirs"].append(encode_theirs(st_model, documents, args.batch_size))
             results["eval_seconds"].append(evaluation_seconds(encoder, vset, args.batch_size))
@@ -257,14 +288,19 @@ def main(argv: list[str] | None = None) -> int:
                   ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items()), file=sys.stderr, flush=True)
 
     median = {key: statistics.median(values) for key, values in results.items()}
-    peak = matmul_peak_flops()
+    on_gpu = args.device.startswith("cuda")
+    peak = matmul_peak_flops(size=8192 if on_gpu else 2048, device=args.device,
+                             dtype=torch.bfloat16 if args.precision.startswith("bf16") else
+                             torch.float16 if args.precision.startswith("16") else torch.float32)
     flops_per_pair = training_flops_per_pair(encoder, pairs, args.max_length)
     mfu_ours = median["train_ours"] * flops_per_pair / peak
     mfu_theirs = median["train_theirs"] * flops_per_pair / peak
 
     setting = (f"model={args.model} batch={args.batch_size} max_length={args.max_length} rounds={args.rounds} "
-               f"train_steps={args.train_steps} length_buckets={args.length_buckets} "
+               f"train_steps={args.train_steps} length_buckets={args.length_buckets} precision={args.precision} "
+               f"num_workers={args.num_workers} "
                f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()} "
+               f"device={torch.cuda.get_device_name() if on_gpu else 'cpu'} "
                f"torch={torch.__version__}")
     rows = [
         ("(a) training pairs/s (Lightning fit vs ST trainer)", median["train_ours"], median["train_theirs"]),
