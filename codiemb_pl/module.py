@@ -101,7 +101,6 @@ class CoDiEmbModule(pl.LightningModule):
         self.last_validation: dict[str, float] = {}
         self.validation_history: list[tuple[str, dict[str, float]]] = []
         self.validation_label: Optional[str] = None  # overrides the history label of the next validation
-        self.samples_seen = {"ir": 0, "sts": 0}
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -159,7 +158,6 @@ class CoDiEmbModule(pl.LightningModule):
             queries, positives, negatives, temperature=self.hparams.ir_temperature, query_offset=offset,
             negative_mask=negative_mask, query_positive_ids=query_positive_ids if use_ids else None,
             positive_ids=positive_ids if use_ids else None, negative_ids=negative_ids if use_ids else None)
-        self.samples_seen["ir"] += size
         self.log("train/ir/loss", loss, on_step=True, batch_size=size)
         self.log(f"train/ir/{batch['dataset']}/loss", loss, on_step=True, batch_size=size)
         diagnostics = ir_batch_diagnostics(queries.detach(), positives.detach(),
@@ -177,7 +175,6 @@ class CoDiEmbModule(pl.LightningModule):
         out1 = self.embed(batch["text1"], return_middle=want_middle)
         out2 = self.embed(batch["text2"], return_middle=want_middle)
         (emb1, mid1), (emb2, mid2) = (out1, out2) if want_middle else ((out1, None), (out2, None))
-        self.samples_seen["sts"] += size
         if objective == "infonce":
             keep = scores >= self.hparams.sts_infonce_threshold
             loss = multi_positive_info_nce(emb1[keep], emb2[keep].unsqueeze(1), None,
@@ -199,10 +196,6 @@ class CoDiEmbModule(pl.LightningModule):
         for name, value in components.items():
             self.log(f"train/sts/{name}", value, on_step=True, batch_size=size)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.log("train/ir/samples_seen", float(self.samples_seen["ir"]), on_step=True, batch_size=1)
-        self.log("train/sts/samples_seen", float(self.samples_seen["sts"]), on_step=True, batch_size=1)
 
     # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
