@@ -28,9 +28,10 @@ DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
 class TrainingInterrupted(Exception):
     """Raised on every rank after the interruption checkpoint is saved; ends `fit` early on purpose."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+    def __init__(self, signal_name: str, step: int, checkpoint: Path, rank: int = 0, world_size: int = 1):
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
-        super().__init__(f"{signal_name} received: stopped after optimizer step {step} and saved {checkpoint} "
+        who = f" (rank {rank} of {world_size})" if world_size > 1 else ""  # each rank's line shows its own stop step
+        super().__init__(f"{signal_name} received{who}: stopped after optimizer step {step} and saved {checkpoint} "
                          "(resume with --ckpt_path last)")
 
 
@@ -88,7 +89,8 @@ class GracefulInterruption(pl.Callback):
         if signum is None:
             return
         path = self.save_last_checkpoint(trainer)
-        raise TrainingInterrupted(signal.Signals(signum).name, trainer.global_step, path)
+        raise TrainingInterrupted(signal.Signals(signum).name, trainer.global_step, path,
+                                  rank=trainer.global_rank, world_size=trainer.world_size)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.restore_handlers()
