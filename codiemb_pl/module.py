@@ -231,7 +231,14 @@ class CoDiEmbModule(pl.LightningModule):
             return
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
-        for source in getattr(datamodule, "train_sources", []):  # each sub-dataset may set its own batch size
+        sources = list(getattr(datamodule, "train_sources", []))
+        if getattr(hp, "policy", None) == "mixed" and sources:  # one pooled micro-batch size: the largest
+            per_device = max(datamodule.batch_size_of(source) for source in sources)
+            rank_zero_info(f"[codiemb] mixed batches ({', '.join(s.name for s in sources)} pooled): {per_device} "
+                           f"per device x {world} devices x {accumulate} accumulation = global batch "
+                           f"{per_device * world * accumulate}; the IR/STS split of each batch varies")
+            return
+        for source in sources:  # each sub-dataset may set its own batch size
             per_device = datamodule.batch_size_of(source)
             rank_zero_info(f"[codiemb] {source.name} ({source.task}): {per_device} per device x {world} devices x "
                            f"{accumulate} accumulation = global batch {per_device * world * accumulate}")
