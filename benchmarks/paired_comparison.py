@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codiemb_pl.commands.evaluate import load_sets  # noqa: E402
 from codiemb_pl.data.validation import ValidationSet  # noqa: E402
+from codiemb_pl.device import AUTO, resolve_device  # noqa: E402
 from codiemb_pl.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.evaluation.retrieval import per_query_retrieval_metrics  # noqa: E402
 from codiemb_pl.evaluation.sts import paired_cosine, spearman  # noqa: E402
@@ -87,15 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-length", type=int, default=None, help="truncate texts (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: a GPU if any)")
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
+    device = resolve_device(args.device)
     sets = load_sets(args.sts, args.ir, None, args.split)
     items = {}
     for label, model in (("a", args.a), ("b", args.b)):
-        encoder = TextEncoder(resolve_location(model), max_seq_length=args.max_length)
+        encoder = TextEncoder(resolve_location(model), max_seq_length=args.max_length).to(device)
         items[label] = {vset.name: set_items(encoder, vset, args.batch_size) for vset in sets}
     results = {vset.name: paired_bootstrap(vset, items["a"][vset.name], items["b"][vset.name], args.resamples,
                                            args.seed) for vset in sets}
