@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codiemb_pl.commands.evaluate import load_sets  # noqa: E402
+from codiemb_pl.commands.evaluate import load_sets, set_embeddings  # noqa: E402
 from codiemb_pl.data.validation import ValidationSet  # noqa: E402
-from codiemb_pl.device import AUTO, resolve_device  # noqa: E402
+from codiemb_pl.device import add_device_argument, resolve_device  # noqa: E402
 from codiemb_pl.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.evaluation.retrieval import per_query_retrieval_metrics  # noqa: E402
 from codiemb_pl.evaluation.sts import paired_cosine, spearman  # noqa: E402
@@ -41,8 +41,7 @@ IR_METRIC = "ndcg_at_10"
 def set_items(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> torch.Tensor:
     """Per-item values the set's metric is built from: per-query nDCG@10 (IR, queries sorted by id) or
     the cosine of each pair (STS)."""
-    embeddings = {name: encoder.encode(texts, batch_size=batch_size, prompt=vset.prefixes.get(name) or None)
-                  for name, texts in vset.texts.items()}
+    embeddings = set_embeddings(encoder, vset, batch_size)
     if vset.task == "sts":
         return paired_cosine(embeddings["text1"], embeddings["text2"]).double()
     per_query = per_query_retrieval_metrics(embeddings["query"], embeddings["corpus"], vset.query_ids,
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--max-length", type=int, default=None, help="truncate texts (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: a GPU if any)")
+    add_device_argument(parser)
     parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results here")

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from .errors import InputError
 
 AUTO = "auto"
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """`--device` (default `auto`), to be turned into a torch device by `resolve_device`."""
+    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: auto, a GPU if any)")
 
 
 def resolve_device(name: str, flag: str = "--device") -> torch.device:

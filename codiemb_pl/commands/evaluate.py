@@ -25,7 +25,7 @@ from ..atomic import atomic_write_text
 from ..cli import register_command
 from ..data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from ..data.validation import ValidationSet
-from ..device import AUTO, resolve_device
+from ..device import add_device_argument, resolve_device
 from ..encoder import TextEncoder
 from ..errors import InputError
 from ..evaluation.geometry import GEOMETRY_METRIC_NAMES, embedding_geometry, token_wise_similarity
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "alignment and uniformity to every set")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch (default: 64)")
     parser.add_argument("--max-length", type=int, help="truncate texts to this many tokens (default: the model's)")
-    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: auto, a GPU if any)")
+    add_device_argument(parser)
     return parser
 
 
@@ -175,14 +175,20 @@ def set_geometry(encoder: TextEncoder, vset: ValidationSet, embeddings: dict[str
     return metrics
 
 
+def set_embeddings(encoder: TextEncoder, vset: ValidationSet, batch_size: int = 64,
+                   show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Embeddings of every text field of `vset` (`text1`/`text2` or `query`/`corpus`), each with its prefix."""
+    return {name: encoder.encode(texts, batch_size=batch_size, prompt=vset.prefixes.get(name) or None,
+                                 show_progress=show_progress)
+            for name, texts in vset.texts.items()}
+
+
 def evaluate_sets(encoder: TextEncoder, sets: list[ValidationSet], batch_size: int = 64, geometry: bool = False,
                   show_progress: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-set metrics (`score_set`, plus geometry on request) and the `ir_avg` / `sts_avg` / `avg` summary."""
     per_set: dict[str, dict[str, float]] = {}
     for vset in sets:
-        embeddings = {name: encoder.encode(texts, batch_size=batch_size, prompt=vset.prefixes.get(name) or None,
-                                           show_progress=show_progress)
-                      for name, texts in vset.texts.items()}
+        embeddings = set_embeddings(encoder, vset, batch_size, show_progress)
         per_set[vset.name] = dict(score_set(vset, embeddings))
         if geometry:
             per_set[vset.name].update(set_geometry(encoder, vset, embeddings, batch_size))

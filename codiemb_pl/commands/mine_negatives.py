@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from ..cli import register_command
-from ..device import AUTO, resolve_device
+from ..device import add_device_argument, resolve_device
 from ..mining import (MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives,
                       write_ir_jsonl)
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query-prompt", default=None, help="text prepended to every query (e.g. an instruction)")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoding batch")
     parser.add_argument("--max-seq-length", type=int, default=None, help="truncate texts to this many tokens")
-    parser.add_argument("--device", default=AUTO, help="cpu, cuda, cuda:N, mps or auto (default: auto, a GPU if any)")
+    add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
