@@ -6,7 +6,8 @@ encodes identically. It reads that layout back (`TextEncoder.load`) as well as p
 folders, hub ids and `pkg://` models.
 
 Settings precedence: an explicit constructor argument (anything not `None`) wins; otherwise the value
-stored in a sentence-transformers folder is used; otherwise the defaults (`pooling="mean"`,
+stored in a sentence-transformers folder is used; otherwise the defaults (`pooling="mean"`, or `"last"`
+for decoder backbones, see `codiemb_pl.decoder`,
 `normalize=True`, `max_seq_length = min(tokenizer.model_max_length, max_position_embeddings, 512)`,
 no prompts, prompts included in pooling).
 """
@@ -30,9 +31,11 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .atomic import atomic_directory
+from .decoder import is_decoder_backbone, prepare_tokenizer
 from .errors import InputError
 from .paths import resolve_location
-from .pooling import POOLING_MODES, check_pooling_mode, exclude_leading_tokens, pool
+from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
+from .pooling import POOLING_MODES, check_pooling_mode, pool
 
 #: Feature keys passed on to the transformer; anything else in `features` is ignored by the model.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -130,7 +133,9 @@ class TextEncoder(nn.Module):
         self.do_lower_case: bool = settings.do_lower_case if settings else False
 
         self.model: PreTrainedModel = _load_transformer(source, trust_remote_code, torch_dtype)
-        self.tokenizer = _load_tokenizer(source, trust_remote_code)
+        self.tokenizer = _load_tokenizer(source, trust_remote_code, self.model.config)
+        if pooling is None and settings is None and is_decoder_backbone(self.model.config):
+            self.pooling = "last"  # a causal model's appended EOS is the one token that has seen the whole text
         config = self.model.config
         self.embedding_dim: int = _config_value(config, ("hidden_size", "d_model", "n_embd", "dim")) or \
             self.model.get_input_embeddings().embedding_dim
@@ -187,21 +192,29 @@ class TextEncoder(nn.Module):
 
     def encode(self, texts: list[str], batch_size: int = 64, prompt: str | None = None,
                prompt_name: str | None = None, show_progress: bool = False,
-               convert_to_numpy: bool = False) -> Tensor | np.ndarray:
+               convert_to_numpy: bool = False, prefix: str | None = None) -> Tensor | np.ndarray:
         """Embed `texts` in input order as a float32 CPU tensor `[n, d]` (numpy with `convert_to_numpy`).
 
         Runs in eval mode without gradients (the previous mode is restored), batching texts sorted by
         length so each batch pads little. `prompt` (literal text) or `prompt_name` (a key of
         `self.prompts`) is prepended to every text; with neither, `default_prompt_name` applies if set.
+        A prompt's tokens and the leading special tokens leave pooling when `include_prompt` is False
+        (sentence-transformers' rule). `prefix` (an instruction prefix, instead of a prompt) is prepended
+        and always left out of pooling as in training and validation: its own tokens only
+        (`data.tokenize.prefix_pooling_mask`).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if batch_size < 1:
             raise InputError("TextEncoder.encode", f"batch_size must be >= 1, got {batch_size}",
                              "pass a positive batch size")
-        prefix = self._resolve_prompt(prompt, prompt_name)
-        if prefix:
-            texts = [prefix + text for text in texts]
-        exclude_count = self._prompt_token_count(prefix) if prefix and not self.include_prompt else 0
+        if prefix and (prompt is not None or prompt_name is not None):
+            raise InputError("TextEncoder.encode", "both prefix and a prompt were given", "pass only one of them")
+        lead = prefix if prefix else self._resolve_prompt(prompt, prompt_name)
+        if lead:
+            texts = [lead + text for text in texts]
+        excluded = lead if prefix or not self.include_prompt else ""
+        prefix_tokens = prefix_token_count(self.tokenizer, excluded.lower() if self.do_lower_case else excluded)
+        leading = leading_special_tokens(self.tokenizer) if prefix_tokens else 0
 
         order = sorted(range(len(texts)), key=lambda index: -len(texts[index]))
         batch_starts = range(0, len(texts), batch_size)
@@ -218,8 +231,10 @@ class TextEncoder(nn.Module):
                 for start in batch_starts:
                     features = self.tokenize([texts[index] for index in order[start:start + batch_size]])
                     features = {key: value.to(self.device) for key, value in features.items()}
-                    if exclude_count:
-                        features[POOLING_MASK_KEY] = exclude_leading_tokens(features["attention_mask"], exclude_count)
+                    if prefix_tokens:
+                        features[POOLING_MASK_KEY] = prefix_pooling_mask(
+                            features["attention_mask"], [prefix_tokens] * len(features["attention_mask"]), leading,
+                            pool_leading=bool(prefix))
                     on_device.append(self(features).float())
                     if len(on_device) == DEVICE_BATCHES_PER_COPY:
                         chunks.append(torch.cat(on_device).cpu())
@@ -246,14 +261,6 @@ class TextEncoder(nn.Module):
             known = ", ".join(sorted(self.prompts)) or "none configured"
             raise InputError("TextEncoder.encode", f"unknown prompt_name {name!r}", f"use one of: {known}")
         return self.prompts[name]
-
-    def _prompt_token_count(self, prompt: str) -> int:
-        """Tokens a prompt occupies at the start of a text, leading special tokens included, trailing one not."""
-        input_ids = self.tokenize([prompt])["input_ids"][0]
-        count = int(input_ids.shape[0])
-        if count and int(input_ids[-1]) in set(self.tokenizer.all_special_ids):
-            count -= 1
-        return count
 
     # ----------------------------------------------------------------------------------------------
     # Export / import
@@ -394,17 +401,16 @@ def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torc
                          "or reachable") from exc
 
 
-def _load_tokenizer(source: _ModelSource, trust_remote_code: bool):
-    """AutoTokenizer; decoder-style tokenizers without a pad token pad with their EOS token."""
+def _load_tokenizer(source: _ModelSource, trust_remote_code: bool, config: PretrainedConfig | None = None):
+    """AutoTokenizer prepared for the backbone (`decoder.prepare_tokenizer`): without a pad token it pads
+    with EOS; a decoder's tokenizer pads on the left and appends EOS."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.hf_location, trust_remote_code=trust_remote_code,
                                                   **source.hf_kwargs)
     except OSError as exc:
         raise InputError(source.location, f"could not load the tokenizer ({exc})",
                          "save the tokenizer files next to config.json") from exc
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return prepare_tokenizer(tokenizer, config, where=source.location)
 
 
 def _config_value(config: PretrainedConfig, names: tuple[str, ...]) -> int | None:

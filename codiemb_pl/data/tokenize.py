@@ -1,16 +1,29 @@
-"""Tokenise texts with optional instruction prefixes, marking prefix tokens out of the pooling mask.
+"""Instruction prefixes: the template that turns an instruction into a prefix, tokenising `prefix + text`,
+and the one rule that leaves the prefix's tokens out of pooling.
 
 SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still attended to". For a
 text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone, after the
-tokenizer's leading special tokens) get `pooling_mask = 0`; `attention_mask` keeps them.
+tokenizer's leading special tokens) get `pooling_mask = 0`; `attention_mask` keeps them. Training,
+validation and every evaluation path (`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)`)
+use `prefix_pooling_mask`; sentence-transformers' `Pooling(include_prompt=False)` differs only in also
+leaving out the leading special tokens (`[CLS]`), which `TextEncoder.encode(prompt=...)` follows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Optional
 
 import torch
+
+#: How a sub-dataset's `instruction` becomes the prefix of its queries and STS sentences (the one default).
+INSTRUCTION_TEMPLATE = "Instruction: {instruction} Query: "
+
+
+def instruction_prefix(instruction: Optional[str], template: str = INSTRUCTION_TEMPLATE) -> str:
+    """`template` filled with `instruction`; the empty string when there is no instruction."""
+    return template.format(instruction=instruction) if instruction else ""
 
 
 def leading_special_tokens(tokenizer) -> int:
@@ -24,8 +37,29 @@ def leading_special_tokens(tokenizer) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _prefix_length(tokenizer, prefix: str) -> int:
-    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+def prefix_token_count(tokenizer, prefix: str) -> int:
+    """Tokens `prefix` occupies on its own (no special tokens)."""
+    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+
+
+def prefix_pooling_mask(attention_mask: torch.Tensor, prefix_tokens: Sequence[int], leading: int,
+                        pool_leading: bool = True) -> torch.Tensor:
+    """Copy of `attention_mask` `[b, t]` with each row's prefix tokens set to 0 (left out of pooling).
+
+    Row i's real tokens start at `s_i` (its first `M[i,t] = 1`, so left padding works) and number `r_i`;
+    its prefix covers positions `[s_i + leading, s_i + leading + prefix_tokens[i])`. Zeroed:
+    `[s_i + (leading if pool_leading else 0), min(s_i + leading + prefix_tokens[i], s_i + r_i - 1))`, so a
+    text truncated inside its prefix keeps its last real token. Rows with `prefix_tokens[i] = 0` are unchanged.
+    """
+    mask = attention_mask.clone()
+    counts = torch.as_tensor(list(prefix_tokens), dtype=torch.long, device=mask.device).unsqueeze(1)
+    first = mask.to(torch.int32).argmax(dim=1, keepdim=True).long()
+    real = mask.sum(dim=1, keepdim=True).long()
+    start = first + (leading if pool_leading else 0)
+    stop = torch.minimum(first + leading + counts, first + real - 1)
+    stop = torch.where(counts > 0, stop, start)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask.masked_fill((positions >= start) & (positions < stop), 0)
 
 
 def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
@@ -35,15 +69,7 @@ def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     joined = [prefix + text for prefix, text in zip(prefixes, texts)]
     encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-    pooling_mask = encoded["attention_mask"].clone()
-    lead = leading_special_tokens(tokenizer)
-    width = pooling_mask.shape[1]
-    for row, prefix in enumerate(prefixes):
-        if prefix:
-            real = int(encoded["attention_mask"][row].sum())
-            start = lead + (width - real if tokenizer.padding_side == "left" else 0)
-            # never mask the whole text away: keep at least one non-prefix token when truncated
-            stop = min(start + _prefix_length(tokenizer, prefix), start - lead + real - 1)
-            pooling_mask[row, start:max(start, stop)] = 0
-    encoded["pooling_mask"] = pooling_mask
+    encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
+                                                  [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
+                                                  leading_special_tokens(tokenizer))
     return encoded

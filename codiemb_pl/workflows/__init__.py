@@ -1,0 +1,10 @@
+"""The library layer beneath the `codiemb` commands, for commands, benchmarks, notebooks and scripts alike.
+
+- `encoders.load_encoder`: a `TextEncoder` from a model folder, hub id, `pkg://` model or Lightning `.ckpt`.
+- `validation.build_validation_sets`: validation / evaluation sets from source configs (instruction
+  prefixes, passage prefix), as training validates.
+- `evaluation.evaluate`: what `codiemb evaluate` does (score the sets, optional embedding geometry).
+
+Commands (`codiemb_pl.commands.*`) are thin argument parsers over these functions; nothing here imports a
+command module. Importing this package imports nothing else: each module pulls in what it needs.
+"""

@@ -1,0 +1,80 @@
+"""A `TextEncoder` from whatever a user points at: a sentence-transformers or Hugging Face folder, a hub
+id, `pkg://...`, or a Lightning checkpoint (`.ckpt`) of `CoDiEmbModule`.
+
+A checkpoint's `encoder.model.*` weights go into the encoder named by its `model_name_or_path`
+hyper-parameter (or by `base`), with the checkpoint's pooling, normalisation and length, and prompt
+tokens left out of pooling as in training. Lightning checkpoints are pickles: load only ones you trust.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..device import resolve_device
+from ..encoder import TextEncoder
+from ..errors import InputError
+
+CHECKPOINT_PREFIX = "encoder.model."   # how CoDiEmbModule names the transformer's parameters
+CHECKPOINT_SUFFIX = ".ckpt"
+
+
+def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(transformer weights with `encoder.model.` stripped, hyper-parameters) of a `CoDiEmbModule` checkpoint."""
+    location = Path(path)
+    if not location.is_file():
+        raise InputError(str(path), "no such checkpoint file", "check the path to the .ckpt")
+    try:  # Lightning checkpoints pickle their hyper-parameters: load only checkpoints you trust
+        checkpoint = torch.load(location, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(str(path), f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
+                         "give a .ckpt written by `codiemb fit`") from exc
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    weights = {key[len(CHECKPOINT_PREFIX):]: value for key, value in (state or {}).items()
+               if key.startswith(CHECKPOINT_PREFIX)}
+    if not weights:
+        raise InputError(str(path), f"the checkpoint has no {CHECKPOINT_PREFIX}* weights",
+                         "give a checkpoint of codiemb_pl's CoDiEmbModule")
+    return weights, dict(hparams)
+
+
+def load_checkpoint_encoder(path: str | Path, base: str | None = None,
+                            max_seq_length: int | None = None) -> TextEncoder:
+    """The encoder of a Lightning checkpoint, built on `base` (default: the checkpoint's base model)."""
+    weights, hparams = read_encoder_checkpoint(path)
+    architecture = base or hparams.get("model_name_or_path")
+    if not architecture:
+        raise InputError(str(path), "the checkpoint does not name its base model "
+                                    "(hyper_parameters.model_name_or_path)", "pass --base PATH")
+    encoder = TextEncoder(architecture, pooling=hparams.get("pooling"), normalize=hparams.get("normalize"),
+                          max_seq_length=max_seq_length if max_seq_length is not None else hparams.get("max_seq_length"),
+                          include_prompt=False)
+    result = encoder.model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(str(path), f"weights do not fit {architecture} (missing {result.missing_keys[:3]}, "
+                                    f"unexpected {result.unexpected_keys[:3]})",
+                         "pass --base with the model the checkpoint was trained from")
+    return encoder
+
+
+def load_encoder(model: str | Path, base: str | None = None, device: str | torch.device | None = None,
+                 max_seq_length: int | None = None) -> TextEncoder:
+    """A `TextEncoder` from a model folder / hub id / `pkg://` model, or from a Lightning `.ckpt`.
+
+    `base` (only for a `.ckpt`) names the model whose architecture takes the weights; `device` is a torch
+    device or a name (`auto`, `cpu`, `cuda:1`, ... checked by `device.resolve_device`), `None` leaves the
+    encoder on the CPU; `max_seq_length` overrides the model's length limit.
+    """
+    model = str(model)
+    if model.endswith(CHECKPOINT_SUFFIX):
+        encoder = load_checkpoint_encoder(model, base, max_seq_length)
+    else:
+        if base is not None:
+            raise InputError(f"--base {base}", "only applies to a .ckpt --model", "remove --base")
+        encoder = TextEncoder(model, max_seq_length=max_seq_length)
+    if device is None:
+        return encoder
+    return encoder.to(resolve_device(device) if isinstance(device, str) else device)
