@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 
 from .atomic import atomic_directory
 from .decoder import is_decoder_backbone, prepare_tokenizer
+from .decoder import is_decoder_backbone, prepare_tokenizer
 from .errors import InputError
 from .paths import resolve_location
 from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count

@@ -157,12 +157,12 @@ class CoDiEmbDataModule(pl.LightningDataModule):
 
     def load_tokenizer(self):
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
+            from ..decoder import load_backbone_tokenizer  # pad token; decoders: left padding, EOS appended
 
             if not self.tokenizer_name:
                 raise InputError("data.tokenizer", "no tokenizer given",
                                  "set data.tokenizer or model.model_name_or_path")
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_location(self.tokenizer_name))
+            self.tokenizer = load_backbone_tokenizer(resolve_location(self.tokenizer_name))
         return self.tokenizer
 
     def tokenize(self, texts: list[str], max_length: int, prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
