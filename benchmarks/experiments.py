@@ -10,7 +10,7 @@ batch shuffling with one InfoNCE (BOOM's baseline); CoDiEmb; CoDiEmb + delta-gui
 TIES / Self Positioning of its snapshots; BOOM. Training goes through `codiemb fit` (in-process, a generated
 YAML per run in the workdir), hard negatives through `codiemb mine-negatives` (once, cached), merges
 through `codiemb fuse`, Self Positioning through `fusion.probe.self_positioning_merge`, BOOM's Multi-SLERP
-through `fusion.bagging.merge_exports`, scores through `codiemb evaluate`'s `evaluate_sets`.
+through `fusion.bagging.merge_exports`, scores through `workflows.evaluation.evaluate_sets` (`codiemb evaluate`'s).
 
 `--results` (JSON) maps each run's config key to {name, config, sets: {set: {key, metrics, seconds}}, ...}
 and is rewritten atomically after every run; a later invocation skips every finished (run, set) pair and
@@ -334,7 +334,7 @@ class Suite:
     # -- scoring ----------------------------------------------------------------------------------------------
     def evaluate(self, model: Path, names: list[str]) -> dict[str, tuple[dict[str, float], float]]:
         """{set: (metrics, seconds)} of `model` on the named evaluation sets."""
-        from codiemb_pl.commands.evaluate import evaluate_sets
+        from codiemb_pl.workflows.evaluation import evaluate_sets
         from codiemb_pl.encoder import TextEncoder
 
         encoder = TextEncoder(str(model), max_seq_length=self.budgets.eval.max_length)

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codiemb_pl.commands.evaluate import load_sets, set_embeddings  # noqa: E402
+from codiemb_pl.workflows.evaluation import load_sets, set_embeddings  # noqa: E402
 from codiemb_pl.data.validation import ValidationSet  # noqa: E402
 from codiemb_pl.device import add_device_argument, resolve_device  # noqa: E402
 from codiemb_pl.encoder import TextEncoder  # noqa: E402

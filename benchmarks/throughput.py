@@ -13,7 +13,7 @@ Measured, interleaved (ours then theirs, for R rounds; the median per measuremen
     negatives, τ = 0.05 (MNRL scale 20), lr 2e-5, no warm-up. Time runs from the end of the first optimizer
     step to the end of the last (setup, data loading and the first step excluded).
 (b) encode sentences/s: `TextEncoder.encode` vs `SentenceTransformer.encode` on SciFact documents.
-(c) evaluation of SciFact test with our evaluate path (`codiemb evaluate`'s `evaluate_sets`: encode +
+(c) evaluation of SciFact test with our evaluate path (`workflows.evaluation.evaluate_sets`: encode +
     full-corpus ranking + metrics) vs the time to only encode its queries and documents.
 (d) model FLOPs utilisation (MFU) of training = useful FLOPs/s / peak FLOPs/s. Useful FLOPs per sequence of
     s real tokens: 3 × (2·N·s + 4·layers·s²·hidden) (forward + backward; N = non-embedding parameters;
@@ -46,7 +46,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from codiemb_pl.commands.evaluate import evaluate_sets  # noqa: E402
+from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
 from codiemb_pl.data.records import IRCorpus  # noqa: E402
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_training_records  # noqa: E402
 from codiemb_pl.data.validation import ValidationSet  # noqa: E402

@@ -32,7 +32,6 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 
 from .atomic import atomic_directory
 from .decoder import is_decoder_backbone, prepare_tokenizer
-from .decoder import is_decoder_backbone, prepare_tokenizer
 from .errors import InputError
 from .paths import resolve_location
 from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
@@ -199,10 +198,10 @@ class TextEncoder(nn.Module):
         Runs in eval mode without gradients (the previous mode is restored), batching texts sorted by
         length so each batch pads little. `prompt` (literal text) or `prompt_name` (a key of
         `self.prompts`) is prepended to every text; with neither, `default_prompt_name` applies if set.
-        A prompt's tokens and the leading special tokens leave pooling when `include_prompt` is False
-        (sentence-transformers' rule). `prefix` (an instruction prefix, instead of a prompt) is prepended
-        and always left out of pooling as in training and validation: its own tokens only
-        (`data.tokenize.prefix_pooling_mask`).
+        `prefix` (an instruction prefix, instead of a prompt) is prepended too. When `include_prompt` is
+        False, their tokens are attended to but left out of pooling (`data.tokenize.prefix_pooling_mask`):
+        a prompt's with the leading special tokens (`[CLS]`), as sentence-transformers does; a prefix's
+        without them, as training and validation do (so evaluation scores what validation scored).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if batch_size < 1:
@@ -213,7 +212,7 @@ class TextEncoder(nn.Module):
         lead = prefix if prefix else self._resolve_prompt(prompt, prompt_name)
         if lead:
             texts = [lead + text for text in texts]
-        excluded = lead if prefix or not self.include_prompt else ""
+        excluded = "" if self.include_prompt else lead
         prefix_tokens = prefix_token_count(self.tokenizer, excluded.lower() if self.do_lower_case else excluded)
         leading = leading_special_tokens(self.tokenizer) if prefix_tokens else 0
 

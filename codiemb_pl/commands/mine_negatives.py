@@ -18,14 +18,15 @@ from ..cli import register_command
 from ..device import add_device_argument, resolve_device
 from ..mining import (MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives,
                       write_ir_jsonl)
+from .arguments import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0])
     parser.add_argument("data", help="BEIR folder (with --split) or an IR file (query + positives)")
     parser.add_argument("--split", default="train", help="BEIR qrels split (default: train)")
     parser.add_argument("--corpus", default=None, help="documents to mine from (default: the data's own)")
-    parser.add_argument("--model", required=True, help="model folder, hub id or pkg:// model")
+    parser.add_argument("--model", required=True, help="model folder, hub id, pkg:// model or a Lightning .ckpt")
     parser.add_argument("--output", required=True, help="IR JSON-lines file to write")
     parser.add_argument("--range", nargs=2, type=int, default=(10, 50), metavar=("LO", "HI"),
                         help="1-based ranks (inclusive) a negative may come from (default: 10 50)")
@@ -49,9 +50,9 @@ def mine_negatives_command(argv: list[str]) -> int:
                               num_negatives=args.num_negatives)
     device = resolve_device(args.device)
     queries, corpus = load_mining_inputs(args.data, args.split, args.corpus)
-    from ..encoder import TextEncoder
+    from ..workflows.encoders import load_encoder
 
-    encoder = TextEncoder(args.model, max_seq_length=args.max_seq_length).to(device)
+    encoder = load_encoder(args.model, device=device, max_seq_length=args.max_seq_length)
     print(f"[codiemb] mining {len(queries)} queries against {len(corpus)} documents with {args.model}",
           file=sys.stderr, flush=True)
     result = mine_hard_negatives(encoder, queries, corpus, settings, batch_size=args.batch_size,

@@ -1,8 +1,8 @@
 """Score an encoder on validation sets: the one place where embeddings become the reported metrics.
 
 Used by the LightningModule (embeddings gathered during `validate`), by fusion (each merged candidate)
-and by `codiemb evaluate`. Headline metrics follow MTEB: `cosine_spearman` (STS), `ndcg_at_10` (IR);
-`ir_avg` / `sts_avg` average the headline over sets of a task and `avg` averages the two.
+and by `codiemb evaluate` (`workflows.evaluation`). Headline metrics follow MTEB: `cosine_spearman` (STS),
+`ndcg_at_10` (IR); `ir_avg` / `sts_avg` average the headline over sets of a task and `avg` averages the two.
 """
 
 from __future__ import annotations
@@ -46,18 +46,24 @@ def flat_metrics(per_set: Mapping[str, Mapping[str, float]], summary: Mapping[st
     return flat
 
 
-def evaluate_with(encode: Callable[[list[str], str], torch.Tensor], sets: list[ValidationSet]
-                  ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Encode every field of every set with `encode(texts, prefix)` and score them."""
-    per_set = {}
+def set_embeddings(encoder, vset: ValidationSet, batch_size: int = 64,
+                   show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """Embeddings of every text field of `vset` (`text1`/`text2` or `query`/`corpus`) by a `TextEncoder`,
+    each field with its prefix (left out of pooling as in validation, see `TextEncoder.encode(prefix=...)`)."""
+    return {name: encoder.encode(texts, batch_size=batch_size, prefix=vset.prefixes.get(name) or None,
+                                 show_progress=show_progress)
+            for name, texts in vset.texts.items()}
+
+
+def evaluate_encoder(encoder, sets: list[ValidationSet], batch_size: int = 64, show_progress: bool = False,
+                     extra_metrics: Callable[[ValidationSet, dict[str, torch.Tensor]], Mapping[str, float]]
+                     | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-set metrics of a `TextEncoder` (`score_set`, plus `extra_metrics(vset, embeddings)` when given)
+    and the `ir_avg` / `sts_avg` / `avg` summary."""
+    per_set: dict[str, dict[str, float]] = {}
     for vset in sets:
-        embeddings = {name: encode(texts, vset.prefixes.get(name, "")) for name, texts in vset.texts.items()}
-        per_set[vset.name] = score_set(vset, embeddings)
+        embeddings = set_embeddings(encoder, vset, batch_size, show_progress)
+        per_set[vset.name] = dict(score_set(vset, embeddings))
+        if extra_metrics is not None:
+            per_set[vset.name].update(extra_metrics(vset, embeddings))
     return per_set, summary_metrics(per_set, {s.name: s.task for s in sets})
-
-
-def evaluate_encoder(encoder, sets: list[ValidationSet], batch_size: int = 64
-                     ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Evaluate a `TextEncoder` (prefix tokens left out of pooling as in training)."""
-    return evaluate_with(lambda texts, prefix: encoder.encode(texts, batch_size=batch_size, prompt=prefix or None),
-                         sets)

@@ -75,6 +75,11 @@ def load_encoder(model: str | Path, base: str | None = None, device: str | torch
         if base is not None:
             raise InputError(f"--base {base}", "only applies to a .ckpt --model", "remove --base")
         encoder = TextEncoder(model, max_seq_length=max_seq_length)
+    return on_device(encoder, device)
+
+
+def on_device(encoder: TextEncoder, device: str | torch.device | None) -> TextEncoder:
+    """`encoder` moved to `device` (a torch device, or a name checked by `device.resolve_device`); `None`: as is."""
     if device is None:
         return encoder
     return encoder.to(resolve_device(device) if isinstance(device, str) else device)
