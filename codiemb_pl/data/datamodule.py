@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import InputError
 from ..paths import resolve_location
 from .collate import CoDiEmbCollator, LengthLimits, SampledItem
-from .tokenize import tokenize_with_prefixes
+from ..workflows.validation import build_validation_sets
+from .tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
 from .records import IRRecord, STSRecord
 from .sampler import TaskBatchSampler
-from .sources import SourceConfig, load_ir_corpus, load_sts_pairs, load_training_records
+from .sources import SourceConfig, load_training_records
 from .validation import ValidationSet, plan_validation_chunks
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -137,7 +138,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  tokenizer: Optional[str] = None, ir_batch_size: int = 32, sts_batch_size: int = 32,
                  policy: str = "proportional", temperature_alpha: float = 0.5, n_positives: int = 1,
                  n_negatives: int = 0, max_query_length: int = 64, max_passage_length: int = 256,
-                 max_sts_length: int = 128, instruction_template: str = "Instruction: {instruction} Query: ",
+                 max_sts_length: int = 128, instruction_template: str = INSTRUCTION_TEMPLATE,
                  passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0):
         super().__init__()
         self.save_hyperparameters()
@@ -153,7 +154,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prefix_for(self, instruction: Optional[str]) -> str:
-        return self.hparams.instruction_template.format(instruction=instruction) if instruction else ""
+        return instruction_prefix(instruction, self.hparams.instruction_template)
 
     def load_tokenizer(self):
         if self.tokenizer is None:
@@ -178,18 +179,14 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             instructions = [self.prefix_for(source.instruction) for source in self.train_sources]
             self.train_dataset = MultiSourceDataset(self.train_sources, records, instructions, self.hparams.seed)
         if stage in ("fit", "validate") and not self.val_sets:
-            self.val_sets = [self.build_validation_set(source) for source in self.val_sources]
+            self.val_sets = build_validation_sets(self.val_sources, where="data.val",
+                                                  instruction_template=self.hparams.instruction_template,
+                                                  passage_prefix=self.hparams.passage_prefix)
 
     def check_training_plan(self, world_size: int, accumulate: int) -> TaskBatchSampler:
         """Load and validate every source and build the sampler once, so bad input stops the run early."""
         self.setup("fit")
         return self.build_sampler(world_size, 0, accumulate)
-
-    def build_validation_set(self, source: SourceConfig) -> ValidationSet:
-        prefix = self.prefix_for(source.instruction)
-        if source.task == "sts":
-            return ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix)
-        return ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix, self.hparams.passage_prefix)
 
     def batch_size_of(self, source: SourceConfig) -> int:
         if source.batch_size:
