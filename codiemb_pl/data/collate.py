@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .records import IRRecord, STSRecord
+from .tokenize import leading_special_tokens, prefix_pooling_mask
 
 
 def text_id(text: str) -> int:
@@ -58,17 +59,21 @@ class LengthLimits:
     sts: int = 128
 
 
-class CoDiEmbCollator:
-    """Collate `SampledItem`s of one task (or of both, for the `mixed` baseline) into tensors."""
+def choose_passages(positive_count: int, negative_count: int, n_positives: int, n_negatives: int, seed: int,
+                    with_negatives: bool) -> tuple[list[int], list[int]]:
+    """Positions of the positives and hard negatives one query trains with (SPEC §3), drawn from
+    `random.Random(seed)`: `pick_fixed_count` of the positives, then (when the batch has negatives) of the
+    negatives. The draws depend only on the counts, so positions select the same texts as the texts would."""
+    rng = random.Random(seed)
+    positives = pick_fixed_count(range(positive_count), n_positives, rng)
+    negatives = pick_fixed_count(range(negative_count), n_negatives, rng) if with_negatives else []
+    return positives, negatives
 
-    def __init__(self, tokenize: Callable[..., dict[str, torch.Tensor]], *, limits: LengthLimits,
-                 n_positives: int = 1, n_negatives: int = 0):
-        self.tokenize = tokenize
-        self.limits = limits
-        self.n_positives = n_positives
-        self.n_negatives = n_negatives
 
-    def __call__(self, items: list[SampledItem]) -> dict[str, Any]:
+class TaskCollator:
+    """Collate items of one task (or of both, for the `mixed` baseline); subclasses collate each task."""
+
+    def __call__(self, items: list) -> dict[str, Any]:
         tasks = {item.task for item in items}
         datasets = sorted({item.dataset for item in items})
         if len(tasks) == 1 and len(datasets) == 1:
@@ -80,18 +85,36 @@ class CoDiEmbCollator:
                 "ir": self.collate_ir(ir_items) if ir_items else None,
                 "sts": self.collate_sts(sts_items) if sts_items else None}
 
+    def collate_ir(self, items: list) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def collate_sts(self, items: list) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CoDiEmbCollator(TaskCollator):
+    """Collate `SampledItem`s (records as texts), tokenising each text group here (the in-memory path)."""
+
+    def __init__(self, tokenize: Callable[..., dict[str, torch.Tensor]], *, limits: LengthLimits,
+                 n_positives: int = 1, n_negatives: int = 0):
+        self.tokenize = tokenize
+        self.limits = limits
+        self.n_positives = n_positives
+        self.n_negatives = n_negatives
+
     def collate_ir(self, items: list[SampledItem]) -> dict[str, Any]:
         queries, positives, negatives, negative_mask, positive_ids, negative_ids = [], [], [], [], [], []
         any_negatives = self.n_negatives > 0 and any(item.record.negatives for item in items)
         for item in items:
             record: IRRecord = item.record  # type: ignore[assignment]
-            rng = random.Random(item.seed)
+            pos_at, neg_at = choose_passages(len(record.positives), len(record.negatives), self.n_positives,
+                                             self.n_negatives, item.seed, any_negatives)
             queries.append(record.query)
-            chosen_pos = pick_fixed_count(record.positives, self.n_positives, rng)
+            chosen_pos = [record.positives[i] for i in pos_at]
             positives.extend(chosen_pos)
             positive_ids.append([text_id(t) for t in chosen_pos])
             if any_negatives:
-                chosen_neg = pick_fixed_count(record.negatives, self.n_negatives, rng)
+                chosen_neg = [record.negatives[i] for i in neg_at]
                 valid = [True] * len(chosen_neg) + [False] * (self.n_negatives - len(chosen_neg))
                 # padding slots repeat the first positive so every row has text; they are masked out.
                 chosen_neg = chosen_neg + [chosen_pos[0]] * (self.n_negatives - len(chosen_neg))
@@ -121,3 +144,103 @@ class CoDiEmbCollator:
                 "text1": self.tokenize(text1, self.limits.sts, prefixes),
                 "text2": self.tokenize(text2, self.limits.sts, prefixes),
                 "scores": torch.tensor(scores, dtype=torch.float32)}
+
+
+@dataclass(frozen=True)
+class TokenizedItem:
+    """A record as token ids (read from the token cache), handed to `TokenCollator`.
+
+    IR: `query`, `positives`, `negatives` (lists of token-id lists) and the `text_id`s of the passages;
+    STS: `text1`, `text2` and the normalised `score`. `prefix_tokens` counts the instruction prefix's tokens.
+    """
+
+    dataset: str
+    task: str
+    seed: int
+    prefix_tokens: int
+    query: list[int] | None = None
+    positives: list[list[int]] | None = None
+    negatives: list[list[int]] | None = None
+    positive_text_ids: list[int] | None = None
+    negative_text_ids: list[int] | None = None
+    text1: list[int] | None = None
+    text2: list[int] | None = None
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class PaddingRule:
+    """How the tokenizer pads a batch: pad id, side, whether it returns `token_type_ids` (0 for one text),
+    and how many special tokens precede the text (`tokenize.leading_special_tokens`)."""
+
+    pad_token_id: int
+    left: bool
+    token_type_ids: bool
+    leading: int
+
+    @classmethod
+    def of(cls, tokenizer) -> "PaddingRule":
+        return cls(tokenizer.pad_token_id, tokenizer.padding_side == "left",
+                   "token_type_ids" in tokenizer.model_input_names, leading_special_tokens(tokenizer))
+
+    def pad(self, sequences: list[list[int]], prefix_tokens: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """`sequences` padded to the longest, as `tokenizer(..., padding=True, return_tensors="pt")` would;
+        with `pooling_mask` (prefix tokens left out) when any `prefix_tokens` is non-zero."""
+        width = max(len(ids) for ids in sequences)
+        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, ids in enumerate(sequences):
+            span = slice(width - len(ids), width) if self.left else slice(0, len(ids))
+            input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, span] = 1
+        encoded = {"input_ids": input_ids}
+        if self.token_type_ids:
+            encoded["token_type_ids"] = torch.zeros_like(input_ids)
+        encoded["attention_mask"] = attention_mask
+        if prefix_tokens is not None and any(prefix_tokens):
+            encoded["pooling_mask"] = prefix_pooling_mask(attention_mask, prefix_tokens, self.leading)
+        return encoded
+
+
+class TokenCollator(TaskCollator):
+    """Collate `TokenizedItem`s: select positives/negatives (as `CoDiEmbCollator` does), pad, mask prefixes.
+    The batches equal `CoDiEmbCollator`'s on the same records (tests/test_training_data_reference.py)."""
+
+    def __init__(self, padding: PaddingRule, *, n_positives: int = 1, n_negatives: int = 0):
+        self.padding = padding
+        self.n_positives = n_positives
+        self.n_negatives = n_negatives
+
+    def collate_ir(self, items: list[TokenizedItem]) -> dict[str, Any]:
+        positives, negatives, negative_mask, positive_ids, negative_ids = [], [], [], [], []
+        any_negatives = self.n_negatives > 0 and any(item.negatives for item in items)
+        for item in items:
+            pos_at, neg_at = choose_passages(len(item.positives), len(item.negatives), self.n_positives,
+                                             self.n_negatives, item.seed, any_negatives)
+            positives += [item.positives[i] for i in pos_at]
+            positive_ids.append([item.positive_text_ids[i] for i in pos_at])
+            if any_negatives:
+                padding = self.n_negatives - len(neg_at)
+                # padding slots repeat the first positive so every row has text; they are masked out.
+                negatives += [item.negatives[i] for i in neg_at] + [item.positives[pos_at[0]]] * padding
+                negative_mask.append([True] * len(neg_at) + [False] * padding)
+                negative_ids.append([item.negative_text_ids[i] for i in neg_at] + [positive_ids[-1][0]] * padding)
+        batch: dict[str, Any] = {
+            "task": "ir", "dataset": items[0].dataset,
+            "query": self.padding.pad([item.query for item in items], [item.prefix_tokens for item in items]),
+            "positives": self.padding.pad(positives),
+            "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
+            "negatives": None, "negative_mask": None, "negative_ids": None,
+        }
+        if any_negatives:
+            batch["negatives"] = self.padding.pad(negatives)
+            batch["negative_mask"] = torch.tensor(negative_mask, dtype=torch.bool)
+            batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
+        return batch
+
+    def collate_sts(self, items: list[TokenizedItem]) -> dict[str, Any]:
+        prefixes = [item.prefix_tokens for item in items]
+        return {"task": "sts", "dataset": items[0].dataset,
+                "text1": self.padding.pad([item.text1 for item in items], prefixes),
+                "text2": self.padding.pad([item.text2 for item in items], prefixes),
+                "scores": torch.tensor([item.score for item in items], dtype=torch.float32)}

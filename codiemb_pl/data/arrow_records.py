@@ -1,0 +1,142 @@
+"""Training sources as memory-mapped Arrow tables: validated once, cached, shared by every rank and worker.
+
+A source's records table is keyed by the source's fingerprint: its resolved location and file state
+(path, size, mtime of each file; a hub dataset's own fingerprint), format, split, subset, columns,
+score range and the cache schema version. It holds every row of the source in file order; `max_samples`
+and `seed` select rows when the table is opened (the same rows `load_training_records` keeps).
+
+IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_text_ids`,
+`negative_text_ids` (list<int64>: `text_id` of each text, for the cross-device duplicate mask).
+STS table: `text1`, `text2` (string), `score` (float64, as in the file); `meta.json` holds the score
+range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
+
+Rows are validated while they stream from the reader (`sources.iter_ir_records`, `iter_raw_sts_pairs`),
+with the same messages as the in-memory loader; the STS range check is one vectorised pass over the
+score column. Nothing is written under the final name unless the whole source is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .cache import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
+from .collate import text_id
+from .readers import DEFAULT_HF_SPLIT, _load_hf_split
+from .records import IRRecord, STSRecord
+from .sources import (SourceConfig, check_score_in_range, detect_format, iter_ir_records,
+                      iter_raw_sts_pairs, score_range_of, subsample_positions)
+
+RECORDS_FILE = "records.arrow"
+BATCH_ROWS = 4096
+IR_SCHEMA = pa.schema([("query", pa.string()), ("positives", pa.list_(pa.string())),
+                       ("negatives", pa.list_(pa.string())), ("positive_text_ids", pa.list_(pa.int64())),
+                       ("negative_text_ids", pa.list_(pa.int64()))])
+STS_SCHEMA = pa.schema([("text1", pa.string()), ("text2", pa.string()), ("score", pa.float64())])
+
+
+def source_fingerprint(cfg: SourceConfig) -> str:
+    """The key of a source's records table (see the module docstring); `max_samples`/`seed` are not in it."""
+    location, fmt = detect_format(cfg)
+    if fmt == "hf" and not Path(location).exists():  # a hub id: the cached dataset's own fingerprint
+        state = _load_hf_split(location, cfg.split or DEFAULT_HF_SPLIT, cfg.subset)._fingerprint
+    else:
+        state = file_state(location)
+    return fingerprint("records", cfg.task, location, fmt, cfg.split, cfg.subset, cfg.columns, cfg.score_range, state)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ir_batches(records: Iterable[IRRecord]) -> Iterator[pa.RecordBatch]:
+    for chunk in _chunks(records, BATCH_ROWS):
+        yield pa.record_batch([
+            pa.array([r.query for r in chunk], pa.string()),
+            pa.array([list(r.positives) for r in chunk], pa.list_(pa.string())),
+            pa.array([list(r.negatives) for r in chunk], pa.list_(pa.string())),
+            pa.array([[text_id(t) for t in r.positives] for r in chunk], pa.list_(pa.int64())),
+            pa.array([[text_id(t) for t in r.negatives] for r in chunk], pa.list_(pa.int64())),
+        ], schema=IR_SCHEMA)
+
+
+def _sts_batches(pairs: Iterable[tuple[str, str, str, float]]) -> Iterator[pa.RecordBatch]:
+    for chunk in _chunks(pairs, BATCH_ROWS):
+        yield pa.record_batch([pa.array([p[1] for p in chunk], pa.string()), pa.array([p[2] for p in chunk], pa.string()),
+                               pa.array([p[3] for p in chunk], pa.float64())], schema=STS_SCHEMA)
+
+
+def build_records(cfg: SourceConfig, folder: Path) -> dict:
+    """Write the source's validated records into `folder`; the entry's meta (rows, score range)."""
+    path = folder / RECORDS_FILE
+    if cfg.task == "ir":
+        return {"rows": write_arrow(path, IR_SCHEMA, _ir_batches(iter_ir_records(cfg))), "task": "ir"}
+    rows = write_arrow(path, STS_SCHEMA, _sts_batches(iter_raw_sts_pairs(cfg)))
+    scores = open_arrow(path).column("score").to_numpy()
+    low, high = score_range_of(cfg, float(scores.min()), float(scores.max()))
+    outside = np.flatnonzero((scores < low) | (scores > high))
+    if len(outside):  # name the first such row as the in-memory loader does: stream to it for its location
+        first = int(outside[0])
+        for index, (where, _, _, score) in enumerate(iter_raw_sts_pairs(cfg)):
+            if index == first:
+                check_score_in_range(score, low, high, where)
+    return {"rows": rows, "task": "sts", "score_range": [low, high]}
+
+
+@dataclass
+class RecordTable:
+    """An opened records table and the rows of it this run trains on (`positions`, None = all, in order)."""
+
+    folder: Path
+    key: str
+    mapped: MappedTable
+    meta: dict
+    positions: Optional[np.ndarray]
+
+    @property
+    def table(self) -> pa.Table:
+        return self.mapped.table
+
+    def __len__(self) -> int:
+        return len(self.positions) if self.positions is not None else self.meta["rows"]
+
+    def row(self, index: int) -> int:
+        """The table row of the run's `index`-th record."""
+        return int(self.positions[index]) if self.positions is not None else index
+
+    def normalised_score(self, raw: float) -> float:
+        low, high = self.meta["score_range"]
+        return (raw - low) / (high - low)
+
+    def record(self, index: int) -> IRRecord | STSRecord:
+        """The run's `index`-th record as the in-memory loader's object (for inspection and tests)."""
+        row = self.row(index)
+        if self.meta["task"] == "ir":
+            return IRRecord(self.table["query"][row].as_py(), tuple(self.table["positives"][row].as_py()),
+                            tuple(self.table["negatives"][row].as_py()))
+        return STSRecord(self.table["text1"][row].as_py(), self.table["text2"][row].as_py(),
+                         self.normalised_score(self.table["score"][row].as_py()))
+
+
+def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False) -> RecordTable:
+    """The source's records table from the cache (built first when missing or stale)."""
+    key = source_fingerprint(cfg)
+    folder, _ = cached_entry(Path(cache_dir) / f"records-{key}", lambda staging: build_records(cfg, staging),
+                             rebuild=rebuild)
+    meta = read_meta(folder)
+    positions = None
+    if cfg.seed is not None or cfg.max_samples is not None:
+        positions = np.asarray(subsample_positions(meta["rows"], cfg), dtype=np.int64)
+    return RecordTable(folder, key, MappedTable(folder / RECORDS_FILE), meta, positions)
