@@ -3,16 +3,22 @@
 
 Read with MTEB's conventions: a document's text is `title + " " + text` (the text alone without a
 title), only queries with at least one judgement are kept, graded relevance stays an int, and a
-relevance of 0 is kept as a judgement without being a hit.
+relevance of 0 is kept as a judgement without being a hit. A document whose title and text are both
+empty is an error in training data; evaluation corpora keep it as an empty string (MTEB encodes it so
+and scores the set) and say once how many there are.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InputError
-from .readers import read_json_records
+from .readers import Row, read_json_records
 from .records import IRCorpus, IRRecord
+
+logger = logging.getLogger(__name__)
 
 CORPUS_FILE = "corpus.jsonl"
 QUERIES_FILE = "queries.jsonl"
@@ -39,31 +45,40 @@ def document_text(title: str, text: str) -> str:
     return f"{title} {text}".strip() if title else text.strip()
 
 
-def read_beir_corpus(folder: str | Path) -> dict[str, str]:
-    """doc id -> document text; duplicate ids, a missing `text` or an empty document are errors."""
+def read_beir_corpus(folder: str | Path, keep_empty_documents: bool = False) -> dict[str, str]:
+    """doc id -> document text; duplicate ids and a missing `text` are errors, and so is a document with an
+    empty title and text unless `keep_empty_documents` (evaluation: kept as "", one warning with the count)."""
+    path = Path(folder) / CORPUS_FILE
     corpus: dict[str, str] = {}
-    first_seen: dict[str, str] = {}
-    for row in read_json_records(Path(folder) / CORPUS_FILE):
-        doc_id = _record_id(row.values, row.where)
-        _reject_duplicate(doc_id, row.where, first_seen, "document")
+    empty: list[str] = []
+    for doc_id, row in _records_by_id(path, "document"):
         title = _optional_text(row.values.get("title"), row.where, "title")
         text = document_text(title, _required_text(row.values, row.where, "text", allow_empty=True))
         if not text:
-            raise InputError(row.where, f"document {doc_id!r} has an empty title and text",
-                             "remove the document or give it text")
+            if not keep_empty_documents:
+                raise InputError(row.where, f"document {doc_id!r} has an empty title and text",
+                                 "remove the document or give it text")
+            empty.append(doc_id)
         corpus[doc_id] = text
+    if empty:
+        logger.warning(f"[codiemb] {path}: {len(empty)} document(s) with an empty title and text (first: "
+                       f"{empty[0]!r}) kept as empty strings for evaluation, as MTEB does")
     return corpus
 
 
 def read_beir_queries(folder: str | Path) -> dict[str, str]:
     """query id -> query text; duplicate ids and empty queries are errors."""
-    queries: dict[str, str] = {}
+    return {query_id: _required_text(row.values, row.where, "text", allow_empty=False)
+            for query_id, row in _records_by_id(Path(folder) / QUERIES_FILE, "query")}
+
+
+def _records_by_id(path: Path, kind: str) -> Iterator[tuple[str, Row]]:
+    """(id, row) of every record of a BEIR JSON-lines file; a missing or repeated `_id` is an error."""
     first_seen: dict[str, str] = {}
-    for row in read_json_records(Path(folder) / QUERIES_FILE):
-        query_id = _record_id(row.values, row.where)
-        _reject_duplicate(query_id, row.where, first_seen, "query")
-        queries[query_id] = _required_text(row.values, row.where, "text", allow_empty=False)
-    return queries
+    for row in read_json_records(path):
+        record_id = _record_id(row.values, row.where)
+        _reject_duplicate(record_id, row.where, first_seen, kind)
+        yield record_id, row
 
 
 def read_beir_qrels(folder: str | Path, split: str, query_ids: set[str] | dict[str, str],
@@ -99,9 +114,10 @@ def read_beir_qrels(folder: str | Path, split: str, query_ids: set[str] | dict[s
     return qrels
 
 
-def load_beir_corpus(folder: str | Path, split: str) -> IRCorpus:
-    """The evaluation set of one split: judged queries, the full corpus and the split's qrels."""
-    corpus = read_beir_corpus(folder)
+def load_beir_corpus(folder: str | Path, split: str, keep_empty_documents: bool = False) -> IRCorpus:
+    """The retrieval set of one split: judged queries, the full corpus and the split's qrels
+    (`keep_empty_documents`: see `read_beir_corpus`; evaluation sets keep them, training data does not)."""
+    corpus = read_beir_corpus(folder, keep_empty_documents)
     queries = read_beir_queries(folder)
     qrels = read_beir_qrels(folder, split, queries, corpus)
     return IRCorpus(queries={qid: queries[qid] for qid in qrels}, corpus=corpus, qrels=qrels)
