@@ -52,10 +52,11 @@ from experiment_runs import (FULL, HEADLINE, QUICK, RUN_NAMES, SEED, DEFAULT_MOD
 
 from codiemb_pl.atomic import atomic_write_text  # noqa: E402
 from codiemb_pl.cli import main as codiemb_main  # noqa: E402
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs, load_training_records  # noqa: E402
+from codiemb_pl.data.sources import SourceConfig, load_training_records  # noqa: E402
 from codiemb_pl.data.validation import ValidationSet  # noqa: E402
 from codiemb_pl.evaluation.suite import summary_metrics  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
+from codiemb_pl.workflows.validation import build_validation_sets  # noqa: E402
 
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis:begin -->", "<!-- analysis:end -->"
 QUICK_DIR = REPO_ROOT / "runs" / "experiments-quick"
@@ -146,17 +147,11 @@ class Suite:
     # -- data -----------------------------------------------------------------------------------------------
     def sets(self) -> dict[str, ValidationSet]:
         if self._sets is None:
-            self._sets = {}
-            for c in self.set_configs:
-                path = str(self.data_path(c["path"]))
-                if c["task"] == "sts":
-                    source = SourceConfig(name=c["name"], task="sts", path=path, score_range=c["score_range"],
-                                          max_samples=c["max_samples"])
-                    self._sets[c["name"]] = ValidationSet.from_sts(c["name"], load_sts_pairs(source))
-                else:
-                    source = SourceConfig(name=c["name"], task="ir", path=path, split=c["split"],
-                                          max_samples=c["max_queries"])
-                    self._sets[c["name"]] = ValidationSet.from_ir(c["name"], load_ir_corpus(source))
+            sources = [SourceConfig(name=c["name"], task="sts", path=str(self.data_path(c["path"])),
+                                    score_range=c["score_range"], max_samples=c["max_samples"]) if c["task"] == "sts"
+                       else SourceConfig(name=c["name"], task="ir", path=str(self.data_path(c["path"])),
+                                         split=c["split"], max_samples=c["max_queries"]) for c in self.set_configs]
+            self._sets = {vset.name: vset for vset in build_validation_sets(sources, where="evaluation sets")}
         return self._sets
 
     def training_sizes(self) -> tuple[int, int]:
