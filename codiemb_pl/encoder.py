@@ -32,6 +32,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 
 from .atomic import atomic_directory
 from .decoder import is_decoder_backbone, prepare_tokenizer
+from .lora import merged_weights
 from .errors import InputError
 from .paths import resolve_location
 from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
@@ -274,8 +275,9 @@ class TextEncoder(nn.Module):
         when `model_card` is given.
         """
         with atomic_directory(path) as folder:
-            weights = {key: value for key, value in self.model.state_dict().items() if not key.startswith("pooler.")}
-            self.model.save_pretrained(folder, state_dict=weights)
+            model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
+            weights = {key: value for key, value in weights.items() if not key.startswith("pooler.")}
+            model.save_pretrained(folder, state_dict=weights)
             self.tokenizer.save_pretrained(folder)
             modules = [
                 {"idx": 0, "name": "0", "path": "", "type": _ST_MODULE_CLASS.format("Transformer")},

@@ -24,6 +24,7 @@ from .losses.gather import gather_no_grad, gather_with_grad
 from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
 from .losses.sts import STSLossConfig, sts_loss
 from .reporting import format_metrics_table
+from .lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
 from .rng_state import capture_rng_states, restore_rng_states
 
 RNG_STATES_KEY = "codiemb_rng_states"
@@ -79,6 +80,9 @@ class CoDiEmbModule(pl.LightningModule):
         lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
         length_buckets: encode each text group in this many length-sorted chunks (less padding).
         gradient_checkpointing: trade compute for memory in the transformer.
+        lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
+            full fine-tuning); checkpoints then hold the adapters only, the export merges them.
+        trust_remote_code: run the model repository's own code (e.g. MiniCPM).
     """
 
     def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
@@ -88,15 +92,20 @@ class CoDiEmbModule(pl.LightningModule):
                  sts_loss: Optional[STSLossConfig] = None, gather_sts: bool = False,
                  sts_infonce_threshold: float = 0.8, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
+                 lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
                  gradient_checkpointing: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.sts_config = sts_loss or STSLossConfig()
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
-                                   max_seq_length=max_seq_length, include_prompt=False)
+                                   max_seq_length=max_seq_length, include_prompt=False,
+                                   trust_remote_code=trust_remote_code)
         self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
-        if gradient_checkpointing:
-            self.encoder.model.gradient_checkpointing_enable()
+        if gradient_checkpointing:  # non-reentrant: gradients reach the adapters although the embeddings are frozen
+            self.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.strict_loading = lora is None  # LoRA checkpoints hold the adapters only (see on_save_checkpoint)
+        if lora is not None:
+            self.encoder.model = add_lora_adapters(self.encoder.model, lora)
         self.val_buffers: Optional[EmbeddingBuffers] = None
         self.last_validation: dict[str, float] = {}
         self.validation_history: list[tuple[str, dict[str, float]]] = []
@@ -199,7 +208,10 @@ class CoDiEmbModule(pl.LightningModule):
 
     # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first)."""
+        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first); under
+        LoRA keep only the adapter tensors (the frozen base is re-read from `model_name_or_path`)."""
+        if is_lora_model(self.encoder.model):
+            checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
         states = capture_rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -209,7 +221,10 @@ class CoDiEmbModule(pl.LightningModule):
             checkpoint[RNG_STATES_KEY] = [states]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep this rank's saved RNG states; they are applied in `on_train_start` (after set-up drew numbers)."""
+        """Keep this rank's saved RNG states; they are applied in `on_train_start` (after set-up drew numbers).
+        Under LoRA the checkpoint must hold exactly this model's adapters (else one clear error)."""
+        if is_lora_model(self.encoder.model) and "state_dict" in checkpoint:
+            check_adapter_checkpoint(self, checkpoint["state_dict"], where="checkpoint (model.lora is set)")
         saved = checkpoint.get(RNG_STATES_KEY)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0

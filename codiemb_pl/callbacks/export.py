@@ -37,7 +37,7 @@ class ExportEncoder(pl.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
             checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            pl_module.load_state_dict(checkpoint["state_dict"])
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)  # LoRA: adapters only
             self.exported_from = best
             self.exported_step = checkpoint.get("global_step")
         else:

@@ -1,0 +1,138 @@
+"""LoRA fine-tuning through `peft` (optional extra `codiemb_pl[lora]`): plain functions around the model.
+
+Each adapted weight matrix `W0 [out, in]` gets `W = W0 + s·B·A` with `A [r, in]`, `B [out, r]` and the
+scale `s = alpha / r`; only `A` and `B` train (`B` starts at zero, so training starts from the base
+model). Checkpoints hold the adapter tensors only (the base weights are re-read from the base model);
+the export merges `s·B·A` into the base weights, so the sentence-transformers folder is a plain model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_directory
+from .errors import InputError
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class LoraSettings:
+    """`model.lora`: rank `r`, scale numerator `alpha` (s = alpha / r), dropout on the adapter input, and
+    the adapted modules: `all-linear` (every linear layer of the backbone) or a list of module names
+    (e.g. `[q_proj, k_proj, v_proj, o_proj]`)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+
+
+def check_lora_settings(settings: LoraSettings, where: str = "model.lora") -> LoraSettings:
+    """Return `settings` when they make sense, else raise one `InputError` naming the bad field."""
+    if isinstance(settings, dict):
+        settings = LoraSettings(**settings)
+    if not isinstance(settings.r, int) or settings.r < 1:
+        raise InputError(f"{where}.r", f"the rank must be a positive integer, got {settings.r!r}", "use e.g. r: 32")
+    if not settings.alpha > 0:
+        raise InputError(f"{where}.alpha", f"must be positive, got {settings.alpha!r}", "use e.g. alpha: 2 * r")
+    if not 0.0 <= settings.dropout < 1.0:
+        raise InputError(f"{where}.dropout", f"must be in [0, 1), got {settings.dropout!r}", "use e.g. 0.05")
+    if not settings.target_modules:
+        raise InputError(f"{where}.target_modules", "no modules to adapt",
+                         "use all-linear or a list such as [q_proj, v_proj]")
+    return settings
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError as exc:
+        raise InputError("model.lora", "LoRA needs the peft package, which is not installed",
+                         "pip install 'codiemb_pl[lora]' (or set model.lora: null for full fine-tuning)") from exc
+    return peft
+
+
+def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap `model` in a peft model with fresh adapters; every base weight is frozen."""
+    peft = _require_peft()
+    settings = check_lora_settings(settings)
+    config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                             target_modules=settings.target_modules, bias="none")
+    try:
+        return peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:  # e.g. target modules that the model does not have
+        raise InputError("model.lora.target_modules", str(exc).splitlines()[0],
+                         "name modules of this model (see model.named_modules()) or use all-linear") from exc
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    """Whether `model` carries peft LoRA adapters."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def trainable_state_dict(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of `module`'s `state_dict` that are trainable parameters (the adapters under LoRA)."""
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    return {key: value for key, value in state_dict.items() if key in trainable}
+
+
+def check_adapter_checkpoint(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
+    """Refuse a checkpoint whose tensors are not exactly `module`'s trainable ones (one clear line)."""
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    missing, unexpected = sorted(trainable - state_dict.keys()), sorted(state_dict.keys() - trainable)
+    if missing or unexpected:
+        found = "other adapters" if any(".lora_" in key for key in state_dict) else "a full-weight checkpoint"
+        raise InputError(where, f"holds {found}, not this model's LoRA adapters ({len(missing)} adapter tensors "
+                         f"missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})",
+                         "resume with the model.lora settings the checkpoint was trained with")
+
+
+def merged_weights(model: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
+    """`(base model, state dict)` with every LoRA delta merged: `W = W0 + s·B·A` under the base key names.
+
+    For a model without adapters: `(model, model.state_dict())`. The adapted model is left untouched.
+    """
+    if not is_lora_model(model):
+        return model, model.state_dict()
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    weights: dict[str, Tensor] = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        weights[key.replace(".base_layer.", ".")] = value
+    with torch.no_grad():
+        for name, layer in base.named_modules():
+            if isinstance(layer, LoraLayer) and not layer.merged:
+                key = f"{name}.weight"
+                delta = sum(layer.get_delta_weight(adapter) for adapter in layer.active_adapters
+                            if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}))
+                weights[key] = (weights[key].float() + delta.float()).to(weights[key].dtype)
+    return base, weights
+
+
+def save_adapter(model: nn.Module, path: str | Path) -> None:
+    """Write the adapters alone as a peft folder (adapter_config.json + adapter_model.safetensors), atomically."""
+    if not is_lora_model(model):
+        raise InputError(str(path), "the model has no LoRA adapters to save",
+                         "train with model.lora set, or export the full model instead")
+    with atomic_directory(path) as folder:
+        model.save_pretrained(folder)
+
+
+def lora_summary(model: nn.Module) -> dict[str, Any]:
+    """Trainable and total parameter counts, and their ratio."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}

@@ -1,0 +1,167 @@
+"""LoRA through peft: only adapters train and are checkpointed, exact resume, merged and adapter-only export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from codiemb_pl.cli import main
+from codiemb_pl.errors import InputError
+from codiemb_pl.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
+from codiemb_pl.module import CoDiEmbModule
+from ddp_driver.launch import run_codiemb
+from decoder_models import build_tiny_decoder
+
+TEXTS = ["a short one", "a somewhat longer sentence about retrieval", "mid length text"]
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
+LORA = {"r": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory) -> Path:
+    """A Qwen2 decoder of hidden size 128, so that adapters are a small part of it, as in real models."""
+    return build_tiny_decoder(tmp_path_factory.mktemp("qwen2_128"), "qwen2", hidden=128)
+
+
+def lora_module(decoder_dir: Path, **settings) -> CoDiEmbModule:
+    return CoDiEmbModule(str(decoder_dir), lora=LoraSettings(**{**LORA, **settings}))
+
+
+def randomise_adapters(module: CoDiEmbModule, seed: int = 0) -> None:
+    """B starts at zero (the adapted model equals the base); give it values so the merge has work to do."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("field, value, message", [("r", 0, "positive integer"), ("alpha", 0.0, "positive"),
+                                                   ("dropout", 1.0, r"\[0, 1\)"), ("target_modules", [], "no modules")])
+def test_bad_settings_give_one_clear_error(field, value, message):
+    with pytest.raises(InputError, match=message) as error:
+        check_lora_settings(LoraSettings(**{field: value}))
+    assert f"model.lora.{field}" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_target_module_and_missing_peft_are_clear_errors(decoder_dir, monkeypatch):
+    with pytest.raises(InputError, match="model.lora.target_modules"):
+        lora_module(decoder_dir, target_modules=["no_such_proj"])
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
+    with pytest.raises(InputError, match=r"pip install 'codiemb_pl\[lora\]'"):
+        lora_module(decoder_dir)
+
+
+def test_only_the_adapters_are_trainable(decoder_dir):
+    module = lora_module(decoder_dir)
+    trainable = [name for name, parameter in module.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    # every linear layer of both blocks is adapted: q, k, v, o, gate, up, down
+    assert len(trainable) == 2 * 7 * 2
+    summary = lora_summary(module.encoder.model)
+    hidden, layers, r = 128, 2, 2
+    expected = layers * r * ((hidden + hidden) * 2 + (hidden + 64) * 2 + (hidden + 256) * 2 + (256 + hidden))
+    assert summary["trainable"] == expected
+
+
+def test_merged_export_equals_the_adapter_model_and_the_adapter_alone_reloads(decoder_dir, tmp_path):
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    module = lora_module(decoder_dir)
+    randomise_adapters(module)
+    encoder = module.encoder
+    expected = encoder.encode(TEXTS)
+    base_only = CoDiEmbModule(str(decoder_dir)).encoder.encode(TEXTS)
+    assert not torch.allclose(expected, base_only, atol=1e-3)  # the adapters do change the embeddings
+
+    encoder.save(tmp_path / "merged")
+    weights = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())["weight_map"] \
+        if (tmp_path / "merged" / "model.safetensors.index.json").exists() else None
+    assert weights is None or not any("lora" in key for key in weights)
+    model = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    assert torch.allclose(model.encode(TEXTS, convert_to_tensor=True), expected, atol=1e-5)
+    _, merged = merged_weights(encoder.model)
+    assert not any("lora" in key or "base_layer" in key for key in merged)
+
+    save_adapter(encoder.model, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    fresh = CoDiEmbModule(str(decoder_dir)).encoder
+    fresh.model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(decoder_dir)), str(tmp_path / "adapter"))
+    assert torch.allclose(fresh.encode(TEXTS), expected, atol=1e-5)
+    with pytest.raises(InputError, match="no LoRA adapters"):
+        save_adapter(fresh.model.get_base_model().__class__.from_pretrained(str(decoder_dir)), tmp_path / "none")
+
+
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(decoder_dir):
+    grads = []
+    for checkpointing in (False, True):
+        module = CoDiEmbModule(str(decoder_dir), lora=LoraSettings(**LORA), gradient_checkpointing=checkpointing)
+        randomise_adapters(module)
+        features = module.encoder.tokenize(TEXTS)
+        module.encoder(features).pow(2).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in module.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(grads[1][name] is not None and torch.allclose(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+               for name in grads[0])
+
+
+def test_a_full_checkpoint_is_refused_by_a_lora_module(decoder_dir):
+    full = CoDiEmbModule(str(decoder_dir))
+    module = lora_module(decoder_dir)
+    with pytest.raises(InputError, match="full-weight checkpoint"):
+        module.on_load_checkpoint({"state_dict": full.state_dict()})
+
+
+def fit_args(decoder_dir: Path, root: Path, lora: dict | None) -> list[str]:
+    args = ["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(decoder_dir),
+            "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root), "--model.lr", "1e-2"]
+    return args + (["--model.lora", json.dumps(lora)] if lora else [])
+
+
+def test_lora_checkpoint_holds_only_adapters_and_is_small(decoder_dir, tmp_path, one_torch_thread):
+    assert main(fit_args(decoder_dir, tmp_path / "full", None)) == 0
+    export = ["--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder", "--trainer.callbacks.dirpath",
+              str(tmp_path / "model")]  # from the best checkpoint: loads adapters-only weights
+    assert main(fit_args(decoder_dir, tmp_path / "lora", LORA) + export) == 0
+    full_file, lora_file = next((tmp_path / "full").rglob("last.ckpt")), next((tmp_path / "lora").rglob("last.ckpt"))
+    state = torch.load(lora_file, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+    assert state["state_dict"] and all(".lora_A." in key or ".lora_B." in key for key in state["state_dict"])
+    assert lora_file.stat().st_size <= 0.05 * full_file.stat().st_size
+    # the adapters moved; B started at zero
+    assert any(value.abs().max() > 0 for key, value in state["state_dict"].items() if ".lora_B." in key)
+    from codiemb_pl.encoder import TextEncoder
+
+    assert TextEncoder(str(tmp_path / "model")).encode(TEXTS).shape == (3, 128)  # a plain merged model
+
+
+def test_interrupted_and_resumed_lora_run_ends_with_the_uninterrupted_adapters(decoder_dir, tmp_path):
+    def args(folder: Path) -> list[str]:
+        checkpoint = ('{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": '
+                      f'{{"dirpath": "{folder}", "every_n_train_steps": 1, "save_top_k": 0, "save_last": true}}}}')
+        data = ('[{"name": "demo_ir", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 32},'
+                ' {"name": "demo_sts", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", '
+                '"max_samples": 32}]')
+        return ["--model.model_name_or_path", str(decoder_dir), "--model.lora", json.dumps({**LORA, "dropout": 0.1}),
+                "--data.train", data, "--data.ir_batch_size", "8", "--data.sts_batch_size", "8",
+                "--data.n_negatives", "1", "--trainer.max_steps", "6", "--trainer.enable_checkpointing", "true",
+                "--trainer.callbacks+", checkpoint]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_codiemb(args(straight)).returncode == 0
+    interrupted = run_codiemb(args(resumed) + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
+                                               "--trainer.callbacks.at_step=3"])
+    assert interrupted.returncode == 3, interrupted.stdout[-3000:]
+    result = run_codiemb(args(resumed) + ["--ckpt_path", "last"])
+    assert result.returncode == 0, result.stdout[-3000:]
+    a = torch.load(straight / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
