@@ -62,6 +62,10 @@ class CoDiEmbCLI(LightningCLI):
         policy = config.get("data.policy")
         if policy is not None and policy not in POLICIES:
             raise InputError("data.policy", f"unknown sampler policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
+        if config.get("trainer") is not None:  # unset logger / checkpoint folders follow trainer.default_root_dir
+            from .run_folder import fill_unset_folders
+
+            fill_unset_folders(config["trainer"])
 
     def before_fit(self) -> None:
         """Read and check all data and the sampler plan before any training or writing starts; from here on,

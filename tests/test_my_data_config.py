@@ -1,0 +1,88 @@
+"""`configs/my_data.yaml` trains, checkpoints, exports and fuses from a 10-record IR file and a 10-record STS
+file, everything under one folder; every shipped full config writes only under `--trainer.default_root_dir`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from codiemb_pl.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MY_DATA = ROOT / "configs" / "my_data.yaml"
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+DEMO = ROOT / "codiemb_pl" / "demo"
+
+
+def write_ten_record_files(folder: Path) -> None:
+    """data/ir_train.jsonl (one negative per record) and data/sts_train.jsonl, 10 records each, from the demo data."""
+    data = folder / "data"
+    data.mkdir(parents=True)
+    ir = [json.loads(line) for line in (DEMO / "ir_train.jsonl").read_text().splitlines()[:10]]
+    (data / "ir_train.jsonl").write_text("".join(json.dumps({**r, "negatives": r["negatives"][:1]}) + "\n" for r in ir))
+    sts = (DEMO / "sts_train.jsonl").read_text().splitlines()[:10]
+    (data / "sts_train.jsonl").write_text("\n".join(sts) + "\n")
+
+
+def tree(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def my_data_run(tiny_model_dir, tmp_path_factory):
+    """`codiemb fit --config configs/my_data.yaml` run from a folder holding only data/, with the tiny model."""
+    cwd = tmp_path_factory.mktemp("fresh_clone")
+    write_ten_record_files(cwd)
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        code = main(["fit", "--config", str(MY_DATA), "--model.model_name_or_path", str(tiny_model_dir)])
+    finally:
+        os.chdir(before)
+    assert code == 0
+    return cwd
+
+
+def test_my_data_trains_exports_and_fuses_under_one_folder(my_data_run):
+    assert {p.name for p in my_data_run.iterdir()} == {"data", "runs"}
+    assert [p.name for p in (my_data_run / "runs").iterdir()] == ["my_data"]
+    files = tree(my_data_run / "runs" / "my_data")
+    assert {"checkpoints/last.ckpt", "model/modules.json", "model/README.md", "model/model.safetensors",
+            "fusion/leaderboard.json", "fusion/model/modules.json", "logs/version_0/metrics.csv",
+            "logs/version_0/config.yaml"} <= files
+    assert {f.split("/")[0] for f in files} == {"checkpoints", "model", "fusion", "logs"}
+    resolved = yaml.safe_load((my_data_run / "runs" / "my_data" / "logs" / "version_0" / "config.yaml").read_text())
+    assert resolved["seed_everything"] == 42
+    assert resolved["trainer"]["max_epochs"] == 2  # a fixed epoch count: no "Epoch 0/-2" progress bar
+    leaderboard = json.loads((my_data_run / "runs" / "my_data" / "fusion" / "leaderboard.json").read_text())
+    assert leaderboard["metric"] == "val/avg" and len(leaderboard["ranking"]) == 6  # base, 2 epochs, 3 merges
+
+
+def test_my_data_batch_sizes_fit_a_ten_record_file():
+    config = yaml.safe_load(MY_DATA.read_text())
+    assert config["data"]["ir_batch_size"] <= 10 and config["data"]["sts_batch_size"] <= 10
+    assert config["model"]["model_name_or_path"] and isinstance(config["seed_everything"], int)
+    assert "runs/" not in "".join(line.split("#")[0] for line in MY_DATA.read_text().splitlines()
+                                  if "default_root_dir" not in line), "only default_root_dir names the output folder"
+
+
+def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypatch):
+    """The quickstart with --trainer.default_root_dir X writes nothing to the working directory (no
+    ./runs/quickstart): logs, checkpoints, export and fusion all land in X (my_data.yaml: the fixture run)."""
+    cwd, root = tmp_path / "cwd", tmp_path / "elsewhere"
+    write_ten_record_files(cwd)
+    monkeypatch.chdir(cwd)
+    small_data = json.dumps([{"name": "demo_ir", "task": "ir", "path": "data/ir_train.jsonl"},
+                             {"name": "demo_sts", "task": "sts", "path": "data/sts_train.jsonl", "score_range": [0, 5]}])
+    assert main(["fit", "--config", str(QUICKSTART), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(root), "--data.train", small_data,  # a few steps write everything
+                 "--data.ir_batch_size", "8", "--data.sts_batch_size", "8"]) == 0
+    assert tree(cwd) == {"data/ir_train.jsonl", "data/sts_train.jsonl"}
+    files = tree(root)
+    assert {f.split("/")[0] for f in files} == {"checkpoints", "model", "fusion", "logs"}
+    assert {"checkpoints/last.ckpt", "model/modules.json", "fusion/model/modules.json",
+            "logs/version_0/metrics.csv"} <= files
