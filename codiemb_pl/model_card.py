@@ -171,3 +171,19 @@ def _usage_section(model_path: str, prompts, default_prompt_name, similarity_fn_
               f"print(model.similarity(queries, documents))  # {similarity_fn_name} similarity", "```", "",
               "With codiemb_pl: `from codiemb_pl.encoder import TextEncoder; TextEncoder.load(path).encode(texts)`."]
     return "\n".join(lines) + "\n"
+
+
+def build_fused_model_card(*, base_model: str, method: str, inputs: Sequence[str],
+                           weights: Optional[Sequence[float]] = None, params: Optional[Mapping[str, Any]] = None,
+                           scores: Optional[Mapping[str, float]] = None, scores_source: str = "",
+                           leaderboard: str = "", **encoder_fields: Any) -> str:
+    """The card of a fused output (`codiemb fuse --output`, a fusion folder's `model/`): the merge method, its
+    inputs, their weights, the method's parameters and the validation scores (`leaderboard`: a Markdown
+    table of every candidate, when there was one). `encoder_fields` as `encoder_card_fields` returns them."""
+    card = build_model_card(base_model=base_model, title="CoDiEmb fused text encoder",
+                            fusion={"method": method, "checkpoints": list(inputs), "weights": weights,
+                                    "params": dict(params or {})},
+                            validation_metrics=scores, metrics_source=scores_source, **encoder_fields)
+    if leaderboard:
+        card = card.replace("## Usage", f"## Fusion leaderboard\n\n{leaderboard.rstrip()}\n\n## Usage", 1)
+    return card

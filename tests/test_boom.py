@@ -16,7 +16,7 @@ from codiemb_pl.data.records import IRRecord
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.bagging import plan_runs, subset_indices, write_subset_sources
+from codiemb_pl.workflows.boom import plan_runs, subset_indices, write_subset_sources
 from codiemb_pl.fusion.methods import multi_slerp, slerp
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -159,7 +159,7 @@ def test_missing_output_is_one_line_error(capsys):
 
 def test_example_yaml_and_quickstart_are_rewritten_per_run(tmp_path):
     from codiemb_pl.commands.boom import collect_options
-    from codiemb_pl.fusion.bagging import resolve_fit_config, run_fit_config
+    from codiemb_pl.workflows.boom import resolve_fit_config, run_fit_config
 
     repo = Path(__file__).resolve().parents[1]
     options, configs, overrides = collect_options(["--config", str(repo / "configs/boom/quickstart.yaml"),

@@ -12,9 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from codiemb_pl.cli import main
 from codiemb_pl.encoder import TextEncoder
-from codiemb_pl.fusion.chunked import ChunkedMerge
-from codiemb_pl.fusion.checkpoints import MappedStateDictSource, open_checkpoint
-from codiemb_pl.fusion.streaming import merge_state_dicts
+from codiemb_pl.fusion.engine import Merge as ChunkedMerge, merge_state_dicts
+from codiemb_pl.fusion.sources import MappingSource as MappedStateDictSource, open_checkpoint
 
 from conftest import build_tiny_bert
 
@@ -177,7 +176,7 @@ def test_ckpt_base_takes_its_files_from_the_model_it_names(family, tmp_path):
 
 
 def test_untrained_keys_only_some_inputs_carry_are_left_out():
-    from codiemb_pl.fusion.checkpoints import drop_unshared_untrained_keys
+    from codiemb_pl.fusion.compatibility import drop_unshared_untrained_keys
 
     weights = {"encoder.layer.0.w": torch.ones(2, 2)}
     hub_save = dict(weights, **{"pooler.dense.weight": torch.ones(2, 2), "embeddings.position_ids": torch.arange(4)})
@@ -186,3 +185,24 @@ def test_untrained_keys_only_some_inputs_carry_are_left_out():
     trained_only_in_one = drop_unshared_untrained_keys([MappedStateDictSource(dict(weights, extra=torch.ones(1))),
                                                         MappedStateDictSource(weights)])
     assert "extra" in trained_only_in_one[0].keys()   # a trained tensor is not dropped: the key check refuses it
+
+
+def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and_scores(family, tmp_path):
+    from codiemb_pl.data.sources import SourceConfig, load_sts_pairs
+    from codiemb_pl.data.validation import ValidationSet
+    from codiemb_pl.evaluation.suite import evaluate_encoder
+
+    source = {"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "score_range": [0, 5],
+              "max_samples": 20}
+    recipe = {"base": str(family["base"]), "models": [{"path": str(family["ft1"]), "weight": 3.0},
+                                                      {"path": str(family["ckpt"]), "weight": 1.0}],
+              "method": "ties", "parameters": {"density": 0.5}, "output": str(tmp_path / "fused"), "evaluate": [source]}
+    (tmp_path / "fuse.yaml").write_text(yaml.safe_dump(recipe))
+    assert fuse("--recipe", str(tmp_path / "fuse.yaml")) == 0
+    card = (tmp_path / "fused" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: sentence-transformers") and "Method: `ties`." in card
+    assert f"| {family['ft1']} | 3.0000 |" in card and f"| {family['ckpt']} | 1.0000 |" in card
+    assert "Parameters: density = 0.5000." in card and "prompt_name='query'" in card
+    sets = [ValidationSet.from_sts("sts_dev", load_sts_pairs(SourceConfig(**source)), "")]
+    per_set, _ = evaluate_encoder(TextEncoder.load(tmp_path / "fused"), sets)
+    assert f"| `val/sts_dev/cosine_spearman` | {per_set['sts_dev']['cosine_spearman']:.4f} |" in card

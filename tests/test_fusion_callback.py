@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from codiemb_pl.cli import main
 from codiemb_pl.encoder import TextEncoder
-from codiemb_pl.fusion import runner
-from codiemb_pl.fusion.runner import FusionInputs, parse_methods, run_fusion
+from codiemb_pl.workflows.fusion import FusionInputs, parse_methods, run_fusion
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 METHODS = '[{"method": "uniform_soup"}, {"method": "ties", "params": {"density": 0.5}}, {"method": "delta_guided"}]'
@@ -82,12 +81,11 @@ def _tiny_state(seed: int) -> dict[str, torch.Tensor]:
     return {"layer.0.weight": torch.randn(4, 3, generator=generator)}
 
 
-def test_runner_reports_self_positioning_as_unavailable_without_the_probe(tmp_path, monkeypatch):
+def test_runner_scores_the_base_every_checkpoint_and_every_merge(tmp_path):
     paths = []
     for seed in range(3):
         paths.append(tmp_path / f"s{seed}.safetensors")
         save_file(_tiny_state(seed), str(paths[-1]))
-    monkeypatch.setattr(runner, "self_positioning_available", lambda: False)
     scored = []
 
     def evaluate(path: Path) -> dict[str, float]:
@@ -95,13 +93,15 @@ def test_runner_reports_self_positioning_as_unavailable_without_the_probe(tmp_pa
         return {"val/avg": float(load_file(str(path))["layer.0.weight"].sum())}
 
     inputs = FusionInputs(paths[0], [("a", paths[1]), ("b", paths[2])], model_folder=str(tmp_path))
-    board = run_fusion(inputs, parse_methods(["uniform_soup", "self_positioning"]), evaluate, tmp_path / "c",
-                       log=lambda _: None)
+    board = run_fusion(inputs, parse_methods(["uniform_soup", {"method": "task_arithmetic", "weights": [1.0, -1.0]}]),
+                       evaluate, tmp_path / "c", log=lambda _: None)
     rows = {c.name: c for c in board.candidates}
-    assert rows["self_positioning"].note == "unavailable" and not rows["self_positioning"].metrics
-    expected = (_tiny_state(1)["layer.0.weight"] + _tiny_state(2)["layer.0.weight"]).sum() / 2
-    assert rows["uniform_soup"].metrics["val/avg"] == pytest.approx(float(expected), abs=1e-5)
-    assert board.ranked()[-1].name == "self_positioning" and len(scored) == 4
+    base, first, second = (_tiny_state(seed)["layer.0.weight"] for seed in range(3))
+    assert rows["uniform_soup"].metrics["val/avg"] == pytest.approx(float((first + second).sum() / 2), abs=1e-5)
+    assert rows["task_arithmetic"].metrics["val/avg"] == pytest.approx(float((base + first - second).sum()), abs=1e-5)
+    assert rows["task_arithmetic"].weights == [1.0, -1.0] and rows["a"].kind == "checkpoint"
+    assert scored == ["s0.safetensors", "s1.safetensors", "s2.safetensors", "uniform_soup.safetensors",
+                      "task_arithmetic.safetensors"]
 
 
 def test_method_list_errors_are_input_errors():
@@ -113,3 +113,27 @@ def test_method_list_errors_are_input_errors():
         parse_methods([{"method": "ties", "params": {"densty": 0.2}}])
     with pytest.raises(InputError, match="labelled"):
         parse_methods(["uniform_soup", "uniform_soup"])
+
+
+def test_exported_winner_carries_a_fusion_model_card(fused_run):
+    board = json.loads((fused_run / "fusion" / "leaderboard.json").read_text())
+    winner = board["ranking"][0]
+    card = (fused_run / "fusion" / "model" / "README.md").read_text()
+    assert "## Fusion\n" in card and "## Fusion leaderboard" in card and f"picked `{winner['name']}`" in card
+    assert f"| `val/avg` | {winner['metrics']['val/avg']:.4f} |" in card
+    assert all(f"| {row['name']} |" in card for row in board["ranking"])   # every candidate's scores
+    if winner["kind"] == "fused":
+        assert f"Method: `{winner['method']}`" in card and "| step2 |" in card and "| step4+last |" in card
+    else:
+        assert f"the {winner['kind']} `{winner['name']}` scored best" in card
+
+
+def test_unset_dirpath_follows_the_trainer_root(tmp_path):
+    from types import SimpleNamespace
+
+    from codiemb_pl.callbacks import CheckpointFusion
+
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path / "elsewhere"))
+    assert CheckpointFusion().root(trainer) == tmp_path / "elsewhere" / "fusion"
+    assert CheckpointFusion().base_path(trainer) == tmp_path / "elsewhere" / "fusion" / "snapshots" / "base.safetensors"
+    assert CheckpointFusion(dirpath=str(tmp_path / "mine")).root(trainer) == tmp_path / "mine"

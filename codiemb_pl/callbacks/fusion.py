@@ -8,30 +8,32 @@ in `setup`, then encoder-only safetensors snapshots at the moments `collect` nam
     best       each new best `val/avg`               every_n_steps: k   every k optimizer steps
 
 (one file per step, labels joined when moments coincide, superseded bests deleted). At the end of
-`fit`, rank 0 merges them with every configured method (`fusion.runner`), scores the base, every
+`fit`, rank 0 merges them with every configured method (`workflows.fusion`), scores the base, every
 snapshot and every merge with the validation suite on `datamodule.val_sets`, prints the leaderboard,
 logs `fusion/<candidate>/<metric>` to the trainer's loggers (and a `fusion/leaderboard` table to
 W&B), writes `leaderboard.json` / `.md` and exports the best candidate by `metric` to
-`<dirpath>/model` (sentence-transformers folder). Other ranks wait at a barrier. The module's
-weights are restored afterwards.
+`<dirpath>/model` (sentence-transformers folder with a model card: method, inputs, weights,
+parameters, scores). Other ranks wait at a barrier. The module's weights are restored afterwards.
+An unset `dirpath` is `<trainer.default_root_dir>/fusion`, so `--trainer.default_root_dir` moves it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..atomic import atomic_write_text
 from ..errors import InputError
 from ..evaluation.suite import evaluate_encoder, flat_metrics
-from ..fusion.runner import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion
+from ..fusion.writer import save_state_dict
+from ..model_card import encoder_card_fields
+from ..workflows.fusion import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion, winner_card
 from .monitoring import log_leaderboard
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
@@ -47,11 +49,7 @@ DEFAULT_METHODS: list[dict[str, Any]] = [
 
 def save_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
     """The encoder's transformer weights (Hugging Face names) as safetensors, written atomically."""
-    state = {key: value.detach().to("cpu").contiguous() for key, value in pl_module.encoder.model.state_dict().items()}
-    partial = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(partial), metadata={"format": "pt"})
-    os.chmod(partial, 0o644)
-    os.replace(partial, path)
+    save_state_dict({key: value.detach() for key, value in pl_module.encoder.model.state_dict().items()}, path)
 
 
 def load_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
@@ -64,7 +62,7 @@ class CheckpointFusion(pl.Callback):
     Args:
         dirpath: output folder (snapshots/, candidates/, leaderboard.json/.md, model/); default
             `<trainer.default_root_dir>/fusion`.
-        methods: merge list, each `{method, params, weights, name}` (see `fusion.runner`).
+        methods: merge list, each `{method, params, weights, name}` (see `workflows.fusion`).
         collect: moments to snapshot: epoch, last, best_ir, best_sts, best.
         every_n_steps: also snapshot every k optimizer steps (0 = off).
         metric: validation metric that picks the winner (higher is better).
@@ -90,7 +88,8 @@ class CheckpointFusion(pl.Callback):
 
     # -- paths ---------------------------------------------------------------------------------------
     def root(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath if self.dirpath else os.path.join(trainer.default_root_dir, "fusion"))
+        """`dirpath`, or `<trainer.default_root_dir>/fusion` when unset."""
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "fusion"
 
     def snapshot_path(self, trainer: pl.Trainer, step: int) -> Path:
         return self.root(trainer) / "snapshots" / f"step{step:07d}.safetensors"
@@ -203,7 +202,8 @@ class CheckpointFusion(pl.Callback):
             winner = board.winner()
             if self.export and winner is not None:
                 load_encoder_weights(pl_module, Path(winner.weights_path))
-                encoder.save(root / "model")
+                encoder.save(root / "model", model_card=winner_card(board, inputs, model_path=str(root / "model"),
+                                                                    **encoder_card_fields(encoder)))
                 rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
                                f"{winner.metrics[self.metric]:.4f}) to {(root / 'model').resolve()}")
         finally:

@@ -22,10 +22,11 @@ import yaml
 
 from codiemb_pl.atomic import atomic_write_text
 from codiemb_pl.cli import register_command
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from codiemb_pl.data.validation import ValidationSet
+from codiemb_pl.commands.arguments import CommandParser
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.bagging import plan_runs, resolve_fit_config, run_boom, run_incremental
+from codiemb_pl.workflows.boom import evaluate_models, plan_runs, resolve_fit_config, run_boom, run_incremental
+from codiemb_pl.workflows.validation import as_source_config
 
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
@@ -34,13 +35,8 @@ YAML_OPTIONS = {"config": (str, list), "fractions": list, "seeds": list, "output
                 "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": list}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise InputError("codiemb boom", message, "see `codiemb boom --help`")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="codiemb boom", allow_abbrev=False,
+    parser = CommandParser(prog="codiemb boom", allow_abbrev=False,
                      description="BOOM: train on random data subsets and merge with Multi-SLERP; "
                                  "unknown --flags are passed to every `codiemb fit`.")
     parser.add_argument("--config", action="append", help="fit config (or a YAML with a `boom:` section); repeatable")
@@ -117,43 +113,7 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
         spec = _read_yaml(spec) if Path(spec).is_file() else yaml.safe_load(spec)
     if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
         raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
-    try:
-        return [SourceConfig(**item) for item in spec]
-    except TypeError as error:
-        raise InputError(where, f"bad source ({error})", "use the fields of data.train entries") from None
-
-
-def validation_sets(data: dict[str, Any]) -> list[ValidationSet]:
-    """The fit config's `data.val` sets, with its instruction template and passage prefix."""
-    template = data.get("instruction_template") or "Instruction: {instruction} Query: "
-    sets = []
-    for entry in data.get("val") or []:
-        source = SourceConfig(**entry)
-        prefix = template.format(instruction=source.instruction) if source.instruction else ""
-        if source.task == "sts":
-            sets.append(ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix))
-        else:
-            sets.append(ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix,
-                                              data.get("passage_prefix") or ""))
-    return sets
-
-
-def evaluate_models(models: dict[str, str], resolved: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """[(label, {val/<set>/<metric>: value})] for each model folder, as the fit's validation reports them."""
-    from codiemb_pl.encoder import TextEncoder
-    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
-
-    data, model = resolved.get("data") or {}, resolved.get("model") or {}
-    sets = validation_sets(data)
-    batch_size = int(data.get("val_batch_size") or 64)
-    settings = {key: model.get(key) for key in ("pooling", "normalize", "max_seq_length")}
-    rows = []
-    for label, path in models.items():
-        overrides = settings if path == model.get("model_name_or_path") else {}
-        encoder = TextEncoder(str(path), include_prompt=False, **overrides)
-        per_set, summary = evaluate_encoder(encoder, sets, batch_size=batch_size)
-        rows.append((label, flat_metrics(per_set, summary)))
-    return rows
+    return [as_source_config(item, f"{where}[{index}]") for index, item in enumerate(spec)]
 
 
 @register_command("boom")

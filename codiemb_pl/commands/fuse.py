@@ -12,53 +12,43 @@ Recipe (mergekit-like):
     parameters: {gamma: 1.0}
     output: runs/x/fused
     evaluate: [{name: stsb, task: sts, path: data/stsb_dev.jsonl, score_range: [0, 5]}]   # optional
+    instruction_template: "Instruction: {instruction} Query: "    # optional, as data.instruction_template
+    passage_prefix: ""                                              # optional, as data.passage_prefix
 
 Inputs: Lightning `.ckpt` files, Hugging Face or sentence-transformers folders, `.safetensors` files.
-Folders and safetensors are read lazily and merged in slices (`fusion.chunked`); a `.ckpt` is a
+Folders and safetensors are read lazily and merged in slices (`fusion.engine`); a `.ckpt` is a
 pickle, memory-mapped. Inputs whose config.json architecture, tensor names or shapes differ from the
 base, or that are too far from it to be fine-tuned copies, are refused before anything is written
 (untrained tensors that only some inputs carry, such as the BERT pooler or `position_ids`, are left out).
 The output (written atomically) keeps the template's pooling, normalisation and prompts: the base
-folder's files, or for a `.ckpt`/`.safetensors` base the model it names (`--template` overrides).
+folder's files, or for a `.ckpt`/`.safetensors` base the model it names (`--template` overrides); its
+README.md is a model card (method, inputs, weights, parameters, scores). This module only parses:
+the work is `codiemb_pl.workflows.fusion.fuse`.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..atomic import atomic_directory
 from ..cli import register_command
-from ..data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from ..data.validation import ValidationSet
-from ..encoder import TextEncoder
 from ..errors import InputError
-from ..evaluation.suite import evaluate_encoder
-from ..fusion.checkpoints import (WEIGHT_FILE_SUFFIXES, WEIGHT_INDEX_NAMES, OpenedCheckpoint, check_same_architecture,
-                                  check_shares_base, drop_unshared_untrained_keys, open_checkpoint,
-                                  transformer_folder)
-from ..fusion.chunked import ChunkedMerge, write_safetensors
 from ..fusion.methods import MERGE_METHODS
 from ..reporting import format_metrics_table
+from ..workflows.fusion import fuse
+from ..workflows.validation import build_validation_sets
+from .arguments import CommandParser
 
 COMMAND = "codiemb fuse"
-RECIPE_KEYS = ("base", "models", "method", "parameters", "output", "template", "seed", "evaluate")
-INSTRUCTION_TEMPLATE = "Instruction: {instruction} Query: "
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one-line `InputError`s (exit code 2)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        raise InputError(COMMAND, message, f"see `{COMMAND} --help`")
+RECIPE_KEYS = ("base", "models", "method", "parameters", "output", "template", "seed", "evaluate",
+               "instruction_template", "passage_prefix")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=COMMAND, description="Merge checkpoints fine-tuned from one base model.")
+    parser = CommandParser(prog=COMMAND, description="Merge checkpoints fine-tuned from one base model.")
     parser.add_argument("--recipe", help="YAML recipe (base, models, method, parameters, output, evaluate)")
     parser.add_argument("--base", help="the shared base θ0: model folder, .safetensors or .ckpt")
     parser.add_argument("--model", action="append", dest="models", help="a checkpoint to merge; repeatable")
@@ -127,77 +117,18 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(value)
 
 
-def prior_weights(models: list[dict[str, Any]]) -> list[float] | None:
-    weights = [model.get("weight") for model in models]
-    if all(weight is None for weight in weights):
-        return None
-    return [1.0 if weight is None else float(weight) for weight in weights]
-
-
-def _ignore_weights(_: str, names: list[str]) -> list[str]:
-    return [n for n in names if n.endswith(WEIGHT_FILE_SUFFIXES) or n in WEIGHT_INDEX_NAMES or n == "README.md"]
-
-
-def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) -> Path:
-    """Put the non-weight files of the output into `staging`; returns the folder that takes the weights."""
-    folder = Path(template or base.model_folder or "")
-    if not (template or base.model_folder) or not (folder / "config.json").is_file() and \
-            not (folder / "modules.json").is_file():
-        raise InputError(base.path, "cannot tell which model folder the output's config and tokenizer come from",
-                         "pass --template MODEL_FOLDER (or `template:` in the recipe)")
-    if (folder / "modules.json").is_file() and not base.encoder_settings:
-        shutil.copytree(folder, staging, ignore=_ignore_weights, dirs_exist_ok=True)
-        return transformer_folder(staging)
-    encoder = TextEncoder(str(folder), **base.encoder_settings)   # adds the sentence-transformers files
-    encoder.save(staging / ".template")
-    del encoder
-    for item in (staging / ".template").iterdir():
-        if item.name not in ("model.safetensors", "README.md"):
-            item.rename(staging / item.name)
-    shutil.rmtree(staging / ".template")
-    return staging
-
-
-def fuse(request: dict[str, Any]) -> Path:
-    """Check the inputs, merge them and write the output folder; returns its path."""
-    base = open_checkpoint(request["base"])
-    models = [open_checkpoint(model["path"]) for model in request["models"]]
-    check_same_architecture(base, models)
-    base_source, *model_sources = drop_unshared_untrained_keys([base.source] + [m.source for m in models])
-    merge = ChunkedMerge(base_source, model_sources, request["method"],
-                         request.get("parameters") or {}, weights=prior_weights(request["models"]),
-                         seed=int(request.get("seed") or 0))
-    check_shares_base(base_source, model_sources, merge.keys, [m.path for m in models])
-    output = Path(request["output"])
-    with atomic_directory(output) as staging:
-        weights_folder = write_template(base, request.get("template"), staging)
-        write_safetensors(merge, weights_folder / "model.safetensors",
-                          metadata={"codiemb_fuse_method": request["method"]})
-    return output
-
-
-def evaluation_sets(entries: list[dict[str, Any]]) -> list[ValidationSet]:
-    sets = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise InputError(f"evaluate[{index}]", f"expected a source mapping, got {entry!r}",
-                             "e.g. {name: stsb, task: sts, path: data/stsb_dev.jsonl}")
-        source = SourceConfig(**entry)
-        prefix = INSTRUCTION_TEMPLATE.format(instruction=source.instruction) if source.instruction else ""
-        if source.task == "sts":
-            sets.append(ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix))
-        else:
-            sets.append(ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix))
-    return sets
-
-
 @register_command("fuse")
 def main(argv: list[str]) -> int:
     request = resolve_request(build_parser().parse_args(argv))
-    sets = evaluation_sets(list(request.get("evaluate") or []))   # read before merging: bad data fails early
-    output = fuse(request)
-    print(f"[codiemb] fused {len(request['models'])} checkpoint(s) with {request['method']} into {output}", flush=True)
+    sets = build_validation_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
+                                 instruction_template=request.get("instruction_template"),
+                                 passage_prefix=request.get("passage_prefix"))
+    result = fuse(request["base"], request["models"], request["method"], request["output"],
+                  params=request.get("parameters") or {}, template=request.get("template"),
+                  seed=int(request.get("seed") or 0), validation_sets=sets)
+    print(f"[codiemb] fused {len(request['models'])} checkpoint(s) with {request['method']} into {result.output}",
+          flush=True)
     if sets:
-        per_set, summary = evaluate_encoder(TextEncoder.load(output), sets)
-        print(format_metrics_table(per_set, summary, f"{request['method']} on the evaluation sets"), flush=True)
+        print(format_metrics_table(result.per_set, result.summary, f"{request['method']} on the evaluation sets"),
+              flush=True)
     return 0

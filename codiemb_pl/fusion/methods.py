@@ -10,6 +10,19 @@ The result is the merged *parameter* θ0 + merged Δ, computed in float32 (float
 float64) and cast back to `base.dtype`. Methods are registered by name in `MERGE_METHODS`;
 `method_parameters(name)` lists the keyword parameters a method accepts.
 
+At registration a method declares what the merge engine (`fusion.engine`) must give it, per
+parameter set (`merge_needs(name, params) -> Needs`), as mergekit's methods do:
+
+    sliceable   the merged rows [a, b) depend only on rows [a, b) of θ0 and the Δk (plus the statistic),
+                so the engine may merge a tensor in dim-0 row slices; else it passes whole tensors
+    statistic   a first pass over the Δk, passed as a keyword parameter:
+                LayerNorms      ‖Δk‖ over every merged tensor of the key's transformer layer (a pass over
+                                the whole model before merging; always supplied)      -> `magnitudes`
+                TensorNorms     ‖Δk‖ of the tensor                                    -> `magnitudes`
+                TrimThresholds  per checkpoint, the ⌈d·n⌉-th largest |Δk| of the tensor -> `thresholds`
+                (tensor statistics are supplied only when the tensor is merged in slices; a whole-tensor
+                call computes them itself)
+
 `scale` is the SPEC's λ everywhere (`lambda` is a Python keyword).
 """
 
@@ -17,7 +30,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -29,6 +44,8 @@ MERGE_METHODS: dict[str, MergeFn] = {}
 
 # Shared by all methods; `method_parameters` leaves them out.
 COMMON_PARAMETERS = ("base", "deltas", "weights", "generator")
+# Parameters the merge engine computes in a first pass (`Needs.statistic`); users do not set them.
+STATISTIC_PARAMETERS = ("magnitudes", "thresholds")
 GRANULARITIES = ("element", "row", "tensor", "layer")
 # Below this norm a vector has no usable direction (SLERP / Multi-SLERP fall back to linear).
 TINY_NORM = 1e-12
@@ -36,14 +53,63 @@ TINY_NORM = 1e-12
 COLLINEAR_COS = 0.9995
 
 
-def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    """Decorator: add `fn` to `MERGE_METHODS` under `name`."""
+@dataclass(frozen=True)
+class LayerNorms:
+    """‖Δk‖ over every merged tensor of the key's transformer layer (`fusion.keys.layer_of`), per checkpoint."""
+
+    keyword: ClassVar[str] = "magnitudes"
+    scope: ClassVar[str] = "model"
+
+
+@dataclass(frozen=True)
+class TensorNorms:
+    """‖Δk‖ of the tensor being merged, per checkpoint."""
+
+    keyword: ClassVar[str] = "magnitudes"
+    scope: ClassVar[str] = "tensor"
+
+
+@dataclass(frozen=True)
+class TrimThresholds:
+    """Per checkpoint, the ⌈density·n⌉-th largest |Δk| of the tensor (`trim_to_density`'s threshold)."""
+
+    density: float
+    keyword: ClassVar[str] = "thresholds"
+    scope: ClassVar[str] = "tensor"
+
+
+Statistic = LayerNorms | TensorNorms | TrimThresholds
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the merge engine must do for a method with one parameter set (see the module docstring)."""
+
+    sliceable: bool = False
+    statistic: Statistic | None = None
+
+
+WHOLE_TENSORS = Needs()
+ROW_WISE = Needs(sliceable=True)
+MERGE_NEEDS: dict[str, Callable[[Mapping[str, Any]], Needs]] = {}
+
+
+def register(name: str, needs: Needs | Callable[[Mapping[str, Any]], Needs] = WHOLE_TENSORS
+             ) -> Callable[[MergeFn], MergeFn]:
+    """Decorator: add `fn` to `MERGE_METHODS` under `name`, with what it needs (fixed, or a function of its params)."""
 
     def add(fn: MergeFn) -> MergeFn:
         MERGE_METHODS[name] = fn
+        MERGE_NEEDS[name] = needs if callable(needs) else (lambda params: needs)
         return fn
 
     return add
+
+
+def merge_needs(name: str, params: Mapping[str, Any]) -> Needs:
+    """What method `name` needs from the engine with `params` (whole tensors unless it declared more)."""
+    get_merge_method(name)
+    return MERGE_NEEDS[name](params)
 
 
 def get_merge_method(name: str) -> MergeFn:
@@ -146,7 +212,7 @@ def _check_range(where: str, name: str, value: float, low: float, high: float, *
 # linear methods
 # ----------------------------------------------------------------------------------------------
 
-@register("uniform_soup")
+@register("uniform_soup", ROW_WISE)
 def uniform_soup(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[float] | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
     """Model soup: θ* = θ0 + Σ_k ŵ_k Δk with ŵ = weights / Σ weights (plain mean Δ without weights)."""
@@ -155,7 +221,7 @@ def uniform_soup(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[fl
     return _finish(base_c, _weighted_sum(deltas_c, _prior(where, weights, len(deltas_c))), base.dtype)
 
 
-@register("task_arithmetic")
+@register("task_arithmetic", ROW_WISE)
 def task_arithmetic(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[float] | None = None,
                     generator: torch.Generator | None = None, scale: float = 1.0) -> Tensor:
     """Task arithmetic: θ* = θ0 + λ Σ_k w_k Δk (w_k = 1 without weights; negative w_k subtracts a task)."""
@@ -174,18 +240,18 @@ def _magnitudes(where: str, deltas: Sequence[Tensor], granularity: str,
     """|Δ| per element, ‖row‖ per output channel (dim 0), ‖Δ‖ per tensor, or the given per-layer norms."""
     if granularity not in GRANULARITIES:
         raise InputError(where, f"unknown granularity {granularity!r}", f"use one of {list(GRANULARITIES)}")
-    if granularity == "layer":
-        if magnitudes is None:
-            raise InputError(where, "granularity='layer' needs the per-checkpoint layer norms in `magnitudes`",
-                             "merge through fusion.streaming.merge_state_dicts, which computes them")
+    if granularity == "layer" and magnitudes is None:
+        raise InputError(where, "granularity='layer' needs the per-checkpoint layer norms in `magnitudes`",
+                         "merge through fusion.engine (merge_state_dicts), which computes them")
+    if magnitudes is not None:
+        if granularity not in ("tensor", "layer"):
+            raise InputError(where, f"`magnitudes` is only used with granularity 'tensor' or 'layer', not "
+                                    f"{granularity!r}", "drop `magnitudes` or set granularity='layer'")
         if len(magnitudes) != len(deltas):
             raise InputError(where, f"{len(magnitudes)} magnitudes for {len(deltas)} checkpoints",
-                             "give one layer norm per checkpoint")
+                             "give one norm per checkpoint")
         reference = deltas[0]
         return [torch.as_tensor(m, dtype=reference.dtype, device=reference.device) for m in magnitudes]
-    if magnitudes is not None:
-        raise InputError(where, f"`magnitudes` is only used with granularity='layer', not {granularity!r}",
-                         "drop `magnitudes` or set granularity='layer'")
     if granularity == "element":
         return [delta.abs() for delta in deltas]
     if granularity == "tensor":
@@ -201,7 +267,19 @@ def _magnitudes(where: str, deltas: Sequence[Tensor], granularity: str,
     return result
 
 
-@register("delta_guided")
+def _delta_guided_needs(params: Mapping[str, Any]) -> Needs:
+    """Row slices for every granularity; 'tensor' and 'layer' need the Δk norms from a first pass."""
+    granularity = params.get("granularity", "element")
+    if granularity in ("element", "row"):
+        return ROW_WISE
+    if granularity == "tensor":
+        return Needs(sliceable=True, statistic=TensorNorms())
+    if granularity == "layer":
+        return Needs(sliceable=True, statistic=LayerNorms())
+    return WHOLE_TENSORS  # an unknown granularity: the whole-tensor call reports it
+
+
+@register("delta_guided", _delta_guided_needs)
 def delta_guided(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[float] | None = None,
                  generator: torch.Generator | None = None, gamma: float = 1.0, scale: float = 1.0,
                  granularity: str = "element", magnitudes: Sequence[Tensor | float] | None = None) -> Tensor:
@@ -211,8 +289,8 @@ def delta_guided(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[fl
 
     m is |Δ_{k,p}| (granularity "element"), the L2 norm of Δk's output channel (dim 0) holding p
     ("row"), ‖Δk‖ ("tensor") or the L2 norm of Δk over every tensor of p's transformer layer
-    ("layer": the caller passes these K per-checkpoint norms as `magnitudes`; the streaming merge
-    computes them in a first pass). π = `weights` (prior, ones by default). Where all π_j m_j^γ are 0
+    ("layer": the caller passes these K per-checkpoint norms as `magnitudes`; the merge engine
+    computes them in a first pass; for "tensor" it passes them when it merges the tensor in row slices). π = `weights` (prior, ones by default). Where all π_j m_j^γ are 0
     the weights fall back to π / Σ π. γ = 0 is the (weighted) uniform soup; large γ approaches
     "largest mover wins". Magnitudes are divided by their max over k before the power (same
     weights, no overflow / underflow for large γ).
@@ -247,25 +325,48 @@ def trim_to_density(delta: Tensor, density: float) -> Tensor:
         return delta.clone()
     keep = max(1, math.ceil(density * delta.numel()))
     magnitude = delta.abs().reshape(-1)
-    threshold = torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values   # keep-th largest
+    return trim_at(delta, torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values)   # keep-th largest
+
+
+def trim_at(delta: Tensor, threshold: Tensor | float) -> Tensor:
+    """Δ where |Δ| >= threshold, else 0."""
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
-@register("ties")
+def _ties_needs(params: Mapping[str, Any]) -> Needs:
+    """Row slices, given each checkpoint's trim threshold over the whole tensor (none to find when d >= 1)."""
+    density = params.get("density", 0.2)
+    if isinstance(density, (int, float)) and 0.0 < density < 1.0:
+        return Needs(sliceable=True, statistic=TrimThresholds(float(density)))
+    return ROW_WISE  # d >= 1 keeps every entry; an out-of-range d is refused by the call
+
+
+@register("ties", _ties_needs)
 def ties(base: Tensor, deltas: Sequence[Tensor], *, weights: Sequence[float] | None = None,
-         generator: torch.Generator | None = None, density: float = 0.2, scale: float = 1.0) -> Tensor:
+         generator: torch.Generator | None = None, density: float = 0.2, scale: float = 1.0,
+         thresholds: Sequence[float | None] | None = None) -> Tensor:
     """TIES merging (trim, elect sign, disjoint mean), per tensor.
 
         τ̃k = trim_to_density(Δk, d)                    (top-d fraction of Δk by magnitude)
         s   = sign(Σ_k w_k τ̃k)                          (elected sign: total mass)
         A_k = [sign(τ̃k) == s and τ̃k ≠ 0]               (agreeing, surviving entries)
         θ*  = θ0 + λ Σ_k w_k A_k τ̃k / Σ_k w_k A_k       (0 where no entry agrees)
+
+    `thresholds` (one per checkpoint, None keeps all) replace the trim's own thresholds: the merge
+    engine finds them over the whole tensor in a first pass and passes them with row slices.
     """
     where = "fusion.ties"
     base_c, deltas_c = _prepare(where, base, deltas)
     density = _check_range(where, "density", density, 0.0, 1.0, low_open=True)
     prior = _prior(where, weights, len(deltas_c))
-    trimmed = torch.stack([trim_to_density(delta, density) for delta in deltas_c])
+    if thresholds is None:
+        trimmed = torch.stack([trim_to_density(delta, density) for delta in deltas_c])
+    elif len(thresholds) != len(deltas_c):
+        raise InputError(where, f"{len(thresholds)} thresholds for {len(deltas_c)} checkpoints",
+                         "give one threshold per checkpoint")
+    else:
+        trimmed = torch.stack([delta if threshold is None else trim_at(delta, threshold)
+                               for delta, threshold in zip(deltas_c, thresholds)])
     prior_t = torch.tensor(prior, dtype=trimmed.dtype, device=trimmed.device).reshape((-1,) + (1,) * base_c.dim())
     elected = torch.sign((prior_t * trimmed).sum(dim=0))
     agrees = (torch.sign(trimmed) == elected) & (trimmed != 0)

@@ -31,7 +31,11 @@ from codiemb_pl.atomic import atomic_directory, atomic_write_text
 from codiemb_pl.data.records import IRRecord, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.streaming import MappingSource, SafetensorsSource, key_seed, merge_to_safetensors
+from codiemb_pl.fusion.engine import merge_to_safetensors
+from codiemb_pl.fusion.keys import key_seed
+from codiemb_pl.fusion.sources import MappingSource
+from codiemb_pl.model_card import build_fused_model_card
+from codiemb_pl.workflows.validation import build_validation_sets
 
 EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
 CHECKPOINT_CALLBACK_NAME = "ModelCheckpoint"
@@ -238,7 +242,7 @@ def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, 
     """θ0 + MultiSLERP(θ_k − θ0) of exported models, written as a sentence-transformers folder (atomically).
 
     The folder copies the first export's tokenizer, configs and modules and holds the merged
-    `model.safetensors`; `merge.json` records the inputs (`manifest` is added to it).
+    `model.safetensors`; `merge.json` records the inputs (`manifest` is added to it), README.md is its model card.
     """
     if not exports:
         raise InputError("boom.merge", "no exported models to merge", "train at least one run")
@@ -248,15 +252,14 @@ def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, 
             if item.name.endswith(".safetensors") or item.name in (SAFETENSORS_INDEX, "README.md", MERGE_MANIFEST):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        merge_to_safetensors(MappingSource(transformer_state(base), str(base)),
-                             [SafetensorsSource(path) for path in exports], "multi_slerp", {},
-                             staging / "model.safetensors", weights=weights, metadata={"format": "pt"})
+        merge_to_safetensors(MappingSource(transformer_state(base), str(base)), list(exports), "multi_slerp", {},
+                             staging / "model.safetensors", weights=weights)
         record = {"method": "multi_slerp", "base": str(base), "models": [str(Path(p).resolve()) for p in exports],
                   "weights": None if weights is None else list(weights), **dict(manifest or {})}
         atomic_write_text(staging / MERGE_MANIFEST, json.dumps(record, indent=2) + "\n")
-        atomic_write_text(staging / "README.md", "---\nlibrary_name: sentence-transformers\n"
-                          "tags: [sentence-transformers, codiemb, boom]\n---\n\n# Multi-SLERP merge (codiemb_pl)\n\n"
-                          f"Base model `{base}`; {len(exports)} merged models listed in `{MERGE_MANIFEST}`.\n")
+        atomic_write_text(staging / "README.md", build_fused_model_card(
+            base_model=str(base), method="multi_slerp", inputs=record["models"], weights=record["weights"],
+            scores_source="", model_path=str(output)))
     return Path(output)
 
 
@@ -309,3 +312,22 @@ def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_s
     counts = {s.name: len(load_training_records(s)) for s in old_sample}
     return {"base": base, "deployed": deployed, "update": update, "trained": fitted, "merged": merged,
             "old_samples": counts}
+
+
+def evaluate_models(models: dict[str, str], resolved: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """[(label, {val/<set>/<metric>: value})] for each model folder, as the fit's validation reports them."""
+    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+
+    data, model = resolved.get("data") or {}, resolved.get("model") or {}
+    sets = build_validation_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
+                                 passage_prefix=data.get("passage_prefix"), where="data.val")
+    batch_size = int(data.get("val_batch_size") or 64)
+    settings = {key: model.get(key) for key in ("pooling", "normalize", "max_seq_length")}
+    rows = []
+    for label, path in models.items():
+        overrides = settings if path == model.get("model_name_or_path") else {}
+        encoder = TextEncoder(str(path), include_prompt=False, **overrides)
+        per_set, summary = evaluate_encoder(encoder, sets, batch_size=batch_size)
+        rows.append((label, flat_metrics(per_set, summary)))
+    return rows

@@ -1,0 +1,309 @@
+"""Checkpoints as lazily read tensor sources: one type for model folders, .safetensors, .ckpt and state dicts.
+
+A `TensorSource` names its tensors like a Hugging Face model and answers, without loading a tensor,
+its `shape` and `dtype`; `rows(key, start, stop)` reads one dim-0 row range (the whole of a 0-d
+tensor) and `get(key)` the whole tensor, so a merge can work on row slices of the largest tensors:
+
+    SafetensorsSource   a .safetensors file or a folder of shards, read with plain file reads (no memory
+                        map: untouched weights never enter the resident set), only the requested rows
+    MappingSource       an in-memory (or memory-mapped) state dict
+    KeySubsetSource     another source restricted to some of its keys
+
+`open_checkpoint(location)` opens what users point at, all named like a Hugging Face model (`X`):
+
+    folder (sentence-transformers or Hugging Face)  -> its transformer's *.safetensors (pytorch_model.bin
+                                                        is memory-mapped instead)
+    file.safetensors                                -> that file
+    file.ckpt (Lightning, CoDiEmbModule)            -> `state_dict` memory-mapped, `encoder.model.` stripped
+
+A `.ckpt` is a pickle: `torch.load(mmap=True)` reads tensor bytes only when touched, but trusts the
+file (load only checkpoints you trust). `as_source` turns a state dict, a location or a source into a source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from codiemb_pl.errors import InputError
+from codiemb_pl.paths import resolve_location
+
+LIGHTNING_PREFIX = "encoder.model."
+# safetensors dtype names <-> torch dtypes (read by the sources, written by `fusion.writer`).
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_HEADER_BYTES = 100_000_000
+
+
+def row_ranges(shape: Sequence[int], max_elements: int | None) -> list[tuple[int, int]]:
+    """Dim-0 ranges of at most ~`max_elements` elements each; one range for 0-d tensors or `max_elements=None`."""
+    if len(shape) == 0 or shape[0] == 0 or max_elements is None:
+        return [(0, shape[0] if shape else 0)]
+    per_row = max(1, math.prod(shape[1:]))
+    step = max(1, max_elements // per_row)
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+class TensorSource(ABC):
+    """A checkpoint whose tensors are read one at a time, or one dim-0 row range at a time."""
+
+    name: str = "checkpoint"
+
+    @abstractmethod
+    def keys(self) -> list[str]:
+        """Tensor names, in the checkpoint's order."""
+
+    @abstractmethod
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading it."""
+
+    @abstractmethod
+    def dtype(self, key: str) -> torch.dtype:
+        """The tensor's dtype, without reading it."""
+
+    @abstractmethod
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows `[start, stop)` along dim 0 (the whole tensor when it is 0-d)."""
+
+    def get(self, key: str) -> Tensor:
+        """The whole tensor."""
+        shape = self.shape(key)
+        return self.rows(key, 0, shape[0] if shape else 1)
+
+
+class MappingSource(TensorSource):
+    """An in-memory (or memory-mapped) state dict."""
+
+    def __init__(self, state_dict: Mapping[str, Tensor], name: str = "state dict"):
+        self.state_dict, self.name = state_dict, name
+
+    def keys(self) -> list[str]:
+        return list(self.state_dict.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.state_dict[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.state_dict[key].dtype
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        tensor = self.state_dict[key]
+        return tensor[start:stop] if tensor.dim() else tensor
+
+    def get(self, key: str) -> Tensor:
+        return self.state_dict[key]
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data section, {key: {dtype, shape, data_offsets}}) of a safetensors file."""
+    with open(file, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length < MAX_HEADER_BYTES else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise InputError(str(file), "is not a safetensors file (bad header)", "re-save the checkpoint")
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+class SafetensorsSource(TensorSource):
+    """A `.safetensors` file (or a folder of shards) read with plain file reads, row range by row range.
+
+    Unlike `safe_open`, which memory-maps the file (every page touched stays in the resident set while
+    the file is open), only the bytes of the requested rows are read, into a fresh tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.name = str(path)
+        root = Path(path)
+        files = sorted(root.glob("*.safetensors")) if root.is_dir() else [root] if root.is_file() else []
+        if not files:
+            raise InputError(self.name, "no .safetensors file found", "give a .safetensors file or a folder holding one")
+        self._entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for file in files:
+            data_start, header = read_safetensors_header(file)
+            for key, entry in header.items():
+                if key in self._entries:
+                    raise InputError(self.name, f"key {key!r} appears in two shards", "remove the duplicate shard")
+                self._entries[key] = (file, data_start, entry)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, key: str) -> tuple[Path, int, dict[str, Any]]:
+        if key not in self._entries:
+            raise InputError(self.name, f"no tensor named {key!r}", "check the checkpoint's keys")
+        return self._entries[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entry(key)[2]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._entry(key)[2]["dtype"]
+        if name not in SAFETENSORS_DTYPES:
+            raise InputError(self.name, f"tensor {key!r} has unsupported dtype {name}", "convert it to float32")
+        return SAFETENSORS_DTYPES[name]
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        file, data_start, entry = self._entry(key)
+        shape, dtype = list(entry["shape"]), self.dtype(key)
+        item_size = torch.empty(0, dtype=dtype).element_size()
+        row_bytes = math.prod(shape[1:]) * item_size
+        if shape:
+            stop = min(stop, shape[0])
+            start = min(start, stop)
+            shape[0] = stop - start
+        else:
+            start, stop, row_bytes = 0, 1, item_size
+        first, last = entry["data_offsets"]
+        offset, size = data_start + first + start * row_bytes, (stop - start) * row_bytes
+        if offset + size > data_start + last:
+            raise InputError(self.name, f"tensor {key!r} is truncated", "re-save the checkpoint")
+        buffer = bytearray(size)
+        with open(file, "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(buffer) != size:
+                raise InputError(self.name, f"tensor {key!r} is truncated", "re-save the checkpoint")
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+class KeySubsetSource(TensorSource):
+    """Another source restricted to some of its keys (rows, shapes and dtypes pass through)."""
+
+    def __init__(self, source: TensorSource, keys: Iterable[str]):
+        wanted = set(keys)
+        self.source, self._keys = source, [k for k in source.keys() if k in wanted]
+        self.name = source.name
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.source.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(key)
+
+    def rows(self, key: str, start: int, stop: int) -> Tensor:
+        return self.source.rows(key, start, stop)
+
+    def get(self, key: str) -> Tensor:
+        return self.source.get(key)
+
+
+@dataclass
+class OpenedCheckpoint:
+    """A checkpoint ready for fusion: its tensors, its config.json, and where its model files live."""
+
+    path: str
+    source: TensorSource
+    config: dict[str, Any] | None
+    model_folder: str | None  # a folder holding config.json / tokenizer (the checkpoint's own, or its base's)
+    encoder_settings: dict[str, Any] = field(default_factory=dict)  # pooling etc. from a .ckpt's hparams
+
+
+def _read_config(folder: str | os.PathLike | None) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(str(path), f"is not valid JSON ({exc})", "repair or re-export the model folder") from exc
+
+
+def transformer_folder(folder: Path) -> Path:
+    """The folder holding the transformer weights: the root, or modules.json's Transformer path."""
+    modules_file = folder / "modules.json"
+    if modules_file.is_file():
+        try:
+            modules = json.loads(modules_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(str(modules_file), f"is not valid JSON ({exc})", "repair the model folder") from exc
+        for module in modules:
+            if str(module.get("type", "")).endswith("Transformer"):
+                return folder / (module.get("path") or "")
+    return folder
+
+
+def _open_folder(folder: Path) -> OpenedCheckpoint:
+    weights_folder = transformer_folder(folder)
+    if list(weights_folder.glob("*.safetensors")):
+        source: TensorSource = SafetensorsSource(weights_folder)
+    elif (weights_folder / "pytorch_model.bin").is_file():
+        state = torch.load(weights_folder / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        source = MappingSource(state, str(folder))
+    else:
+        raise InputError(str(folder), "folder holds no model.safetensors or pytorch_model.bin",
+                         "give a sentence-transformers / Hugging Face model folder, a .safetensors or a .ckpt file")
+    return OpenedCheckpoint(str(folder), source, _read_config(weights_folder), str(weights_folder))
+
+
+def _open_lightning(path: Path) -> OpenedCheckpoint:
+    try:  # a pickle: tensors are memory-mapped, read on first touch
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as exc:
+        raise InputError(str(path), f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
+                         "give a .ckpt written by `codiemb fit`") from exc
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    weights = {key[len(LIGHTNING_PREFIX):]: value for key, value in (state or {}).items()
+               if key.startswith(LIGHTNING_PREFIX)}
+    if not weights:
+        raise InputError(str(path), f"the checkpoint has no {LIGHTNING_PREFIX}* weights",
+                         "give a checkpoint of codiemb_pl's CoDiEmbModule")
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    base_name = hparams.get("model_name_or_path")
+    model_folder = resolve_location(str(base_name)) if base_name else None
+    if model_folder is not None and not Path(model_folder).is_dir():
+        model_folder = None
+    settings = {name: hparams[name] for name in ("pooling", "normalize", "max_seq_length") if hparams.get(name) is not None}
+    return OpenedCheckpoint(str(path), MappingSource(weights, str(path)),
+                            _read_config(model_folder), model_folder, settings)
+
+
+def open_checkpoint(location: str | os.PathLike) -> OpenedCheckpoint:
+    """Open a model folder, a `.safetensors` file or a Lightning `.ckpt` (else InputError)."""
+    path = Path(resolve_location(str(location))).expanduser()
+    if path.is_dir():
+        return _open_folder(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return _open_lightning(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        folder = path.parent
+        return OpenedCheckpoint(str(path), SafetensorsSource(path), _read_config(folder),
+                                str(folder) if (folder / "config.json").is_file() else None)
+    if path.exists():
+        raise InputError(str(location), "is not a model folder, a .safetensors or a .ckpt file",
+                         "give one of those (convert other formats with save_pretrained)")
+    raise InputError(str(location), "no such checkpoint", "check the path")
+
+
+def as_source(checkpoint: TensorSource | Mapping[str, Tensor] | str | os.PathLike, name: str) -> TensorSource:
+    """A source for a state dict (`MappingSource`) or a location (`open_checkpoint`); sources pass through."""
+    if isinstance(checkpoint, TensorSource):
+        return checkpoint
+    if isinstance(checkpoint, Mapping):
+        return MappingSource(checkpoint, name)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return open_checkpoint(checkpoint).source
+    raise InputError(name, f"cannot read a checkpoint from {type(checkpoint).__name__}",
+                     "pass a state dict, a model folder, a .safetensors or .ckpt path, or a TensorSource")

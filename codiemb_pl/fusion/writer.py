@@ -1,0 +1,86 @@
+"""Write a `.safetensors` file piece by piece, atomically: it appears complete under its name, or not at all.
+
+The layout (key -> dtype, shape) is known before any tensor is computed, so the header is written
+first and each tensor's bytes follow as its pieces (consecutive dim-0 slices) arrive; nothing holds
+the whole model. File format: 8-byte little-endian header length, the JSON header
+{key: {dtype, shape, data_offsets}, "__metadata__": {...}} padded with spaces to a multiple of 8,
+then the data. The file is written beside the target and moved into place with `os.replace`; on any
+error the partial file is removed and a previous file of that name is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from codiemb_pl.errors import InputError
+from codiemb_pl.fusion.sources import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def _tensor_bytes(tensor: Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _header(layout: Layout, metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, dict]]:
+    header: dict[str, dict] = {}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        if dtype not in DTYPE_NAMES:
+            raise InputError(key, f"dtype {dtype} cannot be stored in safetensors", "cast the checkpoint to a standard dtype")
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    entries = dict(header)
+    entries["__metadata__"] = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    encoded = json.dumps(entries, separators=(",", ":")).encode()
+    return encoded + b" " * (-len(encoded) % 8), header
+
+
+def write_safetensors(out_path: str | os.PathLike, layout: Layout, pieces: Callable[[str], Iterable[Tensor]],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `layout`'s tensors to `out_path`; `pieces(key)` yields each one's consecutive dim-0 slices.
+
+    Each piece is cast to the key's dtype. A key whose pieces do not add up to its shape's byte size is
+    an error (nothing is written).
+    """
+    out_path = Path(out_path)
+    header_bytes, header = _header(layout, metadata)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, partial = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(len(header_bytes).to_bytes(8, "little"))
+            out.write(header_bytes)
+            for key, (dtype, _) in layout.items():
+                written = 0
+                for piece in pieces(key):
+                    payload = _tensor_bytes(piece.to(dtype))
+                    out.write(payload)
+                    written += len(payload)
+                start, stop = header[key]["data_offsets"]
+                if written != stop - start:
+                    raise RuntimeError(f"{key}: wrote {written} bytes, expected {stop - start}")
+        os.chmod(partial, 0o644)
+        os.replace(partial, out_path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def save_state_dict(state: Mapping[str, Tensor], out_path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write an in-memory state dict to `out_path` (atomically, as `write_safetensors`)."""
+    layout = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()}
+    return write_safetensors(out_path, layout, lambda key: (state[key],), metadata)
