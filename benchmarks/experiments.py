@@ -9,8 +9,8 @@ Runs (`experiment_runs.suite_runs`): base; IR only; STS only (CoDiEmb loss, CoSE
 batch shuffling with one InfoNCE (BOOM's baseline); CoDiEmb; CoDiEmb + delta-guided fusion / uniform soup /
 TIES / Self Positioning of its snapshots; BOOM. Training goes through `codiemb fit` (in-process, a generated
 YAML per run in the workdir), hard negatives through `codiemb mine-negatives` (once, cached), merges
-through `codiemb fuse`, Self Positioning through `fusion.probe.self_positioning_merge`, BOOM's Multi-SLERP
-through `fusion.bagging.merge_exports`, scores through `workflows.evaluation.evaluate_sets` (`codiemb evaluate`'s).
+through `codiemb fuse`, Self Positioning through `workflows.probe.self_positioning_merge`, BOOM's Multi-SLERP
+through `workflows.boom.merge_exports`, scores through `workflows.evaluation.evaluate_sets` (`codiemb evaluate`'s).
 
 `--results` (JSON) maps each run's config key to {name, config, sets: {set: {key, metrics, seconds}}, ...}
 and is rewritten atomically after every run; a later invocation skips every finished (run, set) pair and
@@ -187,7 +187,7 @@ class Suite:
 
     def train_sources(self, unit: dict[str, Any], folder: Optional[Path] = None) -> list[dict[str, Any]]:
         """`data.train` entries of a training unit: caps are seeded random subsets (`max_samples` + `seed`);
-        a BOOM member's seeded subset of them is written to `folder/data` (`fusion.bagging`)."""
+        a BOOM member's seeded subset of them is written to `folder/data` (`workflows.boom`)."""
         budget, subset = self.budgets.train, unit.get("subset")
         sources = []
         for task, name, cap in (("ir", "scifact", budget.ir_max_samples), ("sts", "stsb", budget.sts_max_samples)):
@@ -202,7 +202,7 @@ class Suite:
                 entry.update(max_samples=cap, seed=SEED)
             sources.append(entry)
         if subset:
-            from codiemb_pl.fusion.bagging import source_dict, write_subset_sources
+            from codiemb_pl.workflows.boom import source_dict, write_subset_sources
 
             if folder is None:
                 raise ValueError("a BOOM member's subset needs its unit folder")
@@ -296,7 +296,7 @@ class Suite:
         from codiemb_pl.atomic import atomic_directory
         from codiemb_pl.data.collate import LengthLimits
         from codiemb_pl.encoder import TextEncoder
-        from codiemb_pl.fusion.probe import self_positioning_merge
+        from codiemb_pl.workflows.probe import self_positioning_merge
 
         budget = self.budgets.train
         unit = unit_config(self.model, self.budgets, self.specs[spec.parent].train)
@@ -316,7 +316,7 @@ class Suite:
                 if key in info}
 
     def build_boom(self, spec: RunSpec, output: Path) -> tuple[Path, dict[str, Any]]:
-        from codiemb_pl.fusion.bagging import merge_exports
+        from codiemb_pl.workflows.boom import merge_exports
 
         parent = self.specs[spec.parent].train
         members = boom_subsets(spec)
