@@ -13,8 +13,7 @@ from safetensors.torch import load_file, save_file
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion import methods
 from codiemb_pl.fusion.engine import Merge, merge_state_dicts, merge_to_safetensors
-from codiemb_pl.fusion.methods import (MERGE_METHODS, LayerNorms, Needs, TensorNorms, TrimThresholds, merge_needs,
-                                       trim_to_density)
+from codiemb_pl.fusion.methods import MERGE_METHODS, DeltaNorms, Needs, TrimThresholds, merge_needs, trim_to_density
 from codiemb_pl.fusion.sources import MappingSource, SafetensorsSource, as_source
 from codiemb_pl.fusion.writer import save_state_dict, write_safetensors
 
@@ -62,8 +61,8 @@ def test_declared_needs():
     assert merge_needs("dare", {"drop_rate": 0.1}) == Needs() and merge_needs("multi_slerp", {}) == Needs()
     assert merge_needs("ties", {"density": 0.3}) == Needs(True, TrimThresholds(0.3))
     assert merge_needs("ties", {"density": 1.0}) == Needs(True) and merge_needs("ties", {}).statistic.density == 0.2
-    assert merge_needs("delta_guided", {"granularity": "tensor"}) == Needs(True, TensorNorms())
-    assert merge_needs("delta_guided", {"granularity": "layer"}) == Needs(True, LayerNorms())
+    assert merge_needs("delta_guided", {"granularity": "tensor"}) == Needs(True, DeltaNorms("tensor"))
+    assert merge_needs("delta_guided", {"granularity": "layer"}) == Needs(True, DeltaNorms("layer"))
     assert merge_needs("delta_guided", {}) == Needs(True)
     with pytest.raises(InputError, match="unknown merge method"):
         merge_needs("frankenmerge", {})
@@ -110,13 +109,23 @@ def test_a_sliceable_method_gets_row_slices_and_its_tensor_statistic(monkeypatch
 
 
 def test_layer_norms_come_from_a_first_pass_over_the_whole_layer(monkeypatch):
-    calls = _recording_method(monkeypatch, "layer_probe", Needs(True, LayerNorms()))
+    calls = _recording_method(monkeypatch, "layer_probe", Needs(True, DeltaNorms("layer")))
     base, models = family()
     Merge(base, models, "layer_probe", max_elements=12).state_dict()
     expected = [math.sqrt(sum(float(((m[k] - base[k]).double() ** 2).sum()) for k in ("enc.layer.0.w", "enc.layer.0.b")))
                 for m in models]
     layer_calls = [c for c in calls if c["shape"] in ((9, 4), (3, 4), (4,))]
     assert layer_calls and all(c["magnitudes"] == pytest.approx(expected, rel=1e-12) for c in layer_calls)
+
+
+def test_tensor_norms_are_the_norms_of_the_whole_tensor(monkeypatch):
+    calls = _recording_method(monkeypatch, "norm_probe", Needs(True, DeltaNorms("tensor")))
+    base, models = family()
+    Merge(base, models, "norm_probe", max_elements=12).state_dict()
+    expected = [float((m["emb.weight"] - base["emb.weight"]).double().norm()) for m in models]
+    embedding_calls = [c for c in calls if c["shape"][1:] == (6,)]
+    assert len(embedding_calls) == 19
+    assert all(c["magnitudes"] == pytest.approx(expected, rel=1e-12) for c in embedding_calls)
 
 
 def test_ties_thresholds_reproduce_the_trim():

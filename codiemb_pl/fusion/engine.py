@@ -8,9 +8,9 @@ checked for equal keys and shapes. What a method needs comes from its registrati
 (`fusion.methods.merge_needs`): a `sliceable` method merges each tensor in dim-0 row ranges of about
 `max_elements` elements, read straight from the sources, so memory stays at about (K + 2) row ranges
 plus the method's statistic instead of (K + 2) whole tensors; other methods get whole tensors. A
-first-pass statistic is computed by the engine and passed as a keyword: `LayerNorms` in one pass over
-the model before any merge (also for whole tensors), `TensorNorms` / `TrimThresholds` per tensor just
-before its slices. Non-float tensors and buffers (`copy_keys`, plus well-known buffer names) are
+first-pass statistic is computed by the engine and passed as a keyword: layer norms
+(`DeltaNorms("layer")`) in one pass over the model before any merge (also for whole tensors), tensor
+norms / `TrimThresholds` per tensor just before its slices. Non-float tensors and buffers (`copy_keys`, plus well-known buffer names) are
 copied from the first checkpoint. DARE's generator is seeded per key (`key_seed`), so results do not
 depend on key order.
 
@@ -32,8 +32,8 @@ from torch import Tensor
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_compatible
 from codiemb_pl.fusion.keys import is_buffer_key, key_seed, layer_of
-from codiemb_pl.fusion.methods import (STATISTIC_PARAMETERS, LayerNorms, TensorNorms, TrimThresholds,
-                                       check_method_params, compute_dtype, get_merge_method, merge_needs)
+from codiemb_pl.fusion.methods import (STATISTIC_PARAMETERS, DeltaNorms, TrimThresholds, check_method_params,
+                                       compute_dtype, get_merge_method, merge_needs)
 from codiemb_pl.fusion.sources import TensorSource, as_source, row_ranges
 from codiemb_pl.fusion.writer import write_safetensors
 
@@ -65,7 +65,7 @@ class Merge:
         self.seed, self.copy_keys = int(seed), frozenset(copy_keys)
         self.max_elements = None if max_elements is None else int(max_elements)
         self.needs = merge_needs(method, self.params)
-        self.layer_norms = self._layer_norms() if isinstance(self.needs.statistic, LayerNorms) else {}
+        self.layer_norms = self._layer_norms() if self.needs.statistic == DeltaNorms("layer") else {}
 
     # -- what each key is ------------------------------------------------------------------------------
     def is_merged(self, key: str) -> bool:
@@ -128,10 +128,10 @@ class Merge:
 
     def _tensor_statistic(self, key: str) -> list[float | None]:
         statistic = self.needs.statistic
-        if isinstance(statistic, TensorNorms):
-            return [math.sqrt(v) for v in self._squared_norms(key)]
         if isinstance(statistic, TrimThresholds):
             return [self._trim_threshold(model, key, statistic.density) for model in self.models]
+        if statistic == DeltaNorms("tensor"):
+            return [math.sqrt(v) for v in self._squared_norms(key)]
         return self.layer_norms[layer_of(key)]
 
     # -- merging ---------------------------------------------------------------------------------------
@@ -155,8 +155,8 @@ class Merge:
         shape = self.base.shape(key)
         base_tensor, deltas = self._deltas(key, 0, shape[0] if shape else 1)
         params = dict(self.params)
-        if isinstance(self.needs.statistic, LayerNorms):
-            params[LayerNorms.keyword] = self.layer_norms[layer_of(key)]
+        if self.needs.statistic == DeltaNorms("layer"):
+            params[DeltaNorms.keyword] = self.layer_norms[layer_of(key)]
         generator = torch.Generator().manual_seed(key_seed(self.seed, key))
         return self.fn(base_tensor, deltas, weights=self.weights, generator=generator, **params)
 

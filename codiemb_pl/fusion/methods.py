@@ -16,12 +16,12 @@ parameter set (`merge_needs(name, params) -> Needs`), as mergekit's methods do:
     sliceable   the merged rows [a, b) depend only on rows [a, b) of θ0 and the Δk (plus the statistic),
                 so the engine may merge a tensor in dim-0 row slices; else it passes whole tensors
     statistic   a first pass over the Δk, passed as a keyword parameter:
-                LayerNorms      ‖Δk‖ over every merged tensor of the key's transformer layer (a pass over
-                                the whole model before merging; always supplied)      -> `magnitudes`
-                TensorNorms     ‖Δk‖ of the tensor                                    -> `magnitudes`
-                TrimThresholds  per checkpoint, the ⌈d·n⌉-th largest |Δk| of the tensor -> `thresholds`
-                (tensor statistics are supplied only when the tensor is merged in slices; a whole-tensor
-                call computes them itself)
+                DeltaNorms("layer")   ‖Δk‖ over every merged tensor of the key's transformer layer (a pass
+                                      over the whole model before merging; always supplied) -> `magnitudes`
+                DeltaNorms("tensor")  ‖Δk‖ of the tensor                                    -> `magnitudes`
+                TrimThresholds(d)     per checkpoint, the ⌈d·n⌉-th largest |Δk| of the tensor -> `thresholds`
+                (per-tensor statistics are supplied only when the tensor is merged in slices; a
+                whole-tensor call computes them itself)
 
 `scale` is the SPEC's λ everywhere (`lambda` is a Python keyword).
 """
@@ -54,19 +54,12 @@ COLLINEAR_COS = 0.9995
 
 
 @dataclass(frozen=True)
-class LayerNorms:
-    """‖Δk‖ over every merged tensor of the key's transformer layer (`fusion.keys.layer_of`), per checkpoint."""
+class DeltaNorms:
+    """‖Δk‖ per checkpoint over the tensor (`over="tensor"`) or over every merged tensor of the key's
+    transformer layer (`over="layer"`, `fusion.keys.layer_of`: a first pass over the whole model)."""
 
+    over: str
     keyword: ClassVar[str] = "magnitudes"
-    scope: ClassVar[str] = "model"
-
-
-@dataclass(frozen=True)
-class TensorNorms:
-    """‖Δk‖ of the tensor being merged, per checkpoint."""
-
-    keyword: ClassVar[str] = "magnitudes"
-    scope: ClassVar[str] = "tensor"
 
 
 @dataclass(frozen=True)
@@ -75,10 +68,9 @@ class TrimThresholds:
 
     density: float
     keyword: ClassVar[str] = "thresholds"
-    scope: ClassVar[str] = "tensor"
 
 
-Statistic = LayerNorms | TensorNorms | TrimThresholds
+Statistic = DeltaNorms | TrimThresholds
 
 
 @dataclass(frozen=True)
@@ -272,10 +264,8 @@ def _delta_guided_needs(params: Mapping[str, Any]) -> Needs:
     granularity = params.get("granularity", "element")
     if granularity in ("element", "row"):
         return ROW_WISE
-    if granularity == "tensor":
-        return Needs(sliceable=True, statistic=TensorNorms())
-    if granularity == "layer":
-        return Needs(sliceable=True, statistic=LayerNorms())
+    if granularity in ("tensor", "layer"):
+        return Needs(sliceable=True, statistic=DeltaNorms(granularity))
     return WHOLE_TENSORS  # an unknown granularity: the whole-tensor call reports it
 
 

@@ -258,8 +258,12 @@ def _open_folder(folder: Path) -> OpenedCheckpoint:
     return OpenedCheckpoint(str(folder), source, _read_config(weights_folder), str(weights_folder))
 
 
-def _open_lightning(path: Path) -> OpenedCheckpoint:
-    try:  # a pickle: tensors are memory-mapped, read on first touch
+def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(transformer weights with `encoder.model.` stripped, hyper-parameters) of a `CoDiEmbModule` `.ckpt`.
+
+    The tensors are memory-mapped (read on first touch). A `.ckpt` is a pickle: load only ones you trust.
+    """
+    try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as exc:
         raise InputError(str(path), f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
@@ -270,7 +274,11 @@ def _open_lightning(path: Path) -> OpenedCheckpoint:
     if not weights:
         raise InputError(str(path), f"the checkpoint has no {LIGHTNING_PREFIX}* weights",
                          "give a checkpoint of codiemb_pl's CoDiEmbModule")
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    return weights, dict(checkpoint.get("hyper_parameters") or {})
+
+
+def _open_lightning(path: Path) -> OpenedCheckpoint:
+    weights, hparams = read_lightning_checkpoint(path)
     base_name = hparams.get("model_name_or_path")
     model_folder = resolve_location(str(base_name)) if base_name else None
     if model_folder is not None and not Path(model_folder).is_dir():

@@ -16,8 +16,8 @@ import torch
 from ..device import resolve_device
 from ..encoder import TextEncoder
 from ..errors import InputError
+from ..fusion.sources import read_lightning_checkpoint
 
-CHECKPOINT_PREFIX = "encoder.model."   # how CoDiEmbModule names the transformer's parameters
 CHECKPOINT_SUFFIX = ".ckpt"
 
 
@@ -26,19 +26,7 @@ def read_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], 
     location = Path(path)
     if not location.is_file():
         raise InputError(str(path), "no such checkpoint file", "check the path to the .ckpt")
-    try:  # Lightning checkpoints pickle their hyper-parameters: load only checkpoints you trust
-        checkpoint = torch.load(location, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise InputError(str(path), f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
-                         "give a .ckpt written by `codiemb fit`") from exc
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
-    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
-    weights = {key[len(CHECKPOINT_PREFIX):]: value for key, value in (state or {}).items()
-               if key.startswith(CHECKPOINT_PREFIX)}
-    if not weights:
-        raise InputError(str(path), f"the checkpoint has no {CHECKPOINT_PREFIX}* weights",
-                         "give a checkpoint of codiemb_pl's CoDiEmbModule")
-    return weights, dict(hparams)
+    return read_lightning_checkpoint(location)   # the reader `codiemb fuse` uses too
 
 
 def load_checkpoint_encoder(path: str | Path, base: str | None = None,
