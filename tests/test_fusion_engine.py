@@ -216,3 +216,17 @@ def test_writer_round_trips_every_dtype(tmp_path):
     with pytest.raises(InputError, match="cannot be stored in safetensors"):
         save_state_dict({"c": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_the_fusion_library_imports_neither_lightning_nor_the_cli():
+    import subprocess
+    import sys
+
+    code = ("import pkgutil, importlib, sys, codiemb_pl.fusion as f\n"
+            "for info in pkgutil.iter_modules(f.__path__): importlib.import_module(f'codiemb_pl.fusion.{info.name}')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')\n"
+            "             or m.startswith(('codiemb_pl.cli', 'codiemb_pl.commands', 'codiemb_pl.callbacks',\n"
+            "                              'codiemb_pl.workflows', 'codiemb_pl.module'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
