@@ -7,7 +7,7 @@ is resumable: its sampler's position is stored in Lightning checkpoints and rest
 
 from __future__ import annotations
 
-import hashlib
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
@@ -16,47 +16,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError
 from ..paths import resolve_location
-from .collate import CoDiEmbCollator, LengthLimits, SampledItem
+from .arrow_dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
+from .arrow_tokens import TokenLimits
+from .cache import default_cache_dir
+from .collate import PaddingRule, TokenCollator
 from ..workflows.validation import build_validation_sets
 from .tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
-from .records import IRRecord, STSRecord
 from .sampler import TaskBatchSampler
-from .sources import SourceConfig, load_training_records
+from .sources import SourceConfig
 from .validation import ValidationSet, plan_validation_chunks
-
-def item_seed(seed: int, epoch: int, index: int) -> int:
-    """Seed for the per-item random choices (which positives/negatives), identical on every rank."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-class MultiSourceDataset(Dataset):
-    """Concatenated sub-datasets; indexed by `(global_index, epoch)` keys from the sampler."""
-
-    def __init__(self, sources: list[SourceConfig], records: list[list[IRRecord | STSRecord]],
-                 instructions: list[Optional[str]], seed: int):
-        self.sources, self.records, self.instructions, self.seed = sources, records, instructions, seed
-        self.offsets = [0]
-        for recs in records:
-            self.offsets.append(self.offsets[-1] + len(recs))
-
-    def __len__(self) -> int:
-        return self.offsets[-1]
-
-    def locate(self, global_index: int) -> tuple[int, int]:
-        for source_index in range(len(self.records)):
-            if global_index < self.offsets[source_index + 1]:
-                return source_index, global_index - self.offsets[source_index]
-        raise IndexError(global_index)
-
-    def __getitem__(self, key: tuple[int, int]) -> SampledItem:
-        global_index, epoch = key
-        source_index, local_index = self.locate(global_index)
-        source = self.sources[source_index]
-        return SampledItem(record=self.records[source_index][local_index], dataset=source.name, task=source.task,
-                           instruction=self.instructions[source_index],
-                           seed=item_seed(self.seed, epoch, global_index))
-
 
 class ResumableDataLoader(DataLoader):
     """The training DataLoader: its batch sampler's position is its state (Lightning's `_Stateful`), and each
@@ -132,6 +100,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         val_batch_size: texts per validation encoding batch.
         seed: seeds the sampler and the per-item choices (identical on every rank).
         num_workers: DataLoader workers.
+        cache_dir: folder of the training-data cache (memory-mapped Arrow records and token ids, built once per
+            source file and tokenizer, shared by every rank and worker); default `$HF_DATASETS_CACHE/codiemb`.
+        rebuild_cache: rebuild this run's cache entries even when they are up to date.
     """
 
     def __init__(self, train: Optional[list[SourceConfig]] = None, val: Optional[list[SourceConfig]] = None,
@@ -139,7 +110,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  policy: str = "proportional", temperature_alpha: float = 0.5, n_positives: int = 1,
                  n_negatives: int = 0, max_query_length: int = 64, max_passage_length: int = 256,
                  max_sts_length: int = 128, instruction_template: str = INSTRUCTION_TEMPLATE,
-                 passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0):
+                 passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0,
+                 cache_dir: Optional[str] = None, rebuild_cache: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.train_sources = list(train or [])
@@ -147,7 +119,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.tokenizer = None
         self.length_cap: Optional[int] = None  # set by the model: its maximum sequence length
-        self.train_dataset: Optional[MultiSourceDataset] = None
+        self.train_dataset: Optional[ArrowTrainingDataset] = None
         self.val_sets: list[ValidationSet] = []
         self.sampler: Optional[TaskBatchSampler] = None
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
@@ -175,13 +147,16 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         if stage == "fit" and self.train_dataset is None:
             if not self.train_sources:
                 raise InputError("data.train", "no training sources configured", "add at least one entry under data.train")
-            records = [load_training_records(source) for source in self.train_sources]
-            instructions = [self.prefix_for(source.instruction) for source in self.train_sources]
-            self.train_dataset = MultiSourceDataset(self.train_sources, records, instructions, self.hparams.seed)
+            prefixes = [self.prefix_for(source.instruction) for source in self.train_sources]
+            self.train_dataset = ArrowTrainingDataset(self.train_sources, prefixes, self.hparams.seed,
+                                                      self.training_cache_dir(), rebuild=self.hparams.rebuild_cache)
         if stage in ("fit", "validate") and not self.val_sets:
             self.val_sets = build_validation_sets(self.val_sources, where="data.val",
                                                   instruction_template=self.hparams.instruction_template,
                                                   passage_prefix=self.hparams.passage_prefix)
+
+    def training_cache_dir(self) -> Path:
+        return Path(resolve_location(self.hparams.cache_dir)) if self.hparams.cache_dir else default_cache_dir()
 
     def check_training_plan(self, world_size: int, accumulate: int) -> TaskBatchSampler:
         """Load and validate every source and build the sampler once, so bad input stops the run early."""
@@ -197,7 +172,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
     def build_sampler(self, world_size: int, rank: int, accumulate: int) -> TaskBatchSampler:
         assert self.train_dataset is not None
         return TaskBatchSampler(
-            sizes=[len(r) for r in self.train_dataset.records],
+            sizes=self.train_dataset.sizes,
             tasks=[s.task for s in self.train_sources],
             batch_sizes=[self.batch_size_of(s) for s in self.train_sources],
             world_size=world_size, rank=rank, accumulate=accumulate, policy=self.hparams.policy,
@@ -210,8 +185,10 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         rank = trainer.global_rank if trainer else 0
         accumulate = trainer.accumulate_grad_batches if trainer else 1
         self.sampler = self.build_sampler(world_size, rank, accumulate)
-        collator = CoDiEmbCollator(self.tokenize, limits=self.length_limits(), n_positives=self.hparams.n_positives,
-                                   n_negatives=self.hparams.n_negatives)
+        tokenizer = self.load_tokenizer()
+        self.train_dataset.tokenize(tokenizer, self.token_limits())  # once per cache entry; later runs open it
+        collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=self.hparams.n_positives,
+                                 n_negatives=self.hparams.n_negatives)
         # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
         # resumed run's RNG stream would drift from the uninterrupted run's at the next epoch boundary
         generator = torch.Generator().manual_seed(self.hparams.seed + rank)
@@ -224,9 +201,12 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             self.sampler_state_to_load = None
         return loader
 
-    def length_limits(self) -> LengthLimits:
-        return LengthLimits(query=self.hparams.max_query_length, passage=self.hparams.max_passage_length,
-                            sts=self.hparams.max_sts_length)
+    def token_limits(self) -> TokenLimits:
+        """The configured maximum lengths, capped by the model's (`length_cap`)."""
+        def capped(limit: int) -> int:
+            return min(limit, self.length_cap) if self.length_cap else limit
+        return TokenLimits(capped(self.hparams.max_query_length), capped(self.hparams.max_passage_length),
+                           capped(self.hparams.max_sts_length))
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_sets:
