@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional, Union
 
 from ..errors import InputError
 from ..paths import resolve_location
@@ -110,35 +110,55 @@ def detect_format(cfg: SourceConfig) -> tuple[str, str]:
 
 
 def load_training_records(cfg: SourceConfig) -> Union[list[IRRecord], list[STSRecord]]:
-    """All validated records of a training source (IR or STS by `cfg.task`), after `max_samples`."""
+    """All validated records of a training source (IR or STS by `cfg.task`), after `max_samples`.
+
+    The records are Python objects in memory; training reads them from the Arrow cache instead
+    (`arrow_records.py`), which is built from the same validated stream (`iter_ir_records`, `iter_raw_sts_pairs`).
+    """
     if cfg.task == "sts":
         return load_sts_pairs(cfg)
+    return _subsample(list(iter_ir_records(cfg)), cfg)
+
+
+def iter_ir_records(cfg: SourceConfig) -> Iterator[IRRecord]:
+    """Every record of an IR source, validated one row at a time, in file order (before `max_samples`);
+    bad input raises the same `InputError` as reading the whole source first (see `_validated_rows`)."""
     location, fmt = detect_format(cfg)
     if fmt == "beir":
         _reject_columns_for_beir(cfg, location)
-        records = load_beir_training_records(location, cfg.split or BEIR_TRAINING_SPLIT)
-    else:
-        rows = _read_source_rows(cfg, location, fmt)
-        records = [_ir_record(row, cfg.columns, decode_json=fmt in TEXT_CELL_FORMATS) for row in rows]
-    return _subsample(records, cfg)
+        yield from load_beir_training_records(location, cfg.split or BEIR_TRAINING_SPLIT)
+        return
+    decode_json = fmt in TEXT_CELL_FORMATS
+    yield from _validated_rows(cfg, location, fmt, lambda row: _ir_record(row, cfg.columns, decode_json=decode_json))
 
 
-def load_sts_pairs(cfg: SourceConfig) -> list[STSRecord]:
-    """Validated STS pairs with scores normalised to [0, 1] by the source's score range."""
+def iter_raw_sts_pairs(cfg: SourceConfig) -> Iterator[tuple[str, str, str, float]]:
+    """(where, text1, text2, raw score) of every row of an STS source, validated one row at a time; the
+    score range is checked and applied once all scores are known (`score_range_of`)."""
     if cfg.task != "sts":
         raise InputError(f"source {cfg.name!r}", f"is an {cfg.task!r} source, not STS", "set task: sts")
     location, fmt = detect_format(cfg)
     if fmt == "beir":
         raise InputError(location, "a BEIR folder holds retrieval data, not STS pairs", "set task: ir")
-    raw_pairs = [_raw_sts_pair(row, cfg.columns) for row in _read_source_rows(cfg, location, fmt)]
-    low, high = _score_range(cfg, [score for _, _, _, score in raw_pairs])
+    yield from _validated_rows(cfg, location, fmt, lambda row: _raw_sts_pair(row, cfg.columns))
+
+
+def load_sts_pairs(cfg: SourceConfig) -> list[STSRecord]:
+    """Validated STS pairs with scores normalised to [0, 1] by the source's score range."""
+    raw_pairs = list(iter_raw_sts_pairs(cfg))
+    scores = [score for _, _, _, score in raw_pairs]
+    low, high = score_range_of(cfg, min(scores), max(scores))
     records = []
     for where, text1, text2, score in raw_pairs:
-        if not low <= score <= high:
-            raise InputError(where, f"score {score} is outside the score range [{low:g}, {high:g}]",
-                             "fix the score or declare the range with score_range: [lo, hi]")
+        check_score_in_range(score, low, high, where)
         records.append(STSRecord(text1, text2, (score - low) / (high - low)))
     return _subsample(records, cfg)
+
+
+def check_score_in_range(score: float, low: float, high: float, where: str) -> None:
+    if not low <= score <= high:
+        raise InputError(where, f"score {score} is outside the score range [{low:g}, {high:g}]",
+                         "fix the score or declare the range with score_range: [lo, hi]")
 
 
 def load_ir_corpus(cfg: SourceConfig) -> IRCorpus:
@@ -161,11 +181,26 @@ def load_ir_corpus(cfg: SourceConfig) -> IRCorpus:
                     qrels={qid: retrieval_set.qrels[qid] for qid in kept_ids})
 
 
-def _read_source_rows(cfg: SourceConfig, location: str, fmt: str) -> list[Row]:
-    rows = list(read_rows(location, fmt, split=cfg.split, subset=cfg.subset))
-    if not rows:
+def _validated_rows(cfg: SourceConfig, location: str, fmt: str, validate: Callable[[Row], Any]) -> Iterator[Any]:
+    """`validate(row)` of every row, streamed. Reading errors (malformed JSON, a short CSV row) anywhere in
+    the file come before validation errors, and an empty source is an error, as when the whole file is read
+    first: after the first invalid row the rest is still read, then that row's error is raised."""
+    first_invalid: Optional[InputError] = None
+    empty = True
+    for row in read_rows(location, fmt, split=cfg.split, subset=cfg.subset):
+        empty = False
+        if first_invalid is not None:
+            continue
+        try:
+            value = validate(row)
+        except InputError as error:
+            first_invalid = error
+            continue
+        yield value
+    if empty:
         raise InputError(location, "the source holds no records", "check the file, split and subset")
-    return rows
+    if first_invalid is not None:
+        raise first_invalid
 
 
 def _reject_columns_for_beir(cfg: SourceConfig, location: str) -> None:
@@ -176,10 +211,16 @@ def _reject_columns_for_beir(cfg: SourceConfig, location: str) -> None:
 
 def _subsample(items: list, cfg: SourceConfig) -> list:
     """The first `max_samples` items, after a seeded shuffle when `seed` is set."""
+    return [items[index] for index in subsample_positions(len(items), cfg)]
+
+
+def subsample_positions(count: int, cfg: SourceConfig) -> list[int]:
+    """Positions of the items `max_samples` keeps out of `count`, in order (a seeded shuffle when `seed`
+    is set: `random.shuffle` draws depend only on the length, so shuffling positions keeps the same items)."""
+    positions = list(range(count))
     if cfg.seed is not None:
-        items = list(items)
-        random.Random(cfg.seed).shuffle(items)
-    return items if cfg.max_samples is None else items[:cfg.max_samples]
+        random.Random(cfg.seed).shuffle(positions)
+    return positions if cfg.max_samples is None else positions[:cfg.max_samples]
 
 
 def _column_candidates(field: str, aliases: dict[str, tuple[str, ...]],
@@ -279,10 +320,10 @@ def _score(value: Any, where: str) -> float:
     return number
 
 
-def _score_range(cfg: SourceConfig, scores: list[float]) -> tuple[float, float]:
-    """The declared range, else [0, 1] when every score lies in it, else [0, 5]."""
+def score_range_of(cfg: SourceConfig, lowest: float, highest: float) -> tuple[float, float]:
+    """The declared range, else [0, 1] when every score (lowest..highest) lies in it, else [0, 5]."""
     if cfg.score_range is not None:
         return float(cfg.score_range[0]), float(cfg.score_range[1])
-    if all(UNIT_SCORE_RANGE[0] <= score <= UNIT_SCORE_RANGE[1] for score in scores):
+    if UNIT_SCORE_RANGE[0] <= lowest and highest <= UNIT_SCORE_RANGE[1]:
         return UNIT_SCORE_RANGE
     return DEFAULT_SCORE_RANGE
