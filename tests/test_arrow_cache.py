@@ -248,3 +248,24 @@ def test_workers_read_the_mapped_files_and_give_the_same_batches(tmp_path, token
         assert len(other) == len(single)
         for a, b in zip(single, other):
             assert repr(a) == repr(b)
+
+
+# --- DDP: two ranks share one cache ---------------------------------------------------------------------
+
+def test_two_ddp_ranks_with_workers_build_each_entry_once(tiny_model_dir, tmp_path):
+    from ddp_driver.launch import run_codiemb
+
+    cache = tmp_path / "cache"
+    train = json.dumps([
+        {"name": "ir_a", "task": "ir", "path": str(write_jsonl(tmp_path / "ir.jsonl", IR_ROWS * 3)),
+         "instruction": "answer"},
+        {"name": "sts_b", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 40}])
+    arguments = ["--model.model_name_or_path", str(tiny_model_dir), "--data.train", train,
+                 "--data.cache_dir", str(cache), "--data.num_workers", "2", "--data.n_negatives", "1",
+                 "--data.ir_batch_size", "2", "--data.sts_batch_size", "2", "--trainer.max_steps", "4"]
+    result = run_codiemb(arguments, world_size=2)
+    assert result.returncode == 0, result.stdout[-4000:]
+    built = build_lines(cache)
+    # one records table and one token table per source, although both ranks (and their workers) read them
+    assert sorted(line.split()[1].split("-")[0] for line in built) == ["records", "records", "tokens", "tokens"]
+    assert len(entries(cache, "records")) == 2 and len(entries(cache, "tokens")) == 2
