@@ -39,6 +39,8 @@ class CoDiEmbCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.encoder", "data.length_cap", lambda encoder: encoder.max_seq_length,
+                              apply_on="instantiate")
 
     def init_parser(self, **kwargs: Any):
         """The LightningCLI parser, raising on a bad option or value instead of printing usage and exiting."""

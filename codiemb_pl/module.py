@@ -4,12 +4,12 @@ IR batches: multi-positive InfoNCE of the local queries against the positives an
 the whole global batch (gathered from all ranks with gradient). STS batches: the CoDiEmb combination
 `2·Pearson + 5·rank-KL + 0.5·PRO + 1·MidNCE` (weights configurable), CoSENT, or InfoNCE over the
 high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both.
+The losses live in `losses/objectives.py` (built once from the hyper-parameters, embed-then-score).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
@@ -20,9 +20,8 @@ from .bucketing import encode_in_length_buckets
 from .data.validation import EmbeddingBuffers
 from .encoder import TextEncoder
 from .evaluation.suite import flat_metrics, score_set, summary_metrics
-from .losses.gather import gather_no_grad, gather_with_grad
-from .losses.ir import ir_batch_diagnostics, multi_positive_info_nce
-from .losses.sts import STSLossConfig, sts_loss
+from .losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives
+from .losses.sts import STSLossConfig
 from .reporting import format_metrics_table
 from .lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
 from .rng_state import capture_rng_states, restore_rng_states
@@ -37,28 +36,6 @@ def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float
         return (step + 1) / warmup_steps
     remaining = max(1, total_steps - warmup_steps)
     return max(0.0, (total_steps - step) / remaining)
-
-
-def pad_negatives_to_every_ranks_count(
-    positives: torch.Tensor, negatives: Optional[torch.Tensor], negative_mask: Optional[torch.Tensor],
-    negative_ids: Optional[torch.Tensor],
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Give this rank's micro-batch as many hard-negative slots as the other ranks' (DDP only).
-
-    The collate leaves negatives out of a micro-batch none of whose queries has any; if another rank's
-    micro-batch has N, this rank would skip the gathers the others run (a hang or a crash). It gets N
-    masked placeholder slots instead, kept in the autograd graph so the gather's backward runs here too.
-    """
-    count = torch.tensor([0 if negatives is None else negatives.shape[1]], device=positives.device)
-    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-    slots = int(count.item())
-    if negatives is not None or slots == 0:
-        return negatives, negative_mask, negative_ids
-    size, dim = positives.shape[0], positives.shape[-1]
-    placeholders = (positives[:, :1] * 0.0).expand(size, slots, dim)
-    masked = torch.zeros(size, slots, dtype=torch.bool, device=positives.device)
-    ids = torch.zeros(size, slots, dtype=torch.long, device=positives.device)
-    return placeholders, masked, ids
 
 
 class CoDiEmbModule(pl.LightningModule):
@@ -77,6 +54,7 @@ class CoDiEmbModule(pl.LightningModule):
         sts_loss: weights and temperatures of the CoDiEmb STS losses.
         gather_sts: compute the STS losses over the gathered global STS batch instead of per device.
         sts_infonce_threshold: minimum normalised score of a pair used by the `infonce` STS objective.
+        sts_infonce_temperature: τ of the `infonce` STS objective (None: `ir_temperature`, as before it existed).
         lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
         length_buckets: encode each text group in this many length-sorted chunks (less padding).
         gradient_checkpointing: trade compute for memory in the transformer.
@@ -93,10 +71,16 @@ class CoDiEmbModule(pl.LightningModule):
                  sts_infonce_threshold: float = 0.8, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
                  lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None):
         super().__init__()
         self.save_hyperparameters()
         self.sts_config = sts_loss or STSLossConfig()
+        self.objectives: dict[str, Objective] = {
+            "ir": IRObjective(ir_temperature, cross_device_negatives, false_negative_mask),
+            "sts": build_sts_objective(sts_objective, self.sts_config, gather=gather_sts,
+                                       infonce_threshold=sts_infonce_threshold,
+                                       infonce_temperature=ir_temperature if sts_infonce_temperature is None
+                                       else sts_infonce_temperature)}
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
                                    max_seq_length=max_seq_length, include_prompt=False,
                                    trust_remote_code=trust_remote_code)
@@ -111,11 +95,6 @@ class CoDiEmbModule(pl.LightningModule):
         self.validation_history: list[tuple[str, dict[str, float]]] = []
         self.validation_label: Optional[str] = None  # overrides the history label of the next validation
 
-    def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "length_cap"):
-            datamodule.length_cap = self.encoder.max_seq_length  # no group is tokenised past the model's limit
-
     # -- encoding ---------------------------------------------------------------------------------------
     def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
         left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
@@ -128,82 +107,22 @@ class CoDiEmbModule(pl.LightningModule):
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         task = batch["task"]
-        if task == "ir":
-            loss = self.ir_step(batch)
-        elif task == "sts":
-            loss = self.sts_step(batch)
+        if task in self.objectives:
+            loss = self.objective_step(self.objectives[task], batch)
         else:
-            parts = [self.ir_step(batch["ir"])] if batch["ir"] is not None else []
-            if batch["sts"] is not None:
-                parts.append(self.sts_step(batch["sts"]))
+            parts = [self.objective_step(self.objectives[name], batch[name]) for name in ("ir", "sts")
+                     if batch[name] is not None]
             loss = torch.stack(parts).sum()
             self.log("train/mixed/loss", loss, on_step=True, batch_size=1)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
         return loss
 
-    def ir_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        queries = self.embed(batch["query"])
-        size = queries.shape[0]
-        positives = self.embed(batch["positives"]).view(size, -1, queries.shape[1])
-        negatives = None
-        if batch.get("negatives") is not None:
-            negatives = self.embed(batch["negatives"]).view(size, -1, queries.shape[1])
-        negative_mask = batch.get("negative_mask")
-        positive_ids, negative_ids = batch.get("positive_ids"), batch.get("negative_ids")
-        query_positive_ids = positive_ids
-        offset = 0
-        if self.hparams.cross_device_negatives and self.trainer.world_size > 1:
-            offset = self.trainer.global_rank * size
-            negatives, negative_mask, negative_ids = pad_negatives_to_every_ranks_count(
-                positives, negatives, negative_mask, negative_ids)
-            positives = gather_with_grad(positives)
-            if negatives is not None:
-                negatives = gather_with_grad(negatives)
-                negative_mask = gather_no_grad(negative_mask)
-                negative_ids = gather_no_grad(negative_ids)
-            positive_ids = gather_no_grad(positive_ids)
-        use_ids = self.hparams.false_negative_mask
-        loss = multi_positive_info_nce(
-            queries, positives, negatives, temperature=self.hparams.ir_temperature, query_offset=offset,
-            negative_mask=negative_mask, query_positive_ids=query_positive_ids if use_ids else None,
-            positive_ids=positive_ids if use_ids else None, negative_ids=negative_ids if use_ids else None)
-        self.log("train/ir/loss", loss, on_step=True, batch_size=size)
-        self.log(f"train/ir/{batch['dataset']}/loss", loss, on_step=True, batch_size=size)
-        diagnostics = ir_batch_diagnostics(queries.detach(), positives.detach(),
-                                           None if negatives is None else negatives.detach(), negative_mask, offset)
-        for name, value in diagnostics.items():
-            self.log(f"train/ir/{name}", value, on_step=True, batch_size=size)
-        return loss
-
-    def sts_step(self, batch: dict[str, Any]) -> torch.Tensor:
-        config = self.sts_config
-        scores = batch["scores"]
-        size = scores.shape[0]
-        objective = self.hparams.sts_objective
-        want_middle = objective == "codiemb" and config.mid_nce > 0
-        out1 = self.embed(batch["text1"], return_middle=want_middle)
-        out2 = self.embed(batch["text2"], return_middle=want_middle)
-        (emb1, mid1), (emb2, mid2) = (out1, out2) if want_middle else ((out1, None), (out2, None))
-        if objective == "infonce":
-            keep = scores >= self.hparams.sts_infonce_threshold
-            loss = multi_positive_info_nce(emb1[keep], emb2[keep].unsqueeze(1), None,
-                                           temperature=self.hparams.ir_temperature) if keep.any() \
-                else (emb1.sum() + emb2.sum()) * 0.0
-            self.log("train/sts/loss", loss, on_step=True, batch_size=size)
-            return loss
-        predictions = (emb1 * emb2).sum(dim=-1)
-        if self.hparams.gather_sts and self.trainer.world_size > 1:
-            predictions, scores = gather_with_grad(predictions), gather_no_grad(scores)
-            if want_middle:
-                mid1, mid2 = gather_with_grad(mid1), gather_with_grad(mid2)
-        if objective == "cosent":
-            config = STSLossConfig(pearson=0.0, rank_kl=0.0, pro=0.0, mid_nce=0.0, cosent=1.0,
-                                   cosent_scale=self.sts_config.cosent_scale)
-        loss, components = sts_loss(predictions, scores, config, mid1=mid1, mid2=mid2)
-        self.log("train/sts/loss", loss, on_step=True, batch_size=size)
-        self.log(f"train/sts/{batch['dataset']}/loss", loss, on_step=True, batch_size=size)
-        for name, value in components.items():
-            self.log(f"train/sts/{name}", value, on_step=True, batch_size=size)
+    def objective_step(self, objective: Objective, batch: dict[str, Any]) -> torch.Tensor:
+        """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...`."""
+        loss, logs = objective(self.embed, batch)
+        size = objective.batch_size(batch)
+        for name, value in logs.items():
+            self.log(f"train/{objective.task}/{name}", value, on_step=True, batch_size=size)
         return loss
 
     # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
@@ -317,7 +236,6 @@ class CoDiEmbModule(pl.LightningModule):
                    for index, vset in enumerate(buffers.sets)}
         return per_set, {vset.name: vset.task for vset in buffers.sets}
 
-    def hparams_for_card(self) -> dict[str, Any]:
-        out = dict(self.hparams)
-        out["sts_loss"] = asdict(self.sts_config)
-        return out
+    def objectives_for_card(self) -> dict[str, dict[str, Any]]:
+        """The losses section of the model card: what each objective says about itself."""
+        return describe_objectives(self.objectives)

@@ -11,7 +11,7 @@ from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.methods import slerp
-from codiemb_pl.fusion.probe import build_probe_batches, encoder_view, probe_loss_fn, self_positioning_merge
+from codiemb_pl.workflows.probe import build_probe_batches, encoder_view, probe_loss_fn, self_positioning_merge
 
 PROBE_SOURCES = [
     SourceConfig(name="demo_ir", task="ir", path="pkg://codiemb_pl/demo/ir_train.jsonl"),

@@ -88,17 +88,6 @@ def training_data_rows(datamodule: Any) -> list[dict[str, Any]]:
 
 
 def losses_summary(pl_module: pl.LightningModule) -> dict[str, Any]:
-    """The IR and STS objectives with their settings, from the module's hyperparameters."""
-    hp = pl_module.hparams_for_card() if hasattr(pl_module, "hparams_for_card") else dict(pl_module.hparams)
-    ir = {"loss": "multi-positive InfoNCE with hard negatives", "temperature": hp.get("ir_temperature"),
-          "cross_device_negatives": hp.get("cross_device_negatives"),
-          "false_negative_mask": hp.get("false_negative_mask")}
-    objective = hp.get("sts_objective")
-    sts: dict[str, Any] = {"objective": objective}
-    weights = hp.get("sts_loss") or {}
-    if objective == "codiemb":
-        sts.update({name: weights[name] for name in ("pearson", "rank_kl", "pro", "mid_nce", "cosent")
-                    if weights.get(name)})
-    elif objective == "infonce":
-        sts["threshold"] = hp.get("sts_infonce_threshold")
-    return {"IR": ir, "STS": sts}
+    """The IR and STS objectives with their settings, as the module's objectives describe themselves."""
+    describe = getattr(pl_module, "objectives_for_card", None)
+    return describe() if describe is not None else {}

@@ -100,6 +100,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         val_batch_size: texts per validation encoding batch.
         seed: seeds the sampler and the per-item choices (identical on every rank).
         num_workers: DataLoader workers.
+        length_cap: no text group is tokenised past this many tokens (the CLI links it to the model's
+            maximum sequence length).
         cache_dir: folder of the training-data cache (memory-mapped Arrow records and token ids, built once per
             source file and tokenizer, shared by every rank and worker); default `$HF_DATASETS_CACHE/codiemb`.
         rebuild_cache: rebuild this run's cache entries even when they are up to date.
@@ -111,14 +113,14 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  n_negatives: int = 0, max_query_length: int = 64, max_passage_length: int = 256,
                  max_sts_length: int = 128, instruction_template: str = INSTRUCTION_TEMPLATE,
                  passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0,
-                 cache_dir: Optional[str] = None, rebuild_cache: bool = False):
+                 length_cap: Optional[int] = None, cache_dir: Optional[str] = None, rebuild_cache: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.train_sources = list(train or [])
         self.val_sources = list(val or [])
         self.tokenizer_name = tokenizer
         self.tokenizer = None
-        self.length_cap: Optional[int] = None  # set by the model: its maximum sequence length
+        self.length_cap = length_cap
         self.train_dataset: Optional[ArrowTrainingDataset] = None
         self.val_sets: list[ValidationSet] = []
         self.sampler: Optional[TaskBatchSampler] = None

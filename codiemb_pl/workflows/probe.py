@@ -26,18 +26,18 @@ from torch import Tensor
 
 from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem
 from codiemb_pl.data.sources import SourceConfig, load_training_records
-from codiemb_pl.data.tokenize import tokenize_with_prefixes
+from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
 from codiemb_pl.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
 from codiemb_pl.fusion.streaming import TensorSource, as_source, key_seed
-from codiemb_pl.losses.ir import multi_positive_info_nce
-from codiemb_pl.losses.sts import STSLossConfig, sts_loss
+from codiemb_pl.losses.objectives import CoDiEmbSTSObjective, IRObjective, Objective
+from codiemb_pl.losses.sts import STSLossConfig
 
 PROBE_POSITIVES = 1
 PROBE_NEGATIVES = 3
 PROBE_TEMPERATURE = 0.02
-DEFAULT_INSTRUCTION_TEMPLATE = "Instruction: {instruction} Query: "
+DEFAULT_INSTRUCTION_TEMPLATE = INSTRUCTION_TEMPLATE
 # How a checkpoint may name the encoder parameter `model.X`: as is, Hugging Face export (`X`),
 # Lightning checkpoint of CoDiEmbModule (`encoder.model.X`).
 KEY_STYLES: dict[str, Callable[[str], str]] = {
@@ -88,7 +88,7 @@ def build_probe_batches(tokenizer, probe_sources: Sequence[SourceConfig], *, pro
                                n_negatives=PROBE_NEGATIVES)
     per_source: list[list[dict[str, Any]]] = []
     for source in probe_sources:
-        prefix = instruction_template.format(instruction=source.instruction) if source.instruction else None
+        prefix = instruction_prefix(source.instruction, instruction_template) or None
         records = sample_probe_records(source, probe_size, seed)
         items = [SampledItem(record=record, dataset=source.name, task=source.task, instruction=prefix,
                              seed=key_seed(seed, f"{source.name}:{index}")) for index, record in enumerate(records)]
@@ -101,28 +101,20 @@ def build_probe_batches(tokenizer, probe_sources: Sequence[SourceConfig], *, pro
     return interleaved
 
 
+def probe_objectives(ir_temperature: float = PROBE_TEMPERATURE, sts_config: STSLossConfig | None = None
+                     ) -> dict[str, Objective]:
+    """The training objectives on one device: IR InfoNCE without cross-device negatives, CoDiEmb STS loss."""
+    return {"ir": IRObjective(ir_temperature, cross_device_negatives=False, false_negative_mask=False),
+            "sts": CoDiEmbSTSObjective(sts_config or STSLossConfig())}
+
+
 def probe_loss_fn(ir_temperature: float = PROBE_TEMPERATURE, sts_config: STSLossConfig | None = None
                   ) -> Callable[[Callable[..., Any], dict[str, Any]], Tensor]:
-    """loss_fn(forward, batch) for `fit_self_positioning`: each batch scored by its own task's loss."""
-    config = sts_config or STSLossConfig()
-
-    def ir_loss(forward: Callable[..., Any], batch: dict[str, Any]) -> Tensor:
-        queries = forward(batch["query"])
-        size, dim = queries.shape
-        positives = forward(batch["positives"]).view(size, -1, dim)
-        negatives = None if batch["negatives"] is None else forward(batch["negatives"]).view(size, -1, dim)
-        return multi_positive_info_nce(queries, positives, negatives, temperature=ir_temperature,
-                                       negative_mask=batch["negative_mask"])
-
-    def sts_batch_loss(forward: Callable[..., Any], batch: dict[str, Any]) -> Tensor:
-        want_middle = config.mid_nce > 0
-        out1, out2 = forward(batch["text1"], return_middle=want_middle), forward(batch["text2"],
-                                                                                return_middle=want_middle)
-        (emb1, mid1), (emb2, mid2) = (out1, out2) if want_middle else ((out1, None), (out2, None))
-        return sts_loss((emb1 * emb2).sum(dim=-1), batch["scores"], config, mid1=mid1, mid2=mid2)[0]
+    """loss_fn(forward, batch) for `fit_self_positioning`: each batch scored by its own task's objective."""
+    objectives = probe_objectives(ir_temperature, sts_config)
 
     def loss_fn(forward: Callable[..., Any], batch: dict[str, Any]) -> Tensor:
-        return ir_loss(forward, batch) if batch["task"] == "ir" else sts_batch_loss(forward, batch)
+        return objectives[batch["task"]](forward, batch)[0]
 
     return loss_fn
 
