@@ -70,15 +70,17 @@ def atomic_directory(final_path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
-    """Write `text` to `path` via a temporary file in the same folder and an atomic `os.replace`."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; once the body has written it, flush it to disk and move it
+    onto `path` (`os.replace`). If the body raises, the temporary file is removed and `path` is untouched."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding=encoding) as handle:
-            handle.write(text)
-            handle.flush()
+        yield Path(temporary_name)
+        with open(temporary_name, "rb+") as handle:
             os.fsync(handle.fileno())
         os.chmod(temporary_name, 0o644)  # mkstemp makes it private; keep ordinary file permissions
         os.replace(temporary_name, target)
@@ -87,3 +89,9 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
             os.unlink(temporary_name)
         raise
     _fsync_directory(target.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` via a temporary file in the same folder and an atomic `os.replace`."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding=encoding)

@@ -201,8 +201,15 @@ class CoDiEmbModule(pl.LightningModule):
         return getattr(datamodule, "val_sets", []) if datamodule is not None else []
 
     def on_validation_epoch_start(self) -> None:
-        sets = self.validation_sets()
-        self.val_buffers = EmbeddingBuffers(sets, self.encoder.embedding_dim, self.device) if sets else None
+        self.val_buffers = self.embedding_buffers(self.validation_sets())
+
+    def embedding_buffers(self, sets) -> Optional[EmbeddingBuffers]:
+        return EmbeddingBuffers(sets, self.encoder.embedding_dim, self.device) if sets else None
+
+    def sum_across_ranks(self, buffers: EmbeddingBuffers) -> None:
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            buffers.all_reduce(lambda t: strategy.reduce(t, reduce_op="sum"))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.val_buffers is None:
@@ -213,9 +220,7 @@ class CoDiEmbModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.val_buffers is None:
             return
-        strategy = self.trainer.strategy
-        if self.trainer.world_size > 1:
-            self.val_buffers.all_reduce(lambda t: strategy.reduce(t, reduce_op="sum"))
+        self.sum_across_ranks(self.val_buffers)
         if self.trainer.sanity_checking and not self.val_buffers.complete():
             self.val_buffers = None  # a partial sanity pass (num_sanity_val_steps > 0): nothing to score
             return
@@ -230,6 +235,39 @@ class CoDiEmbModule(pl.LightningModule):
         self.validation_history.append((label, flat))
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             rank_zero_info(format_metrics_table(per_set, summary, title=f"validation (step {self.global_step})"))
+
+    # -- test (data.test, scored like validation) and predict (data.predict texts -> `self.predictions`) --------
+    def on_test_epoch_start(self) -> None:
+        self.val_buffers = self.embedding_buffers(getattr(self.trainer.datamodule, "test_sets", []))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        if self.val_buffers is None:
+            return
+        self.sum_across_ranks(self.val_buffers)
+        per_set, tasks = self.score_validation(self.val_buffers)
+        self.val_buffers = None
+        summary = summary_metrics(per_set, tasks)
+        for key, value in flat_metrics(per_set, summary, prefix="test/").items():
+            self.log(key, value, sync_dist=False, batch_size=1)
+        if self.trainer.is_global_zero:
+            rank_zero_info(format_metrics_table(per_set, summary, title="test"))
+
+    def on_predict_epoch_start(self) -> None:
+        self.val_buffers = self.embedding_buffers(getattr(self.trainer.datamodule, "predict_sets", []))
+        self.predictions: Optional[torch.Tensor] = None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_predict_epoch_end(self) -> None:
+        if self.val_buffers is None:
+            return
+        self.sum_across_ranks(self.val_buffers)
+        self.predictions = self.val_buffers.embeddings(0, "text").cpu()
+        self.val_buffers = None
 
     def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         per_set = {vset.name: score_set(vset, {name: buffers.embeddings(index, name) for name in vset.texts})

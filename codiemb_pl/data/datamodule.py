@@ -24,6 +24,7 @@ from ..workflows.validation import build_validation_sets
 from .tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
 from .sampler import TaskBatchSampler
 from .sources import SourceConfig
+from .texts import read_texts
 from .validation import ValidationSet, plan_validation_chunks
 
 class ResumableDataLoader(DataLoader):
@@ -105,6 +106,11 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         cache_dir: folder of the training-data cache (memory-mapped Arrow records and token ids, built once per
             source file and tokenizer, shared by every rank and worker); default `$HF_DATASETS_CACHE/codiemb`.
         rebuild_cache: rebuild this run's cache entries even when they are up to date.
+        test: test sets for `codiemb test` (same shape as `val`; scored like validation, logged as `test/...`).
+        predict: file of texts for `codiemb predict`: `.txt` (one text per line) or jsonl/json/csv/tsv/parquet
+            (the `predict_column` column); each text is encoded like a passage (`max_passage_length`).
+        predict_column: the column of `predict` holding the texts.
+        predict_instruction: encode the `predict` texts with this instruction's prefix (as training's queries).
     """
 
     def __init__(self, train: Optional[list[SourceConfig]] = None, val: Optional[list[SourceConfig]] = None,
@@ -113,7 +119,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  n_negatives: int = 0, max_query_length: int = 64, max_passage_length: int = 256,
                  max_sts_length: int = 128, instruction_template: str = INSTRUCTION_TEMPLATE,
                  passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0,
-                 length_cap: Optional[int] = None, cache_dir: Optional[str] = None, rebuild_cache: bool = False):
+                 length_cap: Optional[int] = None, cache_dir: Optional[str] = None, rebuild_cache: bool = False,
+                 test: Optional[list[SourceConfig]] = None, predict: Optional[str] = None,
+                 predict_column: str = "text", predict_instruction: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters()
         self.train_sources = list(train or [])
@@ -123,6 +131,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.length_cap = length_cap
         self.train_dataset: Optional[ArrowTrainingDataset] = None
         self.val_sets: list[ValidationSet] = []
+        self.test_sources = list(test or [])
+        self.test_sets: list[ValidationSet] = []
+        self.predict_sets: list[ValidationSet] = []  # the one set of `predict` texts (field "text")
         self.sampler: Optional[TaskBatchSampler] = None
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
 
@@ -156,6 +167,19 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             self.val_sets = build_validation_sets(self.val_sources, where="data.val",
                                                   instruction_template=self.hparams.instruction_template,
                                                   passage_prefix=self.hparams.passage_prefix)
+        if stage == "test" and not self.test_sets:
+            if not self.test_sources:
+                raise InputError("data.test", "no test sets configured",
+                                 "add entries under data.test, shaped like those of data.val")
+            self.test_sets = build_validation_sets(self.test_sources, where="data.test",
+                                                   instruction_template=self.hparams.instruction_template,
+                                                   passage_prefix=self.hparams.passage_prefix)
+        if stage == "predict" and not self.predict_sets:
+            if not self.hparams.predict:
+                raise InputError("data.predict", "no file of texts to embed", "pass --data.predict FILE")
+            texts = read_texts(self.hparams.predict, self.hparams.predict_column)
+            self.predict_sets = [ValidationSet(name="predict", task="predict", texts={"text": texts},
+                                               prefixes={"text": self.prefix_for(self.hparams.predict_instruction)})]
 
     def training_cache_dir(self) -> Path:
         return Path(resolve_location(self.hparams.cache_dir)) if self.hparams.cache_dir else default_cache_dir()
@@ -211,15 +235,26 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                            capped(self.hparams.max_sts_length))
 
     def val_dataloader(self) -> DataLoader | list:
-        if not self.val_sets:
+        return self.encoding_dataloader(self.val_sets)
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self.encoding_dataloader(self.test_sets)
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.encoding_dataloader(self.predict_sets)
+
+    def encoding_dataloader(self, sets: list[ValidationSet]) -> DataLoader | list:
+        """This rank's length-sorted chunks of every text of `sets` (validation, test or predict)."""
+        if not sets:
             return []
         trainer = self.trainer
         world_size = trainer.world_size if trainer else 1
         rank = trainer.global_rank if trainer else 0
-        chunks = plan_validation_chunks(self.val_sets, self.hparams.val_batch_size, world_size, rank)
+        chunks = plan_validation_chunks(sets, self.hparams.val_batch_size, world_size, rank)
         limits = {"text1": self.hparams.max_sts_length, "text2": self.hparams.max_sts_length,
-                  "query": self.hparams.max_query_length, "corpus": self.hparams.max_passage_length}
-        dataset = ValidationTexts(self.val_sets, chunks, self.tokenize, limits)
+                  "query": self.hparams.max_query_length, "corpus": self.hparams.max_passage_length,
+                  "text": self.hparams.max_passage_length}
+        dataset = ValidationTexts(sets, chunks, self.tokenize, limits)
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.hparams.num_workers)
 
     # -- resume bookkeeping ------------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""LightningCLI for `codiemb fit | validate | test | predict` (imported only when one of those runs).
+
+`codiemb_pl.cli.main` dispatches here; project commands and `--help` never import Lightning.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from argparse import ArgumentError
+from typing import Any, Optional
+
+from lightning.pytorch.cli import LightningCLI
+
+from .callbacks.interruption import GracefulInterruption, TrainingInterrupted
+from .reporting import comparison_table
+from .data.datamodule import CoDiEmbDataModule
+from .data.sampler import POLICIES
+from .config_errors import explain_config_error, parser_keys
+from .embeddings_file import check_output_path, write_embeddings
+from .errors import InputError
+from .held_logs import HeldLogs
+from .module import CoDiEmbModule
+from .pooling import check_pooling_mode
+
+
+class CoDiEmbCLI(LightningCLI):
+    """LightningCLI with the tokenizer linked to the model and the sampler doing the sharding."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.held_logs = HeldLogs().hold()  # Lightning's banners wait until the input has been checked
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            self.held_logs.discard()  # a run that failed before its checks passed shows only warnings
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.model_name_or_path", "data.tokenizer")
+        parser.link_arguments("model.encoder", "data.length_cap", lambda encoder: encoder.max_seq_length,
+                              apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """LightningCLI's parser of `subcommand`, plus `--predict_output` for `predict`."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument("--predict_output", type=Optional[str], default=None,
+                                help="where `predict` writes the embeddings of data.predict: FILE.npy (float32 "
+                                     "matrix, row i = text i) or FILE.parquet (columns text, embedding)")
+        return parser
+
+    def init_parser(self, **kwargs: Any):
+        """The LightningCLI parser, raising on a bad option or value instead of printing usage and exiting."""
+        parser = super().init_parser(**kwargs)
+        parser.exit_on_error = False
+        return parser
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse the command line and configs; a rejected key or value becomes a one-line `InputError` naming
+        the config file (or the command line), the key and the nearest valid key."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as error:
+            argv = list(sys.argv[1:] if args is None else args)
+            command = next((token for token in argv if token in self.subcommands()), None)
+            subparsers = getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {})
+            keys = parser_keys(subparsers.get(command, parser))
+            raise explain_config_error(str(error), argv, keys, command or "<command>") from error
+
+    def before_instantiate_classes(self) -> None:
+        """Check the choice-valued settings before the model is loaded or anything is written."""
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        pooling = config.get("model.pooling")
+        if pooling is not None:
+            check_pooling_mode(pooling, where="model.pooling")
+        policy = config.get("data.policy")
+        if policy is not None and policy not in POLICIES:
+            raise InputError("data.policy", f"unknown sampler policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
+        if config.get("trainer") is not None:  # unset logger / checkpoint folders follow trainer.default_root_dir
+            from .run_folder import fill_unset_folders
+
+            fill_unset_folders(config["trainer"])
+
+    def before_fit(self) -> None:
+        """Read and check all data and the sampler plan before any training or writing starts; from here on,
+        SIGTERM / SIGINT save `last.ckpt` and stop (`GracefulInterruption`) unless a config already adds one."""
+        trainer = self.trainer
+        if not any(isinstance(callback, GracefulInterruption) for callback in trainer.callbacks):
+            trainer.callbacks.append(GracefulInterruption())
+        plan = self.datamodule.check_training_plan(trainer.world_size, trainer.accumulate_grad_batches)
+        self.held_logs.release()
+        if trainer.is_global_zero:
+            print("[codiemb] training plan\n" + plan.describe(), flush=True)
+
+    def before_validate(self) -> None:
+        self.datamodule.setup("validate")  # read and check the sets before Lightning's banners
+        self.held_logs.release()
+
+    def before_test(self) -> None:
+        self.datamodule.setup("test")
+        self.held_logs.release()
+
+    def before_predict(self) -> None:
+        check_output_path(self.config[self.subcommand].get("predict_output"))
+        self.datamodule.setup("predict")
+        self.held_logs.release()
+
+    def predict(self, model: CoDiEmbModule, datamodule: CoDiEmbDataModule, **kwargs: Any) -> None:
+        """Embed the data.predict texts and write them to --predict_output (rank 0, atomically)."""
+        kwargs["return_predictions"] = False
+        self.trainer.predict(model, datamodule=datamodule, **kwargs)
+        if self.trainer.is_global_zero:
+            output = self.config[self.subcommand].get("predict_output")
+            texts = datamodule.predict_sets[0].texts["text"]
+            path = write_embeddings(output, model.predictions.numpy(), texts)
+            print(f"[codiemb] wrote {len(texts)} embeddings of dimension {model.predictions.shape[1]} to {path}",
+                  flush=True)
+
+    def after_fit(self) -> None:
+        """Validate the final weights if the last validation is stale, then print start-vs-end metrics."""
+        module, trainer = self.model, self.trainer
+        has_val = bool(getattr(self.datamodule, "val_sources", None))
+        history = getattr(module, "validation_history", [])
+        if has_val and trainer.global_step > 0 and (not history or history[-1][0] != f"step {trainer.global_step}"):
+            module.validation_label = "exported"
+            trainer.validate(module, datamodule=self.datamodule, verbose=False)
+            module.validation_label = None
+        table = comparison_table(getattr(module, "validation_history", []))
+        if table and trainer.is_global_zero:
+            print("\nvalidation metrics (start = before training)\n" + table, flush=True)
+
+
+def run_lightning_cli(args: Optional[list[str]]) -> int:
+    """Run a LightningCLI subcommand (fit / validate / test / predict); returns the exit code."""
+    try:
+        with warnings.catch_warnings():  # `main(args)` in-process is this CLI's design, not a mistake to warn about
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            CoDiEmbCLI(CoDiEmbModule, CoDiEmbDataModule, args=args, save_config_kwargs={"overwrite": True},
+                       trainer_defaults={"use_distributed_sampler": False})
+    except TrainingInterrupted as interruption:
+        print(f"codiemb: interrupted: {interruption}", file=sys.stderr)
+    return 0
