@@ -206,3 +206,18 @@ def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and
     sets = [ValidationSet.from_sts("sts_dev", load_sts_pairs(SourceConfig(**source)), "")]
     per_set, _ = evaluate_encoder(TextEncoder.load(tmp_path / "fused"), sets)
     assert f"| `val/sts_dev/cosine_spearman` | {per_set['sts_dev']['cosine_spearman']:.4f} |" in card
+
+
+def test_help_names_every_merge_method_and_parsing_imports_no_torch():
+    import subprocess
+    import sys
+
+    from codiemb_pl.commands.fuse import build_parser
+    from codiemb_pl.fusion.methods import MERGE_METHODS
+
+    text = build_parser().format_help()
+    assert all(name in text for name in MERGE_METHODS)
+    code = ("import sys; from codiemb_pl.commands.fuse import build_parser; build_parser().format_help(); "
+            "import codiemb_pl.commands.boom; print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "False", result.stderr[-2000:]

@@ -25,8 +25,6 @@ from codiemb_pl.cli import register_command
 from codiemb_pl.commands.arguments import CommandParser
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
-from codiemb_pl.workflows.boom import evaluate_models, plan_runs, resolve_fit_config, run_boom, run_incremental
-from codiemb_pl.workflows.validation import as_source_config
 
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
@@ -113,6 +111,8 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
         spec = _read_yaml(spec) if Path(spec).is_file() else yaml.safe_load(spec)
     if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
         raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
+    from codiemb_pl.workflows.validation import as_source_config
+
     return [as_source_config(item, f"{where}[{index}]") for index, item in enumerate(spec)]
 
 
@@ -120,6 +120,7 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
 def boom_command(argv: list[str]) -> int:
     """Run BOOM (or an incremental update), print where the merge is and, optionally, the metric table."""
     from codiemb_pl.reporting import comparison_table
+    from codiemb_pl.workflows.boom import evaluate_models, plan_runs, resolve_fit_config, run_boom, run_incremental
 
     options, fit_configs, overrides = collect_options(argv)
     resolved = resolve_fit_config(fit_configs, overrides)

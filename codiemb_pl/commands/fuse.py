@@ -36,10 +36,6 @@ import yaml
 
 from ..cli import register_command
 from ..errors import InputError
-from ..fusion.methods import MERGE_METHODS
-from ..reporting import format_metrics_table
-from ..workflows.fusion import fuse
-from ..workflows.validation import build_validation_sets
 from .arguments import CommandParser
 
 COMMAND = "codiemb fuse"
@@ -53,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="the shared base θ0: model folder, .safetensors or .ckpt")
     parser.add_argument("--model", action="append", dest="models", help="a checkpoint to merge; repeatable")
     parser.add_argument("--weights", nargs="+", type=float, help="one prior weight per --model")
-    parser.add_argument("--method", help=f"one of {sorted(MERGE_METHODS)}")
+    parser.add_argument("--method", help="a merge method of codiemb_pl.fusion.methods: delta_guided, uniform_soup, "
+                                          "task_arithmetic, ties, dare, slerp, multi_slerp")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method parameter")
     parser.add_argument("--output", help="output sentence-transformers folder (replaced atomically)")
     parser.add_argument("--template", help="folder whose config, tokenizer and pooling the output keeps")
@@ -104,6 +101,8 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
                              "e.g. {path: runs/x/model, weight: 1.0}")
         models.append(model)
     request["models"] = models
+    from ..fusion.methods import MERGE_METHODS   # imports torch: after the arguments are read
+
     if request["method"] not in MERGE_METHODS:
         raise InputError(f"{where}: method", f"unknown or data-dependent merge method {request['method']!r}",
                          f"use one of {sorted(MERGE_METHODS)} (greedy soup / Self Positioning: CheckpointFusion)")
@@ -120,6 +119,10 @@ def _parse_param(text: str) -> tuple[str, Any]:
 @register_command("fuse")
 def main(argv: list[str]) -> int:
     request = resolve_request(build_parser().parse_args(argv))
+    from ..reporting import format_metrics_table
+    from ..workflows.fusion import fuse
+    from ..workflows.validation import build_validation_sets
+
     sets = build_validation_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
                                  instruction_template=request.get("instruction_template"),
                                  passage_prefix=request.get("passage_prefix"))
