@@ -66,6 +66,16 @@ def test_declared_needs():
     assert merge_needs("delta_guided", {}) == Needs(True)
     with pytest.raises(InputError, match="unknown merge method"):
         merge_needs("frankenmerge", {})
+    assert methods.method_parameters("ties") == ("density", "scale")
+    assert methods.method_parameters("delta_guided") == ("gamma", "scale", "granularity")
+
+
+def test_a_method_registered_without_needs_gets_whole_tensors(monkeypatch):
+    monkeypatch.setitem(MERGE_METHODS, "plain_dict_entry", methods.uniform_soup)
+    assert merge_needs("plain_dict_entry", {}) == Needs()
+    base, models = family()
+    merged = Merge(base, models, "plain_dict_entry", max_elements=12)
+    assert len(list(merged.slices("emb.weight"))) == 1
 
 
 def _recording_method(monkeypatch, name: str, needs) -> list[dict]:

@@ -50,11 +50,11 @@ class Merge:
                  max_elements: int | None = ROW_CHUNK_ELEMENTS):
         self.params = dict(params or {})
         self.fn = get_merge_method(method)
-        check_method_params(method, self.params)
         supplied = sorted(set(self.params) & set(STATISTIC_PARAMETERS))
         if supplied:
             raise InputError(f"fusion.{method}", f"`{supplied[0]}` is computed by the merge engine",
                              "set granularity='layer' (or the density) instead of passing it")
+        check_method_params(method, self.params)
         if not models:
             raise InputError("fusion.models", "no checkpoints to merge", "pass at least one checkpoint")
         self.method = method

@@ -101,7 +101,7 @@ def register(name: str, needs: Needs | Callable[[Mapping[str, Any]], Needs] = WH
 def merge_needs(name: str, params: Mapping[str, Any]) -> Needs:
     """What method `name` needs from the engine with `params` (whole tensors unless it declared more)."""
     get_merge_method(name)
-    return MERGE_NEEDS[name](params)
+    return MERGE_NEEDS.get(name, lambda params: WHOLE_TENSORS)(params)
 
 
 def get_merge_method(name: str) -> MergeFn:
@@ -113,9 +113,9 @@ def get_merge_method(name: str) -> MergeFn:
 
 
 def method_parameters(name: str) -> tuple[str, ...]:
-    """Names of the method-specific keyword parameters of `name` (e.g. ('density', 'scale') for ties)."""
+    """Names of the method-specific keyword parameters of `name` users set (e.g. ('density', 'scale') for ties)."""
     signature = inspect.signature(get_merge_method(name))
-    return tuple(p for p in signature.parameters if p not in COMMON_PARAMETERS)
+    return tuple(p for p in signature.parameters if p not in COMMON_PARAMETERS + STATISTIC_PARAMETERS)
 
 
 def check_method_params(name: str, params: dict) -> None:
