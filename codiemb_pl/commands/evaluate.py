@@ -3,6 +3,7 @@
     codiemb evaluate --model runs/x/model --sts stsb=data/stsb_test.jsonl --ir scifact=data/scifact \
         --output results.json [--geometry] [--split test] [--sts-range 0 5] [--batch-size 64] [--max-length 256]
         [--instruction scifact='Given a claim, find evidence'] [--instruction-template T] [--passage-prefix P]
+    codiemb evaluate --config evaluate.yaml      # the same options as YAML keys (model, sts, batch_size, ...)
 
 `--model` is a sentence-transformers folder, a Hugging Face folder, a hub id, `pkg://...`, or a Lightning
 checkpoint (`.ckpt`; its `encoder.model.*` weights go into the encoder named by the checkpoint's
@@ -25,7 +26,6 @@ from ..cli import register_command
 from ..data.tokenize import INSTRUCTION_TEMPLATE
 from ..device import add_device_argument, resolve_device
 from ..errors import InputError
-from ..evaluation.geometry import GEOMETRY_METRIC_NAMES
 from ..reporting import format_metrics_table
 from .arguments import CommandParser
 
@@ -33,7 +33,8 @@ COMMAND = "codiemb evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=COMMAND, description="Score a model on STS pair files and BEIR retrieval folders.")
+    parser = CommandParser(prog=COMMAND, description="Score a model on STS pair files and BEIR retrieval folders.",
+                           config_files=True)
     parser.add_argument("--model", required=True,
                         help="sentence-transformers / Hugging Face folder, hub id, pkg://..., or a Lightning .ckpt")
     parser.add_argument("--base", help="model folder whose architecture a .ckpt's weights are loaded into "
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def geometry_table(per_set: dict[str, dict[str, float]]) -> str:
     """Geometry metrics, one row per set, in 4 significant digits (condition numbers span many decades)."""
+    from ..evaluation.geometry import GEOMETRY_METRIC_NAMES  # here, not at the top: `--help` stays torch-free
+
     rows = {name: {m: v for m, v in values.items() if m in GEOMETRY_METRIC_NAMES} for name, values in per_set.items()}
     rows = {name: values for name, values in rows.items() if values}
     if not rows:
@@ -89,9 +92,10 @@ def results_json(per_set: dict[str, dict[str, float]]) -> str:
 @register_command("evaluate")
 def evaluate_command(argv: list[str]) -> int:
     """Run `codiemb evaluate` with `argv` (everything after the command name); returns the exit code."""
+    args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
+    from ..evaluation.geometry import GEOMETRY_METRIC_NAMES
     from ..workflows.evaluation import evaluate, load_sets
 
-    args = build_parser().parse_args(argv)
     if args.output is not None and Path(args.output).is_dir():
         raise InputError(f"--output {args.output}", "is a folder", "name a .json file")
     device = resolve_device(args.device)

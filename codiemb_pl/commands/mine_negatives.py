@@ -2,6 +2,7 @@
 
     codiemb mine-negatives DATA [--split train] [--corpus FILE] --model MODEL --output FILE.jsonl
                            [--range 10 50] [--margin 0.95 | --no-margin] [--num-negatives 4]
+    codiemb mine-negatives --config mine.yaml    # the same options as YAML keys (data, model, output, ...)
 
 DATA is a BEIR folder (with --split) or an IR file with query + positives. The corpus is the BEIR
 folder's, or --corpus (a BEIR folder, a corpus .jsonl with `text`, or a .txt file with one document per
@@ -16,13 +17,11 @@ import sys
 
 from ..cli import register_command
 from ..device import add_device_argument, resolve_device
-from ..mining import (MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives,
-                      write_ir_jsonl)
 from .arguments import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0], config_files=True)
     parser.add_argument("data", help="BEIR folder (with --split) or an IR file (query + positives)")
     parser.add_argument("--split", default="train", help="BEIR qrels split (default: train)")
     parser.add_argument("--corpus", default=None, help="documents to mine from (default: the data's own)")
@@ -45,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 @register_command("mine-negatives")
 def mine_negatives_command(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
+    from ..mining import MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives, write_ir_jsonl
+
     settings = MiningSettings(rank_range=tuple(args.range), margin=None if args.no_margin else args.margin,
                               num_negatives=args.num_negatives)
     device = resolve_device(args.device)
