@@ -80,15 +80,30 @@ def is_lora_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _trainable_names(module: nn.Module) -> set[str]:
+    """Names of the trainable parameters, without the wrapper prefixes FSDP / checkpointing / compile add
+    (a consolidated checkpoint's keys have none)."""
+    names = set()
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            for prefix in _WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            names.add(name)
+    return names
+
+
 def trainable_state_dict(module: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """The entries of `module`'s `state_dict` that are trainable parameters (the adapters under LoRA)."""
-    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    trainable = _trainable_names(module)
     return {key: value for key, value in state_dict.items() if key in trainable}
 
 
 def check_adapter_checkpoint(module: nn.Module, state_dict: dict[str, Tensor], where: str) -> None:
     """Refuse a checkpoint whose tensors are not exactly `module`'s trainable ones (one clear line)."""
-    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    trainable = _trainable_names(module)
     missing, unexpected = sorted(trainable - state_dict.keys()), sorted(state_dict.keys() - trainable)
     if missing or unexpected:
         found = "other adapters" if any(".lora_" in key for key in state_dict) else "a full-weight checkpoint"
