@@ -23,7 +23,7 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from ..cli import register_command
-from ..data.tokenize import INSTRUCTION_TEMPLATE
+from ..data.instructions import INSTRUCTION_TEMPLATE
 from ..device import add_device_argument, resolve_device
 from ..errors import InputError
 from ..reporting import format_metrics_table

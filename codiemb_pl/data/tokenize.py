@@ -1,5 +1,5 @@
-"""Instruction prefixes: the template that turns an instruction into a prefix, tokenising `prefix + text`,
-and the one rule that leaves the prefix's tokens out of pooling.
+"""Instruction prefixes: tokenising `prefix + text`, and the one rule that leaves the prefix's tokens out
+of pooling (the template that makes an instruction a prefix is `data.instructions`, re-exported here).
 
 SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still attended to". For a
 text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone, after the
@@ -17,13 +17,7 @@ from typing import Optional
 
 import torch
 
-#: How a sub-dataset's `instruction` becomes the prefix of its queries and STS sentences (the one default).
-INSTRUCTION_TEMPLATE = "Instruction: {instruction} Query: "
-
-
-def instruction_prefix(instruction: Optional[str], template: str = INSTRUCTION_TEMPLATE) -> str:
-    """`template` filled with `instruction`; the empty string when there is no instruction."""
-    return template.format(instruction=instruction) if instruction else ""
+from .instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
 
 
 def leading_special_tokens(tokenizer) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..data.sources import SourceConfig
-from ..data.tokenize import INSTRUCTION_TEMPLATE
+from ..data.instructions import INSTRUCTION_TEMPLATE
 from ..data.validation import ValidationSet
 from ..encoder import TextEncoder
 from ..errors import InputError

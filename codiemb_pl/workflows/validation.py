@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from ..data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix
+from ..data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from ..data.validation import ValidationSet
 from ..errors import InputError
 
