@@ -170,14 +170,17 @@ class TextEncoder(nn.Module):
     def forward(self, features: dict[str, Tensor], return_middle: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Embed a tokenised batch: `[b, d]`, or `(final, middle)` with `return_middle`.
 
-        Pooling uses `features["pooling_mask"]` when present, else the attention mask. `middle` is the
+        Mean pooling uses `features["pooling_mask"]` when present (instruction tokens left out), else the
+        attention mask; `cls` and `last` take a position that a leading prefix does not move, from the
+        attention mask (as sentence-transformers' `include_prompt=True` does). `middle` is the
         same pooling applied to `hidden_states[num_layers // 2]` (index 0 is the embedding layer), always
         L2-normalised (it feeds MidNCE, SPEC §4).
         """
         model_inputs = {key: features[key] for key in MODEL_INPUT_KEYS if key in features}
         outputs = self.model(**model_inputs, output_hidden_states=return_middle, return_dict=True)
         token_states = outputs.last_hidden_state
-        mask = features.get(POOLING_MASK_KEY, features.get("attention_mask"))
+        mask = features.get(POOLING_MASK_KEY) if self.pooling == "mean" else None
+        mask = mask if mask is not None else features.get("attention_mask")
         if mask is None:
             mask = torch.ones(token_states.shape[:2], dtype=torch.long, device=token_states.device)
         final = pool(token_states, mask, self.pooling)
@@ -200,9 +203,10 @@ class TextEncoder(nn.Module):
         length so each batch pads little. `prompt` (literal text) or `prompt_name` (a key of
         `self.prompts`) is prepended to every text; with neither, `default_prompt_name` applies if set.
         `prefix` (an instruction prefix, instead of a prompt) is prepended too. When `include_prompt` is
-        False, their tokens are attended to but left out of pooling (`data.tokenize.prefix_pooling_mask`):
-        a prompt's with the leading special tokens (`[CLS]`), as sentence-transformers does; a prefix's
-        without them, as training and validation do (so evaluation scores what validation scored).
+        False, their tokens and the leading special tokens (`[CLS]`) are attended to but left out of
+        pooling (`data.tokenize.prefix_pooling_mask`): sentence-transformers' rule for prompts, and the
+        rule training and validation apply to instruction prefixes (so evaluation scores what validation
+        scored, and an exported instruction prompt reproduces the training embedding).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         if batch_size < 1:
@@ -235,7 +239,7 @@ class TextEncoder(nn.Module):
                     if prefix_tokens:
                         features[POOLING_MASK_KEY] = prefix_pooling_mask(
                             features["attention_mask"], [prefix_tokens] * len(features["attention_mask"]), leading,
-                            pool_leading=bool(prefix))
+                            pool_leading=False)
                     on_device.append(self(features).float())
                     if len(on_device) == DEVICE_BATCHES_PER_COPY:
                         chunks.append(torch.cat(on_device).cpu())
@@ -272,12 +276,16 @@ class TextEncoder(nn.Module):
         Layout: config.json, model.safetensors (no pooler weights) and tokenizer files at the root;
         modules.json (Transformer, Pooling in 1_Pooling, Normalize in 2_Normalize when normalising);
         1_Pooling/config.json; sentence_bert_config.json; config_sentence_transformers.json; README.md
-        when `model_card` is given.
+        when `model_card` is given. For a model class with an optional pooler (BERT-style
+        `add_pooling_layer`), sentence_bert_config.json carries `model_args: {add_pooling_layer: false}`,
+        so sentence-transformers builds the model without the pooler it never uses and loads silently
+        (no "pooler.dense.* MISSING ... newly initialized" report), as `TextEncoder` does.
         """
         with atomic_directory(path) as folder:
             model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
             weights = {key: value for key, value in weights.items() if not key.startswith("pooler.")}
-            model.save_pretrained(folder, state_dict=weights)
+            with _quiet_transformers():  # no "Writing model shards" progress bar in the middle of a run
+                model.save_pretrained(folder, state_dict=weights)
             self.tokenizer.save_pretrained(folder)
             modules = [
                 {"idx": 0, "name": "0", "path": "", "type": _ST_MODULE_CLASS.format("Transformer")},
@@ -289,8 +297,11 @@ class TextEncoder(nn.Module):
                 (folder / "2_Normalize").mkdir()
             _write_json(folder / "modules.json", modules)
             _write_json(folder / "1_Pooling" / "config.json", self._pooling_config())
-            _write_json(folder / "sentence_bert_config.json",
-                        {"max_seq_length": self.max_seq_length, "do_lower_case": self.do_lower_case})
+            transformer_config: dict[str, Any] = {"max_seq_length": self.max_seq_length,
+                                                  "do_lower_case": self.do_lower_case}
+            if "add_pooling_layer" in inspect.signature(type(model).__init__).parameters:
+                transformer_config["model_args"] = {"add_pooling_layer": False}
+            _write_json(folder / "sentence_bert_config.json", transformer_config)
             _write_json(folder / "config_sentence_transformers.json", {
                 "model_type": "SentenceTransformer",
                 "__version__": _library_versions(),

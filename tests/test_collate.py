@@ -48,10 +48,10 @@ def test_prefix_tokens_are_left_out_of_pooling_mask(tokenizer):
     for row, text in enumerate(texts):
         attention = encoded["attention_mask"][row]
         pooling = encoded["pooling_mask"][row]
-        assert int(attention.sum() - pooling.sum()) == n_prefix
-        assert pooling[0] == 1 and pooling[1:1 + n_prefix].sum() == 0
+        assert int(attention.sum() - pooling.sum()) == 1 + n_prefix  # [CLS] and the prefix (sentence-transformers' rule)
+        assert pooling[:1 + n_prefix].sum() == 0 and pooling[1 + n_prefix] == 1
         # the text's own tokens (and [SEP]) stay in the mean: as many as without the prefix, minus [CLS]
-        assert int(pooling.sum()) == int(plain["attention_mask"][row].sum())
+        assert int(pooling.sum()) == int(plain["attention_mask"][row].sum()) - 1
     assert "pooling_mask" not in plain
 
 

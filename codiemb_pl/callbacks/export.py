@@ -33,6 +33,11 @@ class ExportEncoder(pl.Callback):
         self.exported_from: Optional[str] = None
         self.exported_step: Optional[int] = None
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Give the encoder the training instructions as named prompts, so every folder written from it
+        (this export, the fusion winner) encodes `encode(q, prompt_name=NAME)` as training embedded q."""
+        add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
@@ -77,6 +82,30 @@ class ExportEncoder(pl.Callback):
                 return dict(metrics), f"the validation sets at step {self.exported_step} (the exported weights)"
         label, metrics = history[-1]
         return dict(metrics), f"the validation sets, latest validation during training ({label})"
+
+
+def training_prompts(datamodule: Any) -> dict[str, str]:
+    """`{sub-dataset name: instruction prefix}` for every training sub-dataset with an `instruction`: the
+    prefix its queries (IR) or sentences (STS) were trained with (`data.instruction_template` filled in).
+    Sub-datasets sharing an instruction share one prompt, named after the first of them."""
+    prompts: dict[str, str] = {}
+    for source in getattr(datamodule, "train_sources", None) or []:
+        prefix = datamodule.prefix_for(source.instruction) if source.instruction else ""
+        if prefix and prefix not in prompts.values():
+            prompts[source.name] = prefix
+    return prompts
+
+
+def add_training_prompts(encoder: Any, datamodule: Any) -> None:
+    """Add the training instructions to `encoder.prompts` (see `training_prompts`). With mean pooling the
+    prompt tokens and `[CLS]` leave pooling (`include_prompt = False`, sentence-transformers' rule), as
+    training leaves instruction prefixes out; `cls` / `last` pooling take the same position either way
+    and keep sentence-transformers' `include_prompt = True` (with False it would pool the first token
+    after the prompt)."""
+    prompts = training_prompts(datamodule)
+    if prompts:
+        encoder.prompts = {**encoder.prompts, **prompts}
+        encoder.include_prompt = encoder.pooling != "mean"
 
 
 def training_data_rows(datamodule: Any) -> list[dict[str, Any]]:

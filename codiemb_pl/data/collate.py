@@ -198,7 +198,7 @@ class PaddingRule:
             encoded["token_type_ids"] = torch.zeros_like(input_ids)
         encoded["attention_mask"] = attention_mask
         if prefix_tokens is not None and any(prefix_tokens):
-            encoded["pooling_mask"] = prefix_pooling_mask(attention_mask, prefix_tokens, self.leading)
+            encoded["pooling_mask"] = prefix_pooling_mask(attention_mask, prefix_tokens, self.leading, pool_leading=False)
         return encoded
 
 

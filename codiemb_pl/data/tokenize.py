@@ -2,20 +2,23 @@
 of pooling (the template that makes an instruction a prefix is `data.instructions`, re-exported here).
 
 SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still attended to". For a
-text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone, after the
-tokenizer's leading special tokens) get `pooling_mask = 0`; `attention_mask` keeps them. Training,
-validation and every evaluation path (`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)`)
-use `prefix_pooling_mask`; sentence-transformers' `Pooling(include_prompt=False)` differs only in also
-leaving out the leading special tokens (`[CLS]`), which `TextEncoder.encode(prompt=...)` follows.
+text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone) and the tokenizer's
+leading special tokens before them (`[CLS]`) get `pooling_mask = 0`; `attention_mask` keeps them. This
+is sentence-transformers' `Pooling(include_prompt=False)` rule for a prompt, so a training instruction
+exported as a prompt (`callbacks.export.training_prompts`) gives `SentenceTransformer(folder).encode(q,
+prompt_name=...)` exactly the training embedding. Training, validation and every evaluation path
+(`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)` and `encode(prompt=...)`) use
+`prefix_pooling_mask` with `pool_leading=False`. Texts without a prefix pool every token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: `codiemb evaluate --help` needs only the template
+    import torch
 
 from .instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
 
@@ -45,6 +48,8 @@ def prefix_pooling_mask(attention_mask: torch.Tensor, prefix_tokens: Sequence[in
     `[s_i + (leading if pool_leading else 0), min(s_i + leading + prefix_tokens[i], s_i + r_i - 1))`, so a
     text truncated inside its prefix keeps its last real token. Rows with `prefix_tokens[i] = 0` are unchanged.
     """
+    import torch
+
     mask = attention_mask.clone()
     counts = torch.as_tensor(list(prefix_tokens), dtype=torch.long, device=mask.device).unsqueeze(1)
     first = mask.to(torch.int32).argmax(dim=1, keepdim=True).long()
@@ -65,5 +70,5 @@ def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
     encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
                                                   [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
-                                                  leading_special_tokens(tokenizer))
+                                                  leading_special_tokens(tokenizer), pool_leading=False)
     return encoded
