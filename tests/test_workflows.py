@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,41 +19,10 @@ from codiemb_pl.errors import InputError
 from codiemb_pl.mining import load_mining_inputs
 from codiemb_pl.workflows.evaluation import evaluate, load_sets
 from codiemb_pl.workflows.validation import build_validation_sets
+from test_evaluate_command import data  # noqa: F401  (the fixture: an STS file and a BEIR folder)
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
-STS_ROWS = [("A man is playing a guitar.", "A person plays an instrument.", 4.2),
-            ("A dog runs in the park.", "A cat sleeps on the sofa.", 0.8),
-            ("The stock market fell today.", "Shares dropped sharply this afternoon.", 4.6),
-            ("She is cooking pasta.", "A woman prepares dinner.", 3.5),
-            ("Kids play football.", "The weather is cold.", 0.0),
-            ("He reads a book.", "A man is reading a novel.", 4.9)]
-DOCS = {"d1": ("Guitars", "A guitar has six strings and is played by plucking."),
-        "d2": ("", "Pasta is boiled in salted water until al dente."),
-        "d3": ("Markets", "Stock prices fall when investors sell shares."),
-        "d4": ("Dogs", "Dogs need daily walks in the park."),
-        "d5": ("Weather", "Cold weather arrives in winter."),
-        "d6": ("Books", "Novels are long works of fiction.")}
-QUERIES = {"q1": "how many strings does a guitar have", "q2": "how to cook pasta", "q3": "why do stock prices drop"}
-QRELS = [("q1", "d1", 1), ("q2", "d2", 2), ("q2", "d6", 0), ("q3", "d3", 1), ("q3", "d4", 1)]
 INSTRUCTIONS = {"pairs": "find a sentence with the same meaning", "beir": "find the passage that answers"}
-
-
-def write_beir(folder: Path, docs: dict[str, tuple[str, str]], qrels=QRELS) -> Path:
-    (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
-                                                 for i, (t, x) in docs.items()))
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": i, "text": x}) + "\n" for i, x in QUERIES.items()))
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t{r}\n" for q, d, r in qrels))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("workflow_data")
-    sts = root / "pairs.jsonl"
-    sts.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n" for a, b, s in STS_ROWS))
-    return {"sts": sts, "beir": write_beir(root / "beir", DOCS)}
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +105,16 @@ def test_evaluate_instruction_must_name_a_set(data):
 
 # -- evaluation corpora with empty documents --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def empty_docs_beir(tmp_path_factory) -> Path:
-    docs = dict(DOCS, d7=("", ""), d8=("", "   "))
-    return write_beir(tmp_path_factory.mktemp("empty_docs") / "beir", docs, QRELS + [("q1", "d7", 1)])
+def empty_docs_beir(data, tmp_path_factory) -> Path:
+    """`data`'s BEIR folder plus documents d7 (empty title and text, judged relevant to q1) and d8 (blank)."""
+    folder = tmp_path_factory.mktemp("empty_docs") / "beir"
+    shutil.copytree(data["beir"], folder)
+    with (folder / "corpus.jsonl").open("a") as corpus:
+        corpus.write(json.dumps({"_id": "d7", "title": "", "text": ""}) + "\n")
+        corpus.write(json.dumps({"_id": "d8", "title": None, "text": "   "}) + "\n")
+    with (folder / "qrels" / "test.tsv").open("a") as qrels:
+        qrels.write("q1\td7\t1\n")
+    return folder
 
 
 def test_evaluate_keeps_empty_documents_and_warns_once(empty_docs_beir, tiny_model_dir, tmp_path, caplog, capsys):
