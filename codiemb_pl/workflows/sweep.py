@@ -1,0 +1,638 @@
+"""Sweeps: train K runs of one base config with different settings, then fuse them across trajectories.
+
+    plan = plan_sweep("configs/sweeps/policies.yaml", config="configs/quickstart.yaml", output="runs/sweep")
+    outcomes = train_runs(plan)                  # each run: `codiemb fit --config BASE OVERRIDES
+                                                 #   --trainer.default_root_dir OUTPUT/runs/NAME`, in-process
+    board = fuse_sweep(plan)                     # members + merges scored, leaderboard.json, OUTPUT/model
+
+A sweep file (YAML) names the runs as config overrides (dotted keys, as `codiemb fit --print_config`
+shows them) and how to fuse them:
+
+    config: configs/quickstart.yaml          # base fit config (`--config` wins); relative to the working folder
+    output: runs/sweep_policies              # (`--output` wins)
+    overrides: {trainer.max_epochs: 1}       # applied to every run
+    runs:                                    # named runs; every key but `name` is an override
+      - {name: proportional, data.policy: proportional}
+      - {name: balanced, data.policy: balanced}
+    grid: {seed_everything: [1, 2]}          # cartesian product of value lists (× each listed run)
+    fusion:
+      checkpoints: [final]                   # final = OUTPUT/runs/NAME/model (the run's export);
+                                             # last, best_ir, best_sts, best, epochN, stepN = its
+                                             # CheckpointFusion snapshots (the base config must collect them)
+      methods: [...]                         # as CheckpointFusion.methods (default: DEFAULT_METHODS)
+      metric: val/avg                        # picks the winner (higher is better)
+      seed: 0                                # DARE / Self Positioning (default: seed_everything)
+
+Everything is checked before anything is written (unknown keys, bad values resolved through the real
+CLI, runs that would share an output folder, a run whose finished output was made with other settings).
+A run whose export is complete is skipped; one with `checkpoints/last.ckpt` and no export resumes from
+it; a crashed run is reported and the rest continue (fusion waits until every run has finished).
+Fusion: θ0 = `model.model_name_or_path`, members = the chosen checkpoint of every run, merged with every
+method by `workflows.fusion.run_fusion` (base, members and merges scored on `data.val`), leaderboard
+printed and written (`leaderboard.json` / `.md`), logged as a W&B table when the base config has a
+WandbLogger, and the winner exported to `OUTPUT/model` (sentence-transformers folder with a model card).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import itertools
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codiemb_pl.atomic import atomic_write_text
+from codiemb_pl.errors import InputError
+
+SWEEP_KEYS = ("config", "output", "overrides", "runs", "grid", "fusion")
+FUSION_KEYS = ("checkpoints", "methods", "metric", "seed", "eval_batch_size")
+FINAL = "final"                       # the run's export folder, <run>/model
+SNAPSHOT_MOMENTS = ("last", "best_ir", "best_sts", "best")   # CheckpointFusion.collect moments
+MANAGED_KEYS = {"trainer.default_root_dir": "the sweep puts every run in OUTPUT/runs/NAME",
+                "ckpt_path": "the sweep resumes a run from its own last.ckpt"}
+DEFAULT_METHODS: list[dict[str, Any]] = [
+    {"method": "delta_guided", "params": {"gamma": 1.0}},
+    {"method": "uniform_soup"},
+    {"method": "greedy_soup"},
+    {"method": "ties", "params": {"density": 0.2}},
+    {"method": "dare", "params": {"drop_rate": 0.5}},
+    {"method": "multi_slerp"},
+    {"method": "self_positioning", "params": {"steps": 200}},
+]
+EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
+FUSION_CALLBACK = "codiemb_pl.callbacks.CheckpointFusion"
+CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
+RUN_RECORD = "sweep_run.json"
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
+SNAPSHOT_CHOICE = re.compile(r"^(last|best_ir|best_sts|best|epoch\d+|step\d+)$")
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its name (its folder under OUTPUT/runs) and its own config overrides."""
+
+    name: str
+    overrides: dict[str, Any]
+
+
+@dataclass
+class SweepPlan:
+    """A checked sweep: the base config, the runs, how to fuse them, and each run's resolved config."""
+
+    sweep_file: str
+    base_config: str
+    output: Path
+    extra_args: list[str]                     # fit overrides from the command line, for every run
+    common: dict[str, Any]                    # the sweep file's `overrides`
+    runs: list[SweepRun]
+    checkpoints: list[str]
+    methods: list[Any]                        # workflows.fusion.MethodSpec
+    metric: str
+    seed: int
+    eval_batch_size: int
+    resolved: dict[str, Any]                  # base + command line + common overrides, resolved
+    run_configs: dict[str, dict[str, Any]] = field(default_factory=dict)   # run name -> resolved config
+
+    def run_folder(self, run: SweepRun) -> Path:
+        return self.output / "runs" / run.name
+
+    def fit_args(self, run: SweepRun) -> list[str]:
+        """`codiemb fit` arguments of `run` (without the leading `codiemb`)."""
+        return (["fit", "--config", self.base_config, *self.extra_args, *override_args(self.common),
+                 *override_args(run.overrides), "--trainer.default_root_dir", str(self.run_folder(run))])
+
+    def command_line(self, run: SweepRun) -> str:
+        return "codiemb " + shlex.join(self.fit_args(run))
+
+    def member_label(self, run: SweepRun, choice: str) -> str:
+        return run.name if len(self.checkpoints) == 1 else f"{run.name}:{choice}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading and checking a sweep file
+# ----------------------------------------------------------------------------------------------------
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_sweep_file(path: str | Path) -> dict[str, Any]:
+    """The sweep file as a mapping with only known top-level keys (else one-line InputError)."""
+    try:
+        content = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except FileNotFoundError:
+        raise InputError(str(path), "sweep file not found", "check the --sweep path") from None
+    except yaml.YAMLError as error:
+        raise InputError(str(path), f"is not valid YAML ({' '.join(str(error).split())})",
+                         "fix the sweep file") from None
+    if not isinstance(content, dict):
+        raise InputError(str(path), "a sweep file must be a mapping", f"use the keys {list(SWEEP_KEYS)}")
+    unknown = sorted(set(map(str, content)) - set(SWEEP_KEYS))
+    if unknown:
+        raise InputError(f"{path}: {unknown[0]}", "unknown sweep key", f"use {list(SWEEP_KEYS)}")
+    return content
+
+
+def override_args(overrides: Mapping[str, Any]) -> list[str]:
+    """`{dotted.key: value}` as `codiemb fit` arguments: `--dotted.key VALUE` (lists and mappings as JSON)."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        args += [f"--{key}", cli_value(value)]
+    return args
+
+
+def cli_value(value: Any) -> str:
+    """A YAML value as jsonargparse reads it back: strings as they are, everything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _overrides(entries: Any, where: str) -> dict[str, Any]:
+    if entries is None:
+        return {}
+    if not isinstance(entries, dict):
+        raise InputError(where, "overrides must be a mapping of dotted config keys",
+                         "e.g. {data.policy: balanced, model.lr: 3.0e-5}")
+    for key in entries:
+        if not isinstance(key, str) or not key or key.startswith("-"):
+            raise InputError(f"{where}: {key!r}", "not a dotted config key", "write keys like data.policy (no dashes)")
+        if key in MANAGED_KEYS:
+            raise InputError(f"{where}: {key}", f"cannot be overridden ({MANAGED_KEYS[key]})", "remove this key")
+    return dict(entries)
+
+
+def _listed_runs(entries: Any, where: str) -> list[SweepRun]:
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise InputError(f"{where}: runs", "must be a list of runs", "e.g. runs: [{name: a, data.policy: balanced}]")
+    runs = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise InputError(f"{where}: runs[{index}]", "a run must be a mapping with a `name`",
+                             "e.g. {name: balanced, data.policy: balanced}")
+        name = entry["name"]
+        overrides = {key: value for key, value in entry.items() if key != "name"}
+        runs.append(SweepRun(str(name), _overrides(overrides, f"{where}: run {name!r}")))
+    return runs
+
+
+def _grid_points(grid: Any, where: str) -> list[SweepRun]:
+    """One SweepRun per point of the cartesian product; named `key-value_key-value` (last key part)."""
+    if grid is None:
+        return []
+    if not isinstance(grid, dict) or not grid:
+        raise InputError(f"{where}: grid", "must be a non-empty mapping of dotted keys to value lists",
+                         "e.g. grid: {seed_everything: [1, 2, 3]}")
+    keys = list(_overrides(grid, f"{where}: grid"))
+    for key in keys:
+        if not isinstance(grid[key], list) or not grid[key]:
+            raise InputError(f"{where}: grid: {key}", "must be a non-empty list of values", f"e.g. {key}: [1, 2]")
+    points = []
+    for values in itertools.product(*(grid[key] for key in keys)):
+        name = "_".join(f"{key.rsplit('.', 1)[-1]}-{_name_part(value)}" for key, value in zip(keys, values))
+        points.append(SweepRun(name, dict(zip(keys, values))))
+    return points
+
+
+def _name_part(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", cli_value(value)).strip("-") or "x"
+
+
+def expand_runs(content: Mapping[str, Any], where: str) -> list[SweepRun]:
+    """The listed runs, the grid points, or each listed run × each grid point; names checked and unique."""
+    listed, points = _listed_runs(content.get("runs"), where), _grid_points(content.get("grid"), where)
+    if listed and points:
+        runs = [SweepRun(f"{run.name}_{point.name}", {**run.overrides, **point.overrides})
+                for run in listed for point in points]
+    else:
+        runs = listed or points
+    if not runs:
+        raise InputError(where, "no runs", "list them under `runs:` (each with a name) or give a `grid:`")
+    seen: set[str] = set()
+    for run in runs:
+        if not RUN_NAME.match(run.name):
+            raise InputError(f"{where}: run {run.name!r}", "a run name must be a folder name",
+                             "use letters, digits, '.', '_', '-' and '=' (no spaces or slashes)")
+        if run.name in seen:
+            raise InputError(f"{where}: run {run.name!r}", "two runs have this name", "give every run its own name")
+        seen.add(run.name)
+    return runs
+
+
+def check_keys(overrides: Mapping[str, Any], resolved: Mapping[str, Any], where: str) -> None:
+    """Each dotted key must name a config entry; checked down to the first class_path or non-mapping
+    (beyond that, e.g. `trainer.logger.init_args.project`, the CLI itself judges when resolving)."""
+    for key in overrides:
+        node: Any = resolved
+        for depth, part in enumerate(key.split(".")):
+            if not isinstance(node, dict) or "class_path" in node:
+                break
+            if part not in node:
+                prefix = ".".join(key.split(".")[:depth])
+                known = [f"{prefix}.{name}" if prefix else name for name in node]
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise InputError(f"{where}: {key}", "unknown config key",
+                                 f"{hint}keys are dotted paths as `codiemb fit --print_config` shows them")
+            node = node[part]
+
+
+def resolve_run_config(base_config: str, args: Sequence[str], where: str) -> dict[str, Any]:
+    """The resolved fit config (`codiemb fit --config BASE ARGS --print_config`); its one error line otherwise."""
+    from codiemb_pl.workflows.boom import resolve_fit_config
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return resolve_fit_config([base_config], list(args))
+    except InputError:
+        lines = [line.removeprefix("codiemb: error: ") for line in errors.getvalue().splitlines() if line.strip()]
+        message = next((line for line in reversed(lines) if "error" in line.lower() or "(" in line),
+                       lines[-1] if lines else "does not parse")
+        raise InputError(where, f"the fit configuration does not resolve: {message}",
+                         "fix that value in the sweep file") from None
+
+
+def _callbacks(resolved: Mapping[str, Any], class_path: str) -> list[dict[str, Any]]:
+    """The resolved `trainer.callbacks` entries of `class_path` or a subclass of it."""
+    from codiemb_pl.run_folder import _is_subclass
+
+    module_name, _, class_name = class_path.rpartition(".")
+    import importlib
+
+    cls = getattr(importlib.import_module(module_name), class_name)
+    entries = (resolved.get("trainer") or {}).get("callbacks") or []
+    return [entry for entry in entries if isinstance(entry, dict) and _is_subclass(entry.get("class_path"), cls)]
+
+
+def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any], where: str) -> None:
+    """Folders inside the run's root; the same θ0 as the sweep; the snapshots the fusion needs are collected."""
+    root = plan.run_folder(run).resolve()
+    for class_path in (EXPORT_CALLBACK, FUSION_CALLBACK, CHECKPOINT_CALLBACK):
+        for entry in _callbacks(resolved, class_path):
+            dirpath = (entry.get("init_args") or {}).get("dirpath")
+            if dirpath and not Path(dirpath).resolve().is_relative_to(root):
+                raise InputError(f"{where}: {class_path.rsplit('.', 1)[-1]}.dirpath",
+                                 f"is set ({dirpath}), so every run would write to the same folder",
+                                 "leave it unset in the base config so it follows trainer.default_root_dir")
+    base = (resolved.get("model") or {}).get("model_name_or_path")
+    if base != plan.resolved["model"]["model_name_or_path"]:
+        raise InputError(f"{where}: model.model_name_or_path", f"{base!r} differs from the sweep's θ0 "
+                         f"{plan.resolved['model']['model_name_or_path']!r}",
+                         "runs fused together must start from the same model; set it in `overrides:`")
+    snapshots = [choice for choice in plan.checkpoints if choice != FINAL]
+    if not snapshots:
+        return
+    fusions = _callbacks(resolved, FUSION_CALLBACK)
+    collect = set((fusions[0].get("init_args") or {}).get("collect") or []) if fusions else set()
+    steps = int((fusions[0].get("init_args") or {}).get("every_n_steps") or 0) if fusions else 0
+    for choice in snapshots:
+        needed = "epoch" if choice.startswith("epoch") else choice
+        kept = steps > 0 if choice.startswith("step") else needed in collect
+        if not kept:
+            raise InputError(f"{where}: fusion.checkpoints: {choice}", "this run keeps no such snapshot",
+                             f"collect it: {FUSION_CALLBACK} with collect: [..., {needed}] in the base config"
+                             if not choice.startswith("step") else "set CheckpointFusion.every_n_steps in the base config")
+
+
+def _fusion_options(section: Any, where: str) -> dict[str, Any]:
+    from codiemb_pl.workflows.fusion import parse_methods
+
+    section = {} if section is None else section
+    if not isinstance(section, dict):
+        raise InputError(f"{where}: fusion", "must be a mapping", f"use the keys {list(FUSION_KEYS)}")
+    unknown = sorted(set(map(str, section)) - set(FUSION_KEYS))
+    if unknown:
+        raise InputError(f"{where}: fusion.{unknown[0]}", "unknown fusion key", f"use {list(FUSION_KEYS)}")
+    checkpoints = section.get("checkpoints", [FINAL])
+    if isinstance(checkpoints, str):
+        checkpoints = [checkpoints]
+    if not isinstance(checkpoints, list) or not checkpoints:
+        raise InputError(f"{where}: fusion.checkpoints", "must be a non-empty list", "e.g. [final, best_ir, best_sts]")
+    for choice in checkpoints:
+        if choice != FINAL and not SNAPSHOT_CHOICE.match(str(choice)):
+            raise InputError(f"{where}: fusion.checkpoints: {choice}", "unknown checkpoint",
+                             "use final (the run's export) or a CheckpointFusion snapshot: last, best_ir, "
+                             "best_sts, best, epochN, stepN")
+    if len(set(checkpoints)) != len(checkpoints):
+        raise InputError(f"{where}: fusion.checkpoints", "a checkpoint is named twice", "name each once")
+    methods = parse_methods(section.get("methods", DEFAULT_METHODS), f"{where}: fusion.methods")
+    if not methods:
+        raise InputError(f"{where}: fusion.methods", "no merge methods", "list at least one, e.g. [delta_guided]")
+    for name in ("metric",):
+        if name in section and not isinstance(section[name], str):
+            raise InputError(f"{where}: fusion.{name}", "must be a metric name", "e.g. val/avg")
+    for name in ("seed", "eval_batch_size"):
+        if name in section and (not isinstance(section[name], int) or isinstance(section[name], bool)):
+            raise InputError(f"{where}: fusion.{name}", "must be an integer", f"e.g. {name}: 0")
+    return {"checkpoints": [str(c) for c in checkpoints], "methods": methods,
+            "metric": section.get("metric", "val/avg"), "seed": section.get("seed"),
+            "eval_batch_size": section.get("eval_batch_size")}
+
+
+def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | None = None,
+               extra_args: Sequence[str] = ()) -> SweepPlan:
+    """Read and check a sweep (every run resolved through the CLI); writes nothing. InputError on bad input."""
+    where = str(sweep_file)
+    content = read_sweep_file(sweep_file)
+    base_config = config or content.get("config")
+    if not base_config or not isinstance(base_config, str):
+        raise InputError(where, "no base fit config", "pass --config BASE.yaml (or `config:` in the sweep file)")
+    if not Path(base_config).is_file():
+        raise InputError(base_config, "base fit config not found", "check the --config path")
+    output = output or content.get("output") or f"runs/sweep_{Path(sweep_file).stem}"
+    if not isinstance(output, str):
+        raise InputError(f"{where}: output", "must be a folder path", "e.g. output: runs/sweep_policies")
+    stray = [arg for arg in extra_args if arg.startswith("-") and not arg.startswith("--")]
+    if stray:
+        raise InputError("codiemb sweep", f"unknown option {stray[0]}", "fit overrides look like --section.key value")
+    common = _overrides(content.get("overrides"), f"{where}: overrides")
+    runs = expand_runs(content, where)
+    options = _fusion_options(content.get("fusion"), where)
+    args = list(extra_args)
+    resolved = resolve_run_config(base_config, args + override_args(common), f"{where}: overrides")
+    if not _callbacks(resolved, EXPORT_CALLBACK):   # the export is a run's final output: add one when absent
+        args += ["--trainer.callbacks+", EXPORT_CALLBACK]
+        resolved = resolve_run_config(base_config, args + override_args(common), f"{where}: overrides")
+    if not (resolved.get("data") or {}).get("val"):
+        raise InputError(f"{base_config}: data.val", "no validation sets: the sweep cannot score its members",
+                         "add validation sets to the base config (or `data.val` under `overrides:`)")
+    seed = options["seed"] if options["seed"] is not None else int(resolved.get("seed_everything") or 0)
+    batch = options["eval_batch_size"] or int((resolved.get("data") or {}).get("val_batch_size") or 64)
+    plan = SweepPlan(where, base_config, Path(output), args, common, runs, options["checkpoints"],
+                     options["methods"], options["metric"], int(seed), int(batch), resolved)
+    check_keys(common, resolved, f"{where}: overrides")
+    for run in runs:
+        run_where = f"{where}: run {run.name!r}"
+        check_keys(run.overrides, resolved, run_where)
+        run_args = plan.fit_args(run)[3:]   # without "fit --config BASE"
+        plan.run_configs[run.name] = resolve_run_config(base_config, run_args, run_where)
+        _check_run_config(plan, run, plan.run_configs[run.name], run_where)
+        _check_record(plan, run, run_where)
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------
+# running
+# ----------------------------------------------------------------------------------------------------
+
+def is_finished(plan: SweepPlan, run: SweepRun) -> bool:
+    """The run's export is complete (written when fit ends) and, for snapshot choices, its fusion leaderboard."""
+    from codiemb_pl.workflows.boom import is_finished_export
+
+    folder = plan.run_folder(run)
+    snapshots = any(choice != FINAL for choice in plan.checkpoints)
+    return is_finished_export(folder / "model") and (not snapshots or (folder / "fusion" / "leaderboard.json").is_file())
+
+
+def _read_record(plan: SweepPlan, run: SweepRun) -> dict[str, Any] | None:
+    path = plan.run_folder(run) / RUN_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def _check_record(plan: SweepPlan, run: SweepRun, where: str) -> None:
+    """A finished run made with another command would be reused silently: refuse it."""
+    record = _read_record(plan, run)
+    if record is not None and is_finished(plan, run) and record.get("command") != plan.fit_args(run):
+        raise InputError(where, f"{plan.run_folder(run)} holds a finished run made with other settings",
+                         "rename the run, use another --output, or delete that run folder to retrain it")
+
+
+@dataclass
+class RunOutcome:
+    """What became of one run: skipped (already finished), trained, or failed (with its error line)."""
+
+    name: str
+    status: str
+    error: str = ""
+
+
+class _Tee(io.TextIOBase):
+    """A text stream that writes to `stream` and keeps a copy (to report a crashed run's error line)."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def train_run(plan: SweepPlan, run: SweepRun, log: Callable[[str], None] = print) -> RunOutcome:
+    """Fit one run in-process (skipped when finished; resumed from its last.ckpt when the settings match)."""
+    from codiemb_pl.cli import main
+
+    if is_finished(plan, run):
+        return RunOutcome(run.name, "skipped")
+    folder = plan.run_folder(run)
+    args, last = plan.fit_args(run), folder / "checkpoints" / "last.ckpt"
+    record = _read_record(plan, run)
+    resume = last.is_file() and record is not None and record.get("command") == args
+    if last.is_file() and not resume:
+        log(f"[codiemb sweep] {run.name}: {last} was made with other settings; training from the start")
+    atomic_write_text(folder / RUN_RECORD, json.dumps({"name": run.name, "command": args,
+                                                       "overrides": {**plan.common, **run.overrides}}, indent=2) + "\n")
+    log(f"[codiemb sweep] {run.name}: " + ("resuming from " + str(last) if resume else "training") + "\n  "
+        + plan.command_line(run))
+    tee = _Tee(sys.stderr)
+    error = ""
+    try:
+        with contextlib.redirect_stderr(tee):
+            code = main(args + (["--ckpt_path", str(last)] if resume else []))
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except Exception as exc:  # a crash in one run must not stop the others
+        code, error = 1, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if code == 0 and is_finished(plan, run):
+        return RunOutcome(run.name, "trained")
+    if not error:
+        lines = [line for line in tee.copy.getvalue().splitlines() if line.startswith("codiemb: error:")]
+        error = lines[-1].removeprefix("codiemb: error: ") if lines else f"exit code {code}, no finished export"
+    return RunOutcome(run.name, "failed", error)
+
+
+def train_runs(plan: SweepPlan, log: Callable[[str], None] = print) -> list[RunOutcome]:
+    """Train every run one after another; a failed run is reported and the next one starts."""
+    outcomes = []
+    for index, run in enumerate(plan.runs, 1):
+        outcome = train_run(plan, run, log)
+        note = f": {outcome.error}" if outcome.error else ""
+        log(f"[codiemb sweep] run {index}/{len(plan.runs)} {run.name}: {outcome.status}{note}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def print_commands(plan: SweepPlan, stream=None) -> None:
+    """One `codiemb fit ...` line per run (submit them as jobs, then `codiemb sweep --fuse-only`)."""
+    for run in plan.runs:
+        print(plan.command_line(run), file=stream or sys.stdout, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# fusing
+# ----------------------------------------------------------------------------------------------------
+
+def snapshot_path(folder: Path, choice: str) -> Path:
+    """The CheckpointFusion snapshot labelled `choice` in a run folder (found through its leaderboard.json)."""
+    board_file = folder / "fusion" / "leaderboard.json"
+    if not board_file.is_file():
+        raise InputError(str(folder), f"has no fusion/leaderboard.json to find its {choice} snapshot in",
+                         "let the run finish (its CheckpointFusion writes it when fit ends)")
+    for candidate in json.loads(board_file.read_text(encoding="utf-8")).get("ranking", []):
+        if candidate.get("kind") == "checkpoint" and choice in str(candidate.get("name", "")).split("+"):
+            path = folder / "fusion" / "snapshots" / Path(candidate["weights_path"]).name
+            if path.is_file():
+                return path
+    raise InputError(str(folder), f"kept no {choice} snapshot",
+                     "choose a checkpoint its CheckpointFusion collected (see its fusion/leaderboard.json)")
+
+
+def collect_members(plan: SweepPlan) -> list[tuple[str, Path]]:
+    """(label, weights) of the chosen checkpoints of every run; InputError naming the first missing one."""
+    members = []
+    for run in plan.runs:
+        folder = plan.run_folder(run)
+        if not is_finished(plan, run):
+            raise InputError(f"run {run.name!r}", f"has not finished ({folder / 'model'} is missing or incomplete)",
+                             f"run `{plan.command_line(run)}` or `codiemb sweep` without --fuse-only")
+        for choice in plan.checkpoints:
+            path = folder / "model" if choice == FINAL else snapshot_path(folder, choice)
+            members.append((plan.member_label(run, choice), path))
+    return members
+
+
+def load_weights(encoder, location: str | Path) -> None:
+    """Put the transformer weights of a model folder, `.safetensors` or `.ckpt` into `encoder` (all must fit)."""
+    from codiemb_pl.fusion.keys import is_untrained_key
+    from codiemb_pl.fusion.sources import open_checkpoint
+
+    source = open_checkpoint(location).source
+    state = {key: source.get(key) for key in source.keys() if not is_untrained_key(key)}
+    result = encoder.model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise InputError(str(location), f"weights do not fit the sweep's model (missing {result.missing_keys[:3]})",
+                         "fuse runs of the same base model")
+
+
+def wandb_loggers(resolved: Mapping[str, Any], output: Path) -> list:
+    """The base config's W&B loggers, instantiated for one sweep run (`sweep-<output folder>`)."""
+    import importlib
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    entries = (resolved.get("trainer") or {}).get("logger")
+    loggers = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not isinstance(entry, dict) or not entry.get("class_path"):
+            continue
+        module_name, _, class_name = entry["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if issubclass(cls, WandbLogger):
+            init_args = {**(entry.get("init_args") or {}), "name": f"sweep-{output.name}"}
+            init_args.pop("version", None)
+            loggers.append(cls(**init_args))
+    return loggers
+
+
+def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progress: bool = True):
+    """Merge the runs' chosen checkpoints with every method, score base + members + merges on `data.val`,
+    write the leaderboard (JSON / markdown, W&B table) and export the winner to OUTPUT/model."""
+    from codiemb_pl.callbacks.monitoring import log_leaderboard
+    from codiemb_pl.data.sources import SourceConfig
+    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+    from codiemb_pl.fusion.writer import save_state_dict
+    from codiemb_pl.model_card import encoder_card_fields
+    from codiemb_pl.workflows.boom import transformer_state
+    from codiemb_pl.workflows.fusion import FusionInputs, run_fusion, winner_card
+    from codiemb_pl.workflows.validation import build_validation_sets
+
+    members = collect_members(plan)
+    data, model = plan.resolved.get("data") or {}, plan.resolved["model"]
+    sets = build_validation_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
+                                 passage_prefix=data.get("passage_prefix"), where="data.val")
+    fusion_dir = plan.output / "fusion"
+    base_file = fusion_dir / "base.safetensors"
+    save_state_dict(transformer_state(model["model_name_or_path"]), base_file)
+    # the first member's export carries the runs' pooling, normalisation and length
+    encoder = TextEncoder(str(plan.run_folder(plan.runs[0]) / "model"), include_prompt=False)
+
+    def evaluate(path: Path) -> dict[str, float]:
+        load_weights(encoder, path)
+        per_set, summary = evaluate_encoder(encoder, sets, batch_size=plan.eval_batch_size)
+        return flat_metrics(per_set, summary)
+
+    inputs = FusionInputs(
+        base=base_file, checkpoints=members, model_folder=str(model["model_name_or_path"]),
+        probe_sources=[SourceConfig(**entry) for entry in data.get("train") or []],
+        encoder_settings={"pooling": encoder.pooling, "normalize": encoder.normalize,
+                          "max_seq_length": encoder.max_seq_length},
+        seed=plan.seed)
+    board = run_fusion(inputs, plan.methods, evaluate, fusion_dir / "candidates", plan.metric, log=log,
+                       show_progress=show_progress)
+    log(f"\nsweep leaderboard ({len(plan.runs)} runs, ranked by {board.metric})\n{board.to_text()}")
+    record = json.loads(board.to_json())
+    record["sweep"] = {"file": plan.sweep_file, "config": plan.base_config, "base_model": model["model_name_or_path"],
+                       "checkpoints": plan.checkpoints,
+                       "runs": [{"name": run.name, "overrides": {**plan.common, **run.overrides},
+                                 "command": plan.command_line(run)} for run in plan.runs]}
+    winner = board.winner()
+    if winner is not None:
+        load_weights(encoder, winner.weights_path)
+        encoder.save(plan.output / "model", model_card=winner_card(
+            board, inputs, model_path=str(plan.output / "model"), **encoder_card_fields(encoder)))
+        record["exported"] = str(plan.output / "model")
+        log(f"[codiemb sweep] exported the winner {winner.name} ({board.metric} {winner.metrics[board.metric]:.4f}) "
+            f"to {(plan.output / 'model').resolve()}")
+    atomic_write_text(plan.output / "leaderboard.md",
+                      f"# Sweep leaderboard (by `{board.metric}`)\n\n" + board.to_markdown())
+    atomic_write_text(plan.output / "leaderboard.json", json.dumps(record, indent=2, default=str) + "\n")
+    loggers = wandb_loggers(plan.resolved, plan.output)
+    if loggers:
+        log_leaderboard(loggers, [{"rank": rank, "candidate": c.name, "kind": c.kind, **c.metrics}
+                                  for rank, c in enumerate(board.ranked(), 1)], key="sweep/leaderboard")
+        for logger in loggers:
+            logger.experiment.finish()
+    return board
+
+
+def run_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> int:
+    """Train (unless `fuse_only`) and fuse; exit code 0, or 1 when a run failed (fusion then waits)."""
+    if not fuse_only:
+        outcomes = train_runs(plan, log)
+        failed = [outcome for outcome in outcomes if outcome.status == "failed"]
+        if failed:
+            log(f"[codiemb sweep] {len(failed)} of {len(outcomes)} run(s) failed: "
+                + "; ".join(f"{o.name}: {o.error}" for o in failed)
+                + ". Fix them and rerun the same command: finished runs are skipped, fusion follows.")
+            return 1
+    fuse_sweep(plan, log)
+    return 0

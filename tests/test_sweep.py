@@ -1,0 +1,235 @@
+"""`codiemb sweep` on the tiny model: two runs trained in-process (the second crashes on its first
+attempt, then resumes the sweep with the first one skipped), fusion across them with every method
+(leaderboard JSON, the uniform soup checked tensor by tensor, the winner exported and loadable),
+`--fuse-only`, `--print-commands`, and bad sweep files (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from codiemb_pl.cli import main
+from codiemb_pl.paths import resolve_location
+from codiemb_pl.workflows.sweep import expand_runs, fuse_sweep, plan_sweep
+
+TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+METHODS = ["delta_guided", "uniform_soup", "greedy_soup", "ties", "dare", "multi_slerp", "self_positioning"]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def write_sweep(folder: Path, content: dict) -> Path:
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def two_runs(late_ir: Path) -> dict:
+    """Run `a` on the demo data; run `b` (another policy and learning rate) on an IR file that only exists
+    after the first attempt (the same records: with equal source sizes the two policies draw the same batches)."""
+    late_sources = [{"name": "late_ir", "task": "ir", "path": str(late_ir), "max_samples": 24},
+                    {"name": "demo_sts", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
+                     "max_samples": 24}]
+    return {
+        "overrides": {"trainer.max_steps": 2},
+        "runs": [{"name": "a", "data.policy": "proportional"},
+                 {"name": "b", "data.policy": "balanced", "model.lr": 1.0e-3, "data.train": late_sources}],
+        "fusion": {"checkpoints": ["final"], "methods": [
+            {"method": "delta_guided", "params": {"gamma": 1.0}}, {"method": "uniform_soup"},
+            {"method": "greedy_soup"}, {"method": "ties", "params": {"density": 0.2}},
+            {"method": "dare", "params": {"drop_rate": 0.5}}, {"method": "multi_slerp"},
+            {"method": "self_positioning", "params": {"steps": 2, "probe_size": 8, "probe_batch_size": 4}}]},
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep_setup(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep")
+    late_ir = folder / "late_ir.jsonl"
+    sweep = write_sweep(folder, two_runs(late_ir))
+    argv = ["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(folder / "out"),
+            "--model.model_name_or_path", str(tiny_model_dir)]
+    return folder, late_ir, argv
+
+
+def test_crashed_run_is_reported_then_resumed_with_the_finished_run_skipped(sweep_setup, capsys):
+    folder, late_ir, argv = sweep_setup
+    out = folder / "out"
+    assert main(argv) == 1                      # b cannot read its data: reported, a still trained
+    printed = capsys.readouterr()
+    assert "run 1/2 a: trained" in printed.out
+    assert "run 2/2 b: failed: " in printed.out and str(late_ir) in printed.out
+    assert "Fix them and rerun the same command" in printed.out
+    assert (out / "runs" / "a" / "model" / "model.safetensors").is_file()
+    assert not (out / "leaderboard.json").exists() and not (out / "model").exists()
+
+    shutil.copy(resolve_location("pkg://codiemb_pl/demo/ir_train.jsonl"), late_ir)
+    a_weights = out / "runs" / "a" / "model" / "model.safetensors"
+    before = a_weights.stat().st_mtime_ns
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "run 1/2 a: skipped" in printed and "run 2/2 b: trained" in printed
+    assert a_weights.stat().st_mtime_ns == before
+    assert "sweep leaderboard (2 runs, ranked by val/avg)" in printed
+
+
+def test_leaderboard_ranks_members_and_every_merge_and_the_winner_is_exported(sweep_setup, tiny_model_dir):
+    folder, _, _ = sweep_setup
+    out = folder / "out"
+    record = json.loads((out / "leaderboard.json").read_text())
+    ranking = record["ranking"]
+    names = [row["name"] for row in ranking]
+    assert sorted(names) == sorted(["base", "a", "b"] + [
+        "delta_guided(gamma=1.0)", "uniform_soup", "greedy_soup", "ties(density=0.2)", "dare(drop_rate=0.5)",
+        "multi_slerp", "self_positioning(probe_batch_size=4,probe_size=8,steps=2)"])
+    assert {row["kind"] for row in ranking} == {"base", "checkpoint", "fused"}
+    scores = [row["metrics"]["val/avg"] for row in ranking]
+    assert scores == sorted(scores, reverse=True) and record["winner"] == names[0]
+    assert record["sweep"]["runs"][1]["overrides"]["data.policy"] == "balanced"
+    assert record["sweep"]["runs"][0]["command"].startswith("codiemb fit --config ")
+
+    # the uniform soup is the mean of the two runs' exports, tensor by tensor
+    members = [load_file(out / "runs" / name / "model" / "model.safetensors") for name in ("a", "b")]
+    soup = load_file(next(row for row in ranking if row["name"] == "uniform_soup")["weights_path"])
+    assert set(soup) == set(members[0])
+    for key, value in soup.items():
+        torch.testing.assert_close(value, (members[0][key] + members[1][key]) / 2, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(members[0][key], members[1][key]) for key in soup)   # the runs differ
+
+    # the winner is exported as a sentence-transformers folder with a model card and the winner's weights
+    from sentence_transformers import SentenceTransformer
+
+    winner = ranking[0]
+    exported = load_file(out / "model" / "model.safetensors")
+    reference = load_file(winner["weights_path"]) if winner["kind"] != "checkpoint" else \
+        load_file(Path(winner["weights_path"]) / "model.safetensors")
+    for key, value in exported.items():
+        torch.testing.assert_close(value, reference[key])
+    card = (out / "model" / "README.md").read_text()
+    assert winner["name"] in card
+    model = SentenceTransformer(str(out / "model"), device="cpu")
+    assert model.encode(["one sentence", "and another"], convert_to_tensor=True).shape == (2, 32)
+    assert (out / "leaderboard.md").read_text().startswith("# Sweep leaderboard")
+
+
+def test_fuse_only_fuses_without_training(sweep_setup, capsys):
+    folder, _, argv = sweep_setup
+    out = folder / "out"
+    exports = sorted((out / "runs").glob("*/model/model.safetensors"))
+    before = [path.stat().st_mtime_ns for path in exports]
+    board_before = (out / "leaderboard.json").stat().st_mtime_ns
+    assert main(argv + ["--fuse-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained" not in printed and "skipped" not in printed and "sweep leaderboard" in printed
+    assert [path.stat().st_mtime_ns for path in exports] == before
+    assert (out / "leaderboard.json").stat().st_mtime_ns > board_before
+
+
+def test_fuse_only_with_an_unfinished_run_is_one_line(tiny_model_dir, tmp_path, capsys):
+    sweep = write_sweep(tmp_path, {"runs": [{"name": "x", "model.lr": 1.0e-3}], "fusion": {"methods": ["uniform_soup"]}})
+    code = main(["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(tmp_path / "out"),
+                 "--model.model_name_or_path", str(tiny_model_dir), "--fuse-only"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "run 'x'" in err and "has not finished" in err and "codiemb fit --config" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_commands_prints_one_fit_line_per_run_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    sweep = write_sweep(tmp_path, {"overrides": {"trainer.max_steps": 3},
+                                   "grid": {"data.policy": ["proportional", "temperature"], "model.lr": [1.0e-4]}})
+    out = tmp_path / "out"
+    assert main(["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(out),
+                 "--model.model_name_or_path", str(tiny_model_dir), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        f"codiemb fit --config {TINY_CONFIG} --model.model_name_or_path {tiny_model_dir} "
+        "--trainer.callbacks+ codiemb_pl.callbacks.ExportEncoder "   # tiny.yaml exports nothing: the sweep adds it
+        f"--trainer.max_steps 3 --data.policy {policy} --model.lr 0.0001 --trainer.default_root_dir {out}/runs/policy-{policy}_lr-0.0001"
+        for policy in ("proportional", "temperature")]
+    assert shlex.split(lines[0])[:2] == ["codiemb", "fit"]
+    assert not out.exists()
+
+
+def test_listed_runs_times_grid_points():
+    runs = expand_runs({"runs": [{"name": "p", "data.policy": "proportional"}, {"name": "b", "data.policy": "balanced"}],
+                        "grid": {"seed_everything": [1, 2]}}, "s.yaml")
+    assert [(r.name, r.overrides) for r in runs] == [
+        ("p_seed_everything-1", {"data.policy": "proportional", "seed_everything": 1}),
+        ("p_seed_everything-2", {"data.policy": "proportional", "seed_everything": 2}),
+        ("b_seed_everything-1", {"data.policy": "balanced", "seed_everything": 1}),
+        ("b_seed_everything-2", {"data.policy": "balanced", "seed_everything": 2})]
+
+
+BAD_SWEEPS = [  # (sweep file content, words the one error line must hold)
+    ({"runs": [{"name": "a", "data.polcy": "balanced"}]}, ["run 'a'", "data.polcy", "did you mean data.policy"]),
+    ({"runs": [{"name": "a", "data.ir_batch_size": "many"}]}, ["run 'a'", "ir_batch_size", "does not resolve"]),
+    ({"runs": [{"data.policy": "balanced"}]}, ["runs[0]", "name"]),
+    ({"runs": [{"name": "a"}, {"name": "a", "model.lr": 0.1}]}, ["run 'a'", "two runs have this name"]),
+    ({"runs": [{"name": "a/b"}]}, ["run 'a/b'", "folder name"]),
+    ({"runs": [{"name": "a", "trainer.default_root_dir": "x"}]}, ["run 'a'", "trainer.default_root_dir", "cannot"]),
+    ({"runs": [{"name": "a"}], "fusion": {"checkpoints": ["best_ir"]}},
+     ["run 'a'", "best_ir", "collect: [..., best_ir]"]),
+    ({"runs": [{"name": "a"}], "fusion": {"checkpoints": ["middle"]}}, ["fusion.checkpoints: middle", "unknown"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": ["mystery"]}}, ["fusion.methods[0]", "mystery"]),
+    ({"runs": [{"name": "a"}], "grid": {"seed_everything": 3}}, ["grid: seed_everything", "list"]),
+    ({"run": [{"name": "a"}]}, ["run", "unknown sweep key"]),
+    ({}, ["no runs"]),
+]
+
+
+@pytest.mark.parametrize("content,words", BAD_SWEEPS, ids=[str(i) for i in range(len(BAD_SWEEPS))])
+def test_bad_sweep_file_is_one_line_and_writes_nothing(content, words, tiny_model_dir, tmp_path, capsys):
+    sweep = write_sweep(tmp_path, content)
+    code = main(["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(tmp_path / "out"),
+                 "--model.model_name_or_path", str(tiny_model_dir)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert str(sweep) in err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_keys_and_bad_yaml_are_one_line(tmp_path, capsys):
+    sweep = tmp_path / "sweep.yaml"
+    for text, word in (("runs:\n  - {name: a, data.policy: x, data.policy: y}\n", "given twice"),
+                       ("runs: [\n", "not valid YAML")):
+        sweep.write_text(text)
+        assert main(["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err and str(sweep) in err
+
+
+@pytest.mark.parametrize("sweep", sorted((CONFIGS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_sweep_files_plan(sweep, monkeypatch):
+    """Every sweep file under configs/sweeps plans against its base config (every run resolved by the CLI)."""
+    monkeypatch.chdir(CONFIGS.parent)
+    plan = plan_sweep(sweep)
+    assert len(plan.runs) >= 2 and plan.checkpoints and plan.methods
+    policies = {name: config["data"]["policy"] for name, config in plan.run_configs.items()}
+    if sweep.name == "policies.yaml":
+        assert policies == {"proportional": "proportional", "balanced": "balanced", "temperature": "temperature"}
+        assert {config["seed_everything"] for config in plan.run_configs.values()} == {42}
+
+
+def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(sweep_setup, tmp_path):
+    """With a WandbLogger in the base config, the sweep's leaderboard is a `sweep/leaderboard` W&B table."""
+    folder, _, argv = sweep_setup
+    plan = plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
+    plan.methods = plan.methods[1:2]   # uniform_soup only: the table, not the merges, is under test
+    plan.resolved["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
+        "project": "codiemb-test", "save_dir": str(tmp_path), "offline": True}}
+    fuse_sweep(plan, show_progress=False)
+    table = json.loads(next(tmp_path.rglob("sweep/leaderboard*.table.json")).read_text())
+    assert table["columns"][:3] == ["rank", "candidate", "kind"] and "val/avg" in table["columns"]
+    assert sorted(row[1] for row in table["data"]) == ["a", "b", "base", "uniform_soup"]
+    assert [row[0] for row in table["data"]] == [1, 2, 3, 4]
