@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a command's `--help` does not load it
+    import torch
 
 AUTO = "auto"
 
@@ -22,6 +24,8 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     A device this machine lacks (`cuda` without a GPU, `cuda:3` on a 2-GPU node) is one clear error rather
     than a failure deep inside the first forward pass.
     """
+    import torch
+
     if name == AUTO:
         if torch.cuda.is_available():
             return torch.device("cuda")

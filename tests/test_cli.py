@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -93,3 +94,52 @@ def test_mixed_policy_start_report_gives_the_one_pooled_batch_size(tiny_model_di
     assert ("[codiemb] mixed batches (demo_ir, demo_sts pooled): 4 per device x 1 devices x 1 accumulation = "
             "global batch 4; the IR/STS split of each batch varies") in report, report
     assert not any("per device" in line for line in report if "mixed batches" not in line), report
+
+
+def test_help_and_argument_errors_of_every_command_import_neither_torch_nor_lightning():
+    """`codiemb --help`, each project command's `--help` and a bad argument answer without the heavy imports."""
+    script = """
+import contextlib, io, sys
+from codiemb_pl.cli import main
+from codiemb_pl.commands import discover
+names = sorted(discover())
+assert {"boom", "evaluate", "fuse", "mine-negatives"} <= set(names), names
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    assert main(["--help"]) == 0
+for name in names:
+    assert f"  {name} " in out.getvalue(), name
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        main([name, "--help"])
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main([name, "--no-such-option"]) == 2, name
+    assert err.getvalue().count("\\n") == 1 and err.getvalue().startswith("codiemb: error: "), err.getvalue()
+heavy = sorted(m for m in ("torch", "lightning", "transformers", "sentence_transformers") if m in sys.modules)
+assert not heavy, heavy
+print("ok", len(names))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
+
+
+def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(fitted_run, tiny_model_dir, tmp_path):
+    """`codiemb test` with `data.test` = the validation sets gives `test/<key>` == `validate`'s `val/<key>`."""
+    import csv
+    import yaml
+
+    last = next(fitted_run.rglob("last.ckpt"))
+    val_sets = json.dumps(yaml.safe_load(TINY_CONFIG.read_text())["data"]["val"])
+    logged = {}
+    for command in ("validate", "test"):
+        root = tmp_path / command
+        code = main([command, "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                     "--trainer.default_root_dir", str(root), "--ckpt_path", str(last), "--data.test", val_sets,
+                     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root)])
+        assert code == 0
+        rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
+        logged[command] = {key: float(value) for row in rows for key, value in row.items()
+                           if value and key.split("/")[0] in ("val", "test")}
+    validated = {key.removeprefix("val/"): value for key, value in logged["validate"].items()}
+    tested = {key.removeprefix("test/"): value for key, value in logged["test"].items()}
+    assert "demo_ir_dev/ndcg_at_10" in tested and "avg" in tested
+    assert tested == pytest.approx(validated, abs=1e-6)

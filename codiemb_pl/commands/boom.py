@@ -119,10 +119,10 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
 @register_command("boom")
 def boom_command(argv: list[str]) -> int:
     """Run BOOM (or an incremental update), print where the merge is and, optionally, the metric table."""
+    options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
     from codiemb_pl.reporting import comparison_table
     from codiemb_pl.workflows.boom import evaluate_models, plan_runs, resolve_fit_config, run_boom, run_incremental
 
-    options, fit_configs, overrides = collect_options(argv)
     resolved = resolve_fit_config(fit_configs, overrides)
     output = Path(options["output"])
     policy = (resolved.get("data") or {}).get("policy")
