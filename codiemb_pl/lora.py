@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -151,3 +151,66 @@ def lora_summary(model: nn.Module) -> dict[str, Any]:
     total = sum(parameter.numel() for parameter in model.parameters())
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter checkpoints in weight space (fusion, loading a .ckpt)
+
+_ADAPTER_PREFIX = "base_model.model."
+
+
+def is_adapter_state(state: Mapping[str, Any]) -> bool:
+    """Whether a (prefix-stripped) checkpoint state holds LoRA adapter tensors."""
+    return any(".lora_A." in key for key in state)
+
+
+def merge_adapters(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], scale: float,
+                   where: str) -> dict[str, Tensor]:
+    """`base` with `W = W0 + scale·B·A` for every adapted matrix; every other tensor is `base`'s, untouched.
+
+    `adapters` are peft names without the module prefix (`base_model.model.<path>.lora_A.<name>.weight`);
+    `<path>.weight` must be a key of `base`.
+    """
+    merged = dict(base)
+    for key in adapters:
+        if ".lora_A." not in key:
+            continue
+        path, adapter = key[len(_ADAPTER_PREFIX):].split(".lora_A.") if key.startswith(_ADAPTER_PREFIX) \
+            else key.split(".lora_A.")
+        target = f"{path}.weight"
+        b_key = key.replace(".lora_A.", ".lora_B.")
+        if target not in base or b_key not in adapters:
+            raise InputError(where, f"adapter {key} has no matching base weight {target} or B matrix",
+                             "fuse LoRA checkpoints of the base model named in their model_name_or_path")
+        w0 = base[target]
+        delta = scale * (adapters[b_key].float() @ adapters[key].float())
+        merged[target] = (w0.float() + delta).to(w0.dtype)
+    return merged
+
+
+def merge_adapter_checkpoint(adapters: Mapping[str, Tensor], hparams: Mapping[str, Any],
+                             where: str) -> dict[str, Tensor]:
+    """The full weights of a LoRA run's checkpoint: its base model (`hparams.model_name_or_path`, read
+    whole) with `s·B·A` merged in, `s = lora.alpha / lora.r` from the checkpoint's `hparams.lora`."""
+    from .fusion.sources import open_checkpoint
+
+    settings = hparams.get("lora")
+    base_name = hparams.get("model_name_or_path")
+    if settings is None or not base_name:
+        raise InputError(where, "holds LoRA adapters but no model.lora / model_name_or_path hyper-parameters",
+                         "give a checkpoint written by `codiemb fit` with model.lora set")
+    settings = check_lora_settings(settings if isinstance(settings, LoraSettings) else LoraSettings(**dict(settings)),
+                                   where=f"{where}: model.lora")
+    source = open_checkpoint(base_name).source
+    base = {key: source.get(key) for key in source.keys()}
+    return merge_adapters(base, adapters, settings.alpha / settings.r, where)
+
+
+def check_lora_mix(paths: Sequence[str], adapter_flags: Sequence[bool], allow_mixed: bool) -> None:
+    """Refuse merging LoRA checkpoints with full ones unless `allow_mixed` (both are then merged in weight space)."""
+    if allow_mixed or len(set(adapter_flags)) < 2:
+        return
+    lora = [path for path, flag in zip(paths, adapter_flags) if flag]
+    full = [path for path, flag in zip(paths, adapter_flags) if not flag]
+    raise InputError(lora[0], f"is a LoRA checkpoint but {full[0]} is a full one ({len(lora)} LoRA, {len(full)} full "
+                     "inputs)", "fuse checkpoints of one kind, or pass --mixed-lora to merge them all in weight space")

@@ -165,3 +165,68 @@ def test_interrupted_and_resumed_lora_run_ends_with_the_uninterrupted_adapters(d
     assert a["global_step"] == b["global_step"] == 6
     assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][key], b["state_dict"][key]) for key in a["state_dict"])
+
+
+# -- LoRA checkpoints in fusion ---------------------------------------------------------------------------
+
+def write_lora_checkpoint(decoder_dir: Path, path: Path, seed: int) -> CoDiEmbModule:
+    """A `.ckpt` as `codiemb fit` writes it under LoRA (adapters only + hyper-parameters), small deltas."""
+    from codiemb_pl.lora import trainable_state_dict
+
+    module = lora_module(decoder_dir)
+    randomise_adapters(module, seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.02)  # fine-tuning-sized deltas (fusion refuses inputs far from the base)
+    torch.save({"state_dict": trainable_state_dict(module, module.state_dict()),
+                "hyper_parameters": dict(module.hparams)}, path)
+    return module
+
+
+def test_a_lora_checkpoint_reads_as_its_base_plus_scale_b_a(decoder_dir, tmp_path):
+    from codiemb_pl.fusion.sources import read_lightning_checkpoint
+    from safetensors.torch import load_file
+
+    module = write_lora_checkpoint(decoder_dir, tmp_path / "a.ckpt", seed=1)
+    weights, _ = read_lightning_checkpoint(tmp_path / "a.ckpt")
+    base = load_file(str(decoder_dir / "model.safetensors"))
+    assert weights.keys() == base.keys()
+    _, expected = merged_weights(module.encoder.model)
+    assert all(torch.allclose(weights[key], expected[key], atol=1e-6) for key in base)
+    layer = module.encoder.model.base_model.model.layers[0].self_attn.q_proj
+    delta = (LORA["alpha"] / LORA["r"]) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    assert torch.allclose(weights["layers.0.self_attn.q_proj.weight"],
+                          base["layers.0.self_attn.q_proj.weight"] + delta, atol=1e-6)
+    for untouched in ("embed_tokens.weight", "norm.weight", "layers.0.input_layernorm.weight",
+                      "layers.0.self_attn.q_proj.bias"):
+        assert torch.equal(weights[untouched], base[untouched])
+
+
+def test_codiemb_fuse_merges_lora_checkpoints_and_refuses_a_mix(decoder_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    for seed, name in ((1, "a.ckpt"), (2, "b.ckpt")):
+        write_lora_checkpoint(decoder_dir, tmp_path / name, seed)
+    from codiemb_pl.fusion.sources import read_lightning_checkpoint
+
+    a, _ = read_lightning_checkpoint(tmp_path / "a.ckpt")
+    b, _ = read_lightning_checkpoint(tmp_path / "b.ckpt")
+    code = main(["fuse", "--base", str(decoder_dir), "--model", str(tmp_path / "a.ckpt"), "--model",
+                 str(tmp_path / "b.ckpt"), "--method", "uniform_soup", "--output", str(tmp_path / "soup")])
+    assert code == 0
+    fused = load_file(str(tmp_path / "soup" / "model.safetensors"))
+    key = "layers.1.mlp.down_proj.weight"
+    assert torch.allclose(fused[key], (a[key] + b[key]) / 2, atol=1e-6)
+
+    mixed = ["fuse", "--base", str(decoder_dir), "--model", str(tmp_path / "a.ckpt"), "--model", str(decoder_dir),
+             "--method", "uniform_soup", "--output", str(tmp_path / "mixed")]
+    capsys.readouterr()
+    assert main(mixed) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is a LoRA checkpoint" in error and "--mixed-lora" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "mixed").exists()
+    assert main(mixed + ["--mixed-lora"]) == 0
+    fused = load_file(str(tmp_path / "mixed" / "model.safetensors"))
+    base = load_file(str(decoder_dir / "model.safetensors"))
+    assert torch.allclose(fused[key], (a[key] + base[key]) / 2, atol=1e-6)

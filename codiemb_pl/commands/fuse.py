@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", help="output sentence-transformers folder (replaced atomically)")
     parser.add_argument("--template", help="folder whose config, tokenizer and pooling the output keeps")
     parser.add_argument("--seed", type=int, help="seed of random methods (dare)")
+    parser.add_argument("--mixed-lora", action="store_true",
+                        help="merge LoRA checkpoints (base + s*B*A) together with full ones in weight space")
     return parser
 
 
@@ -118,7 +120,8 @@ def _parse_param(text: str) -> tuple[str, Any]:
 
 @register_command("fuse")
 def main(argv: list[str]) -> int:
-    request = resolve_request(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    request = resolve_request(args)
     from ..reporting import format_metrics_table
     from ..workflows.fusion import fuse
     from ..workflows.validation import build_validation_sets
@@ -128,7 +131,7 @@ def main(argv: list[str]) -> int:
                                  passage_prefix=request.get("passage_prefix"))
     result = fuse(request["base"], request["models"], request["method"], request["output"],
                   params=request.get("parameters") or {}, template=request.get("template"),
-                  seed=int(request.get("seed") or 0), validation_sets=sets)
+                  seed=int(request.get("seed") or 0), validation_sets=sets, mixed_lora=args.mixed_lora)
     print(f"[codiemb] fused {len(request['models'])} checkpoint(s) with {request['method']} into {result.output}",
           flush=True)
     if sets:

@@ -217,6 +217,7 @@ class OpenedCheckpoint:
     config: dict[str, Any] | None
     model_folder: str | None  # a folder holding config.json / tokenizer (the checkpoint's own, or its base's)
     encoder_settings: dict[str, Any] = field(default_factory=dict)  # pooling etc. from a .ckpt's hparams
+    lora: bool = False  # a LoRA run's .ckpt (read as its base weights with the adapters merged in)
 
 
 def _read_config(folder: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -274,7 +275,12 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor
     if not weights:
         raise InputError(str(path), f"the checkpoint has no {LIGHTNING_PREFIX}* weights",
                          "give a checkpoint of codiemb_pl's CoDiEmbModule")
-    return weights, dict(checkpoint.get("hyper_parameters") or {})
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    if any(".lora_A." in key for key in weights):  # a LoRA run (model.lora): its base with s·B·A merged in
+        from ..lora import merge_adapter_checkpoint
+
+        weights = merge_adapter_checkpoint(weights, hparams, str(path))
+    return weights, hparams
 
 
 def _open_lightning(path: Path) -> OpenedCheckpoint:
@@ -285,7 +291,7 @@ def _open_lightning(path: Path) -> OpenedCheckpoint:
         model_folder = None
     settings = {name: hparams[name] for name in ("pooling", "normalize", "max_seq_length") if hparams.get(name) is not None}
     return OpenedCheckpoint(str(path), MappingSource(weights, str(path)),
-                            _read_config(model_folder), model_folder, settings)
+                            _read_config(model_folder), model_folder, settings, lora=hparams.get("lora") is not None)
 
 
 def open_checkpoint(location: str | os.PathLike) -> OpenedCheckpoint:

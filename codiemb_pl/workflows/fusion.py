@@ -38,6 +38,7 @@ from codiemb_pl.fusion.engine import Merge
 from codiemb_pl.fusion.methods import MERGE_METHODS, check_method_params
 from codiemb_pl.fusion.soup import greedy_soup
 from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transformer_folder
+from codiemb_pl.lora import check_lora_mix
 from codiemb_pl.fusion.writer import save_state_dict
 from codiemb_pl.model_card import build_fused_model_card
 
@@ -315,7 +316,8 @@ class FuseResult:
 
 def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: str, output: str | os.PathLike, *,
          params: Mapping[str, Any] | None = None, template: str | None = None, seed: int = 0,
-         validation_sets: Sequence[ValidationSet] = (), eval_batch_size: int = 64) -> FuseResult:
+         validation_sets: Sequence[ValidationSet] = (), eval_batch_size: int = 64,
+         mixed_lora: bool = False) -> FuseResult:
     """Merge `models` ([{path, weight}]) against `base` with `method` into the folder `output`.
 
     Inputs whose config.json architecture, tensor names or shapes differ from the base, or that are too
@@ -329,6 +331,7 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     params = dict(params or {})
     opened_base = open_checkpoint(base)
     opened = [open_checkpoint(model["path"]) for model in models]
+    check_lora_mix([m.path for m in opened], [m.lora for m in opened], allow_mixed=mixed_lora)
     check_same_architecture(opened_base, opened)
     base_source, *model_sources = drop_unshared_untrained_keys([opened_base.source] + [m.source for m in opened])
     weights = prior_weights(models)
