@@ -19,8 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from .bucketing import encode_in_length_buckets
 from .data.validation import EmbeddingBuffers
 from .encoder import TextEncoder
+from .errors import InputError
 from .evaluation.suite import flat_metrics, score_set, summary_metrics
-from .losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives
+from .grad_cache import grad_cache_report, grad_cached_objective
+from .losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives, text_group_sizes
 from .losses.sts import STSLossConfig
 from .reporting import format_metrics_table
 from .lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
@@ -58,6 +60,9 @@ class CoDiEmbModule(pl.LightningModule):
         lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
         length_buckets: encode each text group in this many length-sorted chunks (less padding).
         gradient_checkpointing: trade compute for memory in the transformer.
+        grad_cache_chunk_size: gradient cache (`grad_cache.py`): embed each micro-batch in chunks of this many
+            texts without a graph, score the whole batch, then replay each chunk with its slice of the gradient
+            (same loss and gradients, activations of one chunk, about one extra forward pass); 0 = off.
         lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
             full fine-tuning); checkpoints then hold the adapters only, the export merges them.
         trust_remote_code: run the model repository's own code (e.g. MiniCPM).
@@ -71,9 +76,13 @@ class CoDiEmbModule(pl.LightningModule):
                  sts_infonce_threshold: float = 0.8, lr: float = 5e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
                  lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
-                 gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None):
+                 gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None,
+                 grad_cache_chunk_size: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        if grad_cache_chunk_size < 0:
+            raise InputError("model.grad_cache_chunk_size", f"{grad_cache_chunk_size} is negative",
+                             "use 0 (off) or the number of texts embedded per chunk")
         self.sts_config = sts_loss or STSLossConfig()
         self.objectives: dict[str, Objective] = {
             "ir": IRObjective(ir_temperature, cross_device_negatives, false_negative_mask),
@@ -119,7 +128,13 @@ class CoDiEmbModule(pl.LightningModule):
 
     def objective_step(self, objective: Objective, batch: dict[str, Any]) -> torch.Tensor:
         """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...`."""
-        loss, logs = objective(self.embed, batch)
+        chunk_size = self.hparams.grad_cache_chunk_size
+        if chunk_size:
+            left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
+            parameters = [p for p in self.parameters() if p.requires_grad]
+            loss, logs = grad_cached_objective(objective, self.embed, batch, chunk_size, parameters, left)
+        else:
+            loss, logs = objective(self.embed, batch)
         size = objective.batch_size(batch)
         for name, value in logs.items():
             self.log(f"train/{objective.task}/{name}", value, on_step=True, batch_size=size)
@@ -166,6 +181,10 @@ class CoDiEmbModule(pl.LightningModule):
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
         sources = list(getattr(datamodule, "train_sources", []))
+        if self.hparams.grad_cache_chunk_size:
+            rank_zero_info(grad_cache_report(self.hparams.grad_cache_chunk_size, [
+                (s.name, text_group_sizes(s.task, datamodule.batch_size_of(s), hp.n_positives, hp.n_negatives))
+                for s in sources]))
         if getattr(hp, "policy", None) == "mixed" and sources:  # one pooled micro-batch size: the largest
             per_device = max(datamodule.batch_size_of(source) for source in sources)
             rank_zero_info(f"[codiemb] mixed batches ({', '.join(s.name for s in sources)} pooled): {per_device} "
