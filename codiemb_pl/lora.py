@@ -214,3 +214,25 @@ def check_lora_mix(paths: Sequence[str], adapter_flags: Sequence[bool], allow_mi
     full = [path for path, flag in zip(paths, adapter_flags) if not flag]
     raise InputError(lora[0], f"is a LoRA checkpoint but {full[0]} is a full one ({len(lora)} LoRA, {len(full)} full "
                      "inputs)", "fuse checkpoints of one kind, or pass --mixed-lora to merge them all in weight space")
+
+
+def load_merged_weights(model: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Load full weights under base names (as `merged_weights` writes them) into `model`, strictly.
+
+    With adapters, each adapted matrix's base weight takes the merged value and every `B` is zeroed, so
+    the model computes exactly `weights` (the adapters stay in place, contributing nothing).
+    """
+    if not is_lora_model(model):
+        model.load_state_dict(dict(weights), strict=True)
+        return
+    base = model.get_base_model()
+    names = {key.replace(".base_layer.", "."): key for key in base.state_dict() if ".lora_" not in key}
+    missing, unexpected = sorted(names.keys() - weights.keys()), sorted(weights.keys() - names.keys())
+    if missing or unexpected:
+        raise InputError("load_merged_weights", f"{len(missing)} weights missing (e.g. {missing[:1]}), "
+                         f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})", "load weights of this base model")
+    base.load_state_dict({names[key]: value for key, value in weights.items()}, strict=False)
+    with torch.no_grad():
+        for name, parameter in base.named_parameters():
+            if ".lora_B." in name:
+                parameter.zero_()

@@ -230,3 +230,23 @@ def test_codiemb_fuse_merges_lora_checkpoints_and_refuses_a_mix(decoder_dir, tmp
     fused = load_file(str(tmp_path / "mixed" / "model.safetensors"))
     base = load_file(str(decoder_dir / "model.safetensors"))
     assert torch.allclose(fused[key], (a[key] + base[key]) / 2, atol=1e-6)
+
+
+def test_fusion_callback_snapshots_lora_runs_in_weight_space(decoder_dir, tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    code = main(fit_args(decoder_dir, tmp_path, LORA) + [
+        "--trainer.max_steps", "4",
+        "--trainer.callbacks+=codiemb_pl.callbacks.CheckpointFusion", "--trainer.callbacks.every_n_steps", "2",
+        "--trainer.callbacks.collect", '["last"]', "--trainer.callbacks.methods", '[{"method": "uniform_soup"}]'])
+    assert code == 0
+    base = load_file(str(decoder_dir / "model.safetensors"))
+    snapshots = sorted((tmp_path / "fusion" / "snapshots").glob("step*.safetensors"))
+    assert snapshots and load_file(str(tmp_path / "fusion" / "snapshots" / "base.safetensors")).keys() == base.keys()
+    last = load_file(str(snapshots[-1]))
+    assert last.keys() == base.keys()                                   # merged: base names, no adapters
+    assert torch.equal(last["embed_tokens.weight"], base["embed_tokens.weight"])           # not adapted
+    assert not torch.equal(last["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
+    from codiemb_pl.encoder import TextEncoder
+
+    assert TextEncoder(str(tmp_path / "fusion" / "model")).encode(TEXTS).shape == (3, 128)

@@ -32,6 +32,7 @@ from ..atomic import atomic_write_text
 from ..errors import InputError
 from ..evaluation.suite import evaluate_encoder, flat_metrics
 from ..fusion.writer import save_state_dict
+from ..lora import load_merged_weights, merged_weights
 from ..model_card import encoder_card_fields
 from ..workflows.fusion import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion, winner_card
 from .monitoring import log_leaderboard
@@ -49,11 +50,12 @@ DEFAULT_METHODS: list[dict[str, Any]] = [
 
 def save_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
     """The encoder's transformer weights (Hugging Face names) as safetensors, written atomically."""
-    save_state_dict({key: value.detach() for key, value in pl_module.encoder.model.state_dict().items()}, path)
+    _, weights = merged_weights(pl_module.encoder.model)  # LoRA: base + s·B·A under the base names
+    save_state_dict({key: value.detach() for key, value in weights.items()}, path)
 
 
 def load_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
-    pl_module.encoder.model.load_state_dict(load_file(str(path)), strict=True)
+    load_merged_weights(pl_module.encoder.model, load_file(str(path)))
 
 
 class CheckpointFusion(pl.Callback):
