@@ -24,7 +24,8 @@ from .evaluation.suite import flat_metrics, score_set, summary_metrics
 from .grad_cache import grad_cache_report, grad_cached_objective
 from .losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives, text_group_sizes
 from .losses.sts import STSLossConfig
-from .reporting import format_metrics_table
+from .data.arrow_records import distinct_negative_counts
+from .reporting import format_metrics_table, hard_negative_report
 from .lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
 from .rng_state import capture_rng_states, restore_rng_states
 
@@ -191,7 +192,8 @@ class CoDiEmbModule(pl.LightningModule):
                            f"per device x {world} devices x {accumulate} accumulation = global batch "
                            f"{per_device * world * accumulate}; the IR/STS split of each batch varies")
             return
-        for source in sources:  # each sub-dataset may set its own batch size
+        dataset = getattr(datamodule, "train_dataset", None)  # the Arrow records: distinct negatives per record
+        for index, source in enumerate(sources):  # each sub-dataset may set its own batch size
             per_device = datamodule.batch_size_of(source)
             rank_zero_info(f"[codiemb] {source.name} ({source.task}): {per_device} per device x {world} devices x "
                            f"{accumulate} accumulation = global batch {per_device * world * accumulate}")
@@ -199,7 +201,12 @@ class CoDiEmbModule(pl.LightningModule):
                 queries = per_device * (world if cross_device else 1)
                 rank_zero_info(f"[codiemb] {source.name}: each query is scored against "
                                f"{queries * (1 + hp.n_negatives) - 1} negatives per positive slot ({queries} queries "
-                               f"x (1 positive + {hp.n_negatives} hard negatives), cross-device={cross_device})")
+                               f"x (1 positive + {hp.n_negatives} hard-negative slots), cross-device={cross_device})")
+                if dataset is not None and hp.n_negatives > 0:
+                    report = hard_negative_report(source.name, distinct_negative_counts(dataset.records[index]),
+                                                  hp.n_negatives)
+                    if report:
+                        rank_zero_info(report)
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):

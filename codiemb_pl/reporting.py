@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 
 def format_metrics_table(per_set: dict[str, dict[str, float]], summary: dict[str, float], title: str) -> str:
     """A plain-text table: one row per validation set, one column per metric, then the averages."""
@@ -28,3 +30,23 @@ def comparison_table(history: list[tuple[str, dict[str, float]]]) -> str:
         cells = [f"{metrics[key]:>12.4f}" if key in metrics else f"{'':>12}" for _, metrics in history]
         lines.append(f"{key:<{width}}  " + "  ".join(cells))
     return "\n".join(lines)
+
+
+def hard_negative_report(name: str, distinct_counts, n_negatives: int) -> str:
+    """How the `n_negatives` hard-negative slots of an IR sub-dataset are really filled, from the number of
+    distinct negatives of each record (the collate's rule, `data.collate.pick_fixed_count`): a record with
+    more draws N of them, one with fewer repeats them (re-sampled) to fill the N slots, one with none has
+    its slots masked out (when others in its batch have negatives)."""
+    counts = [int(c) for c in distinct_counts]
+    if not counts or n_negatives <= 0:
+        return ""
+    low, median, high = min(counts), statistics.median(counts), max(counts)
+    line = (f"[codiemb] {name}: {n_negatives} hard-negative slot{'s' if n_negatives != 1 else ''} per query; "
+            f"records have {low:g}/{median:g}/{high:g} distinct hard negatives (min/median/max)")
+    fewer = sum(0 < c < n_negatives for c in counts)
+    empty = sum(c == 0 for c in counts)
+    if fewer:
+        line += f"; {fewer} of {len(counts)} records have fewer than {n_negatives} and repeat theirs to fill the slots"
+    if empty:
+        line += f"; {empty} have none (their slots are masked out)"
+    return line

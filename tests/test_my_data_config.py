@@ -70,7 +70,7 @@ def test_my_data_batch_sizes_fit_a_ten_record_file():
                                   if "default_root_dir" not in line), "only default_root_dir names the output folder"
 
 
-def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypatch):
+def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypatch, caplog):
     """The quickstart with --trainer.default_root_dir X writes nothing to the working directory (no
     ./runs/quickstart): logs, checkpoints, export and fusion all land in X (my_data.yaml: the fixture run)."""
     cwd, root = tmp_path / "cwd", tmp_path / "elsewhere"
@@ -81,8 +81,39 @@ def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypat
     assert main(["fit", "--config", str(QUICKSTART), "--model.model_name_or_path", str(tiny_model_dir),
                  "--trainer.default_root_dir", str(root), "--data.train", small_data,  # a few steps write everything
                  "--data.ir_batch_size", "8", "--data.sts_batch_size", "8"]) == 0
+    # the quickstart's 2 hard-negative slots, filled from records with one negative each: said at the start
+    assert ("[codiemb] demo_ir: 2 hard-negative slots per query; records have 1/1/1 distinct hard negatives "
+            "(min/median/max); 10 of 10 records have fewer than 2 and repeat theirs to fill the slots") in caplog.messages
     assert tree(cwd) == {"data/ir_train.jsonl", "data/sts_train.jsonl"}
     files = tree(root)
     assert {f.split("/")[0] for f in files} == {"checkpoints", "model", "fusion", "logs"}
     assert {"checkpoints/last.ckpt", "model/modules.json", "fusion/model/modules.json",
             "logs/version_0/metrics.csv"} <= files
+
+
+def test_distinct_negatives_are_counted_per_record(tmp_path):
+    from codiemb_pl.data.arrow_records import distinct_negative_counts, open_records
+    from codiemb_pl.data.sources import SourceConfig
+
+    path = tmp_path / "ir.jsonl"
+    rows = [{"query": "q1", "positives": ["p"], "negatives": ["a", "a", "b"]},
+            {"query": "q2", "positives": ["p"], "negatives": ["c"]},
+            {"query": "q3", "positives": ["p"], "negatives": []},
+            {"query": "q4", "positives": ["p"], "negatives": ["d", "e", "f", "g", "d"]}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table = open_records(SourceConfig(name="ir", task="ir", path=str(path)), tmp_path / "cache")
+    assert distinct_negative_counts(table).tolist() == [2, 1, 0, 4]
+
+
+def test_hard_negative_report_wording():
+    from codiemb_pl.reporting import hard_negative_report
+
+    assert hard_negative_report("mine", [1] * 10, 4) == (
+        "[codiemb] mine: 4 hard-negative slots per query; records have 1/1/1 distinct hard negatives "
+        "(min/median/max); 10 of 10 records have fewer than 4 and repeat theirs to fill the slots")
+    assert hard_negative_report("mine", [0, 3, 4, 6], 4) == (
+        "[codiemb] mine: 4 hard-negative slots per query; records have 0/3.5/6 distinct hard negatives "
+        "(min/median/max); 1 of 4 records have fewer than 4 and repeat theirs to fill the slots; "
+        "1 have none (their slots are masked out)")
+    assert hard_negative_report("mine", [5, 6], 4).endswith("records have 5/5.5/6 distinct hard negatives (min/median/max)")
+    assert hard_negative_report("mine", [1, 2], 0) == ""

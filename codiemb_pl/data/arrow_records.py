@@ -140,3 +140,19 @@ def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False) -
     if cfg.seed is not None or cfg.max_samples is not None:
         positions = np.asarray(subsample_positions(meta["rows"], cfg), dtype=np.int64)
     return RecordTable(folder, key, MappedTable(folder / RECORDS_FILE), meta, positions)
+
+
+def distinct_negative_counts(records: RecordTable) -> np.ndarray:
+    """For each of the run's IR records, how many different hard negatives it has (`len(set(negatives))`,
+    texts compared by `text_id`); an STS table gives an empty array."""
+    if records.meta["task"] != "ir" or len(records) == 0:
+        return np.zeros(0, dtype=np.int64)
+    import pyarrow.compute as pc
+
+    column = records.table["negative_text_ids"].combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    distinct_rows = np.unique(np.stack([rows, flat]), axis=1)[0] if len(flat) else np.zeros(0, dtype=np.int64)
+    counts = np.bincount(distinct_rows, minlength=len(lengths))
+    return counts if records.positions is None else counts[records.positions]
