@@ -127,7 +127,8 @@ def fit_args(decoder_dir: Path, root: Path, lora: dict | None) -> list[str]:
 def test_lora_checkpoint_holds_only_adapters_and_is_small(decoder_dir, tmp_path, one_torch_thread):
     assert main(fit_args(decoder_dir, tmp_path / "full", None)) == 0
     export = ["--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder", "--trainer.callbacks.dirpath",
-              str(tmp_path / "model")]  # from the best checkpoint: loads adapters-only weights
+              str(tmp_path / "model"), "--trainer.callbacks.adapter_dirpath", str(tmp_path / "adapter")]
+    # (the export starts from the best checkpoint: it loads adapters-only weights)
     assert main(fit_args(decoder_dir, tmp_path / "lora", LORA) + export) == 0
     full_file, lora_file = next((tmp_path / "full").rglob("last.ckpt")), next((tmp_path / "lora").rglob("last.ckpt"))
     state = torch.load(lora_file, map_location="cpu", weights_only=False)
@@ -139,6 +140,7 @@ def test_lora_checkpoint_holds_only_adapters_and_is_small(decoder_dir, tmp_path,
     from codiemb_pl.encoder import TextEncoder
 
     assert TextEncoder(str(tmp_path / "model")).encode(TEXTS).shape == (3, 128)  # a plain merged model
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()          # and the adapters alone
 
 
 def test_interrupted_and_resumed_lora_run_ends_with_the_uninterrupted_adapters(decoder_dir, tmp_path):

@@ -25,11 +25,14 @@ class ExportEncoder(pl.Callback):
     Args:
         dirpath: output folder (replaced atomically); default `<trainer.default_root_dir>/model`.
         from_best: export the best checkpoint of the trainer's ModelCheckpoint when one exists.
+        adapter_dirpath: under LoRA (`model.lora`), also write the adapters alone there as a peft folder
+            (the main export always merges them into the base weights).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, from_best: bool = True):
+    def __init__(self, dirpath: Optional[str] = None, from_best: bool = True, adapter_dirpath: Optional[str] = None):
         self.dirpath = dirpath
         self.from_best = from_best
+        self.adapter_dirpath = adapter_dirpath
         self.exported_from: Optional[str] = None
         self.exported_step: Optional[int] = None
 
@@ -42,7 +45,7 @@ class ExportEncoder(pl.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
             checkpoint = torch.load(best, map_location="cpu", weights_only=False)
-            pl_module.load_state_dict(checkpoint["state_dict"])
+            pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)  # LoRA: adapters only
             self.exported_from = best
             self.exported_step = checkpoint.get("global_step")
         else:
@@ -51,6 +54,10 @@ class ExportEncoder(pl.Callback):
         if trainer.is_global_zero:
             output = self.output_dir(trainer)
             pl_module.encoder.save(str(output), model_card=self.model_card(pl_module))
+            if self.adapter_dirpath:
+                from ..lora import save_adapter
+
+                save_adapter(pl_module.encoder.model, self.adapter_dirpath)
             rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")
         trainer.strategy.barrier("codiemb-export")
 
