@@ -252,3 +252,11 @@ def test_fusion_callback_snapshots_lora_runs_in_weight_space(decoder_dir, tmp_pa
     from codiemb_pl.encoder import TextEncoder
 
     assert TextEncoder(str(tmp_path / "fusion" / "model")).encode(TEXTS).shape == (3, 128)
+
+
+def test_load_encoder_reads_a_lora_checkpoint_as_the_adapted_model(decoder_dir, tmp_path):
+    from codiemb_pl.workflows.encoders import load_encoder
+
+    module = write_lora_checkpoint(decoder_dir, tmp_path / "a.ckpt", seed=3)
+    expected = module.encoder.encode(TEXTS)
+    assert torch.allclose(load_encoder(tmp_path / "a.ckpt").encode(TEXTS), expected, atol=1e-5)
