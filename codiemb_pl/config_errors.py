@@ -26,6 +26,7 @@ _UNRECOGNIZED = re.compile(r"unrecognized arguments: (.*)", re.IGNORECASE)
 _ENTRY_PROBLEM = re.compile(r"Problem with given class_path '([\w.]+)':\s*(.*?)(?:\s+- Expected a <class 'NoneType'>.*)?$")
 _ENTRY_OPTION = re.compile(r"Option '([^']+)' is not accepted")
 _PARSER_KEY = re.compile(r'(?:Parser key|key) "([^"]+)"')
+_UNION_PREAMBLE = re.compile(r"Does not validate against any of the Union subtypes Subtypes: \[.*?\] Errors: - ")
 
 
 def explain_config_error(message: str, args: list[str], valid_keys: Iterable[str],
@@ -73,7 +74,7 @@ def entry_error(list_key: str, class_path: str, inner: str, args: list[str], fix
     """A bad key (or value) inside one entry of a list of dataclasses, e.g. a `data.train` source."""
     option = _ENTRY_OPTION.search(inner)
     if not option:
-        return InputError(list_key, f"an entry is invalid: {inner}", fix)
+        return entry_value_error(list_key, inner, args, fix)
     bad = option.group(1)
     fields = accepted_fields(class_path)
     close = difflib.get_close_matches(bad, fields, n=1, cutoff=0.6)
@@ -82,6 +83,19 @@ def entry_error(list_key: str, class_path: str, inner: str, args: list[str], fix
     what = f"{list_key} entry {entry}" if entry else f"a {list_key} entry"
     return InputError(where, f"unknown key {bad!r} in {what}",
                       f"{hint}an entry accepts: {', '.join(fields)}" if fields else hint + fix)
+
+
+def entry_value_error(list_key: str, inner: str, args: list[str], fix: str) -> InputError:
+    """A bad value inside one entry (`batch_size: many`, `task: irr`): the entry's place and the value's problem."""
+    field = _PARSER_KEY.search(inner)
+    problem = _UNION_PREAMBLE.sub("", inner)
+    problem = re.sub(r'^Parser key "[^"]+":\s*', "", problem).strip()
+    if not field:
+        return InputError(list_key, f"an entry is invalid: {problem}", fix)
+    given = re.search(r"Got value: (.+)$", problem)
+    where, entry = locate_entry_key(list_key, field.group(1), args, given.group(1).strip() if given else None)
+    what = f"{list_key} entry {entry}" if entry else f"a {list_key} entry"
+    return InputError(where, f"{what}: {field.group(1)}: {problem}", fix)
 
 
 def accepted_fields(class_path: str) -> list[str]:
@@ -120,13 +134,15 @@ def locate_key(key: str, args: list[str]) -> tuple[str, bool]:
     return "command line", False
 
 
-def locate_entry_key(list_key: str, bad: str, args: list[str]) -> tuple[str, Optional[str]]:
-    """(`"FILE:LINE"` of the list entry holding key `bad`, or the command line; `"N (name)"` of that entry)."""
+def locate_entry_key(list_key: str, bad: str, args: list[str], value: Optional[str] = None
+                     ) -> tuple[str, Optional[str]]:
+    """(`"FILE:LINE"` of the list entry holding key `bad` (with `value`, if given), or the command line;
+    `"N (name)"` of that entry)."""
     for token_index, token in enumerate(args):
         if token == f"--{list_key}" and token_index + 1 < len(args) and bad in args[token_index + 1]:
             return f"command line (--{list_key})", None
     for path in config_files(args):
-        found = _yaml_entry_key(path, list_key.split("."), bad)
+        found = _yaml_entry_key(path, list_key.split("."), bad, value)
         if found is not None:
             return f"{path}:{found[0]}", found[1]
     return "command line", None
@@ -161,7 +177,8 @@ def _yaml_key_line(path: str, parts: list[str]) -> Optional[int]:
     return key_node.start_mark.line + 1
 
 
-def _yaml_entry_key(path: str, list_parts: list[str], bad: str) -> Optional[tuple[int, str]]:
+def _yaml_entry_key(path: str, list_parts: list[str], bad: str, value: Optional[str] = None
+                    ) -> Optional[tuple[int, str]]:
     import yaml
 
     node = _yaml_root(path)
@@ -170,8 +187,8 @@ def _yaml_entry_key(path: str, list_parts: list[str], bad: str) -> Optional[tupl
     if not isinstance(node, yaml.SequenceNode):
         return None
     for index, item in enumerate(node.value):
-        key_node, _ = _mapping_child(item, bad)
-        if key_node is not None:
+        key_node, value_node = _mapping_child(item, bad)
+        if key_node is not None and (value is None or getattr(value_node, "value", None) == value):
             _, name_node = _mapping_child(item, "name")
             name = f" ({name_node.value})" if name_node is not None else ""
             return key_node.start_mark.line + 1, f"{index + 1}{name}"

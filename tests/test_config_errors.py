@@ -105,3 +105,13 @@ def test_help_lists_lightning_and_project_commands(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "evaluate", "fuse", "boom", "mine-negatives"):
         assert f"\n  {command} " in out, out
+
+
+def test_bad_value_in_the_second_data_train_entry_names_that_entry(tiny_model_dir, tmp_path, capsys, caplog):
+    piece = tmp_path / "data.yaml"
+    piece.write_text("data:\n  train:\n    - name: first\n      task: ir\n      path: a.jsonl\n"
+                     "    - name: second\n      task: irr\n      path: b.jsonl\n")
+    assert run_fit(tiny_model_dir, tmp_path / "run", "--config", str(piece)) == 2
+    line = the_one_line(capsys, caplog)
+    assert line.startswith(f"codiemb: error: {piece}:7: data.train entry 2 (second): task: "), line
+    assert "Got value: irr" in line and "Union" not in line, line
