@@ -10,9 +10,10 @@ IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_t
 STS table: `text1`, `text2` (string), `score` (float64, as in the file); `meta.json` holds the score
 range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
 
-Rows are validated while they stream from the reader (`sources.iter_ir_records`, `iter_raw_sts_pairs`),
-with the same messages as the in-memory loader; the STS range check is one vectorised pass over the
-score column. Nothing is written under the final name unless the whole source is valid.
+JSON-lines sources are parsed and checked in column batches (`arrow_jsonl.py`); any other format, and any
+file the column path is unsure of, streams row by row from the reader (`sources.iter_ir_records`,
+`iter_raw_sts_pairs`), which gives the in-memory loader's messages. The STS range check is one vectorised
+pass over the score column. Nothing is written under the final name unless the whole source is valid.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from .arrow_jsonl import NotColumnar, ir_columns, sts_columns
 from .cache import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
 from .collate import text_id
 from .readers import DEFAULT_HF_SPLIT, _load_hf_split
@@ -61,29 +63,48 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _ir_batches(records: Iterable[IRRecord]) -> Iterator[pa.RecordBatch]:
-    for chunk in _chunks(records, BATCH_ROWS):
-        yield pa.record_batch([
-            pa.array([r.query for r in chunk], pa.string()),
-            pa.array([list(r.positives) for r in chunk], pa.list_(pa.string())),
-            pa.array([list(r.negatives) for r in chunk], pa.list_(pa.string())),
-            pa.array([[text_id(t) for t in r.positives] for r in chunk], pa.list_(pa.int64())),
-            pa.array([[text_id(t) for t in r.negatives] for r in chunk], pa.list_(pa.int64())),
-        ], schema=IR_SCHEMA)
+def _ir_record_batch(queries: list[str], positives: list[list[str]], negatives: list[list[str]]) -> pa.RecordBatch:
+    return pa.record_batch([
+        pa.array(queries, pa.string()), pa.array(positives, pa.list_(pa.string())),
+        pa.array(negatives, pa.list_(pa.string())),
+        pa.array([[text_id(t) for t in texts] for texts in positives], pa.list_(pa.int64())),
+        pa.array([[text_id(t) for t in texts] for texts in negatives], pa.list_(pa.int64())),
+    ], schema=IR_SCHEMA)
 
 
-def _sts_batches(pairs: Iterable[tuple[str, str, str, float]]) -> Iterator[pa.RecordBatch]:
-    for chunk in _chunks(pairs, BATCH_ROWS):
-        yield pa.record_batch([pa.array([p[1] for p in chunk], pa.string()), pa.array([p[2] for p in chunk], pa.string()),
-                               pa.array([p[3] for p in chunk], pa.float64())], schema=STS_SCHEMA)
+def _sts_record_batch(text1: list[str], text2: list[str], scores: list[float]) -> pa.RecordBatch:
+    return pa.record_batch([pa.array(text1, pa.string()), pa.array(text2, pa.string()), pa.array(scores, pa.float64())],
+                           schema=STS_SCHEMA)
+
+
+def _row_batches(cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
+    """Record batches from the row-by-row reader (any format; it names the first bad row)."""
+    if cfg.task == "ir":
+        for chunk in _chunks(iter_ir_records(cfg), BATCH_ROWS):
+            yield _ir_record_batch([r.query for r in chunk], [list(r.positives) for r in chunk],
+                                   [list(r.negatives) for r in chunk])
+    else:
+        for chunk in _chunks(iter_raw_sts_pairs(cfg), BATCH_ROWS):
+            yield _sts_record_batch([p[1] for p in chunk], [p[2] for p in chunk], [p[3] for p in chunk])
+
+
+def _write_rows(cfg: SourceConfig, path: Path) -> int:
+    """Write the source's records: column-batched for plainly valid JSON lines, else row by row."""
+    schema = IR_SCHEMA if cfg.task == "ir" else STS_SCHEMA
+    try:
+        if cfg.task == "ir":
+            return write_arrow(path, schema, (_ir_record_batch(*columns) for columns in ir_columns(cfg)))
+        return write_arrow(path, schema, (_sts_record_batch(*columns) for columns in sts_columns(cfg)))
+    except NotColumnar:
+        return write_arrow(path, schema, _row_batches(cfg))
 
 
 def build_records(cfg: SourceConfig, folder: Path) -> dict:
     """Write the source's validated records into `folder`; the entry's meta (rows, score range)."""
     path = folder / RECORDS_FILE
+    rows = _write_rows(cfg, path)
     if cfg.task == "ir":
-        return {"rows": write_arrow(path, IR_SCHEMA, _ir_batches(iter_ir_records(cfg))), "task": "ir"}
-    rows = write_arrow(path, STS_SCHEMA, _sts_batches(iter_raw_sts_pairs(cfg)))
+        return {"rows": rows, "task": "ir"}
     scores = open_arrow(path).column("score").to_numpy()
     low, high = score_range_of(cfg, float(scores.min()), float(scores.max()))
     outside = np.flatnonzero((scores < low) | (scores > high))
