@@ -6,10 +6,13 @@ attempt, then resumes the sweep with the first one skipped), fusion across them 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -133,8 +136,54 @@ def test_fuse_only_fuses_without_training(sweep_setup, capsys):
     assert (out / "leaderboard.json").stat().st_mtime_ns > board_before
 
 
+def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(sweep_setup, capsys):
+    folder, _, argv = sweep_setup
+    run_a = folder / "out" / "runs" / "a"
+    assert (run_a / "checkpoints" / "last.ckpt").is_file()
+    before = load_file(run_a / "model" / "model.safetensors")
+    shutil.rmtree(run_a / "model")                       # as if the process died before the export
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"a: resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in printed
+    assert "run 1/2 a: trained" in printed and "run 2/2 b: skipped" in printed
+    after = load_file(run_a / "model" / "model.safetensors")
+    assert all(torch.equal(after[key], value) for key, value in before.items())   # nothing trained again
+
+
+class SigtermOnce(pl.Callback):
+    """Send this process SIGTERM after the first optimizer step, once (the marker file remembers it)."""
+
+    def __init__(self, marker: str = ""):
+        self.marker = Path(marker)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not self.marker.exists():
+            self.marker.write_text("sent")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tiny_model_dir, tmp_path, capsys):
+    sweep = write_sweep(tmp_path, {"overrides": {"trainer.max_steps": 3},
+                                   "runs": [{"name": "a"}, {"name": "b", "model.lr": 1.0e-3}],
+                                   "fusion": {"methods": ["uniform_soup"]}})
+    out = tmp_path / "out"
+    argv = ["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(out),
+            "--model.model_name_or_path", str(tiny_model_dir),
+            "--trainer.callbacks+=test_sweep.SigtermOnce", f"--trainer.callbacks.marker={tmp_path / 'sent'}"]
+    assert main(argv) == 0                                # a deliberate stop, as `codiemb fit`
+    printed = capsys.readouterr().out
+    assert "run 1/2 a: interrupted" in printed and "rerun the same command to resume" in printed
+    assert (out / "runs" / "a" / "checkpoints" / "last.ckpt").is_file() and not (out / "runs" / "b").exists()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"a: resuming from {out / 'runs' / 'a' / 'checkpoints' / 'last.ckpt'}" in printed
+    assert "run 1/2 a: trained" in printed and "run 2/2 b: trained" in printed
+    assert json.loads((out / "leaderboard.json").read_text())["winner"]
+
+
 def test_fuse_only_with_an_unfinished_run_is_one_line(tiny_model_dir, tmp_path, capsys):
-    sweep = write_sweep(tmp_path, {"runs": [{"name": "x", "model.lr": 1.0e-3}], "fusion": {"methods": ["uniform_soup"]}})
+    sweep = write_sweep(tmp_path, {"runs": [{"name": "x", "model.lr": 1.0e-3}],
+                                   "fusion": {"methods": ["uniform_soup"]}})
     code = main(["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(tmp_path / "out"),
                  "--model.model_name_or_path", str(tiny_model_dir), "--fuse-only"])
     err = capsys.readouterr().err.strip()
@@ -153,14 +202,16 @@ def test_print_commands_prints_one_fit_line_per_run_and_writes_nothing(tiny_mode
     assert lines == [
         f"codiemb fit --config {TINY_CONFIG} --model.model_name_or_path {tiny_model_dir} "
         "--trainer.callbacks+ codiemb_pl.callbacks.ExportEncoder "   # tiny.yaml exports nothing: the sweep adds it
-        f"--trainer.max_steps 3 --data.policy {policy} --model.lr 0.0001 --trainer.default_root_dir {out}/runs/policy-{policy}_lr-0.0001"
+        f"--trainer.max_steps 3 --data.policy {policy} --model.lr 0.0001 "
+        f"--trainer.default_root_dir {out}/runs/policy-{policy}_lr-0.0001"
         for policy in ("proportional", "temperature")]
     assert shlex.split(lines[0])[:2] == ["codiemb", "fit"]
     assert not out.exists()
 
 
 def test_listed_runs_times_grid_points():
-    runs = expand_runs({"runs": [{"name": "p", "data.policy": "proportional"}, {"name": "b", "data.policy": "balanced"}],
+    runs = expand_runs({"runs": [{"name": "p", "data.policy": "proportional"},
+                                 {"name": "b", "data.policy": "balanced"}],
                         "grid": {"seed_everything": [1, 2]}}, "s.yaml")
     assert [(r.name, r.overrides) for r in runs] == [
         ("p_seed_everything-1", {"data.policy": "proportional", "seed_everything": 1}),

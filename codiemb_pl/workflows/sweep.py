@@ -26,7 +26,8 @@ shows them) and how to fuse them:
 Everything is checked before anything is written (unknown keys, bad values resolved through the real
 CLI, runs that would share an output folder, a run whose finished output was made with other settings).
 A run whose export is complete is skipped; one with `checkpoints/last.ckpt` and no export resumes from
-it; a crashed run is reported and the rest continue (fusion waits until every run has finished).
+it; a crashed run is reported and the rest continue (fusion waits until every run has finished); SIGTERM /
+SIGINT stops the sweep after the current run saved its last.ckpt (exit code 0, as `codiemb fit`).
 Fusion: θ0 = `model.model_name_or_path`, members = the chosen checkpoint of every run, merged with every
 method by `workflows.fusion.run_fusion` (base, members and merges scored on `data.val`), leaderboard
 printed and written (`leaderboard.json` / `.md`), logged as a W&B table when the base config has a
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import importlib
 import io
 import itertools
 import json
@@ -72,6 +74,7 @@ EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
 FUSION_CALLBACK = "codiemb_pl.callbacks.CheckpointFusion"
 CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
 RUN_RECORD = "sweep_run.json"
+ERROR_PREFIX = "codiemb: error: "     # how `codiemb_pl.cli.main` reports an InputError on stderr
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 SNAPSHOT_CHOICE = re.compile(r"^(last|best_ir|best_sts|best|epoch\d+|step\d+)$")
 
@@ -268,9 +271,9 @@ def resolve_run_config(base_config: str, args: Sequence[str], where: str) -> dic
         with contextlib.redirect_stderr(errors):
             return resolve_fit_config([base_config], list(args))
     except InputError:
-        lines = [line.removeprefix("codiemb: error: ") for line in errors.getvalue().splitlines() if line.strip()]
-        message = next((line for line in reversed(lines) if "error" in line.lower() or "(" in line),
-                       lines[-1] if lines else "does not parse")
+        lines = [line for line in errors.getvalue().splitlines() if line.strip()]
+        reported = [line.removeprefix(ERROR_PREFIX) for line in lines if line.startswith(ERROR_PREFIX)]
+        message = (reported or lines or ["does not parse"])[-1]
         raise InputError(where, f"the fit configuration does not resolve: {message}",
                          "fix that value in the sweep file") from None
 
@@ -280,8 +283,6 @@ def _callbacks(resolved: Mapping[str, Any], class_path: str) -> list[dict[str, A
     from codiemb_pl.run_folder import _is_subclass
 
     module_name, _, class_name = class_path.rpartition(".")
-    import importlib
-
     cls = getattr(importlib.import_module(module_name), class_name)
     entries = (resolved.get("trainer") or {}).get("callbacks") or []
     return [entry for entry in entries if isinstance(entry, dict) and _is_subclass(entry.get("class_path"), cls)]
@@ -313,8 +314,8 @@ def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any
         kept = steps > 0 if choice.startswith("step") else needed in collect
         if not kept:
             raise InputError(f"{where}: fusion.checkpoints: {choice}", "this run keeps no such snapshot",
-                             f"collect it: {FUSION_CALLBACK} with collect: [..., {needed}] in the base config"
-                             if not choice.startswith("step") else "set CheckpointFusion.every_n_steps in the base config")
+                             "set CheckpointFusion.every_n_steps in the base config" if choice.startswith("step")
+                             else f"collect it: {FUSION_CALLBACK} with collect: [..., {needed}] in the base config")
 
 
 def _fusion_options(section: Any, where: str) -> dict[str, Any]:
@@ -404,7 +405,8 @@ def is_finished(plan: SweepPlan, run: SweepRun) -> bool:
 
     folder = plan.run_folder(run)
     snapshots = any(choice != FINAL for choice in plan.checkpoints)
-    return is_finished_export(folder / "model") and (not snapshots or (folder / "fusion" / "leaderboard.json").is_file())
+    return is_finished_export(folder / "model") and (
+        not snapshots or (folder / "fusion" / "leaderboard.json").is_file())
 
 
 def _read_record(plan: SweepPlan, run: SweepRun) -> dict[str, Any] | None:
@@ -425,15 +427,15 @@ def _check_record(plan: SweepPlan, run: SweepRun, where: str) -> None:
 
 @dataclass
 class RunOutcome:
-    """What became of one run: skipped (already finished), trained, or failed (with its error line)."""
+    """What became of one run: skipped (already finished), trained, interrupted, or failed (its error line)."""
 
     name: str
     status: str
     error: str = ""
 
 
-class _Tee(io.TextIOBase):
-    """A text stream that writes to `stream` and keeps a copy (to report a crashed run's error line)."""
+class _Tee:
+    """`stream` that also keeps a copy of what is written (to report a crashed run's error line)."""
 
     def __init__(self, stream):
         self.stream, self.copy = stream, io.StringIO()
@@ -442,8 +444,8 @@ class _Tee(io.TextIOBase):
         self.copy.write(text)
         return self.stream.write(text)
 
-    def flush(self) -> None:
-        self.stream.flush()
+    def __getattr__(self, name: str):   # flush, fileno, isatty, encoding, ...: the stream's own
+        return getattr(self.stream, name)
 
 
 def train_run(plan: SweepPlan, run: SweepRun, log: Callable[[str], None] = print) -> RunOutcome:
@@ -473,20 +475,25 @@ def train_run(plan: SweepPlan, run: SweepRun, log: Callable[[str], None] = print
         code, error = 1, f"{type(exc).__name__}: {' '.join(str(exc).split())}"
     if code == 0 and is_finished(plan, run):
         return RunOutcome(run.name, "trained")
+    if code == 0 and last.is_file():   # SIGTERM / SIGINT: GracefulInterruption saved last.ckpt and ended fit
+        return RunOutcome(run.name, "interrupted", f"stopped with {last} saved")
     if not error:
-        lines = [line for line in tee.copy.getvalue().splitlines() if line.startswith("codiemb: error:")]
-        error = lines[-1].removeprefix("codiemb: error: ") if lines else f"exit code {code}, no finished export"
+        lines = [line for line in tee.copy.getvalue().splitlines() if line.startswith(ERROR_PREFIX)]
+        error = lines[-1].removeprefix(ERROR_PREFIX) if lines else f"exit code {code}, no finished export"
     return RunOutcome(run.name, "failed", error)
 
 
 def train_runs(plan: SweepPlan, log: Callable[[str], None] = print) -> list[RunOutcome]:
-    """Train every run one after another; a failed run is reported and the next one starts."""
+    """Train every run one after another; a failed run is reported and the next one starts; an interrupted
+    one (SIGTERM / SIGINT, its last.ckpt saved) stops the sweep there."""
     outcomes = []
     for index, run in enumerate(plan.runs, 1):
         outcome = train_run(plan, run, log)
         note = f": {outcome.error}" if outcome.error else ""
         log(f"[codiemb sweep] run {index}/{len(plan.runs)} {run.name}: {outcome.status}{note}")
         outcomes.append(outcome)
+        if outcome.status == "interrupted":
+            break
     return outcomes
 
 
@@ -544,8 +551,6 @@ def load_weights(encoder, location: str | Path) -> None:
 
 def wandb_loggers(resolved: Mapping[str, Any], output: Path) -> list:
     """The base config's W&B loggers, instantiated for one sweep run (`sweep-<output folder>`)."""
-    import importlib
-
     from lightning.pytorch.loggers import WandbLogger
 
     entries = (resolved.get("trainer") or {}).get("logger")
@@ -625,9 +630,14 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
 
 
 def run_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> int:
-    """Train (unless `fuse_only`) and fuse; exit code 0, or 1 when a run failed (fusion then waits)."""
+    """Train (unless `fuse_only`) and fuse; exit code 0 (also when interrupted), 1 when a run failed (fusion
+    then waits until every run has finished)."""
     if not fuse_only:
         outcomes = train_runs(plan, log)
+        if outcomes[-1].status == "interrupted":   # as `codiemb fit` does: a deliberate stop, exit code 0
+            log("[codiemb sweep] interrupted: rerun the same command to resume (finished runs are skipped, "
+                f"{outcomes[-1].name} resumes from its last.ckpt)")
+            return 0
         failed = [outcome for outcome in outcomes if outcome.status == "failed"]
         if failed:
             log(f"[codiemb sweep] {len(failed)} of {len(outcomes)} run(s) failed: "
