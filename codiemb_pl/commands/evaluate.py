@@ -3,6 +3,7 @@
     codiemb evaluate --model runs/x/model --sts stsb=data/stsb_test.jsonl --ir scifact=data/scifact \
         --output results.json [--geometry] [--split test] [--sts-range 0 5] [--batch-size 64] [--max-length 256]
         [--instruction scifact='Given a claim, find evidence'] [--instruction-template T] [--passage-prefix P]
+    codiemb evaluate --config evaluate.yaml      # the same options as YAML keys (model, sts, batch_size, ...)
 
 `--model` is a sentence-transformers folder, a Hugging Face folder, a hub id, `pkg://...`, or a Lightning
 checkpoint (`.ckpt`; its `encoder.model.*` weights go into the encoder named by the checkpoint's
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..atomic import atomic_write_text
 from ..cli import register_command
-from ..data.tokenize import INSTRUCTION_TEMPLATE
+from ..data.instructions import INSTRUCTION_TEMPLATE
 from ..device import add_device_argument, resolve_device
 from ..errors import InputError
 from ..reporting import format_metrics_table
@@ -32,7 +33,8 @@ COMMAND = "codiemb evaluate"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog=COMMAND, description="Score a model on STS pair files and BEIR retrieval folders.")
+    parser = CommandParser(prog=COMMAND, description="Score a model on STS pair files and BEIR retrieval folders.",
+                           config_files=True)
     parser.add_argument("--model", required=True,
                         help="sentence-transformers / Hugging Face folder, hub id, pkg://..., or a Lightning .ckpt")
     parser.add_argument("--base", help="model folder whose architecture a .ckpt's weights are loaded into "

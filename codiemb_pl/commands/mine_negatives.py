@@ -2,6 +2,7 @@
 
     codiemb mine-negatives DATA [--split train] [--corpus FILE] --model MODEL --output FILE.jsonl
                            [--range 10 50] [--margin 0.95 | --no-margin] [--num-negatives 4]
+    codiemb mine-negatives --config mine.yaml    # the same options as YAML keys (data, model, output, ...)
 
 DATA is a BEIR folder (with --split) or an IR file with query + positives. The corpus is the BEIR
 folder's, or --corpus (a BEIR folder, a corpus .jsonl with `text`, or a .txt file with one document per
@@ -20,7 +21,7 @@ from .arguments import CommandParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CommandParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="codiemb mine-negatives", description=__doc__.split("\n\n")[0], config_files=True)
     parser.add_argument("data", help="BEIR folder (with --split) or an IR file (query + positives)")
     parser.add_argument("--split", default="train", help="BEIR qrels split (default: train)")
     parser.add_argument("--corpus", default=None, help="documents to mine from (default: the data's own)")

@@ -1,12 +1,14 @@
-"""Instruction prefixes: the template that turns an instruction into a prefix, tokenising `prefix + text`,
-and the one rule that leaves the prefix's tokens out of pooling.
+"""Instruction prefixes: tokenising `prefix + text`, and the one rule that leaves the prefix's tokens out
+of pooling (the template that makes an instruction a prefix is `data.instructions`, re-exported here).
 
 SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still attended to". For a
-text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone, after the
-tokenizer's leading special tokens) get `pooling_mask = 0`; `attention_mask` keeps them. Training,
-validation and every evaluation path (`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)`)
-use `prefix_pooling_mask`; sentence-transformers' `Pooling(include_prompt=False)` differs only in also
-leaving out the leading special tokens (`[CLS]`), which `TextEncoder.encode(prompt=...)` follows.
+text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone) and the tokenizer's
+leading special tokens before them (`[CLS]`) get `pooling_mask = 0`; `attention_mask` keeps them. This
+is sentence-transformers' `Pooling(include_prompt=False)` rule for a prompt, so a training instruction
+exported as a prompt (`callbacks.export.training_prompts`) gives `SentenceTransformer(folder).encode(q,
+prompt_name=...)` exactly the training embedding. Training, validation and every evaluation path
+(`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)` and `encode(prompt=...)`) use
+`prefix_pooling_mask` with `pool_leading=False`. Texts without a prefix pool every token.
 """
 
 from __future__ import annotations
@@ -18,13 +20,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # torch is imported where it is used: `codiemb evaluate --help` needs only the template
     import torch
 
-#: How a sub-dataset's `instruction` becomes the prefix of its queries and STS sentences (the one default).
-INSTRUCTION_TEMPLATE = "Instruction: {instruction} Query: "
-
-
-def instruction_prefix(instruction: Optional[str], template: str = INSTRUCTION_TEMPLATE) -> str:
-    """`template` filled with `instruction`; the empty string when there is no instruction."""
-    return template.format(instruction=instruction) if instruction else ""
+from .instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
 
 
 def leading_special_tokens(tokenizer) -> int:
@@ -74,5 +70,5 @@ def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
     encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
                                                   [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
-                                                  leading_special_tokens(tokenizer))
+                                                  leading_special_tokens(tokenizer), pool_leading=False)
     return encoded
