@@ -109,6 +109,9 @@ class CoDiEmbCLI(LightningCLI):
         kwargs["return_predictions"] = False
         self.trainer.predict(model, datamodule=datamodule, **kwargs)
         if self.trainer.is_global_zero:
+            if getattr(model, "predictions", None) is None:  # e.g. ddp_spawn: the embeddings stayed in its workers
+                raise InputError("trainer.strategy", "predict got no embeddings back in this process",
+                                 "run predict on one device or with the default ddp strategy")
             output = self.config[self.subcommand].get("predict_output")
             texts = datamodule.predict_sets[0].texts["text"]
             path = write_embeddings(output, model.predictions.numpy(), texts)
