@@ -141,3 +141,29 @@ def test_predict_bad_input_is_one_line_and_leaves_the_output_alone(case, tiny_mo
 def test_predict_without_texts_names_the_key(tiny_model_dir, tmp_path, capsys):
     assert run("predict", tiny_model_dir, tmp_path, "--predict_output", str(tmp_path / "e.npy")) == 2
     assert "data.predict: no file of texts to embed" in error_line(capsys)
+
+
+def test_predict_on_two_ranks_writes_every_text_once_equal_to_encode(tiny_model_dir, tmp_path):
+    """Two gloo ranks share the chunks (the last one padded by repetition); rank 0 writes the summed buffers."""
+    import os
+    import subprocess
+    import sys
+
+    texts = [f"text number {i} " + "word " * i for i in range(5)]
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(text + "\n" for text in texts))
+    output = tmp_path / "emb.npy"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("MASTER_PORT", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "codiemb_pl", "predict", "--config", str(TINY_CONFIG),
+         "--config", str(repo / "configs" / "trainer" / "ddp_cpu.yaml"), "--trainer.devices", "2",
+         "--model.model_name_or_path", str(tiny_model_dir), "--trainer.default_root_dir", str(tmp_path / "run"),
+         "--data.val_batch_size", "2", "--data.predict", str(source), "--predict_output", str(output)],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    expected = reference_encoder(tiny_model_dir).encode(texts).numpy()
+    np.testing.assert_allclose(np.load(output), expected, atol=1e-5)
+    assert (result.stdout + result.stderr).count("[codiemb] wrote 5 embeddings") == 1
