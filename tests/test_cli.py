@@ -143,3 +143,21 @@ def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(
     tested = {key.removeprefix("test/"): value for key, value in logged["test"].items()}
     assert "demo_ir_dev/ndcg_at_10" in tested and "avg" in tested
     assert tested == pytest.approx(validated, abs=1e-6)
+
+
+def test_a_command_registered_in_process_is_dispatched_and_listed(capsys):
+    from codiemb_pl.cli import EXTRA_COMMANDS, register_command
+
+    @register_command("echo-args")
+    def echo_args(argv: list[str]) -> int:
+        """Print the arguments (a test command)."""
+        print(" ".join(argv))
+        return 3
+
+    try:
+        assert main(["echo-args", "a", "b"]) == 3
+        assert capsys.readouterr().out == "a b\n"
+        assert main(["--help"]) == 0
+        assert "  echo-args" in capsys.readouterr().out
+    finally:
+        EXTRA_COMMANDS.pop("echo-args", None)
