@@ -238,8 +238,7 @@ class TextEncoder(nn.Module):
                     features = {key: value.to(self.device) for key, value in features.items()}
                     if prefix_tokens:
                         features[POOLING_MASK_KEY] = prefix_pooling_mask(
-                            features["attention_mask"], [prefix_tokens] * len(features["attention_mask"]), leading,
-                            pool_leading=False)
+                            features["attention_mask"], [prefix_tokens] * len(features["attention_mask"]), leading)
                     on_device.append(self(features).float())
                     if len(on_device) == DEVICE_BATCHES_PER_COPY:
                         chunks.append(torch.cat(on_device).cpu())

@@ -22,27 +22,26 @@ def test_instruction_prefix_fills_the_one_template():
     assert instruction_prefix(None) == "" and instruction_prefix("") == ""
 
 
-def test_mask_right_padding_keeps_the_leading_token_and_respects_counts():
+def test_mask_right_padding_leaves_out_the_leading_token_and_the_prefix():
     attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     # row 0: [CLS] p p t [SEP] pad; row 1: no prefix; row 2: [CLS] p t t t [SEP]
     mask = prefix_pooling_mask(attention, [2, 0, 1], leading=1)
-    assert mask.tolist() == [[1, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 1, 1]]
+    assert mask.tolist() == [[0, 0, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1]]
     assert torch.equal(attention, torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]))
 
 
-def test_mask_left_padding_and_the_sentence_transformers_variant():
+def test_mask_left_padding_and_the_variant_that_pools_the_leading_token():
     attention = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    assert prefix_pooling_mask(attention, [1, 2], leading=1).tolist() == [[0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1]]
-    # sentence-transformers' include_prompt=False also leaves the leading special token out
-    assert prefix_pooling_mask(attention, [1, 2], leading=1, pool_leading=False).tolist() == \
-        [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
+    assert prefix_pooling_mask(attention, [1, 2], leading=1).tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
+    assert prefix_pooling_mask(attention, [1, 2], leading=1, pool_leading=True).tolist() == \
+        [[0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1]]
 
 
 def test_mask_keeps_the_last_real_token_when_truncated_inside_the_prefix():
     attention = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
-    assert prefix_pooling_mask(attention, [9, 9], leading=1).tolist() == [[1, 0, 0, 1, 0], [0, 1, 0, 0, 1]]
-    assert prefix_pooling_mask(attention, [9, 9], leading=1, pool_leading=False).tolist() == \
-        [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert prefix_pooling_mask(attention, [9, 9], leading=1).tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
+    assert prefix_pooling_mask(attention, [9, 9], leading=1, pool_leading=True).tolist() == \
+        [[1, 0, 0, 1, 0], [0, 1, 0, 0, 1]]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ is sentence-transformers' `Pooling(include_prompt=False)` rule for a prompt, so 
 exported as a prompt (`callbacks.export.training_prompts`) gives `SentenceTransformer(folder).encode(q,
 prompt_name=...)` exactly the training embedding. Training, validation and every evaluation path
 (`codiemb evaluate`, fusion scoring, `TextEncoder.encode(prefix=...)` and `encode(prompt=...)`) use
-`prefix_pooling_mask` with `pool_leading=False`. Texts without a prefix pool every token.
+`prefix_pooling_mask`. Texts without a prefix pool every token.
 """
 
 from __future__ import annotations
@@ -40,13 +40,16 @@ def prefix_token_count(tokenizer, prefix: str) -> int:
 
 
 def prefix_pooling_mask(attention_mask: torch.Tensor, prefix_tokens: Sequence[int], leading: int,
-                        pool_leading: bool = True) -> torch.Tensor:
-    """Copy of `attention_mask` `[b, t]` with each row's prefix tokens set to 0 (left out of pooling).
+                        pool_leading: bool = False) -> torch.Tensor:
+    """Copy of `attention_mask` `[b, t]` with each row's prefix tokens (and the leading special tokens before
+    them) set to 0, i.e. left out of pooling.
 
     Row i's real tokens start at `s_i` (its first `M[i,t] = 1`, so left padding works) and number `r_i`;
     its prefix covers positions `[s_i + leading, s_i + leading + prefix_tokens[i])`. Zeroed:
-    `[s_i + (leading if pool_leading else 0), min(s_i + leading + prefix_tokens[i], s_i + r_i - 1))`, so a
-    text truncated inside its prefix keeps its last real token. Rows with `prefix_tokens[i] = 0` are unchanged.
+    `[s_i, min(s_i + leading + prefix_tokens[i], s_i + r_i - 1))` (sentence-transformers' rule), so a text
+    truncated inside its prefix keeps its last real token. Rows with `prefix_tokens[i] = 0` are unchanged.
+    `pool_leading=True` keeps the leading special tokens pooled (zeroes from `s_i + leading`), the rule
+    before the exported prompts had to reproduce training; nothing in the package uses it.
     """
     import torch
 
@@ -70,5 +73,5 @@ def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
     encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
                                                   [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
-                                                  leading_special_tokens(tokenizer), pool_leading=False)
+                                                  leading_special_tokens(tokenizer))
     return encoded
