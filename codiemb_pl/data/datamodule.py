@@ -156,6 +156,11 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             max_length = min(max_length, self.length_cap)
         return tokenize_with_prefixes(self.load_tokenizer(), texts, max_length, prefixes)
 
+    def evaluation_sets(self, sources: list[SourceConfig], where: str) -> list[ValidationSet]:
+        """`data.val` / `data.test` sets with this module's instruction template and passage prefix."""
+        return build_validation_sets(sources, where=where, instruction_template=self.hparams.instruction_template,
+                                     passage_prefix=self.hparams.passage_prefix)
+
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.train_dataset is None:
             if not self.train_sources:
@@ -164,16 +169,12 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             self.train_dataset = ArrowTrainingDataset(self.train_sources, prefixes, self.hparams.seed,
                                                       self.training_cache_dir(), rebuild=self.hparams.rebuild_cache)
         if stage in ("fit", "validate") and not self.val_sets:
-            self.val_sets = build_validation_sets(self.val_sources, where="data.val",
-                                                  instruction_template=self.hparams.instruction_template,
-                                                  passage_prefix=self.hparams.passage_prefix)
+            self.val_sets = self.evaluation_sets(self.val_sources, "data.val")
         if stage == "test" and not self.test_sets:
             if not self.test_sources:
                 raise InputError("data.test", "no test sets configured",
                                  "add entries under data.test, shaped like those of data.val")
-            self.test_sets = build_validation_sets(self.test_sources, where="data.test",
-                                                   instruction_template=self.hparams.instruction_template,
-                                                   passage_prefix=self.hparams.passage_prefix)
+            self.test_sets = self.evaluation_sets(self.test_sources, "data.test")
         if stage == "predict" and not self.predict_sets:
             if not self.hparams.predict:
                 raise InputError("data.predict", "no file of texts to embed", "pass --data.predict FILE")
