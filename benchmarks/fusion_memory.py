@@ -23,10 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-BASELINE = ("import torch, safetensors, transformers, yaml; import codiemb_pl.cli, codiemb_pl.commands.fuse; "
-            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion")
+# What a `codiemb fuse` process imports (without `evaluate` it loads no transformers model).
+BASELINE = ("import torch, safetensors, yaml; import codiemb_pl.cli, codiemb_pl.commands.fuse; "
+            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion, codiemb_pl.workflows.validation")
 WHOLE_TENSORS = ("import sys; from codiemb_pl.fusion.engine import merge_to_safetensors; "
-                 "import codiemb_pl.cli, codiemb_pl.commands.fuse, transformers, yaml; "
+                 "import codiemb_pl.cli, codiemb_pl.commands.fuse, codiemb_pl.workflows.fusion, "
+                 "codiemb_pl.workflows.validation, yaml; "
                  "merge_to_safetensors(sys.argv[1], sys.argv[4:], sys.argv[2], {}, sys.argv[3], max_elements=None)")
 
 

@@ -221,3 +221,21 @@ def test_help_names_every_merge_method_and_parsing_imports_no_torch():
             "import codiemb_pl.commands.boom; print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "False", result.stderr[-2000:]
+
+
+def test_fusing_without_evaluation_imports_no_transformers(family, tmp_path):
+    """The merge streams tensors from the files: no model is loaded, so the memory benchmark's baseline holds."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fused"
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['codiemb', 'fuse', '--base', {str(family['base'])!r}, '--model', {str(family['ft0'])!r},"
+            f" '--model', {str(family['ckpt'])!r}, '--method', 'ties', '--output', {str(out)!r}]\n"
+            "try:\n    runpy.run_module('codiemb_pl', run_name='__main__')\nexcept SystemExit as stop:\n"
+            "    assert not stop.code, stop.code\n"
+            "print('transformers' in sys.modules, 'lightning' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False False"
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()

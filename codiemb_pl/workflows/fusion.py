@@ -276,8 +276,6 @@ def _ignore_weights(_: str, names: list[str]) -> list[str]:
 
 def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) -> Path:
     """Put the non-weight files of the output into `staging`; returns the folder that takes the weights."""
-    from codiemb_pl.encoder import TextEncoder
-
     folder = Path(template or base.model_folder or "")
     if not (template or base.model_folder) or not (folder / "config.json").is_file() and \
             not (folder / "modules.json").is_file():
@@ -286,6 +284,8 @@ def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) 
     if (folder / "modules.json").is_file() and not base.encoder_settings:
         shutil.copytree(folder, staging, ignore=_ignore_weights, dirs_exist_ok=True)
         return transformer_folder(staging)
+    from codiemb_pl.encoder import TextEncoder   # only here: loading transformers costs memory
+
     encoder = TextEncoder(str(folder), **base.encoder_settings)   # adds the sentence-transformers files
     encoder.save(staging / ".template")
     del encoder
@@ -325,9 +325,6 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     only some inputs carry are left out). With `validation_sets` the merged folder is scored before it
     is moved into place; the scores go into its model card (README.md) and the result.
     """
-    from codiemb_pl.encoder import TextEncoder
-    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
-
     params = dict(params or {})
     opened_base = open_checkpoint(base)
     opened = [open_checkpoint(model["path"]) for model in models]
@@ -341,16 +338,20 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     with atomic_directory(output) as staging:
         weights_folder = write_template(opened_base, template, staging)
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
-        fields = _prompt_fields(staging)
-        if validation_sets:
+        fields, scores = _prompt_fields(staging), None
+        if validation_sets:   # the encoder and the suite are imported only to score (they cost memory)
+            from codiemb_pl.encoder import TextEncoder
+            from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+
             encoder = TextEncoder.load(staging)
             result.per_set, result.summary = evaluate_encoder(encoder, list(validation_sets), batch_size=eval_batch_size)
+            scores = flat_metrics(result.per_set, result.summary)
             fields = {"pooling": encoder.pooling, "normalize": encoder.normalize,
                       "max_seq_length": encoder.max_seq_length, "embedding_dim": encoder.embedding_dim, **fields}
             del encoder
         card = build_fused_model_card(
             base_model=str(base), method=method, inputs=[str(model["path"]) for model in models], weights=weights,
-            params=params, scores=flat_metrics(result.per_set, result.summary) if validation_sets else None,
+            params=params, scores=scores,
             scores_source="the evaluation sets of the fuse recipe", model_path=str(output), **fields)
         atomic_write_text(staging / "README.md", card)
     return result
