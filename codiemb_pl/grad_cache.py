@@ -9,8 +9,10 @@ For a loss L(E) of the embedding matrices E = f_θ(X) of all texts X of a micro-
 
 Step 3 runs inside the backward pass of the returned loss (`_ReplayChunks`): the loss handed to the trainer
 has the true value, and its gradient with respect to the parameters is Σ_c (∂E_c/∂θ)ᵀ G_c times the
-incoming gradient (1/accumulation, a loss scale), delivered to every parameter once, so optimiser-side
-machinery (gradient accumulation, clipping, DDP's all-reduce hooks) sees an ordinary backward pass.
+incoming gradient (1/accumulation, a loss scale), so optimiser-side machinery (gradient accumulation,
+clipping) sees an ordinary backward pass. In one process each chunk back-propagates straight into `.grad`;
+under torch.distributed the chunks' gradients are summed in one buffer and delivered to every parameter
+once, so per-step gradient hooks (DDP's all-reduce, FSDP's reduce-scatter) fire once as they expect.
 Exactness needs the replay to compute the same E_c: each chunk's CPU and CUDA RNG states are saved
 before step 1 and restored for its replay (same dropout masks), the autocast state of step 1 is
 re-entered, and the RNG stream is left where step 1 left it. Plain torch: `embed_fn` and the objective
@@ -29,6 +31,7 @@ import torch
 from torch import Tensor
 
 from codiemb_pl.bucketing import trim_features
+from codiemb_pl.losses.gather import rank_and_world
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 
@@ -67,6 +70,12 @@ def chunk_features(features: Mapping[str, Tensor], chunk_size: int, left_padded:
         length = int(mask.index_select(0, part).sum(dim=1).max())
         chunks.append(trim_features(dict(features), part, max(length, 1), left_padded))
     return chunks
+
+
+def backward_into_grad() -> bool:
+    """Whether the replay may back-propagate each chunk straight into `.grad`: in one process, where no
+    per-step gradient hook must fire exactly once (it saves a parameter-sized buffer)."""
+    return rank_and_world()[1] == 1
 
 
 def _as_tuple(output: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -136,6 +145,7 @@ def grad_cached_objective(objective: Any, embed_fn: Callable[..., Any], batch: M
         """Σ_c (∂E_c/∂θ)ᵀ (grad_output · G_c), one chunk's graph at a time; RNG left as it was found."""
         found = RandomState.capture()
         totals: list[Optional[Tensor]] = [None] * len(parameters)
+        into_grad = backward_into_grad()
         try:
             for chunk in chunks:
                 grads = [None if g is None else g[chunk.rows] * grad_output.to(g.dtype) for g in cached[chunk.group]]
@@ -147,6 +157,9 @@ def grad_cached_objective(objective: Any, embed_fn: Callable[..., Any], batch: M
                         stack.enter_context(torch.autocast(device_type=device, dtype=dtype))
                     outputs = _as_tuple(embed_fn(chunk.features, return_middle=wants_middle))
                 pairs = [(out, g.to(out.dtype)) for out, g in zip(outputs, grads) if g is not None]
+                if into_grad:
+                    torch.autograd.backward([out for out, _ in pairs], [g for _, g in pairs])
+                    continue
                 chunk_grads = torch.autograd.grad([out for out, _ in pairs], parameters, [g for _, g in pairs],
                                                   allow_unused=True)
                 for index, grad in enumerate(chunk_grads):

@@ -104,6 +104,17 @@ def test_cached_gradients_equal_autograd_with_dropout_on(tiny_model_dir, case):
     assert_same(cached, reference)
 
 
+def test_the_distributed_replay_path_gives_the_same_gradients(tiny_model_dir, monkeypatch):
+    """Under torch.distributed the chunks' gradients are summed in one buffer and handed to autograd once."""
+    from codiemb_pl import grad_cache
+
+    module = make_module(tiny_model_dir, CHUNK, false_negative_mask=True)
+    batch = ir_batch(module)
+    reference = parameter_grads(module, lambda m: chunked_autograd_loss(m, batch), scale=0.5)
+    monkeypatch.setattr(grad_cache, "backward_into_grad", lambda: False)
+    assert_same(parameter_grads(module, lambda m: m.training_step(batch, 0), scale=0.5), reference)
+
+
 def test_without_the_replayed_rng_the_gradients_differ(tiny_model_dir, monkeypatch):
     """The check above can fail: replaying chunks with fresh dropout masks gives other gradients."""
     module = make_module(tiny_model_dir, CHUNK)
