@@ -69,14 +69,13 @@ class ArrowTrainingDataset(Dataset):
         global_index, epoch = key
         source, local = self.locate(global_index)
         records, row = self.records[source], self.records[source].row(local)
-        tokens = self.tokens[source].table
+        tokens, texts = self.tokens[source].column, records.mapped.column
         common = dict(dataset=self.names[source], task=self.tasks[source], prefix_tokens=self.prefix_tokens[source],
                       seed=item_seed(self.seed, epoch, global_index))
         if self.tasks[source] == "ir":
-            text_ids = records.table
-            return TokenizedItem(**common, query=tokens["query"][row].as_py(),
-                                 positives=tokens["positives"][row].as_py(), negatives=tokens["negatives"][row].as_py(),
-                                 positive_text_ids=text_ids["positive_text_ids"][row].as_py(),
-                                 negative_text_ids=text_ids["negative_text_ids"][row].as_py())
-        return TokenizedItem(**common, text1=tokens["text1"][row].as_py(), text2=tokens["text2"][row].as_py(),
-                             score=records.normalised_score(records.table["score"][row].as_py()))
+            return TokenizedItem(**common, query=tokens("query")[row].as_py(),
+                                 positives=tokens("positives")[row].as_py(), negatives=tokens("negatives")[row].as_py(),
+                                 positive_text_ids=texts("positive_text_ids")[row].as_py(),
+                                 negative_text_ids=texts("negative_text_ids")[row].as_py())
+        return TokenizedItem(**common, text1=tokens("text1")[row].as_py(), text2=tokens("text2")[row].as_py(),
+                             score=records.normalised_score(texts("score")[row].as_py()))

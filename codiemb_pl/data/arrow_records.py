@@ -143,12 +143,12 @@ class RecordTable:
 
     def record(self, index: int) -> IRRecord | STSRecord:
         """The run's `index`-th record as the in-memory loader's object (for inspection and tests)."""
-        row = self.row(index)
+        row, column = self.row(index), self.mapped.column
         if self.meta["task"] == "ir":
-            return IRRecord(self.table["query"][row].as_py(), tuple(self.table["positives"][row].as_py()),
-                            tuple(self.table["negatives"][row].as_py()))
-        return STSRecord(self.table["text1"][row].as_py(), self.table["text2"][row].as_py(),
-                         self.normalised_score(self.table["score"][row].as_py()))
+            return IRRecord(column("query")[row].as_py(), tuple(column("positives")[row].as_py()),
+                            tuple(column("negatives")[row].as_py()))
+        return STSRecord(column("text1")[row].as_py(), column("text2")[row].as_py(),
+                         self.normalised_score(column("score")[row].as_py()))
 
 
 def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False) -> RecordTable:

@@ -109,13 +109,26 @@ def cached_entry(entry: Path, build: Callable[[Path], dict], *, rebuild: bool = 
     return entry, True
 
 
+WRITE_ROWS = 4096
+"""Rows per record batch written: small batches make many chunks, and reading one row of a column costs
+time in proportion to its chunk count (1M IR records in 3 404 chunks: 144 us a value, 15 us with the
+column object kept; `MappedTable.column`)."""
+
+
 def write_arrow(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> int:
-    """Write record batches to an Arrow IPC file; the number of rows written."""
-    rows = 0
+    """Write record batches to an Arrow IPC file, regrouped into batches of `WRITE_ROWS` rows; the rows written."""
+    rows, pending = 0, []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        def flush() -> None:
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, schema).combine_chunks())
+                pending.clear()
         for batch in batches:
-            writer.write_batch(batch)
+            pending.append(batch)
             rows += batch.num_rows
+            if sum(b.num_rows for b in pending) >= WRITE_ROWS:
+                flush()
+        flush()
     return rows
 
 
@@ -131,12 +144,21 @@ class MappedTable:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._table: Optional[pa.Table] = None
+        self._columns: dict[str, pa.ChunkedArray] = {}
 
     @property
     def table(self) -> pa.Table:
         if self._table is None:
             self._table = open_arrow(self.path)
+            self._columns = {}
         return self._table
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """A column, kept: `table[name]` rebuilds its chunk index on every call (slow with many chunks)."""
+        table = self.table
+        if name not in self._columns:
+            self._columns[name] = table.column(name)
+        return self._columns[name]
 
     def __getstate__(self) -> dict:
         return {"path": self.path}
