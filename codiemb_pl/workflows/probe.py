@@ -30,7 +30,8 @@ from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, t
 from codiemb_pl.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
-from codiemb_pl.fusion.streaming import TensorSource, as_source, key_seed
+from codiemb_pl.fusion.keys import key_seed
+from codiemb_pl.fusion.sources import TensorSource, as_source
 from codiemb_pl.losses.objectives import CoDiEmbSTSObjective, IRObjective, Objective
 from codiemb_pl.losses.sts import STSLossConfig
 
