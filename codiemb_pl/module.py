@@ -243,15 +243,18 @@ class CoDiEmbModule(pl.LightningModule):
         embeddings = self.embed(batch["features"])
         self.val_buffers.add(batch["set_index"], batch["field"], batch["rows"], embeddings)
 
+    def take_summed_buffers(self) -> Optional[EmbeddingBuffers]:
+        """The epoch's embedding buffers summed over ranks (each rank filled its own rows), then released."""
+        buffers, self.val_buffers = self.val_buffers, None
+        if buffers is not None:
+            self.sum_across_ranks(buffers)
+        return buffers
+
     def on_validation_epoch_end(self) -> None:
-        if self.val_buffers is None:
-            return
-        self.sum_across_ranks(self.val_buffers)
-        if self.trainer.sanity_checking and not self.val_buffers.complete():
-            self.val_buffers = None  # a partial sanity pass (num_sanity_val_steps > 0): nothing to score
-            return
-        per_set, tasks = self.score_validation(self.val_buffers)
-        self.val_buffers = None
+        buffers = self.take_summed_buffers()
+        if buffers is None or (self.trainer.sanity_checking and not buffers.complete()):
+            return  # no validation sets, or a partial sanity pass (num_sanity_val_steps > 0): nothing to score
+        per_set, tasks = self.score_validation(buffers)
         summary = summary_metrics(per_set, tasks)
         flat = flat_metrics(per_set, summary)
         for key, value in flat.items():
@@ -270,11 +273,10 @@ class CoDiEmbModule(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
-        if self.val_buffers is None:
+        buffers = self.take_summed_buffers()
+        if buffers is None:
             return
-        self.sum_across_ranks(self.val_buffers)
-        per_set, tasks = self.score_validation(self.val_buffers)
-        self.val_buffers = None
+        per_set, tasks = self.score_validation(buffers)
         summary = summary_metrics(per_set, tasks)
         for key, value in flat_metrics(per_set, summary, prefix="test/").items():
             self.log(key, value, sync_dist=False, batch_size=1)
@@ -289,11 +291,9 @@ class CoDiEmbModule(pl.LightningModule):
         self.validation_step(batch, batch_idx)
 
     def on_predict_epoch_end(self) -> None:
-        if self.val_buffers is None:
-            return
-        self.sum_across_ranks(self.val_buffers)
-        self.predictions = self.val_buffers.embeddings(0, "text").cpu()
-        self.val_buffers = None
+        buffers = self.take_summed_buffers()
+        if buffers is not None:
+            self.predictions = buffers.embeddings(0, "text").cpu()
 
     def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
         per_set = {vset.name: score_set(vset, {name: buffers.embeddings(index, name) for name in vset.texts})
