@@ -14,7 +14,8 @@ and the first relevant document of another query as the hard negative), in-batch
 - `st-cached`:   `CachedMultipleNegativesRankingLoss(mini_batch_size = --chunk)` + backward + AdamW step.
 
 Peak memory is the peak of the process's `RssAnon` (CPU; sampled every 5 ms, model and optimiser
-included) or `torch.cuda.max_memory_allocated` (GPU). pairs/s = batch / median seconds per optimiser step
+included) or `torch.cuda.max_memory_allocated` (GPU). pairs/s = batch / median seconds per optimiser step (pairs/CPU-s: per second of the process's CPU time,
+which varies less with other load on the machine)
 after `--warmup` steps (no warm-up step above `--warmup-max-batch`: one step there takes minutes on a CPU).
 A configuration whose peak, extrapolated linearly from its smaller batches, exceeds `--memory-limit-gb` is
 not run (reported as such); a child that still runs out of its address-space limit is reported the same way.
@@ -137,11 +138,11 @@ def run_child(args: argparse.Namespace) -> dict:
     sampler = PeakSampler()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    durations = []
+    durations, cpu_durations = [], []
     warmup = args.warmup if args.batch <= args.warmup_max_batch else 0
     try:
         for index in range(warmup + args.steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = step()
             loss.backward()
             optimizer.step()
@@ -150,6 +151,7 @@ def run_child(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize(device)
             if index >= warmup:
                 durations.append(time.perf_counter() - start)
+                cpu_durations.append(time.process_time() - cpu_start)
     except (MemoryError, RuntimeError) as error:
         sampler.stop()
         if "memory" not in str(error).lower() and not isinstance(error, MemoryError):
@@ -157,7 +159,9 @@ def run_child(args: argparse.Namespace) -> dict:
         return {"status": f"out of memory (limit {args.memory_limit_gb} GB)"}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.stop()
     seconds = statistics.median(durations)
+    cpu_seconds = statistics.median(cpu_durations)
     return {"status": "ok", "peak_mb": peak / 2**20, "seconds_per_step": seconds, "pairs_per_s": args.batch / seconds,
+            "cpu_seconds_per_step": cpu_seconds, "pairs_per_cpu_s": args.batch / cpu_seconds,
             "loss": float(loss.detach())}
 
 
@@ -187,26 +191,29 @@ def predicted_peak_mb(results: dict, config: str, batch: int) -> float | None:
 
 
 def table(results: dict, batches: list[int]) -> str:
-    lines = ["| batch | configuration | peak memory (MB) | pairs/s | memory vs `ours` at the smallest batch | "
-             "time/pair vs `ours` same batch | memory vs `st-cached` | pairs/s vs `st-cached` |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| batch | configuration | peak memory (MB) | pairs/s | pairs/CPU-s | memory vs `ours` at the smallest "
+             "batch | time/pair vs `ours` same batch (wall, CPU) | memory vs `st-cached` | pairs/s vs `st-cached` "
+             "(wall, CPU) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     base = results.get(("ours", batches[0]), {})
     for batch in batches:
         for config in CONFIGS:
             result = results.get((config, batch), {"status": "not run"})
             if result.get("status") != "ok":
-                lines.append(f"| {batch} | {config} | {result['status']} | - | - | - | - | - |")
+                lines.append(f"| {batch} | {config} | {result['status']} | - | - | - | - | - | - |")
                 continue
             plain, st = results.get(("ours", batch), {}), results.get(("st-cached", batch), {})
 
             def ratio(a, b, key):
                 return f"{a[key] / b[key]:.2f}×" if b.get("status") == "ok" else "-"
-            time_ratio = (f"{plain['pairs_per_s'] / result['pairs_per_s']:.2f}×" if plain.get("status") == "ok"
+            time_ratio = (f"{plain['pairs_per_s'] / result['pairs_per_s']:.2f}×, "
+                          f"{plain['pairs_per_cpu_s'] / result['pairs_per_cpu_s']:.2f}×" if plain.get("status") == "ok"
                           else "-")
+            speed_vs_st = (f"{ratio(result, st, 'pairs_per_s')}, {ratio(result, st, 'pairs_per_cpu_s')}"
+                           if config != "st-cached" else "-")
             lines.append(f"| {batch} | {config} | {result['peak_mb']:.0f} | {result['pairs_per_s']:.2f} | "
-                         f"{ratio(result, base, 'peak_mb')} | {time_ratio} | "
-                         f"{ratio(result, st, 'peak_mb') if config != 'st-cached' else '-'} | "
-                         f"{ratio(result, st, 'pairs_per_s') if config != 'st-cached' else '-'} |")
+                         f"{result['pairs_per_cpu_s']:.2f} | {ratio(result, base, 'peak_mb')} | {time_ratio} | "
+                         f"{ratio(result, st, 'peak_mb') if config != 'st-cached' else '-'} | {speed_vs_st} |")
     return "\n".join(lines)
 
 
