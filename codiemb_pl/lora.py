@@ -4,6 +4,11 @@ Each adapted weight matrix `W0 [out, in]` gets `W = W0 + s·B·A` with `A [r, in
 scale `s = alpha / r`; only `A` and `B` train (`B` starts at zero, so training starts from the base
 model). Checkpoints hold the adapter tensors only (the base weights are re-read from the base model);
 the export merges `s·B·A` into the base weights, so the sentence-transformers folder is a plain model.
+
+Adapter dropout `B·A·dropout(x)` is recomputed in the backward pass (`DropoutThenLinear`): peft's own
+`nn.Dropout` keeps, per adapted matrix, a dropped copy of its input and (on CPU) a float mask for backward,
+two input-sized tensors per adapter; recomputing from the undropped input (kept anyway, and shared by
+q, k, v) under the saved RNG state gives the same mask, values and gradients with no per-adapter copies.
 """
 
 from __future__ import annotations
@@ -58,17 +63,60 @@ def _require_peft():
     return peft
 
 
+class DropoutThenLinear(nn.Linear):
+    """`A·dropout(x)` (peft's `lora_A(lora_dropout(x))`) whose dropout is recomputed in backward.
+
+    Training with gradients: a non-reentrant `torch.utils.checkpoint` of `F.linear(F.dropout(x, p), A)`
+    that keeps only `x` and the RNG state, and replays the same ops under that state in backward (the
+    same mask, so the same outputs and gradients as peft's modules). Otherwise the plain composition.
+    """
+
+    def __init__(self, linear: nn.Linear, p: float):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight, self.bias, self.p = linear.weight, linear.bias, p   # the same parameters: the same keys
+
+    def _dropped_linear(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(nn.functional.dropout(x, self.p, self.training), self.weight, self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._dropped_linear, x, use_reentrant=False, preserve_rng_state=True)
+        return self._dropped_linear(x)
+
+
+def recompute_adapter_dropout(model: nn.Module) -> int:
+    """Fold every LoRA layer's `nn.Dropout` into its `A` as a `DropoutThenLinear`; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    folded = 0
+    for layer in model.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        for name, dropout in list(layer.lora_dropout.items()):
+            linear = layer.lora_A[name] if name in layer.lora_A else None
+            if isinstance(dropout, nn.Dropout) and type(linear) is nn.Linear and name not in layer.lora_variant:
+                layer.lora_A[name] = DropoutThenLinear(linear, dropout.p)
+                layer.lora_dropout[name] = nn.Identity()
+                folded += 1
+    return folded
+
+
 def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Wrap `model` in a peft model with fresh adapters; every base weight is frozen."""
+    """Wrap `model` in a peft model with fresh adapters; every base weight is frozen; adapter dropout is
+    recomputed in backward (`recompute_adapter_dropout`)."""
     peft = _require_peft()
     settings = check_lora_settings(settings)
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=settings.target_modules, bias="none")
     try:
-        return peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        model = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:  # e.g. target modules that the model does not have
         raise InputError("model.lora.target_modules", str(exc).splitlines()[0],
                          "name modules of this model (see model.named_modules()) or use all-linear") from exc
+    recompute_adapter_dropout(model)
+    return model
 
 
 def is_lora_model(model: nn.Module) -> bool:

@@ -111,6 +111,59 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(decoder_di
                for name in grads[0])
 
 
+def adapter_step(model, features: dict, seed: int) -> tuple[torch.Tensor, dict, int]:
+    """(output, adapter gradients, bytes of non-parameter tensors saved for backward) of one seeded step."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    torch.manual_seed(seed)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model(**features).last_hidden_state
+    output.pow(2).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return output.detach(), grads, sum(saved.values())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_recomputed_adapter_dropout_equals_peft_dropout_and_keeps_no_dropped_copies(decoder_dir, checkpointing):
+    import peft
+    from transformers import AutoModel
+
+    from codiemb_pl.lora import add_lora_adapters
+
+    settings = LoraSettings(**{**LORA, "dropout": 0.3})
+    features = {"input_ids": torch.randint(0, 200, (3, 9), generator=torch.Generator().manual_seed(0)),
+                "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    runs = {}
+    for name in ("peft", "ours", "no dropout"):
+        base = AutoModel.from_pretrained(str(decoder_dir))
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(1)
+        if name == "peft":
+            model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4.0, lora_dropout=0.3,
+                                                              target_modules="all-linear"))
+        else:
+            model = add_lora_adapters(base, settings if name == "ours" else LoraSettings(**LORA))
+        for parameter_name, parameter in model.named_parameters():  # B != 0, so A receives gradients
+            if "lora_B" in parameter_name:
+                torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(2))
+        model.train()
+        runs[name] = adapter_step(model, features, seed=3)
+    (out_peft, grads_peft, saved_peft), (out_ours, grads_ours, saved_ours) = runs["peft"], runs["ours"]
+    assert torch.equal(out_ours, out_peft) and not torch.equal(out_ours, runs["no dropout"][0])
+    assert grads_ours.keys() == grads_peft.keys()
+    assert all(torch.allclose(grads_ours[name], grads_peft[name], rtol=1e-6, atol=0) for name in grads_peft)
+    # the recomputed dropout keeps what the model without dropout keeps; peft keeps more (with whole-block
+    # checkpointing all three keep only the block inputs until the block is recomputed)
+    assert saved_ours == runs["no dropout"][2] and (saved_ours == saved_peft if checkpointing else saved_ours < saved_peft)
+
+
 def test_a_full_checkpoint_is_refused_by_a_lora_module(decoder_dir):
     full = CoDiEmbModule(str(decoder_dir))
     module = lora_module(decoder_dir)
