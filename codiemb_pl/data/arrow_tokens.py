@@ -6,37 +6,22 @@ max_length=L)["input_ids"]` (special tokens included), with the source's instruc
 
 IR table: `query` (list<int32>), `positives`, `negatives` (list<list<int32>>, aligned with the records
 table's lists). STS table: `text1`, `text2` (list<int32>). `meta.json` holds `prefix_tokens`, the
-prefix's own token count that the pooling mask leaves out (`tokenize.prefix_pooling_mask`).
+prefix's own token count that the pooling mask leaves out (`tokenize.prefix_pooling_mask`). The ids are
+computed in batches by the tokenizer's backend, over several processes (`token_ids.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-
-import pyarrow as pa
 
 from .arrow_records import RecordTable
 from .cache import MappedTable, cached_entry, fingerprint, read_meta, write_arrow
+from .token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits, token_batches
 from .tokenize import prefix_token_count
 
 TOKENS_FILE = "tokens.arrow"
-TOKEN_LIST = pa.list_(pa.int32())
-IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
-                             ("negatives", pa.list_(TOKEN_LIST))])
-STS_TOKEN_SCHEMA = pa.schema([("text1", TOKEN_LIST), ("text2", TOKEN_LIST)])
-
-
-@dataclass(frozen=True)
-class TokenLimits:
-    """Maximum token counts actually applied (configured limits, already capped by the model's maximum)."""
-
-    query: int
-    passage: int
-    sts: int
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -52,40 +37,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
                        list(tokenizer.model_input_names), tokenizer.pad_token_id)
 
 
-def _token_ids(tokenizer, texts: list[str], max_length: int) -> pa.Array:
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
-    return pa.array(encoded, TOKEN_LIST)
-
-
-def _nested(tokenizer, column: pa.ListArray, max_length: int) -> pa.ListArray:
-    """Token ids of every text of a list<string> column, in the same lists."""
-    offsets = column.offsets
-    if len(offsets) and offsets[0].as_py() != 0:
-        offsets = pa.array([value - offsets[0].as_py() for value in offsets.to_pylist()], pa.int32())
-    return pa.ListArray.from_arrays(offsets, _token_ids(tokenizer, column.flatten().to_pylist(), max_length))
-
-
-def _prefixed(prefix: str, column: pa.Array) -> list[str]:
-    return [prefix + text for text in column.to_pylist()]
-
-
-def _token_batches(records: RecordTable, tokenizer, limits: TokenLimits, prefix: str) -> Iterator[pa.RecordBatch]:
-    task = records.meta["task"]
-    for batch in records.table.to_batches():
-        if task == "ir":
-            yield pa.record_batch([
-                _token_ids(tokenizer, _prefixed(prefix, batch.column("query")), limits.query),
-                _nested(tokenizer, batch.column("positives"), limits.passage),
-                _nested(tokenizer, batch.column("negatives"), limits.passage)], schema=IR_TOKEN_SCHEMA)
-        else:
-            yield pa.record_batch([_token_ids(tokenizer, _prefixed(prefix, batch.column("text1")), limits.sts),
-                                   _token_ids(tokenizer, _prefixed(prefix, batch.column("text2")), limits.sts)],
-                                  schema=STS_TOKEN_SCHEMA)
-
-
 def build_tokens(records: RecordTable, tokenizer, limits: TokenLimits, prefix: str, folder: Path) -> dict:
     schema = IR_TOKEN_SCHEMA if records.meta["task"] == "ir" else STS_TOKEN_SCHEMA
-    rows = write_arrow(folder / TOKENS_FILE, schema, _token_batches(records, tokenizer, limits, prefix))
+    batches = token_batches(tokenizer, records.mapped.path, records.table, records.meta["task"], limits, prefix)
+    rows = write_arrow(folder / TOKENS_FILE, schema, batches)
     return {"rows": rows, "prefix_tokens": prefix_token_count(tokenizer, prefix), "records": records.key}
 
 

@@ -1,0 +1,89 @@
+"""The token cache's fast path (the tokenizer's backend copied, ids gathered from flat buffers, row ranges
+over spawned processes) gives exactly `tokenizer(prefix + text, truncation=True, max_length=L)["input_ids"]`:
+BERT (MiniLM's tokenizer) and tiny decoders whose tokenizer appends EOS, with truncation and a prefix."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+from codiemb_pl.data.arrow_records import open_records
+from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.data.token_ids import TokenLimits, choose_encoder, list_array, token_batches
+from codiemb_pl.decoder import load_backbone_tokenizer
+from conftest import minilm_path
+from decoder_models import build_tiny_decoder
+from test_data_sources import write_jsonl
+
+WORDS = "retrieval of passages by dense vectors trained with contrastive losses on Hard negatives, naïve".split()
+PREFIX = "Instruction: find the passage Query: "
+
+
+def text(i: int, words: int) -> str:
+    return " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(words))
+
+
+IR_ROWS = [{"query": text(i, 1 + i % 9), "positives": [text(i + 1, 2 + i % 30)],
+            "negatives": [text(i + k, 3 * k + i % 25) for k in range(i % 4)]} for i in range(11)]
+STS_ROWS = [{"sentence1": text(i, 1 + i % 20), "sentence2": text(i + 3, 2 + i % 13), "score": i % 6}
+            for i in range(11)]
+LIMITS = TokenLimits(query=9, passage=12, sts=10)  # many texts are longer: truncation is exercised
+
+
+@pytest.fixture(scope="module", params=["bert", "qwen2", "llama"])
+def tokenizer(request, tmp_path_factory):
+    if request.param == "bert":
+        return AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer = load_backbone_tokenizer(str(build_tiny_decoder(tmp_path_factory.mktemp(request.param), request.param)))
+    assert tokenizer("a b")["input_ids"][-1] == tokenizer.eos_token_id  # the code path's appended EOS
+    return tokenizer
+
+
+def expected_table(tokenizer, task: str) -> pa.Table:
+    """Each text through the reference call, one at a time."""
+    def ids(value: str, length: int, prefix: str = "") -> list[int]:
+        return tokenizer(prefix + value, truncation=True, max_length=length)["input_ids"]
+    if task == "ir":
+        return pa.table({"query": [ids(r["query"], LIMITS.query, PREFIX) for r in IR_ROWS],
+                         "positives": [[ids(t, LIMITS.passage) for t in r["positives"]] for r in IR_ROWS],
+                         "negatives": [[ids(t, LIMITS.passage) for t in r["negatives"]] for r in IR_ROWS]})
+    return pa.table({"text1": [ids(r["sentence1"], LIMITS.sts, PREFIX) for r in STS_ROWS],
+                     "text2": [ids(r["sentence2"], LIMITS.sts, PREFIX) for r in STS_ROWS]})
+
+
+@pytest.mark.parametrize("task", ["ir", "sts"])
+def test_fast_path_in_process_and_over_two_processes_equals_the_tokenizer_call(tmp_path, tokenizer, task):
+    rows = IR_ROWS if task == "ir" else STS_ROWS
+    records = open_records(SourceConfig(name=task, task=task, path=str(write_jsonl(tmp_path / "s.jsonl", rows))),
+                           tmp_path / "cache")
+    expected = expected_table(tokenizer, task)
+    limit = LIMITS.query if task == "ir" else LIMITS.sts
+    assert any(len(ids) == limit for ids in expected.column(0).to_pylist())  # some were truncated
+    encode, spec = choose_encoder(tokenizer, records.table, task, LIMITS, PREFIX)
+    assert spec is not None  # the backend copy agreed with the tokenizer call and is used
+    for processes in (1, 2) if tokenizer.name_or_path == minilm_path() else (1,):
+        batches = list(token_batches(tokenizer, records.mapped.path, records.table, task, LIMITS, PREFIX,
+                                     processes=processes, range_rows=4))
+        assert [b.num_rows for b in batches] == [4, 4, 3]  # row order kept, in ranges of 4
+        table = pa.Table.from_batches(batches)
+        assert table.cast(expected.schema).equals(expected), processes
+
+
+def test_a_tokenizer_whose_call_differs_from_its_backend_is_called_itself():
+    class Suffixing(type(AutoTokenizer.from_pretrained(minilm_path()))):
+        def __call__(self, text, *args, **kwargs):  # something the backend does not know about
+            return super().__call__([t + " retrieval" for t in text], *args, **kwargs)
+
+    tokenizer = Suffixing.from_pretrained(minilm_path())
+    sample = pa.table({"text1": ["hello there", "foo"], "text2": ["x", "y"]})
+    encode, spec = choose_encoder(tokenizer, sample, "sts", LIMITS, "")
+    assert spec is None
+    assert encode(["hello there"], 10).to_pylist() == tokenizer(["hello there"], truncation=True,
+                                                                max_length=10)["input_ids"]
+
+
+def test_list_array_from_flat_buffers():
+    array = list_array([[1, 2], [], [3]])
+    assert array.type == pa.list_(pa.int32()) and array.to_pylist() == [[1, 2], [], [3]]
+    assert list_array([]).to_pylist() == []
