@@ -36,17 +36,22 @@ from codiemb_pl.evaluation.sts import paired_cosine, spearman  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
 
 IR_METRIC = "ndcg_at_10"
+HEADLINE = {"ir": IR_METRIC, "sts": "cosine_spearman"}
 
 
-def set_items(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> torch.Tensor:
-    """Per-item values the set's metric is built from: per-query nDCG@10 (IR, queries sorted by id) or
-    the cosine of each pair (STS)."""
-    embeddings = set_embeddings(encoder, vset, batch_size)
+def item_values(vset: ValidationSet, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-item values the set's metric is built from, given its embeddings: per-query nDCG@10 (IR, queries
+    sorted by id) or the cosine of each pair (STS)."""
     if vset.task == "sts":
         return paired_cosine(embeddings["text1"], embeddings["text2"]).double()
     per_query = per_query_retrieval_metrics(embeddings["query"], embeddings["corpus"], vset.query_ids,
                                             vset.doc_ids, vset.qrels)
     return torch.tensor([per_query[query][IR_METRIC] for query in sorted(per_query)], dtype=torch.float64)
+
+
+def set_items(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> torch.Tensor:
+    """`item_values` of `encoder` on `vset`."""
+    return item_values(vset, set_embeddings(encoder, vset, batch_size))
 
 
 def set_metric(vset: ValidationSet, items: torch.Tensor, rows: torch.Tensor) -> float:
@@ -67,8 +72,7 @@ def paired_bootstrap(vset: ValidationSet, items_a: torch.Tensor, items_b: torch.
     for _ in range(resamples):
         rows = torch.randint(0, n, (n,), generator=generator)
         differences.append(set_metric(vset, items_a, rows) - set_metric(vset, items_b, rows))
-    ordered = sorted(differences)
-    low, high = ordered[int(0.025 * (resamples - 1))], ordered[int(math.ceil(0.975 * (resamples - 1)))]
+    low, high = percentile_interval(differences)
     a, b = set_metric(vset, items_a, everything), set_metric(vset, items_b, everything)
     result = {"a": 100 * a, "b": 100 * b, "difference": 100 * (a - b), "ci_low": 100 * low, "ci_high": 100 * high,
               "p_a_wins": sum(d > 0 for d in differences) / resamples, "items": n}
@@ -76,6 +80,54 @@ def paired_bootstrap(vset: ValidationSet, items_a: torch.Tensor, items_b: torch.
         result["per_query_sd"] = 100 * float(items_a.std())
         result["standard_error"] = result["per_query_sd"] / math.sqrt(n)
     return result
+
+
+def percentile_interval(differences: list[float]) -> tuple[float, float]:
+    """The 95 % percentile interval of bootstrap differences."""
+    ordered, n = sorted(differences), len(differences)
+    return ordered[int(0.025 * (n - 1))], ordered[int(math.ceil(0.975 * (n - 1)))]
+
+
+def paired_bootstrap_sets(sets: list[tuple[ValidationSet, torch.Tensor, torch.Tensor]], resamples: int, seed: int
+                          ) -> dict[str, dict[str, float]]:
+    """`paired_bootstrap` of every set plus `overall`, all from the same draws: each resample draws every
+    set's items with replacement (A and B alike) and `overall` is `evaluation.suite.summary_metrics`'s
+    `avg` (mean of the IR average and the STS average) of the resampled set metrics.
+
+    Returns {set: paired_bootstrap's fields, "overall": {a, b, difference, ci_low, ci_high, p_a_wins}} (×100).
+    """
+    from codiemb_pl.evaluation.suite import summary_metrics
+
+    generator = torch.Generator().manual_seed(seed)
+    tasks = {vset.name: vset.task for vset, _, _ in sets}
+    draws: dict[str, list[float]] = {vset.name: [] for vset, _, _ in sets}
+    overall: list[float] = []
+
+    def overall_of(values: dict[str, float]) -> float:
+        return summary_metrics({name: {HEADLINE[tasks[name]]: v} for name, v in values.items()}, tasks)["avg"]
+
+    for _ in range(resamples):
+        a_values, b_values = {}, {}
+        for vset, items_a, items_b in sets:
+            rows = torch.randint(0, items_a.shape[0], (items_a.shape[0],), generator=generator)
+            a_values[vset.name], b_values[vset.name] = set_metric(vset, items_a, rows), set_metric(vset, items_b, rows)
+            draws[vset.name].append(a_values[vset.name] - b_values[vset.name])
+        overall.append(overall_of(a_values) - overall_of(b_values))
+    results: dict[str, dict[str, float]] = {}
+    full_a, full_b = {}, {}
+    for vset, items_a, items_b in sets:
+        everything = torch.arange(items_a.shape[0])
+        full_a[vset.name], full_b[vset.name] = set_metric(vset, items_a, everything), set_metric(vset, items_b, everything)
+        low, high = percentile_interval(draws[vset.name])
+        results[vset.name] = {"a": 100 * full_a[vset.name], "b": 100 * full_b[vset.name],
+                              "difference": 100 * (full_a[vset.name] - full_b[vset.name]), "ci_low": 100 * low,
+                              "ci_high": 100 * high, "p_a_wins": sum(d > 0 for d in draws[vset.name]) / resamples,
+                              "items": int(items_a.shape[0])}
+    low, high = percentile_interval(overall)
+    a, b = overall_of(full_a), overall_of(full_b)
+    results["overall"] = {"a": 100 * a, "b": 100 * b, "difference": 100 * (a - b), "ci_low": 100 * low,
+                          "ci_high": 100 * high, "p_a_wins": sum(d > 0 for d in overall) / resamples}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
