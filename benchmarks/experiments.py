@@ -514,6 +514,8 @@ class Suite:
         folder = self.workdir / "boom" / output.name
         resolved = self.fit_config(unit, folder)
         outcome = run_boom(resolved, [BoomRun(m["fraction"], m["seed"]) for m in members], folder)
+        if not outcome.get("merged"):
+            raise RuntimeError(f"BOOM did not finish (exit code {outcome.get('code')}); see the messages above")
         return Path(outcome["merged"]), {"members": members, "trained_now": list(outcome["trained"])}
 
     # -- scoring ----------------------------------------------------------------------------------------------
@@ -997,13 +999,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     estimate = suite.estimate(plan)
     if args.estimate_only:
         return 0
+    failed = []
     for spec, seed in plan:
-        suite.run(spec, seed)
+        try:
+            suite.run(spec, seed)
+        except (Exception, SystemExit) as error:   # one failed run must not stop the others; rerun to retry it
+            failed.append(f"{spec.name} seed {seed}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
+            log(f"FAILED {failed[-1]}")
     wall, cpu = clock.seconds()
     report = write_report(suite, command.strip(), args.quick, wall / 60)
     log(f"done in {wall / 60:.1f} min, {cpu / 60:.1f} CPU-min of this process (estimate {estimate / 60:.0f} min); "
-        f"results {args.results}; report {report}")
-    return 0
+        f"results {args.results}; report {report}"
+        + (f"; {len(failed)} run(s) failed (rerun the same command to retry them):\n  " + "\n  ".join(failed)
+           if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
