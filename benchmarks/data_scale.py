@@ -55,9 +55,11 @@ def vocabulary() -> list[str]:
     return sorted(set(re.findall(r"[a-z]{3,}", text.lower())))
 
 
-def generate(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
-    """`ir_<count>.jsonl` and `sts_<count>.jsonl` in `folder` (kept and reused when present)."""
-    ir_path, sts_path = folder / f"ir_{count}.jsonl", folder / f"sts_{count}.jsonl"
+def generate(folder: Path, count: int, seed: int = 0, passage_words: int = 80) -> tuple[Path, Path]:
+    """`ir_<count>.jsonl` and `sts_<count>.jsonl` in `folder` (kept and reused when present); passages of
+    `passage_words` words (other than 80: `ir_<count>_w<words>.jsonl`)."""
+    suffix = "" if passage_words == 80 else f"_w{passage_words}"
+    ir_path, sts_path = folder / f"ir_{count}{suffix}.jsonl", folder / f"sts_{count}.jsonl"
     if ir_path.exists() and sts_path.exists():
         return ir_path, sts_path
     words, rng = vocabulary(), random.Random(seed)
@@ -65,10 +67,13 @@ def generate(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
     def sentence(length: int) -> str:
         return " ".join(rng.choices(words, k=length))
 
-    for path, make in ((ir_path, lambda: {"query": sentence(10), "positives": [sentence(80) for _ in range(2)],
-                                          "negatives": [sentence(80) for _ in range(4)]}),
+    for path, make in ((ir_path, lambda: {"query": sentence(10),
+                                          "positives": [sentence(passage_words) for _ in range(2)],
+                                          "negatives": [sentence(passage_words) for _ in range(4)]}),
                        (sts_path, lambda: {"sentence1": sentence(15), "sentence2": sentence(15),
                                            "score": round(rng.uniform(0, 5), 1)})):
+        if path.exists():
+            continue
         partial = path.with_suffix(".partial")
         with partial.open("w") as handle:
             for _ in range(count):
@@ -143,6 +148,14 @@ def local_rank(pid: int) -> int | None:
     return None
 
 
+def is_spawned(process) -> bool:
+    """A process started by multiprocessing's `spawn` (a fresh interpreter), not a forked DataLoader worker."""
+    try:
+        return any("multiprocessing" in part for part in process.cmdline())
+    except Exception:  # psutil.Error: gone
+        return False
+
+
 class PeakSampler(threading.Thread):
     """Samples the `RssAnon` of a process tree every 0.1 s; labels each process 'rank r' or 'rank r worker'."""
 
@@ -154,6 +167,8 @@ class PeakSampler(threading.Thread):
         rank = local_rank(process.pid)
         if parent_label is None:
             return "rank 0"
+        if is_spawned(process):  # the token cache's tokeniser processes (and multiprocessing's resource tracker)
+            return parent_label.replace(" worker", "") + " tokeniser"
         if rank is not None and f"rank {rank}" != parent_label.replace(" worker", "") and "worker" not in parent_label:
             return f"rank {rank}"
         return parent_label.replace(" worker", "") + " worker"
@@ -251,10 +266,10 @@ def fit_config(folder: Path, ir_path: Path, sts_path: Path, path: str, args) -> 
 def fit_stage(folder: Path, count: int, ir_path: Path, sts_path: Path, path: str, runs: list[str], args) -> list[dict]:
     results = []
     config = fit_config(folder, ir_path, sts_path, path, args)
-    python_path = [str(REPO_ROOT / "benchmarks")]
+    python_path = [str(REPO_ROOT / "benchmarks"), str(REPO_ROOT)]  # this checkout, whatever is installed
     if path == "memory":
         python_path.insert(0, str(baseline_source(folder.parent)))
-    if path == "arrow":
+    if path == "arrow" and "first" in runs:
         shutil.rmtree(folder / "cache", ignore_errors=True)  # the first run builds the cache
     for run in runs:
         clock = Path(tempfile.mkdtemp(prefix="clock-", dir=folder))
@@ -270,7 +285,8 @@ def fit_stage(folder: Path, count: int, ir_path: Path, sts_path: Path, path: str
         steps = [b - a for c in clocks for a, b in zip(c["ends"][:-1], c["ends"][1:])]
         results.append({"stage": "fit", "path": path, "records": count, "run": run, "wall_s": round(wall, 1),
                         "start_s": round(max(c["first_batch"] for c in clocks) - launched, 1),
-                        "step_s": round(statistics.median(steps), 2) if steps else None, "rss_anon_mb": peaks})
+                        "step_s": round(statistics.median(steps), 2) if steps else None, "rss_anon_mb": peaks,
+                        "load_average": os.getloadavg()})
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -287,18 +303,23 @@ kwargs = dict(train=[SourceConfig("ir", "ir", ir_path, instruction="find the pas
               max_query_length=32, max_passage_length=int(passage), max_sts_length=64, num_workers=int(workers))
 if "cache_dir" in inspect.signature(CoDiEmbDataModule).parameters:
     kwargs["cache_dir"] = cache
-started = time.time()
+import resource
+def cpu_s():  # this process and its finished children (the cache build's tokeniser processes)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+started, cpu_started = time.time(), cpu_s()
 data = CoDiEmbDataModule(**kwargs)
 data.setup("fit")
 loader = data.train_dataloader()
-ready = time.time()
+ready, setup_cpu_s = time.time(), cpu_s() - cpu_started
 count = 0
 for batch in loader:
     count += 1
     if count == int(max_batches):
         break
 done = time.time()
-print("RESULT " + json.dumps({"setup_s": ready - started, "batches": count, "seconds": done - ready, "of": len(loader)}))
+print("RESULT " + json.dumps({"setup_s": ready - started, "setup_cpu_s": setup_cpu_s, "batches": count,
+                              "seconds": done - ready, "of": len(loader)}))
 '''
 
 RECORDS_CHILD = r'''
@@ -332,10 +353,59 @@ print("RESULT " + json.dumps({"open_s": opened - started, "read_all_s": time.tim
 '''
 
 
+TOKENISE_CHILD = r'''
+import json, os, resource, sys, time
+from pathlib import Path
+import pyarrow as pa
+from transformers import AutoTokenizer
+from codiemb_pl.data.arrow_records import open_records
+from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.data.token_ids import TOKEN_LIST, TokenLimits, process_count, token_batch, token_batches
+ir_path, sts_path, model, passage, cache = sys.argv[1:6]
+tokenizer = AutoTokenizer.from_pretrained(model)
+limits = TokenLimits(32, int(passage), 64)
+prefix = "Instruction: find the passage Query: "
+tables = [(open_records(SourceConfig("ir", "ir", ir_path), Path(cache)), prefix),
+          (open_records(SourceConfig("sts", "sts", sts_path), Path(cache)), "")]
+
+def before(texts, max_length):  # the code before: the tokenizer call, then pa.array of Python lists
+    return pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else [], TOKEN_LIST)
+
+def count_texts(table):
+    if table.meta["task"] == "sts":
+        return 2 * len(table)
+    return len(table) + sum(len(table.table.column(c).combine_chunks().flatten()) for c in ("positives", "negatives"))
+
+def cpu():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+results, reference = [], None
+n_texts = sum(count_texts(t) for t, _ in tables)
+for method, processes in (("before: tokenizer call + pa.array", 1), ("backend copy, 1 process", 1),
+                          (f"backend copy, {process_count()} processes", process_count())):
+    load, wall, cpu0 = os.getloadavg()[0], time.time(), cpu()
+    out = []
+    for table, text_prefix in tables:
+        if method.startswith("before"):
+            batches = (token_batch(before, b, table.meta["task"], limits, text_prefix) for b in table.table.to_batches())
+        else:
+            batches = token_batches(tokenizer, table.mapped.path, table.table, table.meta["task"], limits, text_prefix,
+                                    processes=processes)
+        out.append(pa.Table.from_batches(list(batches)))
+    seconds, cpu_s = time.time() - wall, cpu() - cpu0
+    reference = reference or out
+    assert all(a.equals(b) for a, b in zip(out, reference)), method  # identical ids
+    results.append({"method": method, "texts": n_texts, "seconds": seconds, "cpu_s": cpu_s,
+                    "load_before": load, "load_after": os.getloadavg()[0]})
+print("RESULT " + json.dumps({"methods": results}))
+'''
+
+
 def child_stage(folder: Path, stage: str, count: int, path: str, child_args: list[str], log_name: str) -> dict:
-    python_path = [str(baseline_source(folder.parent))] if path == "memory" else []
+    python_path = ([str(baseline_source(folder.parent))] if path == "memory" else []) + [str(REPO_ROOT)]
     env = dict(ENV, PYTHONPATH=os.pathsep.join(python_path))
-    code = LOADER_CHILD if stage == "loader" else RECORDS_CHILD
+    code = {"loader": LOADER_CHILD, "records": RECORDS_CHILD, "tokenise": TOKENISE_CHILD}[stage]
     log = folder / log_name
     exit_code, wall, peaks = run_sampled([sys.executable, "-c", code, *child_args], env, log)
     if exit_code != 0:
@@ -343,6 +413,7 @@ def child_stage(folder: Path, stage: str, count: int, path: str, child_args: lis
     result = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("RESULT "))[7:])
     peaks = {label.replace("rank 0", "process"): value for label, value in peaks.items()}
     row = {"stage": stage, "path": path, "records": count, "wall_s": round(wall, 1), "rss_anon_mb": peaks,
+           "load_average": os.getloadavg(),
            **{key: round(value, 2) if isinstance(value, float) else value for key, value in result.items()}}
     print(json.dumps(row), flush=True)
     return row
@@ -351,35 +422,59 @@ def child_stage(folder: Path, stage: str, count: int, path: str, child_args: lis
 # ----------------------------------------------------------------------------------------- report
 
 def table(rows: list[dict]) -> str:
-    lines = ["| stage | path | records | run | start / open s | step s | batches/s | RssAnon MB (peak) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| stage | path | records | run | start / open s | step s | batches/s | RssAnon MB (peak) "
+             "| load 1 min |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         memory = ", ".join(f"{label} {value:.0f}" for label, value in sorted(row["rss_anon_mb"].items()))
         if row["stage"] == "fit":
             timing, step, rate = row["start_s"], row["step_s"], ""
+        elif row["stage"] == "tokenise":
+            first = row["methods"][0]
+            for method in row["methods"]:
+                lines.append(f"| tokenise | {method['method']} | {row['records']:,} | {method['texts']:,} texts | "
+                             f"{method['seconds']:.1f} s, {method['cpu_s']:.1f} CPU-s | | "
+                             f"{method['texts'] / method['seconds']:,.0f} texts/s "
+                             f"(x{first['seconds'] / method['seconds']:.2f}; "
+                             f"{method['texts'] / method['cpu_s']:,.0f} per CPU-s) | | "
+                             f"{method['load_before']:.1f}-{method['load_after']:.1f} |")
+            continue
         elif row["stage"] == "loader":
-            timing, step = round(row["setup_s"], 1), ""
+            timing, step = f"{row['setup_s']:.1f}" + (f" ({row['setup_cpu_s']:.0f} CPU-s)" if "setup_cpu_s" in row else ""), ""
             rate = f"{row['batches'] / row['seconds']:.1f} ({row['batches']} of {row['of']})"
         else:
             timing, step, rate = f"{row['open_s']:.1f} (+{row['read_all_s']:.1f} reading all)", "", ""
             memory += f"; after reading all {row['rss_after_mb']:.0f} (before {row['rss_before_mb']:.0f})"
         lines.append(f"| {row['stage']} | {row['path']} | {row['records']:,} | {row.get('run', '')} | {timing} | "
-                     f"{step} | {rate} | {memory} |")
+                     f"{step} | {rate} | {memory} | {row.get('load_average', [float('nan')])[0]:.1f} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[1000, 100000])
-    parser.add_argument("--stages", nargs="+", default=["fit", "loader"], choices=["fit", "loader", "records"])
+    parser.add_argument("--stages", nargs="+", default=["fit", "loader"],
+                        choices=["fit", "loader", "records", "tokenise"])
+    parser.add_argument("--fit-runs", nargs="+", default=["first", "cached"], choices=["first", "cached"],
+                        help="arrow fit runs: 'first' empties the cache before it; 'cached' alone reuses the cache "
+                             "an earlier stage or invocation built")
+    parser.add_argument("--loader-runs", nargs="+", default=["cached"], choices=["first", "cached"],
+                        help="arrow loader runs: 'first' empties the cache before it (its setup time is then the "
+                             "first build of records and tokens); 'cached' reuses whatever is there")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "codiemb_data_scale")
     parser.add_argument("--model", default="tiny", help="'tiny' (a 2-layer random BERT) or a model path / hub id")
+    parser.add_argument("--passage-words", type=int, default=80,
+                        help="words per synthetic IR passage (fewer: measure per-record costs at a record count "
+                             "whose full-length tokenisation is too slow for this machine)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--passage-length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--max-batches", type=int, default=0, help="loader stage: stop after this many (0: an epoch)")
+    parser.add_argument("--max-batches", type=int, default=0,
+                        help="loader stage: stop after this many (0: the full epoch)")
+    parser.add_argument("--delete-data", action="store_true",
+                        help="delete the generated sources and caches of each size when done with it")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -387,25 +482,36 @@ def main() -> None:
         args.model = tiny_model(args.workdir)
     rows = []
     for count in args.records:
-        folder = args.workdir / f"n{count}"
+        folder = args.workdir / (f"n{count}" if args.passage_words == 80 else f"n{count}_w{args.passage_words}")
         folder.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        ir_path, sts_path = generate(args.workdir, count)
+        ir_path, sts_path = generate(args.workdir, count, passage_words=args.passage_words)
         print(f"# {count} records: data ready in {time.time() - started:.0f} s "
               f"({ir_path.stat().st_size / 1e6:.0f} MB IR, {sts_path.stat().st_size / 1e6:.0f} MB STS)", flush=True)
         for path in args.paths:
+            if "tokenise" in args.stages and path == "arrow":
+                rows.append(child_stage(folder, "tokenise", count, path,
+                                        [str(ir_path), str(sts_path), args.model, str(args.passage_length),
+                                         str(folder / "records_cache")], "tokenise.log"))
             if "fit" in args.stages:
                 rows += fit_stage(folder, count, ir_path, sts_path, path,
-                                  ["first", "cached"] if path == "arrow" else ["first"], args)
-            if "loader" in args.stages:
+                                  args.fit_runs if path == "arrow" else ["first"], args)
+            for run in (args.loader_runs if path == "arrow" else [""]) if "loader" in args.stages else []:
+                if run == "first":
+                    shutil.rmtree(folder / "cache", ignore_errors=True)
                 rows.append(child_stage(folder, "loader", count, path,
                                         [str(ir_path), str(sts_path), args.model, str(args.workers),
                                          str(args.batch_size), str(args.passage_length), str(args.max_batches),
-                                         str(folder / "cache")], f"loader_{path}.log"))
+                                         str(folder / "cache")], f"loader_{path}_{run}.log"))
+                rows[-1]["run"] = run
             if "records" in args.stages:
                 rows.append(child_stage(folder, "records", count, path,
                                         [str(ir_path), str(sts_path), path, str(folder / "records_cache")],
                                         f"records_{path}.log"))
+        if args.delete_data:
+            shutil.rmtree(folder, ignore_errors=True)
+            ir_path.unlink(missing_ok=True)
+            sts_path.unlink(missing_ok=True)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
     print(table(rows))
