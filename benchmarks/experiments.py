@@ -88,6 +88,10 @@ COMPARISONS = (   # (A, B) pairs of the paired bootstrap per seed; "best_cross_m
 )
 
 
+class Interrupted(Exception):
+    """SIGTERM / SIGINT stopped a fit (its last.ckpt saved): the suite stops; rerun the command to go on."""
+
+
 def log(message: str) -> None:
     print(f"[experiments] {message}", flush=True)
 
@@ -375,9 +379,15 @@ class Suite:
         atomic_write_text(folder / "unit.json", json.dumps(unit, indent=1, sort_keys=True) + "\n")
         config_path = folder / "fit.yaml"
         atomic_write_text(config_path, yaml.safe_dump(self.fit_config(unit, folder), sort_keys=False))
-        log(f"training {config_key(unit)}: codiemb fit --config {config_path}")
+        args, last = ["fit", "--config", str(config_path)], folder / "checkpoints" / "last.ckpt"
+        if last.is_file():   # an interrupted fit (SIGTERM / SIGINT saved it): go on from there
+            args += ["--ckpt_path", str(last)]
+        log(f"training {config_key(unit)}: codiemb {' '.join(args)}")
         clock = Clock()
-        if codiemb(["fit", "--config", str(config_path)]) != 0 or not (folder / "model" / "modules.json").is_file():
+        code = codiemb(args)
+        if not (folder / "model" / "modules.json").is_file():
+            if code == 0 and last.is_file():
+                raise Interrupted(f"training {config_key(unit)} was interrupted; {last} is saved")
             raise SystemExit(f"training failed: {config_path}")
         wall, cpu = clock.seconds()
         atomic_write_text(folder / "cost.json", json.dumps({"wall_seconds": wall, "cpu_seconds": cpu,
@@ -514,6 +524,8 @@ class Suite:
         folder = self.workdir / "boom" / output.name
         resolved = self.fit_config(unit, folder)
         outcome = run_boom(resolved, [BoomRun(m["fraction"], m["seed"]) for m in members], folder)
+        if not outcome.get("merged") and outcome.get("code") == 0:
+            raise Interrupted(f"BOOM's sweep in {folder} was interrupted")
         if not outcome.get("merged"):
             raise RuntimeError(f"BOOM did not finish (exit code {outcome.get('code')}); see the messages above")
         return Path(outcome["merged"]), {"members": members, "trained_now": list(outcome["trained"])}
@@ -1003,6 +1015,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for spec, seed in plan:
         try:
             suite.run(spec, seed)
+        except Interrupted as stop:
+            log(f"interrupted: {stop}; rerun the same command to resume (finished runs are skipped)")
+            break
         except (Exception, SystemExit) as error:   # one failed run must not stop the others; rerun to retry it
             failed.append(f"{spec.name} seed {seed}: {type(error).__name__}: {' '.join(str(error).split())[:300]}")
             log(f"FAILED {failed[-1]}")

@@ -296,3 +296,32 @@ def test_report_section_has_table_targets_bootstrap_and_plot(quick_suite):
     assert "| cross_delta_fusion vs cross_uniform_soup | 42 | overall |" in report
     assert experiments.ANALYSIS_BEGIN in report and "MRPC" in report
     assert (folder / "RESULTS.png").stat().st_size > 1000
+
+
+def test_an_interrupted_fit_stops_the_suite_and_resumes_from_its_last_checkpoint(tmp_path, monkeypatch,
+                                                                                  tiny_model_dir):
+    data = make_data(tmp_path / "data")
+    args = experiments.parse_args(["--quick", "--model", str(tiny_model_dir), "--data", str(data),
+                                   "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "r.json")])
+    suite = experiments.Suite(args, experiment_runs.QUICK)
+    unit = suite.unit("sts_only_codiemb", 42)
+    folder = tmp_path / "work" / "train" / experiment_runs.config_key(unit)
+    calls = []
+
+    def fake_codiemb(argv):
+        calls.append(argv)
+        if len(calls) == 1:    # SIGTERM during the fit: GracefulInterruption saved last.ckpt, exit code 0
+            (folder / "checkpoints").mkdir(parents=True)
+            (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        else:
+            (folder / "model").mkdir()
+            (folder / "model" / "modules.json").write_text("[]")
+        return 0
+
+    monkeypatch.setattr(experiments, "codiemb", fake_codiemb)
+    with pytest.raises(experiments.Interrupted):
+        suite.train_unit(unit)
+    assert calls[0][:3] == ["fit", "--config", str(folder / "fit.yaml")] and "--ckpt_path" not in calls[0]
+    assert suite.train_unit(unit) == folder
+    assert calls[1][-2:] == ["--ckpt_path", str(folder / "checkpoints" / "last.ckpt")]
+    assert suite.train_unit(unit) == folder and len(calls) == 2     # finished: skipped
