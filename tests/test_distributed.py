@@ -9,6 +9,7 @@
   step carries one task and sub-dataset on both ranks, and both ranks run the same number of steps.
 
 Each run of 2 ranks is one `python -m codiemb_pl fit ... --config configs/trainer/ddp_cpu.yaml` subprocess.
+The module's 7 runs start together in the background, two at a time (`RunPool`); each test waits for its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 import torch
 
 from codiemb_pl.data.sampler import TaskBatchSampler
-from ddp_driver.launch import model_without_dropout, run_codiemb, write_jsonl
+from ddp_driver.launch import RunPool, model_without_dropout, write_jsonl
 
 SEED = 42  # the datamodule's default seed: it fixes the order of the items in the global batch
 GLOBAL_IR_BATCH = 8
@@ -45,13 +46,20 @@ def ir_records_for_two_ranks() -> list[dict]:
     return records
 
 
-def gradient_run(out: Path, model: Path, world_size: int, train: str, extra: list[str]) -> dict:
+def start_gradient_run(pool: RunPool, out: Path, model: Path, world_size: int, train: str, extra: list[str]):
     per_device = GLOBAL_IR_BATCH // world_size
-    result = run_codiemb(["--model.model_name_or_path", str(model), "--data.train", train,
-                          "--data.ir_batch_size", str(per_device), "--data.sts_batch_size", str(per_device),
-                          "--trainer.precision", "64-true",  # float64: summation order cannot blur the comparison
-                          "--trainer.callbacks+=ddp_driver.probes.GradientRecorder",
-                          f"--trainer.callbacks.out_dir={out}", *extra], world_size=world_size)
+    return out, world_size, pool.submit(
+        ["--model.model_name_or_path", str(model), "--data.train", train,
+         "--data.ir_batch_size", str(per_device), "--data.sts_batch_size", str(per_device),
+         "--trainer.precision", "64-true",  # float64: summation order cannot blur the comparison
+         "--trainer.callbacks+=ddp_driver.probes.GradientRecorder",
+         f"--trainer.callbacks.out_dir={out}", *extra], world_size=world_size)
+
+
+def gradients(run) -> dict:
+    """Wait for a `start_gradient_run` run: per-rank {"loss", "grads"}."""
+    out, world_size, future = run
+    result = future.result()
     assert result.returncode == 0, result.stdout[-4000:]
     return {rank: torch.load(out / f"grads_rank{rank}.pt") for rank in range(world_size)}
 
@@ -72,18 +80,48 @@ def deterministic_model(tiny_model_dir, tmp_path_factory) -> Path:
     return model_without_dropout(tiny_model_dir, tmp_path_factory.mktemp("tiny_no_dropout") / "model")
 
 
+SAMPLER_TRAIN = json.dumps([
+    {"name": "ir_a", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 40},
+    {"name": "sts_b", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 30},
+    {"name": "sts_c", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 17,
+     "batch_size": 2, "seed": 1}])
+
+
 @pytest.fixture(scope="module")
-def ir_runs(deterministic_model, tmp_path_factory) -> dict:
+def runs(deterministic_model, tiny_model_dir, tmp_path_factory):
+    """Every run of this module, started at once in a `RunPool`: {name: run} (tests wait for theirs).
+
+    "ir": {(world_size, false_negative_mask): gradient run}, "sts": {world_size: gradient run},
+    "sampler": (output folder, Future of the 2-rank BatchRecorder run).
+    """
+    folder = tmp_path_factory.mktemp("ddp_runs")
+    ir_data = write_jsonl(folder / "ir.jsonl", ir_records_for_two_ranks())
+    ir_train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(ir_data)}])
+    sts_train = json.dumps([{"name": "sts_grad", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
+                             "max_samples": GLOBAL_IR_BATCH}])
+    with RunPool() as pool:
+        started = {"ir": {}, "sts": {}}
+        for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
+            started["ir"][world_size, mask] = start_gradient_run(
+                pool, folder / f"ir_w{world_size}_mask{mask}", deterministic_model, world_size, ir_train,
+                ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", str(mask).lower()])
+        for world_size in (1, 2):
+            started["sts"][world_size] = start_gradient_run(pool, folder / f"sts_w{world_size}", deterministic_model,
+                                                            world_size, sts_train, ["--model.gather_sts", "true"])
+        sampler_out = folder / "sampler"
+        started["sampler"] = sampler_out, pool.submit(
+            ["--model.model_name_or_path", str(tiny_model_dir), "--data.train", SAMPLER_TRAIN,
+             "--data.ir_batch_size", "2", "--data.sts_batch_size", "3", "--data.n_negatives", "1",
+             "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "-1",
+             "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_driver.probes.BatchRecorder",
+             f"--trainer.callbacks.out_dir={sampler_out}"], world_size=2)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def ir_runs(runs) -> dict:
     """IR gradient runs: {(world_size, false_negative_mask): per-rank {"loss", "grads"}}."""
-    folder = tmp_path_factory.mktemp("ir_runs")
-    data = write_jsonl(folder / "ir.jsonl", ir_records_for_two_ranks())
-    train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(data)}])
-    runs = {}
-    for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
-        runs[world_size, mask] = gradient_run(
-            folder / f"w{world_size}_mask{mask}", deterministic_model, world_size, train,
-            ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", str(mask).lower()])
-    return runs
+    return {key: gradients(run) for key, run in runs["ir"].items()}
 
 
 def test_ir_gradients_with_cross_device_negatives_equal_single_process(ir_runs):
@@ -98,36 +136,25 @@ def test_false_negative_mask_drops_a_duplicate_positive_held_by_the_other_rank(i
     assert ir_runs[1, True][0]["loss"] < ir_runs[1, False][0]["loss"] - 1e-3
 
 
-def test_sts_gathered_gradients_equal_single_process(deterministic_model, tmp_path):
-    train = json.dumps([{"name": "sts_grad", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
-                         "max_samples": GLOBAL_IR_BATCH}])
-    runs = {world_size: gradient_run(tmp_path / f"w{world_size}", deterministic_model, world_size, train,
-                                     ["--model.gather_sts", "true"]) for world_size in (1, 2)}
-    assert_same_gradients(runs[2], runs[1])
+def test_sts_gathered_gradients_equal_single_process(runs):
+    sts = {world_size: gradients(run) for world_size, run in runs["sts"].items()}
+    assert_same_gradients(sts[2], sts[1])
 
 
-def test_every_micro_step_of_a_step_has_one_task_on_both_ranks_with_unequal_datasets(tiny_model_dir, tmp_path):
-    train = json.dumps([
-        {"name": "ir_a", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 40},
-        {"name": "sts_b", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 30},
-        {"name": "sts_c", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 17,
-         "batch_size": 2, "seed": 1}])
-    result = run_codiemb(["--model.model_name_or_path", str(tiny_model_dir), "--data.train", train,
-                          "--data.ir_batch_size", "2", "--data.sts_batch_size", "3", "--data.n_negatives", "1",
-                          "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "-1",
-                          "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_driver.probes.BatchRecorder",
-                          f"--trainer.callbacks.out_dir={tmp_path}"], world_size=2)
+def test_every_micro_step_of_a_step_has_one_task_on_both_ranks_with_unequal_datasets(runs):
+    out, future = runs["sampler"]
+    result = future.result()
     assert result.returncode == 0, result.stdout[-4000:]
-    runs = [json.loads((tmp_path / f"batches_rank{rank}.json").read_text()) for rank in (0, 1)]
+    recorded = [json.loads((out / f"batches_rank{rank}.json").read_text()) for rank in (0, 1)]
 
     # per epoch: ir_a 40 // (2*2*2) = 5 steps, sts_b 30 // (3*2*2) = 2, sts_c 17 // (2*2*2) = 2 -> 9; 2 epochs
     expected_steps = 18
-    for run in runs:
+    for run in recorded:
         assert run["world_size"] == 2 and run["accumulate"] == 2 and run["global_step"] == expected_steps
         assert len(run["rows"]) == expected_steps * 2
-    assert runs[0]["rows"] == runs[1]["rows"]  # same step, micro-step, task, dataset and size on both ranks
+    assert recorded[0]["rows"] == recorded[1]["rows"]  # same step, micro-step, task, dataset and size on both ranks
     per_step: dict[int, list] = {}
-    for step, micro, task, dataset, size in runs[0]["rows"]:
+    for step, micro, task, dataset, size in recorded[0]["rows"]:
         per_step.setdefault(step, []).append((micro, task, dataset, size))
     assert sorted(per_step) == list(range(expected_steps))
     for step, micro_batches in per_step.items():

@@ -1,7 +1,7 @@
 """Exact mid-epoch resume: a run killed after k optimizer steps and resumed with `--ckpt_path last` ends
 with the same weights as an uninterrupted run — with 1 process and with 2 gloo processes, with dropout
 on (per-rank RNG state travels in the checkpoint), gradient accumulation, and an epoch boundary crossed
-after the resume.
+after the resume. The 6 runs of this module start together in the background, two at a time (`RunPool`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_driver.launch import run_codiemb
+from ddp_driver.launch import RunPool, run_codiemb
 
 TOTAL_STEPS = 8   # 6 optimizer steps per epoch below: the resumed run crosses into epoch 1
 INTERRUPT_AT = 3
@@ -33,22 +33,43 @@ def final_weights(checkpoint_dir: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return state["global_step"], state["state_dict"]
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(world_size, tiny_model_dir, tmp_path):
-    per_device_batch = 8 // world_size  # the same global batches (G = 16) for both world sizes
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+def interrupt_and_resume(model_dir: Path, world_size: int, checkpoint_dir: Path) -> tuple:
+    """The run killed before optimizer step INTERRUPT_AT, then `--ckpt_path last`:
+    (interrupted run, global step of the checkpoint it left, resumed run)."""
+    per_device_batch = 8 // world_size
+    interrupted = run_codiemb(training_args(model_dir, per_device_batch, checkpoint_dir)
+                              + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
+                                 f"--trainer.callbacks.at_step={INTERRUPT_AT}"], world_size=world_size, timeout=300)
+    left_at = final_weights(checkpoint_dir)[0] if (checkpoint_dir / "last.ckpt").exists() else None
+    resumed = run_codiemb(training_args(model_dir, per_device_batch, checkpoint_dir) + ["--ckpt_path", "last"],
+                          world_size=world_size, timeout=300)
+    return interrupted, left_at, resumed
 
-    result = run_codiemb(training_args(tiny_model_dir, per_device_batch, straight), world_size=world_size)
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> dict:
+    """{world_size: (straight dir, Future of its run, resumed dir, Future of `interrupt_and_resume`)}."""
+    root = tmp_path_factory.mktemp("resume")
+    with RunPool() as pool:
+        chains = {world_size: pool.executor.submit(interrupt_and_resume, tiny_model_dir, world_size,
+                                                   root / f"w{world_size}" / "resumed") for world_size in (1, 2)}
+        yield {world_size: (root / f"w{world_size}" / "straight",
+                            pool.submit(training_args(tiny_model_dir, 8 // world_size,
+                                                      root / f"w{world_size}" / "straight"), world_size=world_size),
+                            root / f"w{world_size}" / "resumed", chains[world_size])
+               for world_size in (1, 2)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_interrupted_and_resumed_run_ends_with_the_uninterrupted_weights(world_size, runs):
+    # per device 8 // world_size: the same global batches (G = 16) for both world sizes
+    straight, straight_run, resumed, chain = runs[world_size]
+    result = straight_run.result()
     assert result.returncode == 0, result.stdout[-4000:]
 
-    interrupted = run_codiemb(training_args(tiny_model_dir, per_device_batch, resumed)
-                              + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
-                                 f"--trainer.callbacks.at_step={INTERRUPT_AT}"], world_size=world_size)
+    interrupted, left_at, result = chain.result()
     assert interrupted.returncode == 3, interrupted.stdout[-4000:]
-    assert final_weights(resumed)[0] == INTERRUPT_AT
-
-    result = run_codiemb(training_args(tiny_model_dir, per_device_batch, resumed) + ["--ckpt_path", "last"],
-                         world_size=world_size)
+    assert left_at == INTERRUPT_AT
     assert result.returncode == 0, result.stdout[-4000:]
 
     step_a, weights_a = final_weights(straight)

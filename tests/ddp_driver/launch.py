@@ -6,9 +6,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
@@ -34,6 +37,8 @@ def run_codiemb(args: list[str], *, world_size: int = 1, timeout: float = 240.0)
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false")
     env.pop("MASTER_PORT", None)
+    if world_size > 1:  # a port no other run started by these tests holds (runs may overlap: `RunPool`)
+        env["MASTER_PORT"] = str(unused_port())
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -48,6 +53,43 @@ def run_codiemb(args: list[str], *, world_size: int = 1, timeout: float = 240.0)
         except ProcessLookupError:
             pass
     return subprocess.CompletedProcess(command, process.returncode, output, "")
+
+
+_PORTS_GIVEN: set[int] = set()
+_PORTS_LOCK = threading.Lock()
+
+
+def unused_port() -> int:
+    """A free local TCP port, never one this process handed out before (overlapping runs cannot share one)."""
+    with _PORTS_LOCK:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            if port not in _PORTS_GIVEN:
+                _PORTS_GIVEN.add(port)
+                return port
+
+
+class RunPool:
+    """Runs `run_codiemb` calls two at a time in the background; `submit` returns a Future of its result.
+
+    Overlapping two runs keeps both cores busy: a run spends most of its time importing torch and Lightning
+    on one core, and a 2-rank run's rank 0 waits idle while rank 1 starts. Use as a context manager (it
+    waits for the runs still going when it closes).
+    """
+
+    def __init__(self, parallel: int = 2):
+        self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="codiemb-run")
+
+    def submit(self, args: list[str], *, world_size: int = 1, timeout: float = 300.0) -> Future:
+        return self.executor.submit(run_codiemb, args, world_size=world_size, timeout=timeout)
+
+    def __enter__(self) -> "RunPool":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 def model_without_dropout(source: Path, target: Path) -> Path:
