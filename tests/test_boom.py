@@ -1,5 +1,6 @@
 """BOOM and incremental updates on the tiny model: seeded subsets, runs, the Multi-SLERP merge checked
-tensor by tensor against `methods.multi_slerp` / `slerp`, the cache, and the YAML `boom:` form."""
+tensor by tensor against `methods.multi_slerp` / `slerp`, the cache, and the YAML `boom:` form.
+BOOM runs as a sweep (`workflows.sweep`): OUTPUT/sweep.yaml is the sweep it runs."""
 
 from __future__ import annotations
 
@@ -100,6 +101,36 @@ def test_boom_trains_runs_and_merges_them_with_multi_slerp(boom_output, tiny_mod
     torch.testing.assert_close(embeddings.cpu(), reference, atol=1e-5, rtol=1e-5)
     assert json.loads((output / "evaluation.json").read_text())["merged"]["val/avg"] >= 0.0
 
+    # the sweep BOOM ran: one run per bagging run on its subset files, Multi-SLERP exported to merged/
+    sweep = yaml.safe_load((output / "sweep.yaml").read_text())
+    assert [run["name"] for run in sweep["runs"]] == ["f0.5_s3", "f1_s3"]
+    assert sweep["runs"][0]["seed_everything"] == 3 and sweep["runs"][0]["data.seed"] == 3
+    assert [s["path"] for s in sweep["runs"][0]["data.train"]] == [
+        str(runs[0] / "data" / "demo_ir.jsonl"), str(runs[0] / "data" / "demo_sts.jsonl")]
+    manifest = json.loads((output / "merged" / "merge.json").read_text())
+    assert manifest["method"] == "multi_slerp" and manifest["base"] == str(tiny_model_dir)
+    assert manifest["models"] == [str(run / "model") for run in runs] and manifest["weights"] is None
+    assert manifest["runs"] == [{"name": "f0.5_s3", "fraction": 0.5, "seed": 3},
+                                {"name": "f1_s3", "fraction": 1.0, "seed": 3}]
+    board = json.loads((output / "leaderboard.json").read_text())
+    assert {row["name"] for row in board["ranking"]} == {"base", "f0.5_s3", "f1_s3", "multi_slerp"}
+
+
+def test_merge_exports_is_the_same_multi_slerp_for_members_trained_elsewhere(boom_output, tiny_model_dir, tmp_path):
+    """`merge_exports` (the benchmarks' entry point) merges exports through `codiemb fuse`'s path: the same
+    weights as BOOM's merged/, and a merge.json with the caller's manifest."""
+    from codiemb_pl.workflows.boom import merge_exports
+
+    output, _ = boom_output
+    exports = [output / "runs" / "f0.5_s3" / "model", output / "runs" / "f1_s3" / "model"]
+    merged = merge_exports(str(tiny_model_dir), exports, tmp_path / "merged", manifest={"members": ["x", "y"]})
+    ours, boom = load_file(merged / "model.safetensors"), load_file(output / "merged" / "model.safetensors")
+    assert set(ours) == set(boom) and all(torch.equal(ours[key], boom[key]) for key in ours)
+    assert json.loads((merged / "merge.json").read_text()) == {
+        "method": "multi_slerp", "base": str(tiny_model_dir), "models": [str(path) for path in exports],
+        "weights": None, "members": ["x", "y"]}
+    assert (merged / "modules.json").is_file() and (merged / "tokenizer.json").is_file()
+
 
 def test_finished_runs_are_reused_and_a_changed_config_is_refused(boom_output, capsys):
     output, argv = boom_output
@@ -132,8 +163,8 @@ def test_incremental_update_from_yaml_merges_update_with_deployed(tiny_model_dir
     assert main(["boom", "--config", str(boom_yaml)]) == 0
     assert "merged model" in capsys.readouterr().out
 
-    update_folder = output / "update"
-    fit = yaml.safe_load((update_folder / "fit.yaml").read_text())
+    update_folder = output / "runs" / "update"   # a sweep run (was output/update before BOOM became a sweep)
+    fit = json.loads((update_folder / "sweep_run.json").read_text())["config"]   # the run's resolved config
     assert fit["model"]["model_name_or_path"] == str(deployed)
     assert [s["name"] for s in fit["data"]["train"]] == ["fresh", "old_demo_ir", "old_demo_sts"]
     for name in ("demo_ir", "demo_sts"):  # 25 % of the 24 old records of each sub-dataset
@@ -149,6 +180,9 @@ def test_incremental_update_from_yaml_merges_update_with_deployed(tiny_model_dir
         torch.testing.assert_close(merged[key], slerp(theta0, deltas, t=0.5), rtol=1e-5, atol=1e-6)
         differs += int(not torch.equal(update_state[key], deployed_state[key]))
     assert differs > 0  # the update really trained
+    manifest = json.loads((output / "merged" / "merge.json").read_text())
+    assert manifest["models"] == [str(deployed), str(update_folder / "model")] and manifest["weights"] == [0.5, 0.5]
+    assert manifest["base"] == str(tiny_model_dir) and manifest["incremental"] and manifest["old_fraction"] == 0.25
 
 
 def test_missing_output_is_one_line_error(capsys):
@@ -157,27 +191,35 @@ def test_missing_output_is_one_line_error(capsys):
     assert len(err) == 1 and "no output folder" in err[0]
 
 
-def test_example_yaml_and_quickstart_are_rewritten_per_run(tmp_path):
+def test_example_yaml_plans_quickstart_runs_on_their_subsets(tmp_path, capsys, monkeypatch):
+    """configs/boom/quickstart.yaml with --print-commands: the runs' subset files, OUTPUT/fit.yaml (the
+    quickstart without its per-run CheckpointFusion, folders following each run's root) and one
+    `codiemb fit` line per run; nothing trained."""
     from codiemb_pl.commands.boom import collect_options
-    from codiemb_pl.workflows.boom import resolve_fit_config, run_fit_config
 
     repo = Path(__file__).resolve().parents[1]
-    options, configs, overrides = collect_options(["--config", str(repo / "configs/boom/quickstart.yaml"),
-                                                   "--output", str(tmp_path), "--trainer.max_steps", "5"])
+    argv = ["--config", str(repo / "configs/boom/quickstart.yaml"), "--output", str(tmp_path), "--trainer.max_steps", "5"]
+    options, configs, overrides = collect_options(argv)
     assert options["fractions"] == [0.4, 0.6, 0.8, 1.0] and options["output"] == str(tmp_path)
     assert configs == ["configs/quickstart.yaml"] and overrides[-2:] == ["--trainer.max_steps", "5"]
-    resolved = resolve_fit_config([str(repo / configs[0])], overrides)
-    run = tmp_path / "runs" / "r"
-    config = run_fit_config(resolved, run, DEMO_SOURCES[:1], seed=11)
-    trainer = config["trainer"]
-    assert trainer["max_epochs"] == 1 and trainer["max_steps"] == 5 and trainer["default_root_dir"] == str(run)
-    assert config["seed_everything"] == 11 and config["data"]["seed"] == 11
-    assert [s["name"] for s in config["data"]["train"]] == ["demo_ir"]
-    assert trainer["logger"]["init_args"]["save_dir"] == str(run / "logs")
-    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c["init_args"] for c in trainer["callbacks"]}
-    assert callbacks["ModelCheckpoint"]["dirpath"] == str(run / "checkpoints")
-    assert callbacks["ExportEncoder"]["dirpath"] == str(run / "model")
-    assert all(str(args.get("dirpath") or run).startswith(str(run)) for args in callbacks.values())
+
+    monkeypatch.chdir(repo)   # the YAML names configs/quickstart.yaml relative to the repository
+    assert main(["boom", *argv, "--fractions", "0.5", "1.0", "--seeds", "11", "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    for line, name in zip(lines, ("f0.5_s11", "f1_s11")):
+        run = tmp_path / "runs" / name
+        assert line.startswith(f"codiemb fit --config {tmp_path / 'fit.yaml'} --seed_everything 11 --data.seed 11 ")
+        assert line.endswith(f"--trainer.default_root_dir {run}") and str(run / "data" / "demo_ir.jsonl") in line
+    records = [len((tmp_path / "runs" / name / "data" / "demo_ir.jsonl").read_text().splitlines())
+               for name in ("f0.5_s11", "f1_s11")]
+    assert records[1] > 1 and records[0] == round(0.5 * records[1])
+    fit = yaml.safe_load((tmp_path / "fit.yaml").read_text())
+    trainer = fit["trainer"]
+    assert trainer["max_epochs"] == 1 and trainer["max_steps"] == 5 and trainer["logger"]["init_args"]["save_dir"] is None
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args") or {} for c in trainer["callbacks"]}
+    assert set(callbacks) == {"ModelCheckpoint", "ExportEncoder"}   # no per-run CheckpointFusion
+    assert callbacks["ModelCheckpoint"]["dirpath"] is None and callbacks["ExportEncoder"]["dirpath"] is None
+    assert not any((tmp_path / "runs" / name / "model").exists() for name in ("f0.5_s11", "f1_s11"))
 
 
 def test_new_data_sources_from_inline_yaml_or_file(tmp_path):

@@ -1,10 +1,13 @@
 """`codiemb sweep` on the tiny model: two runs trained in-process (the second crashes on its first
 attempt, then resumes the sweep with the first one skipped), fusion across them with every method
 (leaderboard JSON, the uniform soup checked tensor by tensor, the winner exported and loadable),
-`--fuse-only`, `--print-commands`, and bad sweep files (one line, exit code 2, nothing written)."""
+`--fuse-only`, `--print-commands`, bad sweep files (one line, exit code 2, nothing written), an edited base
+config refusing its finished runs, and what `codiemb boom` needs: fixed members, another θ0, a named merge
+exported to its own folder without scoring, with merge.json and the manifest."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shlex
@@ -233,6 +236,17 @@ BAD_SWEEPS = [  # (sweep file content, words the one error line must hold)
     ({"runs": [{"name": "a"}], "fusion": {"methods": ["mystery"]}}, ["fusion.methods[0]", "mystery"]),
     ({"runs": [{"name": "a"}], "grid": {"seed_everything": 3}}, ["grid: seed_everything", "list"]),
     ({"run": [{"name": "a"}]}, ["run", "unknown sweep key"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": ["multi_slerp"], "evaluate": False}},
+     ["fusion.evaluate", "no winner", "export: multi_slerp"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": ["greedy_soup"], "evaluate": False, "export": "greedy_soup"}},
+     ["fusion.methods", "greedy_soup needs scores"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": ["multi_slerp"], "export": "mystery"}},
+     ["fusion.export: mystery", "no such candidate"]),
+    ({"runs": [{"name": "a"}], "fusion": {"members": [{"name": "a", "path": "."}]}},
+     ["fusion.members: a", "name is taken"]),
+    ({"runs": [{"name": "a"}], "fusion": {"members": [{"name": "old", "path": "no/such/model"}]}},
+     ["fusion.members[0]", "does not exist"]),
+    ({"runs": [{"name": "a"}], "fusion": {"export_folder": "runs"}}, ["fusion.export_folder", "leaves free"]),
     ({}, ["no runs"]),
 ]
 
@@ -273,10 +287,16 @@ def test_example_sweep_files_plan(sweep, monkeypatch, tmp_path):
         assert {config["seed_everything"] for config in plan.run_configs.values()} == {42}
 
 
-def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(sweep_setup, tmp_path):
+@pytest.fixture(scope="module")
+def planned(sweep_setup):
+    """The module's sweep, planned once (tests change a deep copy)."""
+    _, _, argv = sweep_setup
+    return plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
+
+
+def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, tmp_path):
     """With a WandbLogger in the base config, the sweep's leaderboard is a `sweep/leaderboard` W&B table."""
-    folder, _, argv = sweep_setup
-    plan = plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
+    plan = copy.deepcopy(planned)
     plan.methods = plan.methods[1:2]   # uniform_soup only: the table, not the merges, is under test
     plan.resolved["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
         "project": "codiemb-test", "save_dir": str(tmp_path), "offline": True}}
@@ -285,3 +305,92 @@ def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(sweep_setup, tmp_
     assert table["columns"][:3] == ["rank", "candidate", "kind"] and "val/avg" in table["columns"]
     assert sorted(row[1] for row in table["data"]) == ["a", "b", "base", "uniform_soup"]
     assert [row[0] for row in table["data"]] == [1, 2, 3, 4]
+
+
+def test_an_edited_base_config_refuses_its_finished_runs(tiny_model_dir, tmp_path):
+    """sweep_run.json keeps the run's resolved config: the same command over an edited base config (as
+    `codiemb boom` reruns over a rewritten OUTPUT/fit.yaml) is refused, not silently reused."""
+    from codiemb_pl.errors import InputError
+    from codiemb_pl.workflows.sweep import RUN_RECORD
+
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_CONFIG.read_text().replace("REPLACED_BY_TEST", str(tiny_model_dir)))
+    sweep = write_sweep(tmp_path, {"runs": [{"name": "a"}], "fusion": {"methods": ["uniform_soup"]}})
+    plan = plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))
+    (run,) = plan.runs
+    export = plan.run_folder(run) / "model"   # a finished run, as train_run records it
+    export.mkdir(parents=True)
+    (export / "modules.json").write_text("[]")
+    (export / "model.safetensors").write_bytes(b"")
+    record = {"name": "a", "command": plan.fit_args(run), "overrides": {}, "config": plan.run_configs["a"]}
+    (plan.run_folder(run) / RUN_RECORD).write_text(json.dumps(record))
+    base.write_text(base.read_text().replace("lr: 1.0e-4", "lr: 2.0e-4"))   # (an unchanged config is reused:
+    with pytest.raises(InputError, match="finished run made with a different configuration"):   # the resume
+        plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))                  # tests above)
+
+
+def perturbed_copy(model_dir, folder: Path, seed: int) -> Path:
+    from codiemb_pl.encoder import TextEncoder
+
+    encoder = TextEncoder(str(model_dir))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.add_(1e-2 * torch.randn(parameter.shape, generator=generator))
+    encoder.save(folder)
+    return folder
+
+
+def test_fusion_keys_for_fixed_members_another_base_and_a_named_export(tmp_path):
+    from codiemb_pl.workflows.sweep import _fusion_options
+
+    options = _fusion_options({"base": str(tmp_path), "members": [{"name": "old", "path": str(tmp_path)}],
+                               "methods": [{"method": "multi_slerp", "weights": [1, 3]}], "export": "multi_slerp",
+                               "export_folder": "merged", "evaluate": False}, "s.yaml")
+    assert (options["base"], options["members"], options["export"], options["export_folder"], options["evaluate"]) == (
+        str(tmp_path), [("old", str(tmp_path))], "multi_slerp", "merged", False)
+    assert options["methods"][0].weights == [1.0, 3.0]
+    defaults = _fusion_options(None, "s.yaml")
+    assert (defaults["base"], defaults["members"], defaults["export"], defaults["export_folder"], defaults["evaluate"]) \
+        == (None, [], None, "model", True)
+
+
+def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planned, sweep_setup, tiny_model_dir,
+                                                                           tmp_path):
+    """What `codiemb boom --incremental` runs on: θ* = θ0' + MultiSLERP(fixed − θ0', a − θ0', b − θ0'; weights)
+    exported by name to OUTPUT/merged with merge.json and the manifest, nothing scored."""
+    from codiemb_pl.fusion.methods import multi_slerp
+    from codiemb_pl.workflows.fusion import parse_methods
+
+    folder, _, _ = sweep_setup
+    out = folder / "out"
+    theta0, fixed = perturbed_copy(tiny_model_dir, tmp_path / "theta0", 1), perturbed_copy(tiny_model_dir, tmp_path / "fixed", 2)
+    plan = copy.deepcopy(planned)
+    plan.base_model, plan.members, plan.manifest = str(theta0), [("fixed", str(fixed))], {"purpose": "test"}
+    plan.methods = parse_methods([{"method": "multi_slerp", "weights": [0.5, 0.25, 0.25]}, "uniform_soup"])
+    plan.export, plan.export_folder, plan.evaluate = "multi_slerp", "merged", False
+    winner = out / "model" / "model.safetensors"
+    winner_before = winner.stat().st_mtime_ns
+    lines = []
+    fuse_sweep(plan, log=lines.append, show_progress=False)
+    assert any("not scored: fusion.evaluate is false" in line for line in lines)
+    assert f"[codiemb sweep] exported multi_slerp to {out / 'merged'}" in lines
+    assert winner.stat().st_mtime_ns == winner_before   # the earlier winner export is left alone
+
+    members = [load_file(path / "model.safetensors") for path in (fixed, out / "runs" / "a" / "model",
+                                                                  out / "runs" / "b" / "model")]
+    base = load_file(theta0 / "model.safetensors")
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert set(merged) == set(base)
+    for key, value in merged.items():
+        expected = multi_slerp(base[key], [member[key] - base[key] for member in members], weights=[0.5, 0.25, 0.25])
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    manifest = json.loads((out / "merged" / "merge.json").read_text())
+    assert manifest["method"] == "multi_slerp" and manifest["name"] == "multi_slerp" and manifest["base"] == str(theta0)
+    assert manifest["models"] == [str(fixed), str(out / "runs" / "a" / "model"), str(out / "runs" / "b" / "model")]
+    assert manifest["weights"] == [0.5, 0.25, 0.25] and manifest["metrics"] == {} and manifest["purpose"] == "test"
+    record = json.loads((out / "leaderboard.json").read_text())
+    assert [row["name"] for row in record["ranking"]] == ["base", "fixed", "a", "b", "multi_slerp", "uniform_soup"]
+    assert record["winner"] is None and all(row["metrics"] == {} for row in record["ranking"])
+    assert record["manifest"] == {"purpose": "test"} and record["exported"] == str(out / "merged")
+    assert record["sweep"]["base_model"] == str(theta0) and record["sweep"]["members"][0]["name"] == "fixed"

@@ -1,14 +1,17 @@
-"""`codiemb boom`: bagging-based merging (BOOM) and incremental updates (SPEC §7).
+"""`codiemb boom`: bagging-based merging (BOOM) and incremental updates (SPEC §7), run as a sweep.
 
     codiemb boom --config FIT_CONFIG --fractions 0.4 0.6 0.8 1.0 [--seeds S ...] --output DIR [fit overrides]
     codiemb boom --incremental --config FIT_CONFIG --deployed DIR --base DIR --new-data SOURCES
                  [--old-fraction 0.1] [--update-weight 0.5] [--seed S] --output DIR [fit overrides]
+    codiemb boom ... --print-commands      # one `codiemb fit` line per run (subset files written), no training
+    codiemb boom ... --fuse-only           # merge runs trained elsewhere
 
 The options may instead sit in a YAML file under a `boom:` key (command-line flags win); its `config`
 names the fit config(s), and any other top-level keys of that file are a fit config piece too.
 `--new-data` is a YAML/JSON list of sources (as under `data.train`) or a file holding one.
 With `--evaluate` (default when the fit config has `data.val`) the base model, every run (or the
 deployed and update models) and the merge are scored on the validation sets and tabulated.
+The work is `workflows.boom` (plans the runs and writes their data) + `workflows.sweep` (everything else).
 """
 
 from __future__ import annotations
@@ -51,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--update-weight", dest="update_weight", type=float,
                         help="incremental: SLERP weight of the update model (0.5)")
     parser.add_argument("--seed", type=int, help="incremental: seed of the old-data sample and the fit (0)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print-commands", dest="print_commands", action="store_true", default=None,
+                      help="write the runs' data and OUTPUT/sweep.yaml, print one `codiemb fit` line per run, stop")
+    mode.add_argument("--fuse-only", dest="fuse_only", action="store_true", default=None,
+                      help="do not train: merge the runs already finished")
     return parser
 
 
@@ -118,10 +126,12 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
 
 @register_command("boom")
 def boom_command(argv: list[str]) -> int:
-    """Run BOOM (or an incremental update), print where the merge is and, optionally, the metric table."""
+    """Run BOOM (or an incremental update) as a sweep, print where the merge is and, optionally, the metric
+    table; or, with --print-commands, only the runs' `codiemb fit` lines."""
     options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
     from codiemb_pl.reporting import comparison_table
-    from codiemb_pl.workflows.boom import evaluate_models, plan_runs, resolve_fit_config, run_boom, run_incremental
+    from codiemb_pl.workflows.boom import plan_boom, plan_incremental, plan_runs, run_boom, run_incremental
+    from codiemb_pl.workflows.sweep import print_commands, resolve_fit_config
 
     resolved = resolve_fit_config(fit_configs, overrides)
     output = Path(options["output"])
@@ -129,29 +139,38 @@ def boom_command(argv: list[str]) -> int:
     if policy != "proportional":
         print(f"[codiemb boom] note: data.policy is {policy!r}; BOOM's runs use batch-level shuffling "
               "(`proportional`)", flush=True)
+    evaluate, only_print = options.get("evaluate"), options.get("print_commands")
+    execution = {"fuse_only": bool(options.get("fuse_only")), "log": lambda line: print(line, flush=True)}
     if options.get("incremental"):
         if not options.get("deployed") or not options.get("new_data"):
             raise InputError("codiemb boom --incremental", "needs --deployed DIR and --new-data SOURCES",
                              "name the deployed model folder and the new sub-datasets")
-        base = options.get("base") or resolved["model"]["model_name_or_path"]
-        result = run_incremental(resolved, options["deployed"], base, parse_sources(options["new_data"], "--new-data"),
-                                 output, old_fraction=float(options.get("old_fraction", 0.1)),
-                                 seed=int(options.get("seed", 0)),
-                                 update_weight=float(options.get("update_weight", 0.5)))
-        models = {"base": base, "deployed": options["deployed"], "update": str(result["update"])}
+        inputs = (resolved, options["deployed"], options.get("base") or resolved["model"]["model_name_or_path"],
+                  parse_sources(options["new_data"], "--new-data"), output)
+        settings = {"old_fraction": float(options.get("old_fraction", 0.1)), "seed": int(options.get("seed", 0)),
+                    "update_weight": float(options.get("update_weight", 0.5)), "evaluate": evaluate}
+        if only_print:
+            print_commands(plan_incremental(*inputs, **settings)[0])
+            return 0
+        result = run_incremental(*inputs, **settings, **execution)
     else:
         if not options.get("fractions"):
             raise InputError("codiemb boom", "no fractions", "pass --fractions 0.4 0.6 0.8 1.0")
-        result = run_boom(resolved, plan_runs(options["fractions"], options.get("seeds")), output)
-        models = {"base": result["base"], **{name: str(path) for name, path in result["runs"].items()}}
-        print(f"[codiemb boom] trained {len(result['trained'])} run(s), reused "
-              f"{len(result['runs']) - len(result['trained'])}", flush=True)
-    models["merged"] = str(result["merged"])
+        runs = plan_runs(options["fractions"], options.get("seeds"))
+        if only_print:
+            print_commands(plan_boom(resolved, runs, output, evaluate=evaluate))
+            return 0
+        result = run_boom(resolved, runs, output, evaluate=evaluate, **execution)
+    if not execution["fuse_only"]:
+        statuses = [outcome.status for outcome in result["outcomes"]]
+        print(f"[codiemb boom] trained {statuses.count('trained')} run(s), reused {statuses.count('skipped')}",
+              flush=True)
+    if result["merged"] is None:   # a run failed (exit code 1) or the sweep was interrupted (0): see above
+        return result["code"]
     print(f"[codiemb boom] merged model (Multi-SLERP): {Path(result['merged']).resolve()}", flush=True)
-    evaluate = options.get("evaluate")
-    if evaluate or (evaluate is None and (resolved.get("data") or {}).get("val")):
-        rows = evaluate_models(models, resolved)
-        table = comparison_table(rows)
+    plan = result["plan"]
+    if plan.evaluate:   # base, members, then the merge, as the leaderboard lists them
+        rows = [("merged" if c.name == plan.export else c.name, c.metrics) for c in result["board"].candidates]
         atomic_write_text(output / "evaluation.json", json.dumps(dict(rows), indent=2) + "\n")
-        print("\nvalidation metrics\n" + table, flush=True)
+        print("\nvalidation metrics\n" + comparison_table(rows), flush=True)
     return 0

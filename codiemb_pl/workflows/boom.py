@@ -1,4 +1,4 @@
-"""BOOM, bagging-based merging (SPEC §7): train on random subsets of the data, merge with Multi-SLERP.
+"""BOOM, bagging-based merging (SPEC §7), as a sweep: runs on seeded random subsets, merged with Multi-SLERP.
 
     run i:   each sub-dataset D_j  ->  seeded subset S_ij, |S_ij| = max(1, round(f_i·|D_j|))
              fit with batch-level shuffling (`proportional` policy) from θ0  ->  θ_i
@@ -8,40 +8,41 @@ Incremental update: an update model θ_u is fit from the deployed model θ_d on 
 seeded `old_fraction` sample of the old data, then θ* = θ0 + SLERP(θ_d − θ0, θ_u − θ0; t = w)
 (Multi-SLERP with weights (1 − w, w)); θ0 is the deployed model's own base.
 
-Each run lives in its own folder (subset jsonl files, the resolved `fit.yaml`, checkpoints, the
-exported `model/`) and trains through `codiemb fit` in-process. A run whose export is complete is
-reused; one with a `last.ckpt` but no export resumes from it; a changed configuration is refused.
+This module only plans: which runs (fractions, seeds), each run's subset files (`OUTPUT/runs/NAME/data`),
+and the sweep that trains and merges them. It writes `OUTPUT/fit.yaml` (the resolved fit config every
+run starts from) and `OUTPUT/sweep.yaml` (one run per bagging run: `seed_everything`, `data.seed` and
+`data.train` pointing at its subset files; fusion: `multi_slerp`, exported to `OUTPUT/merged`), then
+`workflows.sweep` does the rest: training (finished runs skipped, `last.ckpt` resumed, crashes reported),
+`--print-commands`, scoring on `data.val`, the leaderboard and the export with its `merge.json`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import random
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from codiemb_pl.atomic import atomic_directory, atomic_write_text
+from codiemb_pl.atomic import atomic_write_text
 from codiemb_pl.data.records import IRRecord, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.engine import merge_to_safetensors
 from codiemb_pl.fusion.keys import key_seed
-from codiemb_pl.fusion.sources import MappingSource
-from codiemb_pl.model_card import build_fused_model_card
-from codiemb_pl.workflows.validation import build_validation_sets
+from codiemb_pl.workflows.sweep import (CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, MERGE_MANIFEST,
+                                        SweepPlan, execute_sweep, merge_record, plan_sweep)
+# importable from here as before BOOM became a sweep (they live in workflows.sweep)
+from codiemb_pl.workflows.sweep import is_finished_export, resolve_fit_config, transformer_state  # noqa: F401
 
-EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
-CHECKPOINT_CALLBACK_NAME = "ModelCheckpoint"
-FIT_CONFIG_NAME = "fit.yaml"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-MERGE_MANIFEST = "merge.json"
+FIT_CONFIG_NAME = "fit.yaml"        # OUTPUT/fit.yaml: the resolved config every run starts from
+SWEEP_FILE_NAME = "sweep.yaml"      # OUTPUT/sweep.yaml: the sweep BOOM runs (`codiemb sweep --sweep` reads it)
+MERGED_FOLDER = "merged"            # OUTPUT/merged: the Multi-SLERP merge
+MERGE_METHOD = "multi_slerp"
+UPDATE_RUN = "update"               # incremental mode: OUTPUT/runs/update
+DEPLOYED_MEMBER = "deployed"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,6 @@ def plan_runs(fractions: Sequence[float], seeds: Sequence[int] | None = None) ->
         raise InputError("boom.seeds", f"runs {duplicates} appear twice (same fraction and seed)",
                          "give those runs different seeds")
     return runs
-
 
 
 def subset_size(total: int, fraction: float) -> int:
@@ -123,176 +123,105 @@ def source_dict(source: SourceConfig) -> dict[str, Any]:
     return {name: getattr(source, name) for name in fields if getattr(source, name) not in (None, "auto")}
 
 
-def resolve_fit_config(config_paths: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The fully resolved fit configuration (`codiemb fit --config ... OVERRIDES --print_config`) as a dict."""
-    from codiemb_pl.cli import main
-
-    args = ["fit"]
-    for path in config_paths:
-        args += ["--config", str(path)]
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            code = main(args + list(overrides) + ["--print_config"])
-    except SystemExit as stop:
-        code = stop.code
-    if code not in (0, None):
-        raise InputError(" ".join(map(str, config_paths)) or "boom --config",
-                         "the fit configuration does not parse (see the message above)",
-                         "check it first with `codiemb fit --config FILE --print_config`")
-    return yaml.safe_load(printed.getvalue())
+def _class_name(entry: Any) -> str:
+    """The class name of a `{class_path, init_args}` callback entry ("" for anything else)."""
+    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(entry, dict) else ""
 
 
-def _as_list(value: Any) -> list:
-    if value in (None, False, True):
-        return []
-    return list(value) if isinstance(value, list) else [value]
-
-
-def _run_callbacks(callbacks: list, run_folder: Path) -> list:
-    """Callbacks writing into the run folder: ModelCheckpoint -> checkpoints/, the (first) ExportEncoder
-    -> model/ (appended when absent), any other explicit `dirpath` -> <class name>/; order kept.
-    CheckpointFusion is dropped: BOOM merges the runs itself, per-run fusion would only cost time."""
-    kept, exported = [], False
-    for callback in callbacks:
-        if not isinstance(callback, dict):
-            kept.append(callback)
-            continue
-        class_name = str(callback.get("class_path", "")).rsplit(".", 1)[-1]
-        if class_name == "CheckpointFusion":
-            continue
-        init_args = callback.setdefault("init_args", {})
-        if class_name == EXPORT_CALLBACK.rsplit(".", 1)[-1]:
-            if exported:
-                continue
-            init_args["dirpath"], exported = str(run_folder / "model"), True
-        elif class_name == CHECKPOINT_CALLBACK_NAME:
-            init_args["dirpath"] = str(run_folder / "checkpoints")
-        elif init_args.get("dirpath"):
-            init_args["dirpath"] = str(run_folder / class_name.lower())
-        kept.append(callback)
-    if not exported:
-        kept.append({"class_path": EXPORT_CALLBACK, "init_args": {"dirpath": str(run_folder / "model")}})
-    return kept
-
-
-def run_fit_config(resolved: Mapping[str, Any], run_folder: Path, train_sources: Sequence[SourceConfig], seed: int,
-                   model_name_or_path: str | None = None) -> dict[str, Any]:
-    """`resolved` rewritten for one run: its data, seed, folders (root, checkpoints, logs) and export."""
+def boom_fit_config(resolved: Mapping[str, Any], model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The fit config every BOOM run starts from: `resolved` without CheckpointFusion (BOOM merges the runs
+    itself, per-run fusion would only cost time) and `ckpt_path`, with the ModelCheckpoint / ExportEncoder
+    folders unset (so they follow each run's root, `runs/NAME/checkpoints` and `runs/NAME/model`) and an
+    ExportEncoder added when absent; optionally starting from another model (the incremental update)."""
+    fusion, export, checkpoint = (path.rsplit(".", 1)[-1] for path in (FUSION_CALLBACK, EXPORT_CALLBACK,
+                                                                        CHECKPOINT_CALLBACK))
     config = json.loads(json.dumps(resolved))  # deep copy of plain data
-    trainer, data = config.setdefault("trainer", {}), config.setdefault("data", {})
-    config["seed_everything"] = seed
-    data["seed"] = seed
-    data["train"] = [source_dict(s) for s in train_sources]
+    config.pop("ckpt_path", None)
     if model_name_or_path is not None:
         config.setdefault("model", {})["model_name_or_path"] = str(model_name_or_path)
-    trainer["default_root_dir"] = str(run_folder)
-    for logger in _as_list(trainer.get("logger")):
-        if isinstance(logger, dict) and "save_dir" in logger.get("init_args", {}):
-            logger["init_args"]["save_dir"] = str(run_folder / "logs")
-    trainer["callbacks"] = _run_callbacks(_as_list(trainer.get("callbacks")), run_folder)
-    config.pop("ckpt_path", None)
+    trainer = config.setdefault("trainer", {})
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [entry for entry in (callbacks if isinstance(callbacks, list) else [callbacks])
+                 if _class_name(entry) != fusion]
+    for entry in callbacks:
+        if _class_name(entry) in (export, checkpoint) and isinstance(entry.get("init_args"), dict):
+            entry["init_args"]["dirpath"] = None
+    if export not in map(_class_name, callbacks):
+        callbacks.append({"class_path": EXPORT_CALLBACK})
+    trainer["callbacks"] = callbacks
     return config
 
 
-def is_finished_export(folder: str | Path) -> bool:
-    """A complete sentence-transformers export: modules.json and weights (exports are written atomically)."""
-    folder = Path(folder)
-    return (folder / "modules.json").is_file() and any(folder.glob("*.safetensors"))
+def run_overrides(name: str, sources: Sequence[SourceConfig], seed: int) -> dict[str, Any]:
+    """A sweep run training on `sources` with `seed` (`seed_everything` and `data.seed`)."""
+    return {"name": name, "seed_everything": seed, "data.seed": seed,
+            "data.train": [source_dict(source) for source in sources]}
 
 
-def train_run(fit_config: Mapping[str, Any], run_folder: str | Path) -> tuple[Path, bool]:
-    """Fit one run in-process unless its export exists; returns (export folder, trained now?).
-
-    The run's `fit.yaml` is written first; an existing different `fit.yaml` is an error (stale cache).
-    A `checkpoints/last.ckpt` without an export resumes that fit.
-    """
-    from codiemb_pl.cli import main
-
-    run_folder = Path(run_folder)
-    export, config_path = run_folder / "model", run_folder / FIT_CONFIG_NAME
-    text = yaml.safe_dump(dict(fit_config), sort_keys=False)
-    if config_path.is_file() and config_path.read_text(encoding="utf-8") != text:
-        raise InputError(str(config_path), "this run folder was made with a different configuration",
-                         "use another --output, or delete the run folder to retrain it")
-    if is_finished_export(export):
-        return export, False
-    atomic_write_text(config_path, text)
-    args = ["fit", "--config", str(config_path)]
-    last = run_folder / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        args += ["--ckpt_path", str(last)]
-    code = main(args)
-    if code != 0 or not is_finished_export(export):
-        raise InputError(str(run_folder), f"training this run failed (exit code {code}) or wrote no export",
-                         "see the messages above; rerun to resume from its last checkpoint")
-    return export, True
+def _evaluate(resolved: Mapping[str, Any], evaluate: bool | None) -> bool:
+    """Score on the validation sets: as asked, else when the config has `data.val`."""
+    return bool((resolved.get("data") or {}).get("val")) if evaluate is None else bool(evaluate)
 
 
-def transformer_state(model_name_or_path: str) -> dict:
-    """θ0 named as in an export: the transformer's state dict without pooler weights (`TextEncoder.save`)."""
-    from codiemb_pl.encoder import TextEncoder
-
-    state = TextEncoder(str(model_name_or_path)).model.state_dict()
-    return {key: value for key, value in state.items() if not key.startswith("pooler.")}
-
-
-def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, *,
-                  weights: Sequence[float] | None = None, manifest: Mapping[str, Any] | None = None) -> Path:
-    """θ0 + MultiSLERP(θ_k − θ0) of exported models, written as a sentence-transformers folder (atomically).
-
-    The folder copies the first export's tokenizer, configs and modules and holds the merged
-    `model.safetensors`; `merge.json` records the inputs (`manifest` is added to it), README.md is its model card.
-    """
-    if not exports:
-        raise InputError("boom.merge", "no exported models to merge", "train at least one run")
-    first = Path(exports[0])
-    with atomic_directory(output) as staging:
-        for item in first.iterdir():
-            if item.name.endswith(".safetensors") or item.name in (SAFETENSORS_INDEX, "README.md", MERGE_MANIFEST):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        merge_to_safetensors(MappingSource(transformer_state(base), str(base)), list(exports), "multi_slerp", {},
-                             staging / "model.safetensors", weights=weights)
-        record = {"method": "multi_slerp", "base": str(base), "models": [str(Path(p).resolve()) for p in exports],
-                  "weights": None if weights is None else list(weights), **dict(manifest or {})}
-        atomic_write_text(staging / MERGE_MANIFEST, json.dumps(record, indent=2) + "\n")
-        atomic_write_text(staging / "README.md", build_fused_model_card(
-            base_model=str(base), method="multi_slerp", inputs=record["models"], weights=record["weights"],
-            scores_source="", model_path=str(output)))
-    return Path(output)
+def plan_boom_sweep(fit_config: Mapping[str, Any], output: Path, runs: Sequence[Mapping[str, Any]],
+                    fusion: Mapping[str, Any], manifest: Mapping[str, Any]) -> SweepPlan:
+    """Write OUTPUT/fit.yaml and OUTPUT/sweep.yaml, then plan that sweep (`workflows.sweep.plan_sweep`)."""
+    config_path, sweep_path = output / FIT_CONFIG_NAME, output / SWEEP_FILE_NAME
+    atomic_write_text(config_path, yaml.safe_dump(dict(fit_config), sort_keys=False))
+    sweep = {"config": str(config_path), "output": str(output), "runs": [dict(run) for run in runs],
+             "fusion": {"checkpoints": ["final"], "export": MERGE_METHOD, "export_folder": MERGED_FOLDER,
+                        **fusion},
+             "manifest": dict(manifest)}
+    atomic_write_text(sweep_path, "# written by `codiemb boom`: the sweep it runs (codiemb sweep --sweep THIS "
+                      "--print-commands / --fuse-only work on it)\n" + yaml.safe_dump(sweep, sort_keys=False))
+    return plan_sweep(sweep_path)
 
 
-def run_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path) -> dict[str, Any]:
-    """Train (or reuse) every run on its subsets, then merge the exports into `output/merged`.
-
-    Returns {"base", "runs": {name: export folder}, "trained": [names trained now], "merged": folder}.
-    """
-    output = Path(output).resolve()
-    base = resolved["model"]["model_name_or_path"]
-    sources = [SourceConfig(**entry) for entry in resolved["data"].get("train") or []]
+def _sources(resolved: Mapping[str, Any]) -> list[SourceConfig]:
+    sources = [SourceConfig(**entry) for entry in (resolved.get("data") or {}).get("train") or []]
     if not sources:
         raise InputError("data.train", "no training sources in the fit configuration", "add sub-datasets to data.train")
-    exports, trained = {}, []
-    for run in runs:
-        folder = output / "runs" / run.name
-        subsets = write_subset_sources(sources, run.fraction, run.seed, folder / "data")
-        exports[run.name], fitted = train_run(run_fit_config(resolved, folder, subsets, run.seed), folder)
-        if fitted:
-            trained.append(run.name)
-    merged = merge_exports(base, list(exports.values()), output / "merged",
-                           manifest={"runs": [{"name": r.name, "fraction": r.fraction, "seed": r.seed} for r in runs]})
-    return {"base": base, "runs": exports, "trained": trained, "merged": merged}
+    return sources
 
 
-def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
-                    output: str | Path, *, old_fraction: float = 0.1, seed: int = 0,
-                    update_weight: float = 0.5) -> dict[str, Any]:
-    """Fit an update model from `deployed` on the new data + a seeded `old_fraction` of the config's data,
-    then merge it with the deployed model against `base` (weights 1 − w, w) into `output/merged`.
+def plan_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path, *,
+              evaluate: bool | None = None) -> SweepPlan:
+    """Write each run's subset files (OUTPUT/runs/NAME/data) and BOOM's sweep; returns the checked plan."""
+    output = Path(output).resolve()
+    sources = _sources(resolved)
+    entries = [run_overrides(run.name, write_subset_sources(sources, run.fraction, run.seed,
+                                                            output / "runs" / run.name / "data"), run.seed)
+               for run in runs]
+    return plan_boom_sweep(boom_fit_config(resolved), output, entries,
+                           {"methods": [MERGE_METHOD], "evaluate": _evaluate(resolved, evaluate)},
+                           {"runs": [{"name": r.name, "fraction": r.fraction, "seed": r.seed} for r in runs]})
 
-    Returns {"base", "deployed", "update": export folder, "trained": bool, "merged": folder, "old_samples": {name: n}}.
+
+def _result(plan: SweepPlan, fuse_only: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Execute the sweep; the facts both modes return."""
+    done = execute_sweep(plan, fuse_only=fuse_only, log=log)
+    return {"base": plan.base_model, "runs": {run.name: plan.run_folder(run) / "model" for run in plan.runs},
+            "trained": [o.name for o in done.outcomes if o.status == "trained"], "merged": done.exported,
+            "code": done.code, "outcomes": done.outcomes, "board": done.board, "plan": plan}
+
+
+def run_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path, *,
+             evaluate: bool | None = None, fuse_only: bool = False, log: Callable[[str], None] = print
+             ) -> dict[str, Any]:
+    """Train (or reuse) every run on its subsets, then merge the exports into `output/merged` (the sweep).
+
+    Returns {"base", "runs": {name: export folder}, "trained": [names trained now], "merged": folder (None
+    when a run failed or the sweep was interrupted), "code": exit code, "outcomes", "board": Leaderboard, "plan"}.
     """
+    return _result(plan_boom(resolved, runs, output, evaluate=evaluate), fuse_only, log)
+
+
+def plan_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
+                     output: str | Path, *, old_fraction: float = 0.1, seed: int = 0, update_weight: float = 0.5,
+                     evaluate: bool | None = None) -> tuple[SweepPlan, dict[str, int]]:
+    """The update run (from `deployed`, on the new data + a seeded `old_fraction` of the config's data, written
+    to OUTPUT/runs/update/old_data) and its merge with the deployed model against `base` (weights 1 − w, w).
+    Returns the plan and {old sample source: records}."""
     if not 0.0 <= old_fraction <= 1.0:
         raise InputError("boom.old_fraction", f"{old_fraction} is outside [0, 1]", "use e.g. 0.1")
     if not 0.0 < update_weight < 1.0:
@@ -300,34 +229,48 @@ def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_s
     if not new_sources:
         raise InputError("boom.new_data", "no new data sources", "list the new sub-datasets under new_data")
     output = Path(output).resolve()
-    folder = output / "update"
-    old_sources = [SourceConfig(**entry) for entry in resolved["data"].get("train") or []]
-    old_sample = write_subset_sources(old_sources, old_fraction, seed, folder / "old_data") if old_fraction > 0 else []
+    old_sources = [SourceConfig(**entry) for entry in (resolved.get("data") or {}).get("train") or []]
+    folder = output / "runs" / UPDATE_RUN / "old_data"
+    old_sample = write_subset_sources(old_sources, old_fraction, seed, folder) if old_fraction > 0 else []
     old_sample = [SourceConfig(**{**source_dict(s), "name": f"old_{s.name}"}) for s in old_sample]
-    train_sources = list(new_sources) + old_sample
-    update, fitted = train_run(run_fit_config(resolved, folder, train_sources, seed, model_name_or_path=deployed),
-                               folder)
-    merged = merge_exports(base, [deployed, update], output / "merged", weights=[1.0 - update_weight, update_weight],
-                           manifest={"incremental": True, "old_fraction": old_fraction, "seed": seed})
-    counts = {s.name: len(load_training_records(s)) for s in old_sample}
-    return {"base": base, "deployed": deployed, "update": update, "trained": fitted, "merged": merged,
-            "old_samples": counts}
+    fusion = {"base": str(base), "members": [{"name": DEPLOYED_MEMBER, "path": str(deployed)}],
+              "methods": [{"method": MERGE_METHOD, "weights": [1.0 - update_weight, update_weight]}],
+              "evaluate": _evaluate(resolved, evaluate)}
+    plan = plan_boom_sweep(boom_fit_config(resolved, model_name_or_path=deployed), output,
+                           [run_overrides(UPDATE_RUN, list(new_sources) + old_sample, seed)], fusion,
+                           {"incremental": True, "old_fraction": old_fraction, "seed": seed,
+                            "update_weight": update_weight})
+    return plan, {s.name: len(load_training_records(s)) for s in old_sample}
 
 
-def evaluate_models(models: dict[str, str], resolved: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """[(label, {val/<set>/<metric>: value})] for each model folder, as the fit's validation reports them."""
-    from codiemb_pl.encoder import TextEncoder
-    from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
+                    output: str | Path, *, old_fraction: float = 0.1, seed: int = 0, update_weight: float = 0.5,
+                    evaluate: bool | None = None, fuse_only: bool = False, log: Callable[[str], None] = print
+                    ) -> dict[str, Any]:
+    """Fit the update model and merge it with the deployed one into `output/merged` (see `plan_incremental`).
 
-    data, model = resolved.get("data") or {}, resolved.get("model") or {}
-    sets = build_validation_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
-                                 passage_prefix=data.get("passage_prefix"), where="data.val")
-    batch_size = int(data.get("val_batch_size") or 64)
-    settings = {key: model.get(key) for key in ("pooling", "normalize", "max_seq_length")}
-    rows = []
-    for label, path in models.items():
-        overrides = settings if path == model.get("model_name_or_path") else {}
-        encoder = TextEncoder(str(path), include_prompt=False, **overrides)
-        per_set, summary = evaluate_encoder(encoder, sets, batch_size=batch_size)
-        rows.append((label, flat_metrics(per_set, summary)))
-    return rows
+    Returns {"base", "deployed", "update": export folder, "trained": bool, "merged", "old_samples": {name: n},
+    "code", "outcomes", "board", "plan"}.
+    """
+    plan, counts = plan_incremental(resolved, deployed, base, new_sources, output, old_fraction=old_fraction,
+                                    seed=seed, update_weight=update_weight, evaluate=evaluate)
+    result = _result(plan, fuse_only, log)
+    return {**result, "deployed": deployed, "update": result["runs"][UPDATE_RUN],
+            "trained": UPDATE_RUN in result["trained"], "old_samples": counts}
+
+
+def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, *,
+                  weights: Sequence[float] | None = None, manifest: Mapping[str, Any] | None = None) -> Path:
+    """θ0 + MultiSLERP(θ_k − θ0) of already exported models into a sentence-transformers folder: the one merge
+    of `codiemb fuse` (`workflows.fusion.fuse`, template = the first export), plus `merge.json`
+    (`merge_record` + `manifest`). For members trained elsewhere (the benchmarks); `run_boom` trains its own."""
+    from codiemb_pl.workflows.fusion import fuse
+
+    if not exports:
+        raise InputError("boom.merge", "no exported models to merge", "train at least one run")
+    models = [{"path": str(path)} if weights is None else {"path": str(path), "weight": float(weight)}
+              for path, weight in zip(exports, weights or [None] * len(exports))]
+    fuse(base, models, MERGE_METHOD, output, template=str(exports[0]))
+    record = merge_record(MERGE_METHOD, base, exports, weights, **dict(manifest or {}))
+    atomic_write_text(Path(output) / MERGE_MANIFEST, json.dumps(record, indent=2) + "\n")
+    return Path(output)

@@ -241,21 +241,25 @@ def _file_name(label: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in label)
 
 
-def winner_card(board: Leaderboard, inputs: FusionInputs, **encoder_fields: Any) -> str:
-    """The model card of the leaderboard's winner: how it was made, from which snapshots, and every score."""
-    winner = board.winner()
+def winner_card(board: Leaderboard, inputs: FusionInputs, candidate: Candidate | None = None,
+                **encoder_fields: Any) -> str:
+    """The model card of the leaderboard's winner (or of `candidate`, exported by name): how it was made,
+    from which snapshots, and every score."""
+    winner = candidate or board.winner()
     if winner is None:
         raise InputError("fusion", "no candidate has a score", "check the validation sets")
+    picked = winner is board.winner()
     labels = [label for label, _ in inputs.checkpoints]
     if winner.kind == "fused":
         method, merged = winner.method, labels
     else:
-        method, merged = f"none: the {winner.kind} `{winner.name}` scored best", [winner.name]
+        method, merged = f"none: the {winner.kind} `{winner.name}`" + (" scored best" if picked else ""), [winner.name]
+    source = (f"the validation sets (`{board.metric}` picked `{winner.name}` among {len(board.candidates)} candidates)"
+              if picked else f"the validation sets (`{winner.name}` exported by name)" if winner.metrics else "")
     return build_fused_model_card(
         base_model=inputs.model_folder, method=method, inputs=merged, weights=winner.weights,
-        params=winner.params, scores=winner.metrics,
-        scores_source=f"the validation sets (`{board.metric}` picked `{winner.name}` among {len(board.candidates)} "
-                      "candidates)", leaderboard=board.to_markdown(), **encoder_fields)
+        params=winner.params, scores=winner.metrics or None, scores_source=source,
+        leaderboard=board.to_markdown() if winner.metrics else "", **encoder_fields)
 
 
 # ----------------------------------------------------------------------------------------------------

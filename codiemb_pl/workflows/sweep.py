@@ -22,16 +22,25 @@ shows them) and how to fuse them:
       methods: [...]                         # as CheckpointFusion.methods (default: DEFAULT_METHODS)
       metric: val/avg                        # picks the winner (higher is better)
       seed: 0                                # DARE / Self Positioning (default: seed_everything)
+      base: PATH                             # θ0 of the merges (default: model.model_name_or_path)
+      members: [{name: old, path: PATH}]     # fixed models merged with the runs (listed first)
+      export: multi_slerp                    # export this candidate instead of the winner
+      export_folder: model                   # OUTPUT/<export_folder> (default: model)
+      evaluate: true                         # false: merge without scoring (needs `export`, no greedy_soup)
+    manifest: {...}                          # facts recorded in leaderboard.json and the export's merge.json
 
 Everything is checked before anything is written (unknown keys, bad values resolved through the real
 CLI, runs that would share an output folder, a run whose finished output was made with other settings).
 A run whose export is complete is skipped; one with `checkpoints/last.ckpt` and no export resumes from
 it; a crashed run is reported and the rest continue (fusion waits until every run has finished); SIGTERM /
 SIGINT stops the sweep after the current run saved its last.ckpt (exit code 0, as `codiemb fit`).
-Fusion: θ0 = `model.model_name_or_path`, members = the chosen checkpoint of every run, merged with every
-method by `workflows.fusion.run_fusion` (base, members and merges scored on `data.val`), leaderboard
-printed and written (`leaderboard.json` / `.md`), logged as a W&B table when the base config has a
-WandbLogger, and the winner exported to `OUTPUT/model` (sentence-transformers folder with a model card).
+Fusion: θ0 = `fusion.base` or `model.model_name_or_path`, members = `fusion.members` then the chosen
+checkpoint of every run, merged with every method by `workflows.fusion.run_fusion` (base, members and
+merges scored on `data.val`), leaderboard printed and written (`leaderboard.json` / `.md`), logged as a
+W&B table when the base config has a WandbLogger, and the winner (or `fusion.export`) exported to
+`OUTPUT/model` (or `fusion.export_folder`): a sentence-transformers folder with a model card and
+`merge.json` (method, θ0, members, weights, scores, `manifest`). `codiemb boom` is such a sweep
+(`workflows.boom` plans its runs and writes their data).
 """
 
 from __future__ import annotations
@@ -52,12 +61,17 @@ from typing import Any
 
 import yaml
 
-from codiemb_pl.atomic import atomic_write_text
+from codiemb_pl.atomic import atomic_directory, atomic_write_text
 from codiemb_pl.errors import InputError
+from codiemb_pl.paths import resolve_location
 
-SWEEP_KEYS = ("config", "output", "overrides", "runs", "grid", "fusion")
-FUSION_KEYS = ("checkpoints", "methods", "metric", "seed", "eval_batch_size")
+SWEEP_KEYS = ("config", "output", "overrides", "runs", "grid", "fusion", "manifest")
+FUSION_KEYS = ("checkpoints", "methods", "metric", "seed", "eval_batch_size", "base", "members", "export",
+               "export_folder", "evaluate")
 FINAL = "final"                       # the run's export folder, <run>/model
+EXPORT_FOLDER = "model"               # OUTPUT/model: the exported candidate (default: the winner)
+MERGE_MANIFEST = "merge.json"         # in the exported folder: how it was made
+RESERVED_FOLDERS = ("runs", "fusion")  # OUTPUT/runs/NAME, OUTPUT/fusion/
 SNAPSHOT_MOMENTS = ("last", "best_ir", "best_sts", "best")   # CheckpointFusion.collect moments
 MANAGED_KEYS = {"trainer.default_root_dir": "the sweep puts every run in OUTPUT/runs/NAME",
                 "ckpt_path": "the sweep resumes a run from its own last.ckpt"}
@@ -104,6 +118,12 @@ class SweepPlan:
     eval_batch_size: int
     resolved: dict[str, Any]                  # base + command line + common overrides, resolved
     run_configs: dict[str, dict[str, Any]] = field(default_factory=dict)   # run name -> resolved config
+    base_model: str = ""                      # θ0 of the merges (fusion.base; default model.model_name_or_path)
+    members: list[tuple[str, str]] = field(default_factory=list)   # fusion.members: (label, location)
+    export: str | None = None                 # candidate to export (None: the winner)
+    export_folder: str = EXPORT_FOLDER
+    evaluate: bool = True                     # score base, members and merges on data.val
+    manifest: dict[str, Any] = field(default_factory=dict)   # recorded in leaderboard.json and merge.json
 
     def run_folder(self, run: SweepRun) -> Path:
         return self.output / "runs" / run.name
@@ -117,7 +137,12 @@ class SweepPlan:
         return "codiemb " + shlex.join(self.fit_args(run))
 
     def member_label(self, run: SweepRun, choice: str) -> str:
-        return run.name if len(self.checkpoints) == 1 else f"{run.name}:{choice}"
+        return member_label(run, choice, self.checkpoints)
+
+
+def member_label(run: SweepRun, choice: str, checkpoints: Sequence[str]) -> str:
+    """A run's member in the leaderboard: its name, or NAME:CHECKPOINT when several checkpoints are chosen."""
+    return run.name if len(checkpoints) == 1 else f"{run.name}:{choice}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,10 +287,28 @@ def check_keys(overrides: Mapping[str, Any], resolved: Mapping[str, Any], where:
             node = node[part]
 
 
+def resolve_fit_config(config_paths: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The fully resolved fit configuration (`codiemb fit --config ... OVERRIDES --print_config`) as a dict."""
+    from codiemb_pl.cli import main
+
+    args = ["fit"]
+    for path in config_paths:
+        args += ["--config", str(path)]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = main(args + list(overrides) + ["--print_config"])
+    except SystemExit as stop:
+        code = stop.code
+    if code not in (0, None):
+        raise InputError(" ".join(map(str, config_paths)) or "--config",
+                         "the fit configuration does not parse (see the message above)",
+                         "check it first with `codiemb fit --config FILE --print_config`")
+    return yaml.safe_load(printed.getvalue())
+
+
 def resolve_run_config(base_config: str, args: Sequence[str], where: str) -> dict[str, Any]:
     """The resolved fit config (`codiemb fit --config BASE ARGS --print_config`); its one error line otherwise."""
-    from codiemb_pl.workflows.boom import resolve_fit_config
-
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -300,8 +343,8 @@ def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any
                                  "leave it unset in the base config so it follows trainer.default_root_dir")
     base = (resolved.get("model") or {}).get("model_name_or_path")
     if base != plan.resolved["model"]["model_name_or_path"]:
-        raise InputError(f"{where}: model.model_name_or_path", f"{base!r} differs from the sweep's θ0 "
-                         f"{plan.resolved['model']['model_name_or_path']!r}",
+        raise InputError(f"{where}: model.model_name_or_path", f"{base!r} differs from the model the sweep "
+                         f"starts from, {plan.resolved['model']['model_name_or_path']!r}",
                          "runs fused together must start from the same model; set it in `overrides:`")
     snapshots = [choice for choice in plan.checkpoints if choice != FINAL]
     if not snapshots:
@@ -348,9 +391,67 @@ def _fusion_options(section: Any, where: str) -> dict[str, Any]:
     for name in ("seed", "eval_batch_size"):
         if name in section and (not isinstance(section[name], int) or isinstance(section[name], bool)):
             raise InputError(f"{where}: fusion.{name}", "must be an integer", f"e.g. {name}: 0")
+    evaluate = section.get("evaluate", True)
+    if not isinstance(evaluate, bool):
+        raise InputError(f"{where}: fusion.evaluate", "must be true or false", "e.g. evaluate: false")
+    export = section.get("export")
+    if export is not None and not isinstance(export, str):
+        raise InputError(f"{where}: fusion.export", "must be a candidate name", "e.g. export: multi_slerp")
+    if not evaluate and export is None:
+        raise InputError(f"{where}: fusion.evaluate", "without scores there is no winner to export",
+                         "name the candidate to export, e.g. export: multi_slerp")
+    if not evaluate and any(spec.method == "greedy_soup" for spec in methods):
+        raise InputError(f"{where}: fusion.methods", "greedy_soup needs scores but fusion.evaluate is false",
+                         "remove greedy_soup or set evaluate: true")
+    folder = section.get("export_folder", EXPORT_FOLDER)
+    if not isinstance(folder, str) or not RUN_NAME.match(folder) or folder in RESERVED_FOLDERS:
+        raise InputError(f"{where}: fusion.export_folder", f"{folder!r} is not a folder name the sweep leaves free",
+                         f"use a plain name other than {' or '.join(RESERVED_FOLDERS)}, e.g. model")
+    base = section.get("base")
+    if base is not None and (not isinstance(base, str) or not Path(resolve_location(base)).exists()):
+        raise InputError(f"{where}: fusion.base", f"{base!r} is not an existing model folder",
+                         "name θ0's folder (default: model.model_name_or_path)")
     return {"checkpoints": [str(c) for c in checkpoints], "methods": methods,
             "metric": section.get("metric", "val/avg"), "seed": section.get("seed"),
-            "eval_batch_size": section.get("eval_batch_size")}
+            "eval_batch_size": section.get("eval_batch_size"), "base": base, "evaluate": evaluate,
+            "export": export, "export_folder": folder, "members": _fixed_members(section.get("members"), where)}
+
+
+def _fixed_members(entries: Any, where: str) -> list[tuple[str, str]]:
+    """`fusion.members`: [{name, path}] of models (folders, .safetensors) merged with the runs' checkpoints."""
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise InputError(f"{where}: fusion.members", "must be a list", "e.g. members: [{name: old, path: runs/old/model}]")
+    members = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"name", "path"} or not all(
+                isinstance(value, str) for value in entry.values()):
+            raise InputError(f"{where}: fusion.members[{index}]", "a member is a mapping {name, path}",
+                             "e.g. {name: deployed, path: runs/boom/merged}")
+        if not RUN_NAME.match(entry["name"]):
+            raise InputError(f"{where}: fusion.members[{index}]", f"{entry['name']!r} is not a plain name",
+                             "use letters, digits, '.', '_', '-' and '='")
+        if not Path(resolve_location(entry["path"])).exists():
+            raise InputError(f"{where}: fusion.members[{index}]", f"{entry['path']} does not exist",
+                             "give the member's model folder or .safetensors file")
+        members.append((entry["name"], entry["path"]))
+    return members
+
+
+def _check_fusion_names(runs: Sequence[SweepRun], options: Mapping[str, Any], where: str) -> None:
+    """Member labels (fixed members, runs) are unique and not `base`; `export` names a member or a merge."""
+    checkpoints = options["checkpoints"]
+    labels = [name for name, _ in options["members"]] + [
+        member_label(run, choice, checkpoints) for run in runs for choice in checkpoints]
+    methods = [spec.name for spec in options["methods"]]
+    for label in labels:
+        if label == "base" or labels.count(label) > 1 or label in methods:
+            raise InputError(f"{where}: fusion.members: {label}", "this name is taken (base, a run or a merge)",
+                             "give the fixed member another name")
+    if options["export"] is not None and options["export"] not in labels + methods + ["base"]:
+        raise InputError(f"{where}: fusion.export: {options['export']}", "no such candidate",
+                         f"name a merge ({', '.join(methods)}) or a member")
 
 
 def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | None = None,
@@ -372,18 +473,25 @@ def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | 
     common = _overrides(content.get("overrides"), f"{where}: overrides")
     runs = expand_runs(content, where)
     options = _fusion_options(content.get("fusion"), where)
+    _check_fusion_names(runs, options, where)
+    manifest = content.get("manifest") or {}
+    if not isinstance(manifest, dict):
+        raise InputError(f"{where}: manifest", "must be a mapping", "e.g. manifest: {purpose: bagging}")
     args = list(extra_args)
     resolved = resolve_run_config(base_config, args + override_args(common), f"{where}: overrides")
     if not _callbacks(resolved, EXPORT_CALLBACK):   # the export is a run's final output: add one when absent
         args += ["--trainer.callbacks+", EXPORT_CALLBACK]
         resolved = resolve_run_config(base_config, args + override_args(common), f"{where}: overrides")
-    if not (resolved.get("data") or {}).get("val"):
+    if options["evaluate"] and not (resolved.get("data") or {}).get("val"):
         raise InputError(f"{base_config}: data.val", "no validation sets: the sweep cannot score its members",
                          "add validation sets to the base config (or `data.val` under `overrides:`)")
     seed = options["seed"] if options["seed"] is not None else int(resolved.get("seed_everything") or 0)
     batch = options["eval_batch_size"] or int((resolved.get("data") or {}).get("val_batch_size") or 64)
     plan = SweepPlan(where, base_config, Path(output), args, common, runs, options["checkpoints"],
-                     options["methods"], options["metric"], int(seed), int(batch), resolved)
+                     options["methods"], options["metric"], int(seed), int(batch), resolved,
+                     base_model=options["base"] or str(resolved["model"]["model_name_or_path"]),
+                     members=options["members"], export=options["export"], export_folder=options["export_folder"],
+                     evaluate=options["evaluate"], manifest=dict(manifest))
     check_keys(common, resolved, f"{where}: overrides")
     for run in runs:
         run_where = f"{where}: run {run.name!r}"
@@ -399,10 +507,14 @@ def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | 
 # running
 # ----------------------------------------------------------------------------------------------------
 
+def is_finished_export(folder: str | Path) -> bool:
+    """A complete sentence-transformers export: modules.json and weights (exports are written atomically)."""
+    folder = Path(folder)
+    return (folder / "modules.json").is_file() and any(folder.glob("*.safetensors"))
+
+
 def is_finished(plan: SweepPlan, run: SweepRun) -> bool:
     """The run's export is complete (written when fit ends) and, for snapshot choices, its fusion leaderboard."""
-    from codiemb_pl.workflows.boom import is_finished_export
-
     folder = plan.run_folder(run)
     snapshots = any(choice != FINAL for choice in plan.checkpoints)
     return is_finished_export(folder / "model") and (
@@ -417,11 +529,19 @@ def _read_record(plan: SweepPlan, run: SweepRun) -> dict[str, Any] | None:
         return None
 
 
+def _same_settings(plan: SweepPlan, run: SweepRun, record: Mapping[str, Any]) -> bool:
+    """The record's command is the run's, and so is its resolved config (an edited base config changes it
+    but not the command; records written before configs were kept hold none)."""
+    config = plan.run_configs.get(run.name)
+    return record.get("command") == plan.fit_args(run) and (
+        record.get("config") is None or config is None or record["config"] == json.loads(json.dumps(config)))
+
+
 def _check_record(plan: SweepPlan, run: SweepRun, where: str) -> None:
-    """A finished run made with another command would be reused silently: refuse it."""
+    """A finished run made with another command or config would be reused silently: refuse it."""
     record = _read_record(plan, run)
-    if record is not None and is_finished(plan, run) and record.get("command") != plan.fit_args(run):
-        raise InputError(where, f"{plan.run_folder(run)} holds a finished run made with other settings",
+    if record is not None and is_finished(plan, run) and not _same_settings(plan, run, record):
+        raise InputError(where, f"{plan.run_folder(run)} holds a finished run made with a different configuration",
                          "rename the run, use another --output, or delete that run folder to retrain it")
 
 
@@ -457,11 +577,12 @@ def train_run(plan: SweepPlan, run: SweepRun, log: Callable[[str], None] = print
     folder = plan.run_folder(run)
     args, last = plan.fit_args(run), folder / "checkpoints" / "last.ckpt"
     record = _read_record(plan, run)
-    resume = last.is_file() and record is not None and record.get("command") == args
+    resume = last.is_file() and record is not None and _same_settings(plan, run, record)
     if last.is_file() and not resume:
         log(f"[codiemb sweep] {run.name}: {last} was made with other settings; training from the start")
     atomic_write_text(folder / RUN_RECORD, json.dumps({"name": run.name, "command": args,
-                                                       "overrides": {**plan.common, **run.overrides}}, indent=2) + "\n")
+                                                       "overrides": {**plan.common, **run.overrides},
+                                                       "config": plan.run_configs.get(run.name)}, indent=2) + "\n")
     log(f"[codiemb sweep] {run.name}: " + ("resuming from " + str(last) if resume else "training") + "\n  "
         + plan.command_line(run))
     tee = _Tee(sys.stderr)
@@ -523,8 +644,9 @@ def snapshot_path(folder: Path, choice: str) -> Path:
 
 
 def collect_members(plan: SweepPlan) -> list[tuple[str, Path]]:
-    """(label, weights) of the chosen checkpoints of every run; InputError naming the first missing one."""
-    members = []
+    """(label, weights) of the fixed members, then of the chosen checkpoints of every run; InputError naming
+    the first missing one."""
+    members = [(name, Path(resolve_location(path))) for name, path in plan.members]
     for run in plan.runs:
         folder = plan.run_folder(run)
         if not is_finished(plan, run):
@@ -534,6 +656,21 @@ def collect_members(plan: SweepPlan) -> list[tuple[str, Path]]:
             path = folder / "model" if choice == FINAL else snapshot_path(folder, choice)
             members.append((plan.member_label(run, choice), path))
     return members
+
+
+def transformer_state(model_name_or_path: str) -> dict:
+    """θ0 named as in an export: the transformer's state dict without pooler weights (`TextEncoder.save`)."""
+    from codiemb_pl.encoder import TextEncoder
+
+    state = TextEncoder(str(model_name_or_path)).model.state_dict()
+    return {key: value for key, value in state.items() if not key.startswith("pooler.")}
+
+
+def merge_record(method: str, base: str, models: Sequence[str | Path], weights: Sequence[float] | None = None,
+                 **facts: Any) -> dict[str, Any]:
+    """What an exported folder's merge.json says: the method, θ0, the members' paths, their weights, `facts`."""
+    return {"method": method, "base": str(base), "models": [str(Path(resolve_location(str(p))).resolve()) for p in models],
+            "weights": None if weights is None else list(weights), **facts}
 
 
 def load_weights(encoder, location: str | Path) -> None:
@@ -568,55 +705,58 @@ def wandb_loggers(resolved: Mapping[str, Any], output: Path) -> list:
 
 
 def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progress: bool = True):
-    """Merge the runs' chosen checkpoints with every method, score base + members + merges on `data.val`,
-    write the leaderboard (JSON / markdown, W&B table) and export the winner to OUTPUT/model."""
+    """Merge the members (fixed ones, then the runs' chosen checkpoints) with every method against θ0, score
+    base + members + merges on `data.val` (unless `fusion.evaluate` is false), write the leaderboard (JSON /
+    markdown, W&B table) and export the winner (or `fusion.export`) to OUTPUT/<export_folder>."""
     from codiemb_pl.callbacks.monitoring import log_leaderboard
     from codiemb_pl.data.sources import SourceConfig
     from codiemb_pl.encoder import TextEncoder
     from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
     from codiemb_pl.fusion.writer import save_state_dict
-    from codiemb_pl.model_card import encoder_card_fields
-    from codiemb_pl.workflows.boom import transformer_state
-    from codiemb_pl.workflows.fusion import FusionInputs, run_fusion, winner_card
+    from codiemb_pl.workflows.fusion import FusionInputs, run_fusion
     from codiemb_pl.workflows.validation import build_validation_sets
 
     members = collect_members(plan)
-    data, model = plan.resolved.get("data") or {}, plan.resolved["model"]
+    data = plan.resolved.get("data") or {}
     sets = build_validation_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
-                                 passage_prefix=data.get("passage_prefix"), where="data.val")
+                                 passage_prefix=data.get("passage_prefix"), where="data.val") if plan.evaluate else []
     fusion_dir = plan.output / "fusion"
     base_file = fusion_dir / "base.safetensors"
-    save_state_dict(transformer_state(model["model_name_or_path"]), base_file)
-    # the first member's export carries the runs' pooling, normalisation and length
+    save_state_dict(transformer_state(plan.base_model), base_file)
+    # the first run's export carries the runs' pooling, normalisation and length
     encoder = TextEncoder(str(plan.run_folder(plan.runs[0]) / "model"), include_prompt=False)
 
     def evaluate(path: Path) -> dict[str, float]:
+        if not plan.evaluate:
+            return {}
         load_weights(encoder, path)
         per_set, summary = evaluate_encoder(encoder, sets, batch_size=plan.eval_batch_size)
         return flat_metrics(per_set, summary)
 
     inputs = FusionInputs(
-        base=base_file, checkpoints=members, model_folder=str(model["model_name_or_path"]),
+        base=base_file, checkpoints=members, model_folder=plan.base_model,
         probe_sources=[SourceConfig(**entry) for entry in data.get("train") or []],
         encoder_settings={"pooling": encoder.pooling, "normalize": encoder.normalize,
                           "max_seq_length": encoder.max_seq_length},
         seed=plan.seed)
     board = run_fusion(inputs, plan.methods, evaluate, fusion_dir / "candidates", plan.metric, log=log,
                        show_progress=show_progress)
-    log(f"\nsweep leaderboard ({len(plan.runs)} runs, ranked by {board.metric})\n{board.to_text()}")
+    ranking = f"ranked by {board.metric}" if plan.evaluate else "not scored: fusion.evaluate is false"
+    log(f"\nsweep leaderboard ({len(plan.runs)} runs, {ranking})\n{board.to_text()}")
     record = json.loads(board.to_json())
-    record["sweep"] = {"file": plan.sweep_file, "config": plan.base_config, "base_model": model["model_name_or_path"],
-                       "checkpoints": plan.checkpoints,
+    record["sweep"] = {"file": plan.sweep_file, "config": plan.base_config, "base_model": plan.base_model,
+                       "checkpoints": plan.checkpoints, "members": [{"name": name, "path": path}
+                                                                    for name, path in plan.members],
                        "runs": [{"name": run.name, "overrides": {**plan.common, **run.overrides},
                                  "command": plan.command_line(run)} for run in plan.runs]}
-    winner = board.winner()
-    if winner is not None:
-        load_weights(encoder, winner.weights_path)
-        encoder.save(plan.output / "model", model_card=winner_card(
-            board, inputs, model_path=str(plan.output / "model"), **encoder_card_fields(encoder)))
-        record["exported"] = str(plan.output / "model")
-        log(f"[codiemb sweep] exported the winner {winner.name} ({board.metric} {winner.metrics[board.metric]:.4f}) "
-            f"to {(plan.output / 'model').resolve()}")
+    record.update({"manifest": plan.manifest} if plan.manifest else {})
+    chosen = board.winner() if plan.export is None else next(c for c in board.candidates if c.name == plan.export)
+    if chosen is not None:
+        folder = export_candidate(plan, board, inputs, encoder, chosen)
+        record["exported"] = str(folder)
+        score = f" ({board.metric} {chosen.metrics[board.metric]:.4f})" if board.metric in chosen.metrics else ""
+        what = "the winner " if plan.export is None else ""
+        log(f"[codiemb sweep] exported {what}{chosen.name}{score} to {folder.resolve()}")
     atomic_write_text(plan.output / "leaderboard.md",
                       f"# Sweep leaderboard (by `{board.metric}`)\n\n" + board.to_markdown())
     atomic_write_text(plan.output / "leaderboard.json", json.dumps(record, indent=2, default=str) + "\n")
@@ -629,20 +769,57 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
     return board
 
 
-def run_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> int:
-    """Train (unless `fuse_only`) and fuse; exit code 0 (also when interrupted), 1 when a run failed (fusion
-    then waits until every run has finished)."""
+def export_candidate(plan: SweepPlan, board, inputs, encoder, candidate) -> Path:
+    """`candidate` as a sentence-transformers folder OUTPUT/<export_folder>, written atomically with its model
+    card (README.md) and merge.json (`merge_record` + its name, scores and the sweep's `manifest`)."""
+    from codiemb_pl.model_card import encoder_card_fields
+    from codiemb_pl.workflows.fusion import winner_card
+
+    folder = plan.output / plan.export_folder
+    load_weights(encoder, candidate.weights_path)
+    card = winner_card(board, inputs, candidate=candidate, model_path=str(folder), **encoder_card_fields(encoder))
+    models = {"fused": [path for _, path in inputs.checkpoints], "checkpoint": [candidate.weights_path]}
+    record = merge_record(candidate.method or candidate.kind, plan.base_model, models.get(candidate.kind, []),
+                          candidate.weights, name=candidate.name, params=candidate.params, metric=board.metric,
+                          metrics=candidate.metrics, **plan.manifest)
+    with atomic_directory(folder) as staging:
+        encoder.save(staging, model_card=card)
+        atomic_write_text(staging / MERGE_MANIFEST, json.dumps(record, indent=2, default=str) + "\n")
+    return folder
+
+
+@dataclass
+class SweepResult:
+    """What `execute_sweep` did: the exit code (0: fused, or interrupted; 1: a run failed), each run's outcome
+    (none with `fuse_only`), the leaderboard and the exported folder (None when it did not fuse)."""
+
+    code: int
+    outcomes: list[RunOutcome] = field(default_factory=list)
+    board: Any = None
+    exported: Path | None = None
+
+
+def execute_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> SweepResult:
+    """Train (unless `fuse_only`), then fuse once every run has finished (see `run_sweep`)."""
+    outcomes: list[RunOutcome] = []
     if not fuse_only:
         outcomes = train_runs(plan, log)
         if outcomes[-1].status == "interrupted":   # as `codiemb fit` does: a deliberate stop, exit code 0
             log("[codiemb sweep] interrupted: rerun the same command to resume (finished runs are skipped, "
                 f"{outcomes[-1].name} resumes from its last.ckpt)")
-            return 0
+            return SweepResult(0, outcomes)
         failed = [outcome for outcome in outcomes if outcome.status == "failed"]
         if failed:
             log(f"[codiemb sweep] {len(failed)} of {len(outcomes)} run(s) failed: "
                 + "; ".join(f"{o.name}: {o.error}" for o in failed)
                 + ". Fix them and rerun the same command: finished runs are skipped, fusion follows.")
-            return 1
-    fuse_sweep(plan, log)
-    return 0
+            return SweepResult(1, outcomes)
+    board = fuse_sweep(plan, log)
+    exported = plan.output / plan.export_folder if plan.export is not None or board.winner() is not None else None
+    return SweepResult(0, outcomes, board, exported)
+
+
+def run_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> int:
+    """Train (unless `fuse_only`) and fuse; exit code 0 (also when interrupted), 1 when a run failed (fusion
+    then waits until every run has finished)."""
+    return execute_sweep(plan, fuse_only, log).code
