@@ -8,8 +8,9 @@ Part 1 (measured, CPU). A randomly initialised decoder of Qwen2-0.5B's shape (hi
 4 x 128 tokens. One training step = forward, last-token pooling (`pooling.last_token_pool`), the IR
 InfoNCE of the first two texts against the last two (`losses.ir.multi_positive_info_nce`, tau 0.02),
 backward, AdamW step over the trainable parameters (as `CoDiEmbModule.configure_optimizers`). Modes:
-`full` (every weight trains), `lora` (`lora.add_lora_adapters`, r=32, alpha 64, all linear layers)
-and `lora_gc` (the same plus non-reentrant gradient checkpointing, as `model.gradient_checkpointing`).
+`full` (every weight trains), `lora` (`lora.add_lora_adapters`, r=32, alpha 64, all linear layers),
+`lora_attn` (the same on the attention projections q, k, v, o only) and `lora_gc` (all linear layers plus
+non-reentrant gradient checkpointing, as `model.gradient_checkpointing`); LoRA dropout 0 in all.
 Each mode runs in its own process; a thread samples its `RssAnon` (anonymous resident memory: weights,
 gradients, optimizer states, activations) every 5 ms. Reported: the peak, the step time (median of
 `--steps` steps after one warm-up step), the trainable share and the checkpoint size (computed:
@@ -34,7 +35,8 @@ import time
 from pathlib import Path
 
 BATCH, TOKENS, RANK = 4, 128, 32
-MODES = ("full", "lora", "lora_gc")
+MODES = ("full", "lora", "lora_attn", "lora_gc")
+ATTENTION_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def qwen2_half_billion_config():
@@ -96,7 +98,8 @@ def run_mode(mode: str, steps: int, threads: int) -> dict:
     if mode == "lora_gc":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mode != "full":
-        model = add_lora_adapters(model, LoraSettings(r=RANK, alpha=2.0 * RANK, dropout=0.0))
+        targets = ATTENTION_PROJECTIONS if mode == "lora_attn" else "all-linear"
+        model = add_lora_adapters(model, LoraSettings(r=RANK, alpha=2.0 * RANK, dropout=0.0, target_modules=targets))
     model.train()
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)

@@ -24,6 +24,8 @@ from .atomic import atomic_directory
 from .errors import InputError
 
 ADAPTER_NAME = "default"
+# set by `sharding.consolidated_weights` under FSDP2: the full (gathered) state dict that replaces the sharded one
+CONSOLIDATED_STATE_ATTRIBUTE = "_codiemb_consolidated_state"
 
 
 @dataclass
@@ -164,9 +166,17 @@ def merged_weights(model: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
     """`(base model, state dict)` with every LoRA delta merged: `W = W0 + s·B·A` under the base key names.
 
     For a model without adapters: `(model, model.state_dict())`. The adapted model is left untouched.
+    Under FSDP2, inside `sharding.consolidated_weights(model)`, the weights are the gathered full ones.
     """
+    full = getattr(model, CONSOLIDATED_STATE_ATTRIBUTE, None)
     if not is_lora_model(model):
-        return model, model.state_dict()
+        return model, (dict(full) if full is not None else model.state_dict())
+    if full is not None:
+        config = model.peft_config[ADAPTER_NAME]
+        base = {key[len(_ADAPTER_PREFIX):].replace(".base_layer.", "."): value for key, value in full.items()
+                if ".lora_" not in key}
+        adapters = {key: value for key, value in full.items() if ".lora_" in key}
+        return model.get_base_model(), merge_adapters(base, adapters, config.lora_alpha / config.r, "FSDP2 model")
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
@@ -190,8 +200,9 @@ def save_adapter(model: nn.Module, path: str | Path) -> None:
     if not is_lora_model(model):
         raise InputError(str(path), "the model has no LoRA adapters to save",
                          "train with model.lora set, or export the full model instead")
+    full = getattr(model, CONSOLIDATED_STATE_ATTRIBUTE, None)  # FSDP2: the gathered full weights
     with atomic_directory(path) as folder:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({"state_dict": dict(full)} if full is not None else {}))
 
 
 def lora_summary(model: nn.Module) -> dict[str, Any]:

@@ -105,6 +105,13 @@ class CoDiEmbModule(pl.LightningModule):
         self.validation_history: list[tuple[str, dict[str, float]]] = []
         self.validation_label: Optional[str] = None  # overrides the history label of the next validation
 
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy` (configs/trainer/fsdp2.yaml): shard the backbone with FSDP2."""
+        if self._device_mesh is not None:
+            from .sharding import shard_with_fsdp2
+
+            shard_with_fsdp2(self.encoder.model, self._device_mesh["data_parallel"])
+
     # -- encoding ---------------------------------------------------------------------------------------
     def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
         left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"

@@ -1,16 +1,23 @@
 """Sharded training pieces: the FSDP wrap policy, the trainer pieces and LLM recipes as the CLI resolves them,
-and (on a GPU only) an FSDP step against a DDP step.
+a 2-process FSDP2 step on CPU against a DDP step, and (on a GPU only) an FSDP1 step against a DDP step.
 
-Why no 2-process FSDP run on CPU: Lightning's `FSDPStrategy` refuses `accelerator: cpu` ("The strategy
-`fsdp` requires a GPU accelerator"), and under another type PyTorch's FSDP1 itself stops with "FSDP needs
-a non-CPU accelerator device". FSDP2 (`fully_shard`, Lightning's `ModelParallelStrategy`) does run with
-gloo on CPU, but in our trial its first-step gradients of the tiny decoder differed from DDP's (loss equal
-to the last digit, gradients not, and not even between the two ranks) while a plain-PyTorch FSDP2 model
-called twice before backward matched; that path is therefore not offered (see README "Training LLM embedders").
+FSDP2 (`fully_shard`, `configs/trainer/fsdp2.yaml`: Lightning's `ModelParallelStrategy` as
+`codiemb_pl.sharding.FSDP2Strategy`) runs with gloo on CPU: its first-step loss and gradients on the tiny
+decoder (IR with cross-device negatives: queries, positives and negatives are three forward calls before one
+backward) equal DDP's, and its export equals DDP's. An earlier trial got equal losses but gradients that
+differed from DDP and between the ranks; that is what happens when only the transformer blocks are sharded
+and the backbone itself is not (`fully_shard(model)` last): the parameters outside the blocks (token
+embeddings, final norm) then belong to no FSDP unit, nothing reduces their gradients, and each rank keeps
+its own (reproduced: exactly those two tensors differ). `shard_with_fsdp2` shards both.
+
+FSDP1 (`configs/trainer/fsdp.yaml`, Lightning's `FSDPStrategy`) cannot run on CPU: Lightning refuses
+`accelerator: cpu` ("The strategy `fsdp` requires a GPU accelerator"), and under another type PyTorch's
+FSDP1 stops with "FSDP needs a non-CPU accelerator device".
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -30,7 +37,9 @@ def resolved_config(capsys, *configs: Path) -> dict:
         args += ["--config", str(path)]
     with pytest.raises(SystemExit):
         main(args + ["--print_config"])
-    return yaml.safe_load(capsys.readouterr().out)
+    lines = capsys.readouterr().out.splitlines()   # from the first top-level key on: deepspeed, when
+    start = next(i for i, line in enumerate(lines) if line.startswith("seed_everything:"))  # installed, logs first
+    return yaml.safe_load("\n".join(lines[start:]))
 
 
 def test_wrap_policy_makes_each_transformer_block_one_unit(tmp_path, tiny_model_dir):
@@ -74,23 +83,85 @@ def test_qwen3_lora_recipe_trains_rank_32_adapters(capsys):
     assert model["pooling"] == "last" and model["gradient_checkpointing"] is True
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device (see the module docstring)")
-def test_fsdp_first_step_equals_ddp_on_one_gpu(tmp_path):
-    import json
-
+def first_step(tmp_path: Path, name: str, model_dir: Path, extra: list[str], world_size: int,
+               ranks: int = 2) -> list[dict]:
+    """Run one IR step (cross-device negatives over the ranks) recording each rank's loss and full gradients,
+    and export the model; returns the ranks' records."""
     from ddp_driver.launch import run_codiemb
 
-    model_dir = build_tiny_decoder(tmp_path / "qwen2", "qwen2")
     data = '[{"name": "demo_ir", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 16}]'
-    base = ["--model.model_name_or_path", str(model_dir), "--data.train", data, "--data.ir_batch_size", "4",
-            "--data.n_negatives", "1", "--trainer.max_steps", "1", "--trainer.accelerator", "gpu",
-            "--trainer.precision", "32-true"]
-    losses = {}
-    for name, extra in (("ddp", []), ("fsdp", ["--config", str(ROOT / "configs/trainer/fsdp.yaml"),
-                                              "--trainer.devices", "1", "--trainer.precision", "32-true"])):
-        out = tmp_path / name
-        result = run_codiemb(base + extra + ["--trainer.callbacks+=sharded_probes.FullGradientRecorder",
-                                             f"--trainer.callbacks.out_dir={out}"])
-        assert result.returncode == 0, result.stdout[-3000:]
-        losses[name] = torch.load(out / "grads_rank0.pt")["loss"]
-    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5), json.dumps(losses)
+    out = tmp_path / name
+    args = ["--model.model_name_or_path", str(model_dir), "--data.train", data, "--data.ir_batch_size", "4",
+            "--data.n_negatives", "1", "--trainer.max_steps", "1", *extra,
+            "--trainer.callbacks+=sharded_probes.FullGradientRecorder", f"--trainer.callbacks.out_dir={out}",
+            "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder", f"--trainer.callbacks.dirpath={out / 'model'}"]
+    result = run_codiemb(args, world_size=world_size)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return [torch.load(out / f"grads_rank{rank}.pt") for rank in range(ranks)]
+
+
+def test_fsdp2_first_step_and_export_equal_ddp_on_two_cpu_processes(tmp_path):
+    from safetensors.torch import load_file
+
+    model_dir = build_tiny_decoder(tmp_path / "qwen2", "qwen2")
+    ddp = first_step(tmp_path, "ddp", model_dir, [], world_size=2)
+    fsdp2 = first_step(tmp_path, "fsdp2", model_dir, ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"),
+                                                      "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                                                      "--trainer.precision", "32-true"], world_size=1)
+    for rank in range(2):
+        assert fsdp2[rank]["loss"] == pytest.approx(ddp[rank]["loss"], rel=1e-5)
+        assert fsdp2[rank]["grads"].keys() == ddp[rank]["grads"].keys() and len(ddp[rank]["grads"]) == 26
+        for name, grad in ddp[rank]["grads"].items():
+            assert grad.abs().max() > 0, name                     # every parameter gets a gradient
+            assert torch.allclose(fsdp2[rank]["grads"][name], grad, rtol=1e-5, atol=1e-8), name
+    assert ddp[0]["loss"] != pytest.approx(ddp[1]["loss"])          # the ranks saw different data
+    exported = [load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("ddp", "fsdp2")]
+    base = load_file(str(model_dir / "model.safetensors"))
+    assert exported[0].keys() == exported[1].keys()
+    assert any(not torch.allclose(exported[0][key], base[key]) for key in base)   # the step moved the weights
+    assert all(torch.allclose(exported[1][key], exported[0][key], rtol=1e-5, atol=1e-7) for key in exported[0])
+
+
+def test_fsdp2_strategy_shards_every_rank(capsys):
+    from codiemb_pl.sharding import FSDP2Strategy
+
+    strategy = resolved_config(capsys, ROOT / "configs/quickstart.yaml", ROOT / "configs/trainer/fsdp2.yaml")
+    init = strategy["trainer"]["strategy"]
+    assert init["class_path"] == "codiemb_pl.sharding.FSDP2Strategy"
+    assert init["init_args"]["save_distributed_checkpoint"] is False    # one consolidated checkpoint file
+    assert FSDP2Strategy()._tensor_parallel_size == 1
+
+
+def test_checkpoint_fusion_refuses_fsdp2_with_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from codiemb_pl.callbacks.fusion import CheckpointFusion
+    from codiemb_pl.errors import InputError
+    from codiemb_pl.sharding import FSDP2Strategy
+
+    with pytest.raises(InputError, match="codiemb fuse") as error:
+        CheckpointFusion(dirpath=str(tmp_path)).setup(SimpleNamespace(strategy=FSDP2Strategy()), None, "fit")
+    assert "\n" not in str(error.value) and not any(tmp_path.iterdir())   # nothing written
+
+
+NO_CUDA = not torch.cuda.is_available()
+GPU_PIECES = [
+    pytest.param("fsdp.yaml", id="fsdp1",
+                 marks=pytest.mark.skipif(NO_CUDA, reason="FSDP1 needs a CUDA device (see the module docstring)")),
+    pytest.param("deepspeed_zero1_offload.yaml", id="deepspeed_zero1_offload", marks=pytest.mark.skipif(
+        NO_CUDA or importlib.util.find_spec("deepspeed") is None,
+        reason="DeepSpeed ZeRO needs a CUDA device and `pip install 'codiemb_pl[deepspeed]'`: Lightning's "
+               "DeepSpeedStrategy refuses other accelerators, and on DeepSpeed's CPU accelerator init_distributed "
+               "first JIT-compiles a shared-memory op (over 3 min here)")),
+]
+
+
+@pytest.mark.parametrize("piece", GPU_PIECES)
+def test_sharded_first_step_equals_ddp_on_one_gpu(tmp_path, piece):
+    """FSDP1 / DeepSpeed ZeRO-1 with the AdamW states on the CPU: the first step's loss equals DDP's."""
+    model_dir = build_tiny_decoder(tmp_path / "qwen2", "qwen2")
+    gpu = ["--trainer.accelerator", "gpu", "--trainer.precision", "32-true"]
+    ddp = first_step(tmp_path, "ddp", model_dir, gpu, world_size=1, ranks=1)
+    sharded = first_step(tmp_path, "sharded", model_dir, ["--config", str(ROOT / "configs/trainer" / piece),
+                                                          "--trainer.devices", "1", *gpu], world_size=1, ranks=1)
+    assert sharded[0]["loss"] == pytest.approx(ddp[0]["loss"], rel=1e-5)

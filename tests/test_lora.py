@@ -98,6 +98,24 @@ def test_merged_export_equals_the_adapter_model_and_the_adapter_alone_reloads(de
         save_adapter(fresh.model.get_base_model().__class__.from_pretrained(str(decoder_dir)), tmp_path / "none")
 
 
+def test_merged_weights_from_a_consolidated_fsdp2_state_equal_the_module_merge(decoder_dir):
+    from codiemb_pl.lora import CONSOLIDATED_STATE_ATTRIBUTE
+
+    module = lora_module(decoder_dir)
+    randomise_adapters(module)
+    model = module.encoder.model
+    _, expected = merged_weights(model)
+    setattr(model, CONSOLIDATED_STATE_ATTRIBUTE, {key: value.clone() for key, value in model.state_dict().items()})
+    try:   # as sharding.consolidated_weights leaves it on rank 0: the full peft state dict
+        _, merged = merged_weights(model)
+    finally:
+        delattr(model, CONSOLIDATED_STATE_ATTRIBUTE)
+    assert merged.keys() == expected.keys()
+    assert all(torch.allclose(merged[key], expected[key], rtol=1e-6, atol=1e-7) for key in expected)
+    assert any(not torch.equal(merged[key], model.get_base_model().state_dict()[key.replace(".weight",
+               ".base_layer.weight")]) for key in expected if "q_proj.weight" in key)   # the deltas are in
+
+
 def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(decoder_dir):
     grads = []
     for checkpointing in (False, True):

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..model_card import build_model_card, encoder_card_fields
+from ..sharding import consolidated_weights
 
 
 class ExportEncoder(pl.Callback):
@@ -51,14 +52,15 @@ class ExportEncoder(pl.Callback):
         else:
             self.exported_from = "final weights"
             self.exported_step = trainer.global_step
-        if trainer.is_global_zero:
-            output = self.output_dir(trainer)
-            pl_module.encoder.save(str(output), model_card=self.model_card(pl_module))
-            if self.adapter_dirpath:
-                from ..lora import save_adapter
+        with consolidated_weights(pl_module.encoder.model):  # FSDP2: every rank gathers the full weights to rank 0
+            if trainer.is_global_zero:
+                output = self.output_dir(trainer)
+                pl_module.encoder.save(str(output), model_card=self.model_card(pl_module))
+                if self.adapter_dirpath:
+                    from ..lora import save_adapter
 
-                save_adapter(pl_module.encoder.model, self.adapter_dirpath)
-            rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")
+                    save_adapter(pl_module.encoder.model, self.adapter_dirpath)
+                rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")
         trainer.strategy.barrier("codiemb-export")
 
     def output_dir(self, trainer: Optional[pl.Trainer]) -> Path:

@@ -102,6 +102,11 @@ class CheckpointFusion(pl.Callback):
     # -- collecting ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """θ0 is written before any checkpoint is restored, and kept when a run resumes."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # rank 0 alone would run the sharded model
+            raise InputError("trainer.callbacks: CheckpointFusion", "does not run under FSDP2 (configs/trainer/fsdp2.yaml)",
+                             "drop the callback, keep ModelCheckpoint files and fuse them after training: codiemb fuse")
         if stage != "fit" or not trainer.is_global_zero:
             return
         base = self.base_path(trainer)
