@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from codiemb_pl.cli import main
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.workflows.sweep import expand_runs, fuse_sweep, plan_sweep
+from codiemb_pl.workflows.sweep import expand_runs, fuse_sweep, plan_sweep, train_runs
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -64,6 +64,13 @@ def sweep_setup(tiny_model_dir, tmp_path_factory):
     argv = ["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(folder / "out"),
             "--model.model_name_or_path", str(tiny_model_dir)]
     return folder, late_ir, argv
+
+
+@pytest.fixture(scope="module")
+def planned(sweep_setup):
+    """The module's sweep, planned once (tests change a deep copy)."""
+    _, _, argv = sweep_setup
+    return plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
 
 
 def test_crashed_run_is_reported_then_resumed_with_the_finished_run_skipped(sweep_setup, capsys):
@@ -127,26 +134,29 @@ def test_leaderboard_ranks_members_and_every_merge_and_the_winner_is_exported(sw
 
 
 def test_fuse_only_fuses_without_training(sweep_setup, capsys):
-    folder, _, argv = sweep_setup
+    folder, late_ir, argv = sweep_setup
     out = folder / "out"
     exports = sorted((out / "runs").glob("*/model/model.safetensors"))
     before = [path.stat().st_mtime_ns for path in exports]
     board_before = (out / "leaderboard.json").stat().st_mtime_ns
-    assert main(argv + ["--fuse-only"]) == 0
+    soup_only = folder / "soup_only.yaml"   # the same runs, one merge method (the merging is tested above)
+    soup_only.write_text(yaml.safe_dump({**two_runs(late_ir), "fusion": {"methods": ["uniform_soup"]}}, sort_keys=False))
+    assert main([*argv[:4], str(soup_only), *argv[5:], "--fuse-only"]) == 0
     printed = capsys.readouterr().out
     assert "trained" not in printed and "skipped" not in printed and "sweep leaderboard" in printed
     assert [path.stat().st_mtime_ns for path in exports] == before
     assert (out / "leaderboard.json").stat().st_mtime_ns > board_before
 
 
-def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(sweep_setup, capsys):
-    folder, _, argv = sweep_setup
+def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(planned, sweep_setup):
+    folder, _, _ = sweep_setup
     run_a = folder / "out" / "runs" / "a"
     assert (run_a / "checkpoints" / "last.ckpt").is_file()
     before = load_file(run_a / "model" / "model.safetensors")
     shutil.rmtree(run_a / "model")                       # as if the process died before the export
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    lines = []
+    train_runs(planned, log=lines.append)                # (the CLI's resume: the SIGTERM test below)
+    printed = "\n".join(lines)
     assert f"a: resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in printed
     assert "run 1/2 a: trained" in printed and "run 2/2 b: skipped" in printed
     after = load_file(run_a / "model" / "model.safetensors")
@@ -168,7 +178,8 @@ class SigtermOnce(pl.Callback):
 def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tiny_model_dir, tmp_path, capsys):
     sweep = write_sweep(tmp_path, {"overrides": {"trainer.max_steps": 3},
                                    "runs": [{"name": "a"}, {"name": "b", "model.lr": 1.0e-3}],
-                                   "fusion": {"methods": ["uniform_soup"]}})
+                                   "fusion": {"methods": ["uniform_soup"], "export": "uniform_soup",
+                                              "evaluate": False}})
     out = tmp_path / "out"
     argv = ["sweep", "--config", str(TINY_CONFIG), "--sweep", str(sweep), "--output", str(out),
             "--model.model_name_or_path", str(tiny_model_dir),
@@ -181,7 +192,7 @@ def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tiny_model_dir,
     printed = capsys.readouterr().out
     assert f"a: resuming from {out / 'runs' / 'a' / 'checkpoints' / 'last.ckpt'}" in printed
     assert "run 1/2 a: trained" in printed and "run 2/2 b: trained" in printed
-    assert json.loads((out / "leaderboard.json").read_text())["winner"]
+    assert json.loads((out / "leaderboard.json").read_text())["exported"] == str(out / "model")
 
 
 def test_fuse_only_with_an_unfinished_run_is_one_line(tiny_model_dir, tmp_path, capsys):
@@ -285,13 +296,6 @@ def test_example_sweep_files_plan(sweep, monkeypatch, tmp_path):
     if sweep.name == "policies.yaml":
         assert policies == {"proportional": "proportional", "balanced": "balanced", "temperature": "temperature"}
         assert {config["seed_everything"] for config in plan.run_configs.values()} == {42}
-
-
-@pytest.fixture(scope="module")
-def planned(sweep_setup):
-    """The module's sweep, planned once (tests change a deep copy)."""
-    _, _, argv = sweep_setup
-    return plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
 
 
 def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, tmp_path):
