@@ -139,6 +139,12 @@ def test_finished_runs_are_reused_and_a_changed_config_is_refused(boom_output, c
     assert main(argv + ["--no-evaluate"]) == 0
     assert "trained 0 run(s), reused 2" in capsys.readouterr().out
     assert [path.stat().st_mtime_ns for path in exports] == before
+    merged = output / "merged" / "model.safetensors"
+    merged_before = merged.stat().st_mtime_ns
+    assert main(argv + ["--no-evaluate", "--fuse-only"]) == 0   # the sweep's --fuse-only: merge, train nothing
+    printed = capsys.readouterr().out
+    assert "run(s)" not in printed and "merged model (Multi-SLERP)" in printed
+    assert [path.stat().st_mtime_ns for path in exports] == before and merged.stat().st_mtime_ns > merged_before
     assert main(argv[:-1] + ["3"]) == 2  # --trainer.max_steps 3: the cached runs do not match
     assert "different configuration" in capsys.readouterr().err
 
