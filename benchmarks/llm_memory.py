@@ -1,7 +1,7 @@
 """Memory and step time of training a ~0.5B decoder embedder: full fine-tuning vs LoRA vs LoRA + checkpointing.
 
-    python benchmarks/llm_memory.py [--modes full lora lora_gc] [--steps 2] [--threads 2] [--out FILE.json]
-                                    [--include EARLIER.json ...] [--computed-only]
+    python benchmarks/llm_memory.py [--modes full lora lora_attn lora_gc] [--steps 2] [--threads 2] [--out FILE.json]
+                                    [--include EARLIER.json ...] [--computed-only] [--saved-per-block]
 
 Part 1 (measured, CPU). A randomly initialised decoder of Qwen2-0.5B's shape (hidden 896, 24 layers,
 14 heads / 2 KV heads, MLP 4864, vocabulary 151936: 494M parameters; no download), float32, batch
@@ -17,6 +17,12 @@ gradients, optimizer states, activations) every 5 ms. Reported: the peak, the st
 trainable tensors plus AdamW's two moments, float32; a full checkpoint holds every weight). Ratios are
 against `full` in the same run. A mode is skipped, with a line saying so, when the machine has less
 memory available than it needs (full fine-tuning: about 18 bytes per parameter).
+
+Part 1b (`--saved-per-block`, exact, load-independent). Bytes of activations one transformer block keeps
+for backward at that shape (float32, 512 tokens), counted with `torch.autograd.graph.saved_tensors_hooks`
+(distinct storages, parameters excluded; the difference between a 3- and a 2-block model): full
+fine-tuning, LoRA on all linear layers / on q, k, v, o, each without dropout, with peft's `nn.Dropout`
+(p 0.05, as the recipes) and with this project's recomputed dropout (`lora.DropoutThenLinear`).
 
 Part 2 (computed). Memory per GPU of the two recipes (configs/recipes/minicpm_codiemb.yaml and
 qwen3_lora.yaml) from the models' shapes, see `recipe_gpu_memory`.
@@ -128,6 +134,53 @@ def run_mode(mode: str, steps: int, threads: int) -> dict:
             "checkpoint_mb": 3 * trainable_count * 4 / 2**20 if mode != "full" else 3 * total * 4 / 2**20,
             "model_mb_after_build": after_build, "peak_rss_anon_mb": sampler.peak,
             "step_s": statistics.median(times), "step_times_s": times, "threads": threads}
+
+
+def saved_bytes_per_block(lora: str | None, targets, dropout: float) -> float:
+    """MB of non-parameter tensors one block saves for backward (see Part 1b); `lora`: None, "peft" or "ours"."""
+    import peft
+    import torch
+    from transformers import AutoModel
+
+    from codiemb_pl.lora import LoraSettings, add_lora_adapters
+
+    def saved_mb(layers: int) -> float:
+        config = qwen2_half_billion_config()
+        config.num_hidden_layers, config.vocab_size = layers, 1000
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config)
+        if lora == "peft":
+            model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2.0 * RANK, lora_dropout=dropout,
+                                                               target_modules=targets))
+        elif lora == "ours":
+            model = add_lora_adapters(model, LoraSettings(r=RANK, alpha=2.0 * RANK, dropout=dropout,
+                                                          target_modules=targets))
+        model.train()
+        parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        ids = torch.randint(0, 1000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.sum()
+        return sum(storages.values()) / 2**20
+
+    return saved_mb(3) - saved_mb(2)
+
+
+def saved_per_block_table() -> str:
+    rows = ["| training | LoRA dropout | kept for backward per block MB |", "|---|---|---|",
+            f"| full fine-tuning | - | {saved_bytes_per_block(None, None, 0.0):.1f} |"]
+    for label, targets in (("LoRA r=32, all linear layers", "all-linear"),
+                           ("LoRA r=32, q, k, v, o", ATTENTION_PROJECTIONS)):
+        for dropout_label, lora, dropout in (("0", "ours", 0.0), ("0.05, peft nn.Dropout", "peft", 0.05),
+                                             ("0.05, recomputed (DropoutThenLinear)", "ours", 0.05)):
+            rows.append(f"| {label} | {dropout_label} | {saved_bytes_per_block(lora, targets, dropout):.1f} |")
+    return "\n".join(rows)
 
 
 def needed_mb(mode: str, parameters: int) -> float:
@@ -258,12 +311,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--computed-only", action="store_true", help="print only the recipes' computed memory")
+    parser.add_argument("--saved-per-block", action="store_true",
+                        help="print only the activations one block keeps for backward (Part 1b)")
     parser.add_argument("--include", type=Path, nargs="*", default=[],
                         help="--out files of earlier invocations whose modes join the table (e.g. a mode that had "
                              "to be re-run when more memory was free)")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_mode(args.child, args.steps, args.threads)))
+        return
+    if args.saved_per_block:
+        print(f"Activations kept for backward per block, Qwen2-0.5B shape, batch {BATCH} x {TOKENS} tokens, float32\n"
+              + saved_per_block_table())
         return
     results = [] if args.computed_only else measure_all(args.modes, args.steps, args.threads)
     for earlier in args.include:

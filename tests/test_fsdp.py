@@ -80,6 +80,8 @@ def test_minicpm_recipe_is_the_reference_setting(capsys):
 def test_qwen3_lora_recipe_trains_rank_32_adapters(capsys):
     model = resolved_config(capsys, ROOT / "configs/recipes/qwen3_lora.yaml")["model"]
     assert model["lora"]["r"] == 32 and model["lora"]["alpha"] == 64.0
+    assert model["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]   # every linear layer (README says why)
     assert model["pooling"] == "last" and model["gradient_checkpointing"] is True
 
 
