@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import json
 import logging
 import subprocess
@@ -50,12 +53,27 @@ def test_fit_changes_the_weights(fitted_run, tiny_model_dir):
     assert not torch.allclose(before, after, atol=1e-6)
 
 
-def test_validate_on_the_checkpoint_reports_every_metric(fitted_run, tiny_model_dir, capsys):
-    last = next(fitted_run.rglob("last.ckpt"))
-    code = main(["validate", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
-                 "--trainer.default_root_dir", str(fitted_run), "--ckpt_path", str(last)])
+def logged_metrics(root: Path) -> dict[str, float]:
+    """The val/... and test/... values a CSVLogger wrote under `root`."""
+    rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
+    return {key: float(value) for row in rows for key, value in row.items()
+            if value and key.split("/")[0] in ("val", "test")}
+
+
+@pytest.fixture(scope="module")
+def validated(fitted_run, tiny_model_dir, tmp_path_factory) -> tuple[str, dict[str, float]]:
+    """`codiemb validate` on the fit's last.ckpt with a CSVLogger: (what it printed, what it logged)."""
+    root = tmp_path_factory.mktemp("validate")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        code = main(["validate", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                     "--trainer.default_root_dir", str(root), "--ckpt_path", str(next(fitted_run.rglob("last.ckpt"))),
+                     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root)])
     assert code == 0
-    out = capsys.readouterr().out
+    return printed.getvalue(), logged_metrics(root)
+
+
+def test_validate_on_the_checkpoint_reports_every_metric(validated):
+    out, _ = validated
     for key in ("val/demo_sts_dev/cosine_spearman", "val/demo_sts_dev/cosine_pearson", "val/demo_ir_dev/ndcg_at_10",
                 "val/demo_ir_dev/mrr_at_10", "val/demo_ir_dev/recall_at_100", "val/ir_avg", "val/sts_avg", "val/avg"):
         assert key in out
@@ -74,11 +92,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(tiny_model_dir, tmp_path, caps
     assert "Traceback" not in err
 
 
-def test_python_dash_m_and_print_config(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "codiemb_pl", "fit", "--config", str(TINY_CONFIG), "--print_config"],
-                            capture_output=True, text=True, timeout=120)
+def test_python_dash_m_and_print_config(capsys):
+    # `python -m codiemb_pl` answers without Lightning (`--help`: ~1 s, not ~10 s of imports); `fit` through it
+    # runs in every multi-process test (tests/ddp_driver/launch.py)
+    result = subprocess.run([sys.executable, "-m", "codiemb_pl", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "model_name_or_path: REPLACED_BY_TEST" in result.stdout
+    assert "usage: codiemb COMMAND" in result.stdout and "  fit " in result.stdout
+    with pytest.raises(SystemExit) as stop:  # jsonargparse prints the config and exits
+        main(["fit", "--config", str(TINY_CONFIG), "--print_config"])
+    assert stop.value.code in (0, None)
+    assert "model_name_or_path: REPLACED_BY_TEST" in capsys.readouterr().out
 
 
 def test_mixed_policy_start_report_gives_the_one_pooled_batch_size(tiny_model_dir, tmp_path, caplog):
@@ -122,27 +145,21 @@ print("ok", len(names))
     assert result.stdout.startswith("ok")
 
 
-def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(fitted_run, tiny_model_dir, tmp_path):
+def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(fitted_run, tiny_model_dir, tmp_path,
+                                                                                  validated):
     """`codiemb test` with `data.test` = the validation sets gives `test/<key>` == `validate`'s `val/<key>`."""
-    import csv
     import yaml
 
     last = next(fitted_run.rglob("last.ckpt"))
     val_sets = json.dumps(yaml.safe_load(TINY_CONFIG.read_text())["data"]["val"])
-    logged = {}
-    for command in ("validate", "test"):
-        root = tmp_path / command
-        code = main([command, "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
-                     "--trainer.default_root_dir", str(root), "--ckpt_path", str(last), "--data.test", val_sets,
-                     "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(root)])
-        assert code == 0
-        rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
-        logged[command] = {key: float(value) for row in rows for key, value in row.items()
-                           if value and key.split("/")[0] in ("val", "test")}
-    validated = {key.removeprefix("val/"): value for key, value in logged["validate"].items()}
-    tested = {key.removeprefix("test/"): value for key, value in logged["test"].items()}
+    code = main(["test", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(last), "--data.test", val_sets,
+                 "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path)])
+    assert code == 0
+    by_validate = {key.removeprefix("val/"): value for key, value in validated[1].items()}
+    tested = {key.removeprefix("test/"): value for key, value in logged_metrics(tmp_path).items()}
     assert "demo_ir_dev/ndcg_at_10" in tested and "avg" in tested
-    assert tested == pytest.approx(validated, abs=1e-6)
+    assert tested == pytest.approx(by_validate, abs=1e-6)
 
 
 def test_a_command_registered_in_process_is_dispatched_and_listed(capsys):

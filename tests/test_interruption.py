@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -81,20 +82,23 @@ def test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run(
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     marker = tmp_path / "step.txt"
 
-    code, output = run_and_signal(fit_command(tiny_model_dir, resumed, *marker_callback(marker)), marker,
-                                  signal.SIGTERM)
-    assert code == 0, output[-4000:]
-    assert "codiemb: interrupted: SIGTERM received" in output
-    assert "Traceback" not in output
-    last = resumed / "checkpoints" / "last.ckpt"
-    interrupted_step = checkpoint(last)["global_step"]
-    assert 2 <= interrupted_step < TOTAL_STEPS
-    assert not list((resumed / "checkpoints").glob(".*partial")), "the temporary checkpoint was left behind"
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # the uninterrupted run depends on neither of the other two: it runs beside them (both cores busy)
+        straight_run = background.submit(run_to_completion, fit_command(tiny_model_dir, straight))
+        code, output = run_and_signal(fit_command(tiny_model_dir, resumed, *marker_callback(marker)), marker,
+                                      signal.SIGTERM)
+        assert code == 0, output[-4000:]
+        assert "codiemb: interrupted: SIGTERM received" in output
+        assert "Traceback" not in output
+        last = resumed / "checkpoints" / "last.ckpt"
+        interrupted_step = checkpoint(last)["global_step"]
+        assert 2 <= interrupted_step < TOTAL_STEPS
+        assert not list((resumed / "checkpoints").glob(".*partial")), "the temporary checkpoint was left behind"
 
-    result = run_to_completion(fit_command(tiny_model_dir, resumed, "--ckpt_path", "last"))
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = run_to_completion(fit_command(tiny_model_dir, straight))
-    assert result.returncode == 0, result.stderr[-4000:]
+        result = run_to_completion(fit_command(tiny_model_dir, resumed, "--ckpt_path", "last"))
+        assert result.returncode == 0, result.stderr[-4000:]
+        result = straight_run.result()
+        assert result.returncode == 0, result.stderr[-4000:]
 
     expected, actual = checkpoint(straight / "checkpoints" / "last.ckpt"), checkpoint(last)
     assert expected["global_step"] == actual["global_step"] == TOTAL_STEPS
