@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from codiemb_pl.data.sampler import TaskBatchSampler
-from ddp_driver.launch import RunPool, model_without_dropout, write_jsonl
+from ddp_driver.launch import RunPool, model_without_dropout, run_codiemb, write_jsonl
 
 SEED = 42  # the datamodule's default seed: it fixes the order of the items in the global batch
 GLOBAL_IR_BATCH = 8
@@ -46,22 +46,36 @@ def ir_records_for_two_ranks() -> list[dict]:
     return records
 
 
-def start_gradient_run(pool: RunPool, out: Path, model: Path, world_size: int, train: str, extra: list[str]):
+def gradient_args(out: Path, model: Path, world_size: int, train: str, extra: list[str]) -> list[str]:
+    """Arguments of a 1-step float64 run that saves each rank's gradients into `out` (GradientRecorder)."""
     per_device = GLOBAL_IR_BATCH // world_size
-    return out, world_size, pool.submit(
-        ["--model.model_name_or_path", str(model), "--data.train", train,
-         "--data.ir_batch_size", str(per_device), "--data.sts_batch_size", str(per_device),
-         "--trainer.precision", "64-true",  # float64: summation order cannot blur the comparison
-         "--trainer.callbacks+=ddp_driver.probes.GradientRecorder",
-         f"--trainer.callbacks.out_dir={out}", *extra], world_size=world_size)
+    return ["--model.model_name_or_path", str(model), "--data.train", train,
+            "--data.ir_batch_size", str(per_device), "--data.sts_batch_size", str(per_device),
+            "--trainer.precision", "64-true",  # float64: summation order cannot blur the comparison
+            "--trainer.callbacks+=ddp_driver.probes.GradientRecorder",
+            f"--trainer.callbacks.out_dir={out}", *extra]
+
+
+def load_gradients(out: Path, world_size: int, result) -> dict:
+    assert result.returncode == 0, result.stdout[-4000:]
+    return {rank: torch.load(out / f"grads_rank{rank}.pt") for rank in range(world_size)}
+
+
+def gradient_run(out: Path, model: Path, world_size: int, train: str, extra: list[str]) -> dict:
+    """Run now and return per-rank {"loss", "grads"}."""
+    return load_gradients(out, world_size, run_codiemb(gradient_args(out, model, world_size, train, extra),
+                                                       world_size=world_size))
+
+
+def start_gradient_run(pool: RunPool, out: Path, model: Path, world_size: int, train: str, extra: list[str]):
+    """`gradient_run` in the background: pass the returned handle to `gradients`."""
+    return out, world_size, pool.submit(gradient_args(out, model, world_size, train, extra), world_size=world_size)
 
 
 def gradients(run) -> dict:
     """Wait for a `start_gradient_run` run: per-rank {"loss", "grads"}."""
     out, world_size, future = run
-    result = future.result()
-    assert result.returncode == 0, result.stdout[-4000:]
-    return {rank: torch.load(out / f"grads_rank{rank}.pt") for rank in range(world_size)}
+    return load_gradients(out, world_size, future.result())
 
 
 def assert_same_gradients(distributed: dict, single: dict) -> None:
