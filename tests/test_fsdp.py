@@ -9,6 +9,7 @@ differed from DDP and between the ranks; that is what happens when only the tran
 and the backbone itself is not (`fully_shard(model)` last): the parameters outside the blocks (token
 embeddings, final norm) then belong to no FSDP unit, nothing reduces their gradients, and each rank keeps
 its own (reproduced: exactly those two tensors differ). `shard_with_fsdp2` shards both.
+Not tested here (found by hand): resuming FSDP2 from its consolidated checkpoint is not exact (README).
 
 FSDP1 (`configs/trainer/fsdp.yaml`, Lightning's `FSDPStrategy`) cannot run on CPU: Lightning refuses
 `accelerator: cpu` ("The strategy `fsdp` requires a GPU accelerator"), and under another type PyTorch's
