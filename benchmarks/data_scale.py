@@ -18,6 +18,9 @@ Synthetic sources (English words drawn from the demo data): IR records of a 10-w
   `--workers` workers: batches/s and peak `RssAnon` of the process and of each worker.
 - `records`: one process building/opening the records of both sources and reading every record once (as
   an epoch does): time and `RssAnon`, without tokenising (for sizes where tokenising is too slow here).
+- `tokenise`: the token ids of both sources computed three ways, checked identical: the former code (the
+  tokenizer call, then `pa.array` of Python lists), the backend copy in one process, and in one process per
+  usable CPU (`codiemb_pl/data/token_ids.py`): texts/s (wall) and texts per CPU-second (less load-sensitive).
 
 The in-memory path is the package as of commit BASELINE_COMMIT, extracted with `git archive` into the work
 folder and put first on PYTHONPATH for its runs. Results: a table on stdout and JSON in `--out`.

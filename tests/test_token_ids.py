@@ -4,16 +4,19 @@ BERT (MiniLM's tokenizer) and tiny decoders whose tokenizer appends EOS, with tr
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
+
+import decoder_models
 
 from codiemb_pl.data.arrow_records import open_records
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.token_ids import TokenLimits, choose_encoder, list_array, token_batches
 from codiemb_pl.decoder import load_backbone_tokenizer
 from conftest import minilm_path
-from decoder_models import build_tiny_decoder
 from test_data_sources import write_jsonl
 
 WORDS = "retrieval of passages by dense vectors trained with contrastive losses on Hard negatives, naïve".split()
@@ -31,11 +34,22 @@ STS_ROWS = [{"sentence1": text(i, 1 + i % 20), "sentence2": text(i + 3, 2 + i % 
 LIMITS = TokenLimits(query=9, passage=12, sts=10)  # many texts are longer: truncation is exercised
 
 
+def tiny_decoder_tokenizer_folder(folder: Path, family: str) -> Path:
+    """A decoder's tokenizer and config (no weights: the data path reads only these)."""
+    tokenizer = decoder_models._qwen2_tokenizer() if family == "qwen2" else decoder_models._llama_tokenizer()
+    config_class = Qwen2Config if family == "qwen2" else LlamaConfig
+    config_class(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                 bos_token_id=tokenizer.bos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module", params=["bert", "qwen2", "llama"])
 def tokenizer(request, tmp_path_factory):
     if request.param == "bert":
         return AutoTokenizer.from_pretrained(minilm_path())
-    tokenizer = load_backbone_tokenizer(str(build_tiny_decoder(tmp_path_factory.mktemp(request.param), request.param)))
+    folder = tiny_decoder_tokenizer_folder(tmp_path_factory.mktemp(request.param), request.param)
+    tokenizer = load_backbone_tokenizer(str(folder))
     assert tokenizer("a b")["input_ids"][-1] == tokenizer.eos_token_id  # the code path's appended EOS
     return tokenizer
 
@@ -62,7 +76,7 @@ def test_fast_path_in_process_and_over_two_processes_equals_the_tokenizer_call(t
     assert any(len(ids) == limit for ids in expected.column(0).to_pylist())  # some were truncated
     encode, spec = choose_encoder(tokenizer, records.table, task, LIMITS, PREFIX)
     assert spec is not None  # the backend copy agreed with the tokenizer call and is used
-    for processes in (1, 2) if tokenizer.name_or_path == minilm_path() else (1,):
+    for processes in (1, 2) if tokenizer.name_or_path == minilm_path() and task == "ir" else (1,):
         batches = list(token_batches(tokenizer, records.mapped.path, records.table, task, LIMITS, PREFIX,
                                      processes=processes, range_rows=4))
         assert [b.num_rows for b in batches] == [4, 4, 3]  # row order kept, in ranges of 4
