@@ -102,12 +102,12 @@ SAMPLER_TRAIN = json.dumps([
 
 
 @pytest.fixture(scope="module")
-def runs(deterministic_model, tiny_model_dir, tmp_path_factory):
-    """Every run of this module, started at once in a `RunPool`: {name: run} (tests wait for theirs).
-
-    "ir": {(world_size, false_negative_mask): gradient run}, "sts": {world_size: gradient run},
+def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
+    """The runs of this module's selected tests, started at once in a `RunPool`: {name: run} (tests wait
+    for theirs). "ir": {(world_size, false_negative_mask): gradient run}, "sts": {world_size: gradient run},
     "sampler": (output folder, Future of the 2-rank BatchRecorder run).
     """
+    selected = " ".join(item.name for item in request.session.items if item.module is request.module)
     folder = tmp_path_factory.mktemp("ddp_runs")
     ir_data = write_jsonl(folder / "ir.jsonl", ir_records_for_two_ranks())
     ir_train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(ir_data)}])
@@ -115,20 +115,24 @@ def runs(deterministic_model, tiny_model_dir, tmp_path_factory):
                              "max_samples": GLOBAL_IR_BATCH}])
     with RunPool() as pool:
         started = {"ir": {}, "sts": {}}
-        for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
-            started["ir"][world_size, mask] = start_gradient_run(
-                pool, folder / f"ir_w{world_size}_mask{mask}", deterministic_model, world_size, ir_train,
-                ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", str(mask).lower()])
-        for world_size in (1, 2):
-            started["sts"][world_size] = start_gradient_run(pool, folder / f"sts_w{world_size}", deterministic_model,
-                                                            world_size, sts_train, ["--model.gather_sts", "true"])
-        sampler_out = folder / "sampler"
-        started["sampler"] = sampler_out, pool.submit(
-            ["--model.model_name_or_path", str(tiny_model_dir), "--data.train", SAMPLER_TRAIN,
-             "--data.ir_batch_size", "2", "--data.sts_batch_size", "3", "--data.n_negatives", "1",
-             "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "-1",
-             "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_driver.probes.BatchRecorder",
-             f"--trainer.callbacks.out_dir={sampler_out}"], world_size=2)
+        if "ir_gradients" in selected or "false_negative_mask" in selected:
+            for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
+                started["ir"][world_size, mask] = start_gradient_run(
+                    pool, folder / f"ir_w{world_size}_mask{mask}", deterministic_model, world_size, ir_train,
+                    ["--data.n_positives", "2", "--data.n_negatives", "2",
+                     "--model.false_negative_mask", str(mask).lower()])
+        if "sts_gathered" in selected:
+            for world_size in (1, 2):
+                started["sts"][world_size] = start_gradient_run(pool, folder / f"sts_w{world_size}", deterministic_model,
+                                                                world_size, sts_train, ["--model.gather_sts", "true"])
+        if "every_micro_step" in selected:
+            sampler_out = folder / "sampler"
+            started["sampler"] = sampler_out, pool.submit(
+                ["--model.model_name_or_path", str(tiny_model_dir), "--data.train", SAMPLER_TRAIN,
+                 "--data.ir_batch_size", "2", "--data.sts_batch_size", "3", "--data.n_negatives", "1",
+                 "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "-1",
+                 "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_driver.probes.BatchRecorder",
+                 f"--trainer.callbacks.out_dir={sampler_out}"], world_size=2)
         yield started
 
 

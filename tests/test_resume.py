@@ -47,17 +47,20 @@ def interrupt_and_resume(model_dir: Path, world_size: int, checkpoint_dir: Path)
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory) -> dict:
-    """{world_size: (straight dir, Future of its run, resumed dir, Future of `interrupt_and_resume`)}."""
+def runs(request, tiny_model_dir, tmp_path_factory) -> dict:
+    """{world_size: (straight dir, Future of its run, resumed dir, Future of `interrupt_and_resume`)} for the
+    selected world sizes."""
+    world_sizes = [size for size in (1, 2) if any(item.module is request.module and item.name.endswith(f"[{size}]")
+                                                  for item in request.session.items)]
     root = tmp_path_factory.mktemp("resume")
     with RunPool() as pool:
         chains = {world_size: pool.executor.submit(interrupt_and_resume, tiny_model_dir, world_size,
-                                                   root / f"w{world_size}" / "resumed") for world_size in (1, 2)}
+                                                   root / f"w{world_size}" / "resumed") for world_size in world_sizes}
         yield {world_size: (root / f"w{world_size}" / "straight",
                             pool.submit(training_args(tiny_model_dir, 8 // world_size,
                                                       root / f"w{world_size}" / "straight"), world_size=world_size),
                             root / f"w{world_size}" / "resumed", chains[world_size])
-               for world_size in (1, 2)}
+               for world_size in world_sizes}
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
