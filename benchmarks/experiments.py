@@ -868,7 +868,8 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
     keys = {spec.name: {str(s): suite.key(spec, s) for s in row_seeds(spec, budgets)} for spec in specs}
     section = [
         SUITE_BEGIN,
-        "# Experiment suite v2 (issue 16): 3 seeds, two training sources per task"
+        f"# Experiment suite v2 (issue 16): {len(seeds)} seed{'s' if len(seeds) > 1 else ''}, two training sources "
+        "per task"
         + (" — QUICK MODE, verification only, not results" if quick else ""),
         "",
         f"Generated {now()} by `{command}`; {finished:.0f} of {planned} runs (rows × seeds) scored; "
