@@ -13,17 +13,19 @@ each importing only this module (numpy, pyarrow, tokenizers) and mapping the rec
 tokenises a range of rows with `TOKENIZERS_PARALLELISM=false`, and the results come back in row order.
 How many: `CODIEMB_TOKENIZE_PROCESSES`, else the CPUs this process may run on; 1 = in this process.
 Tables of fewer than two ranges (`RANGE_ROWS`) are tokenised in this process (a process start costs ~1 s).
-Like any spawn-based multiprocessing (and DataLoader workers with `spawn`), a script that starts training
-must guard its entry point with `if __name__ == "__main__":`; the `codiemb` command needs nothing.
+The processes start with `__main__` hidden (`_main_hidden`): they do not re-run the caller's script, so a
+script that calls `fit` needs no `if __name__ == "__main__":` guard for them.
 
 This module imports neither torch nor transformers, so that a worker process starts quickly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -205,4 +207,23 @@ def token_batches(tokenizer, records_path: Path, table: pa.Table, task: str, lim
     with ProcessPoolExecutor(min(processes, len(starts)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker,
                              initargs=(str(records_path), spec, task, limits, prefix, range_rows)) as pool:
-        yield from pool.map(_tokenise_range, starts)
+        with _main_hidden():  # every process starts while the tasks are submitted
+            results = pool.map(_tokenise_range, starts)
+        yield from results
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Hide `__main__`'s file and spec from `spawn`, so that the tokeniser processes, which need nothing from
+    it, do not re-run the caller's script (an unguarded script calling `fit` would run again in each)."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if main is not None and key in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
