@@ -14,8 +14,10 @@ import decoder_models
 
 from codiemb_pl.data.arrow_records import open_records
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.token_ids import TokenLimits, choose_encoder, list_array, token_batches
+from codiemb_pl.data.token_ids import (PROCESSES_ENV, TokenLimits, choose_encoder, list_array, process_count,
+                                       token_batches)
 from codiemb_pl.decoder import load_backbone_tokenizer
+from codiemb_pl.errors import InputError
 from conftest import minilm_path
 from test_data_sources import write_jsonl
 
@@ -101,3 +103,13 @@ def test_list_array_from_flat_buffers():
     array = list_array([[1, 2], [], [3]])
     assert array.type == pa.list_(pa.int32()) and array.to_pylist() == [[1, 2], [], [3]]
     assert list_array([]).to_pylist() == []
+
+
+def test_process_count_setting(monkeypatch):
+    monkeypatch.setenv(PROCESSES_ENV, "3")
+    assert process_count() == 3
+    monkeypatch.setenv(PROCESSES_ENV, "0")
+    assert process_count() == 1
+    monkeypatch.setenv(PROCESSES_ENV, "two")
+    with pytest.raises(InputError, match=PROCESSES_ENV):
+        process_count()

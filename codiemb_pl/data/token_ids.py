@@ -35,6 +35,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InputError
+
 TOKEN_LIST = pa.list_(pa.int32())
 IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
                              ("negatives", pa.list_(TOKEN_LIST))])
@@ -171,6 +173,9 @@ def choose_encoder(tokenizer, sample: pa.RecordBatch | pa.Table, task: str, limi
 def process_count() -> int:
     configured = os.environ.get(PROCESSES_ENV, "").strip()
     if configured:
+        if not configured.isdigit():
+            raise InputError(PROCESSES_ENV, f"{configured!r} is not a process count",
+                             "set it to a whole number (1: tokenise in the building process) or unset it")
         return max(1, int(configured))
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
