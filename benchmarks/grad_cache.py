@@ -85,17 +85,15 @@ def triplets(scifact: Path, batch: int, seed: int = 0) -> tuple[list[str], list[
     return [pairs[i][0] for i in chosen], [pairs[i][1] for i in chosen], negatives
 
 
-def run_child(args: argparse.Namespace) -> dict:
-    """One configuration in this process: returns peak memory and seconds per step."""
+def build_step(config: str, args: argparse.Namespace, device, queries: list[str], positives: list[str],
+               negatives: list[str]):
+    """(loss function of one step, trainable parameters) of `config` on this batch."""
     import torch
 
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    queries, positives, negatives = triplets(Path(args.scifact), args.batch)
     from codiemb_pl.paths import resolve_location
 
     model_path = str(resolve_location(args.model))
-    if args.config == "st-cached":
+    if config == "st-cached":
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss
 
@@ -105,30 +103,72 @@ def run_child(args: argparse.Namespace) -> dict:
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE, mini_batch_size=args.chunk)
         features = [{k: v.to(device) for k, v in model.tokenize(texts).items() if isinstance(v, torch.Tensor)}
                     for texts in (queries, positives, negatives)]
-        parameters = list(model.parameters())
+        return (lambda: loss_fn(features, None)), list(model.parameters())
+    from codiemb_pl.data.tokenize import tokenize_with_prefixes
+    from codiemb_pl.module import CoDiEmbModule
 
-        def step():
-            return loss_fn(features, None)
-    else:
-        from codiemb_pl.data.tokenize import tokenize_with_prefixes
-        from codiemb_pl.module import CoDiEmbModule
+    module = CoDiEmbModule(model_path, ir_temperature=TEMPERATURE, max_seq_length=args.max_length,
+                           grad_cache_chunk_size=args.chunk if config == "ours+cache" else 0).to(device)
+    module.train()
+    tokenizer = module.encoder.tokenizer
 
-        module = CoDiEmbModule(model_path, ir_temperature=TEMPERATURE, max_seq_length=args.max_length,
-                               grad_cache_chunk_size=args.chunk if args.config == "ours+cache" else 0).to(device)
-        module.train()
-        tokenizer = module.encoder.tokenizer
+    def tokenize(texts):
+        return {k: v.to(device) for k, v in tokenize_with_prefixes(tokenizer, texts, args.max_length).items()}
 
-        def tokenize(texts):
-            return {k: v.to(device) for k, v in tokenize_with_prefixes(tokenizer, texts, args.max_length).items()}
+    batch = {"task": "ir", "dataset": "scifact", "query": tokenize(queries), "positives": tokenize(positives),
+             "negatives": tokenize(negatives),
+             "negative_mask": torch.ones(len(queries), 1, dtype=torch.bool, device=device)}
+    return (lambda: module.training_step(batch, 0)), [p for p in module.parameters() if p.requires_grad]
 
-        batch = {"task": "ir", "dataset": "scifact", "query": tokenize(queries), "positives": tokenize(positives),
-                 "negatives": tokenize(negatives),
-                 "negative_mask": torch.ones(args.batch, 1, dtype=torch.bool, device=device)}
-        parameters = [p for p in module.parameters() if p.requires_grad]
 
-        def step():
-            return module.training_step(batch, 0)
+def timed_step(step, optimizer, device) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process, loss) of one optimiser step."""
+    import torch
 
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = step()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, time.process_time() - cpu_start, float(loss.detach())
+
+
+def run_interleaved(args: argparse.Namespace) -> dict:
+    """Speed only: every configuration in this one process, steps taken round-robin (`--interleave` rounds
+    after one warm-up round), so that other load on the machine falls on all of them alike."""
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    queries, positives, negatives = triplets(Path(args.scifact), args.batch)
+    steps = {}
+    for config in args.configs:
+        step, parameters = build_step(config, args, device, queries, positives, negatives)
+        steps[config] = (step, torch.optim.AdamW(parameters, lr=LEARNING_RATE))
+    timings: dict = {config: [] for config in steps}
+    for round_index in range(args.interleave + 1):
+        for config, (step, optimizer) in steps.items():
+            measured = timed_step(step, optimizer, device)
+            if round_index:
+                timings[config].append(measured)
+    return {config: {"status": "ok", "wall_s": [t[0] for t in rows], "cpu_s": [t[1] for t in rows],
+                     "seconds_per_step": statistics.median(t[0] for t in rows),
+                     "cpu_seconds_per_step": statistics.median(t[1] for t in rows),
+                     "pairs_per_s": args.batch / statistics.median(t[0] for t in rows),
+                     "pairs_per_cpu_s": args.batch / statistics.median(t[1] for t in rows)}
+            for config, rows in timings.items()}
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    """One configuration in this process: returns peak memory and seconds per step."""
+    import torch
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    queries, positives, negatives = triplets(Path(args.scifact), args.batch)
+    step, parameters = build_step(args.config, args, device, queries, positives, negatives)
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
     if device.type == "cpu":
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -142,16 +182,10 @@ def run_child(args: argparse.Namespace) -> dict:
     warmup = args.warmup if args.batch <= args.warmup_max_batch else 0
     try:
         for index in range(warmup + args.steps):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            loss = step()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            wall, cpu, loss = timed_step(step, optimizer, device)
             if index >= warmup:
-                durations.append(time.perf_counter() - start)
-                cpu_durations.append(time.process_time() - cpu_start)
+                durations.append(wall)
+                cpu_durations.append(cpu)
     except (MemoryError, RuntimeError) as error:
         sampler.stop()
         if "memory" not in str(error).lower() and not isinstance(error, MemoryError):
@@ -162,11 +196,13 @@ def run_child(args: argparse.Namespace) -> dict:
     cpu_seconds = statistics.median(cpu_durations)
     return {"status": "ok", "peak_mb": peak / 2**20, "seconds_per_step": seconds, "pairs_per_s": args.batch / seconds,
             "cpu_seconds_per_step": cpu_seconds, "pairs_per_cpu_s": args.batch / cpu_seconds,
-            "loss": float(loss.detach())}
+            "loss": loss}
 
 
 def run_config(args: argparse.Namespace, config: str, batch: int) -> dict:
+    """`config` at `batch` in a child process (`config` "interleaved": all of `--configs`, speed only)."""
     command = [sys.executable, __file__, "--child", config, "--batch-size", str(batch), "--chunk", str(args.chunk),
+               "--configs", *args.configs, "--interleave", str(args.interleave),
                "--model", args.model, "--max-length", str(args.max_length), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--warmup-max-batch", str(args.warmup_max_batch),
                "--memory-limit-gb", str(args.memory_limit_gb), "--device", args.device, "--scifact", args.scifact]
@@ -217,6 +253,32 @@ def table(results: dict, batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+def report_interleaved(args: argparse.Namespace) -> int:
+    """Run and print the interleaved speed comparison for every batch of `--batches`."""
+    lines = ["| batch | configuration | median s/step (wall) | pairs/s | time/pair vs `ours` | pairs/s vs `st-cached` "
+             "| median CPU-s/step |", "|---:|---|---:|---:|---:|---:|---:|"]
+    results = {}
+    for batch in sorted(args.batches):
+        measured = run_config(args, "interleaved", batch)
+        if "status" in measured:
+            lines.append(f"| {batch} | all | {measured['status']} | - | - | - | - |")
+            continue
+        for config, result in measured.items():
+            results[f"{config}@{batch}"] = result
+            plain, st = measured.get("ours"), measured.get("st-cached")
+            vs_plain = f"{result['seconds_per_step'] / plain['seconds_per_step']:.2f}×" if plain else "-"
+            vs_st = f"{result['pairs_per_s'] / st['pairs_per_s']:.2f}×" if st else "-"
+            lines.append(f"| {batch} | {config} | {result['seconds_per_step']:.1f} | {result['pairs_per_s']:.2f} | "
+                         f"{vs_plain} | {vs_st} | {result['cpu_seconds_per_step']:.1f} |")
+    print(f"\ninterleaved in one process, {args.interleave} timed round(s) after a warm-up round; "
+          f"{args.max_length} tokens, chunk / mini-batch {args.chunk}, {args.device}, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 512])
@@ -229,18 +291,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit-gb", type=float, default=10.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--scifact", default=str(REPO_ROOT.parent / "shared" / "data" / "ir" / "scifact"))
+    parser.add_argument("--configs", nargs="*", choices=CONFIGS, default=list(CONFIGS),
+                        help="configurations to run (default: all three; none: only print the --include results)")
+    parser.add_argument("--include", nargs="*", default=[], metavar="EARLIER.json",
+                        help="results of earlier runs (their --out) shown in the same table; "
+                             "configurations measured here replace them")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="speed only: run --configs round-robin in one process for ROUNDS timed rounds per batch "
+                             "(after a warm-up round), so that other load on the machine falls on all alike")
+    parser.add_argument("--child", choices=(*CONFIGS, "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, dest="batch", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         args.config = args.child
-        print("RESULT " + json.dumps(run_child(args)), flush=True)
+        result = run_interleaved(args) if args.child == "interleaved" else run_child(args)
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
+    if args.interleave:
+        return report_interleaved(args)
     results: dict = {}
+    for earlier in args.include:
+        for name, result in json.loads(Path(earlier).read_text()).items():
+            config, batch = name.rsplit("@", 1)
+            results[config, int(batch)] = {**result, "from": earlier}
     started = time.time()
     for batch in sorted(args.batches):
-        for config in CONFIGS:
+        for config in args.configs:
             predicted = predicted_peak_mb(results, config, batch)
             if predicted is not None and predicted > args.memory_limit_gb * 1024:
                 results[config, batch] = {"status": f"not run: predicted peak {predicted / 1024:.1f} GB > limit "
@@ -250,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{time.time() - started:7.0f}s] batch {batch} {config}: {results[config, batch]}", flush=True)
     print(f"\nall-MiniLM-L6-v2, {args.max_length} tokens, IR 1 positive + 1 hard negative, chunk / mini-batch "
           f"{args.chunk}, {args.device}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}\n")
-    print(table(results, sorted(args.batches)))
+    print(table(results, sorted({batch for _, batch in results})))
     if args.out:
         Path(args.out).write_text(json.dumps({f"{c}@{b}": r for (c, b), r in results.items()}, indent=1))
     return 0
