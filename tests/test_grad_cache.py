@@ -17,7 +17,7 @@ import torch
 from codiemb_pl.grad_cache import RandomState, chunk_features
 from codiemb_pl.losses.objectives import text_group_sizes
 from codiemb_pl.module import CoDiEmbModule
-from ddp_driver.launch import model_without_dropout, run_codiemb
+from ddp_driver.launch import RunPool, model_without_dropout, run_codiemb
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
@@ -207,16 +207,18 @@ def test_text_group_sizes():
 
 # -- through the real CLI: 2 gloo ranks, resume ---------------------------------------------------------------
 def test_ddp_cached_gradients_with_cross_device_negatives_equal_one_process(tiny_model_dir, tmp_path):
-    from test_distributed import assert_same_gradients, gradient_run, ir_records_for_two_ranks
+    from test_distributed import assert_same_gradients, gradients, ir_records_for_two_ranks, start_gradient_run
 
     model = model_without_dropout(tiny_model_dir, tmp_path / "model")
     data = tmp_path / "ir.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ir_records_for_two_ranks()))
     train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(data)}])
     common = ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", "true"]
-    cached = gradient_run(tmp_path / "w2", model, 2, train, common + ["--model.grad_cache_chunk_size", "3"])
-    single = gradient_run(tmp_path / "w1", model, 1, train, common)
-    assert_same_gradients(cached, single)
+    with RunPool() as pool:  # the two runs are independent: overlap them
+        cached = start_gradient_run(pool, tmp_path / "w2", model, 2, train,
+                                    common + ["--model.grad_cache_chunk_size", "3"])
+        single = start_gradient_run(pool, tmp_path / "w1", model, 1, train, common)
+        assert_same_gradients(gradients(cached), gradients(single))
 
 
 def test_resume_with_the_cache_is_exact(tiny_model_dir, tmp_path):
@@ -224,15 +226,17 @@ def test_resume_with_the_cache_is_exact(tiny_model_dir, tmp_path):
 
     cache = ["--model.grad_cache_chunk_size", "3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = run_codiemb(training_args(tiny_model_dir, 8, straight) + cache)
-    assert result.returncode == 0, result.stdout[-4000:]
-    assert "gradient cache: chunks of 3 texts" in result.stdout
-    interrupted = run_codiemb(training_args(tiny_model_dir, 8, resumed) + cache
-                              + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
-                                 f"--trainer.callbacks.at_step={INTERRUPT_AT}"])
-    assert interrupted.returncode == 3, interrupted.stdout[-4000:]
-    result = run_codiemb(training_args(tiny_model_dir, 8, resumed) + cache + ["--ckpt_path", "last"])
-    assert result.returncode == 0, result.stdout[-4000:]
+    with RunPool() as pool:  # the uninterrupted run beside the interrupt-then-resume chain
+        straight_run = pool.submit(training_args(tiny_model_dir, 8, straight) + cache)
+        interrupted = run_codiemb(training_args(tiny_model_dir, 8, resumed) + cache
+                                  + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
+                                     f"--trainer.callbacks.at_step={INTERRUPT_AT}"])
+        assert interrupted.returncode == 3, interrupted.stdout[-4000:]
+        result = run_codiemb(training_args(tiny_model_dir, 8, resumed) + cache + ["--ckpt_path", "last"])
+        assert result.returncode == 0, result.stdout[-4000:]
+        result = straight_run.result()
+        assert result.returncode == 0, result.stdout[-4000:]
+        assert "gradient cache: chunks of 3 texts" in result.stdout
     (step_a, weights_a), (step_b, weights_b) = final_weights(straight), final_weights(resumed)
     assert step_a == step_b == TOTAL_STEPS
     assert [name for name in weights_a if not torch.equal(weights_a[name], weights_b[name])] == []
