@@ -175,6 +175,9 @@ def run_child(args: argparse.Namespace) -> dict:
         with open("/proc/self/status") as status:
             size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
         resource.setrlimit(resource.RLIMIT_AS, (size + int(args.memory_limit_gb * 2**30), hard))
+    before_steps_mb = (torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_anon_bytes()) / 2**20
+    if args.steps == 0:  # the process with its imports, model and tokenised batch, before any step
+        return {"status": "ok", "before_steps_mb": before_steps_mb}
     sampler = PeakSampler()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -194,7 +197,8 @@ def run_child(args: argparse.Namespace) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.stop()
     seconds = statistics.median(durations)
     cpu_seconds = statistics.median(cpu_durations)
-    return {"status": "ok", "peak_mb": peak / 2**20, "seconds_per_step": seconds, "pairs_per_s": args.batch / seconds,
+    return {"status": "ok", "peak_mb": peak / 2**20, "before_steps_mb": before_steps_mb,
+            "seconds_per_step": seconds, "pairs_per_s": args.batch / seconds,
             "cpu_seconds_per_step": cpu_seconds, "pairs_per_cpu_s": args.batch / cpu_seconds,
             "loss": loss}
 
@@ -285,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=32, help="cache chunk / ST mini-batch size")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2, help="timed optimiser steps per configuration")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed optimiser steps per configuration (0: only the memory before any step)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--warmup-max-batch", type=int, default=128)
     parser.add_argument("--memory-limit-gb", type=float, default=10.0)
