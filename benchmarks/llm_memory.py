@@ -19,10 +19,11 @@ against `full` in the same run. A mode is skipped, with a line saying so, when t
 memory available than it needs (full fine-tuning: about 18 bytes per parameter).
 
 Part 1b (`--saved-per-block`, exact, load-independent). Bytes of activations one transformer block keeps
-for backward at that shape (float32, 512 tokens), counted with `torch.autograd.graph.saved_tensors_hooks`
-(distinct storages, parameters excluded; the difference between a 3- and a 2-block model): full
-fine-tuning, LoRA on all linear layers / on q, k, v, o, each without dropout, with peft's `nn.Dropout`
-(p 0.05, as the recipes) and with this project's recomputed dropout (`lora.DropoutThenLinear`).
+for backward at that shape (float32, 512 tokens), counted by `saved_for_backward.saved_for_backward`
+(`torch.autograd.graph.saved_tensors_hooks`: distinct storages, parameters excluded; the difference
+between a 3- and a 2-block model): full fine-tuning, LoRA on all linear layers / on q, k, v, o, each
+without dropout, with peft's `nn.Dropout` (p 0.05, as the recipes) and with this project's recomputed
+dropout (`lora.DropoutThenLinear`).
 
 Part 2 (computed). Memory per GPU of the two recipes (configs/recipes/minicpm_codiemb.yaml and
 qwen3_lora.yaml) from the models' shapes, see `recipe_gpu_memory`.
@@ -143,6 +144,7 @@ def saved_bytes_per_block(lora: str | None, targets, dropout: float) -> float:
     from transformers import AutoModel
 
     from codiemb_pl.lora import LoraSettings, add_lora_adapters
+    from codiemb_pl.saved_for_backward import saved_for_backward
 
     def saved_mb(layers: int) -> float:
         config = qwen2_half_billion_config()
@@ -156,16 +158,8 @@ def saved_bytes_per_block(lora: str | None, targets, dropout: float) -> float:
             model = add_lora_adapters(model, LoraSettings(r=RANK, alpha=2.0 * RANK, dropout=dropout,
                                                           target_modules=targets))
         model.train()
-        parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-        storages: dict[int, int] = {}
-
-        def pack(tensor):
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
         ids = torch.randint(0, 1000, (BATCH, TOKENS), generator=torch.Generator().manual_seed(1))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with saved_for_backward(model.parameters()) as storages:
             model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.sum()
         return sum(storages.values()) / 2**20
 

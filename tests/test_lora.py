@@ -13,6 +13,7 @@ from codiemb_pl.cli import main
 from codiemb_pl.errors import InputError
 from codiemb_pl.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
 from codiemb_pl.module import CoDiEmbModule
+from codiemb_pl.saved_for_backward import saved_for_backward
 from ddp_driver.launch import run_codiemb
 from decoder_models import build_tiny_decoder
 
@@ -131,16 +132,8 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(decoder_di
 
 def adapter_step(model, features: dict, seed: int) -> tuple[torch.Tensor, dict, int]:
     """(output, adapter gradients, bytes of non-parameter tensors saved for backward) of one seeded step."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in parameters:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     torch.manual_seed(seed)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_for_backward(model.parameters()) as saved:
         output = model(**features).last_hidden_state
     output.pow(2).sum().backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
