@@ -154,11 +154,15 @@ def run_interleaved(args: argparse.Namespace) -> dict:
             if round_index:
                 timings[config].append(measured)
     return {config: {"status": "ok", "wall_s": [t[0] for t in rows], "cpu_s": [t[1] for t in rows],
-                     "seconds_per_step": statistics.median(t[0] for t in rows),
-                     "cpu_seconds_per_step": statistics.median(t[1] for t in rows),
-                     "pairs_per_s": args.batch / statistics.median(t[0] for t in rows),
-                     "pairs_per_cpu_s": args.batch / statistics.median(t[1] for t in rows)}
+                     **speed_figures(args.batch, [t[0] for t in rows], [t[1] for t in rows])}
             for config, rows in timings.items()}
+
+
+def speed_figures(batch: int, wall_s: list[float], cpu_s: list[float]) -> dict:
+    """Median seconds per step (wall and CPU) and pairs per second: `batch / median`."""
+    seconds, cpu_seconds = statistics.median(wall_s), statistics.median(cpu_s)
+    return {"seconds_per_step": seconds, "pairs_per_s": batch / seconds,
+            "cpu_seconds_per_step": cpu_seconds, "pairs_per_cpu_s": batch / cpu_seconds}
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -195,12 +199,8 @@ def run_child(args: argparse.Namespace) -> dict:
             raise
         return {"status": f"out of memory (limit {args.memory_limit_gb} GB)"}
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.stop()
-    seconds = statistics.median(durations)
-    cpu_seconds = statistics.median(cpu_durations)
     return {"status": "ok", "peak_mb": peak / 2**20, "before_steps_mb": before_steps_mb,
-            "seconds_per_step": seconds, "pairs_per_s": args.batch / seconds,
-            "cpu_seconds_per_step": cpu_seconds, "pairs_per_cpu_s": args.batch / cpu_seconds,
-            "loss": loss}
+            **speed_figures(args.batch, durations, cpu_durations), "loss": loss}
 
 
 def run_config(args: argparse.Namespace, config: str, batch: int) -> dict:
