@@ -9,7 +9,8 @@
 Rows (`experiment_runs.suite_runs`), each trained / merged at every seed of `Budgets.seeds` (base once):
 base; IR only; STS only (CoDiEmb loss, CoSENT); naive joint (`mixed`); batch shuffling with one InfoNCE
 (BOOM's baseline); CoDiEmb with the proportional / balanced / temperature samplers; the CoDiEmb run's
-snapshots merged (delta-guided, uniform soup, TIES, Self Positioning); BOOM; the final weights of the three
+snapshots merged with delta-guided fusion (suite v1 also measured uniform soup, TIES and Self Positioning of
+the snapshots: all landed between θ0 and the final weights; v2 spends that time on the seeds); BOOM; the final weights of the three
 CoDiEmb runs of a seed merged across trajectories (`cross_*`: delta-guided, uniform soup, TIES, Self
 Positioning, greedy soup); the IR-only, STS-only and CoDiEmb final weights merged (`specialists_delta_fusion`).
 
@@ -916,8 +917,9 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
         f"- training data ({sizes}): SciFact train with hard negatives mined by the base model (ranks "
         f"{budgets.mining.rank_range[0]}–{budgets.mining.rank_range[1]}, margin {budgets.mining.margin}, "
         f"{budgets.mining.num_negatives} per query, judged positives excluded) + SNLI triplets (IR); STS-B train "
-        "(scores 0–5 normalised to [0, 1]). The sizes are chosen so IR and STS get the same number of batches: "
-        "`proportional`, `balanced` and `temperature` all take the same number of steps.",
+        "(scores 0–5 normalised to [0, 1]). IR gets twice STS's records, as CoDiEmb's data does (retrieval outweighs "
+        "STS): with equal task sizes the `balanced` policy would plan exactly `proportional`'s steps (every task "
+        "max_t N_t) and its rows would repeat `codiemb`'s.",
         f"- {MRPC_DECISION}",
         f"- evaluation: {eval_sets}; texts truncated to {budgets.eval.max_length} tokens; SciFact test's corpus is "
         f"every document judged for a test query plus seeded random distractors, {budgets.eval.ir_max_documents} "
