@@ -4,7 +4,9 @@ a 2-process FSDP2 step on CPU against a DDP step, and (on a GPU only) an FSDP1 s
 FSDP2 (`fully_shard`, `configs/trainer/fsdp2.yaml`: Lightning's `ModelParallelStrategy` as
 `codiemb_pl.sharding.FSDP2Strategy`) runs with gloo on CPU: its first-step loss and gradients on the tiny
 decoder (IR with cross-device negatives: queries, positives and negatives are three forward calls before one
-backward) equal DDP's, and its export equals DDP's. An earlier trial got equal losses but gradients that
+backward) equal DDP's, and its export equals DDP's; a fit with CheckpointFusion (snapshots from the
+consolidated weights, fusion and scoring on rank 0 with an unsharded encoder) gives DDP's snapshots,
+leaderboard and exported winner. An earlier trial got equal losses but gradients that
 differed from DDP and between the ranks; that is what happens when only the transformer blocks are sharded
 and the backbone itself is not (`fully_shard(model)` last): the parameters outside the blocks (token
 embeddings, final norm) then belong to no FSDP unit, nothing reduces their gradients, and each rank keeps
@@ -135,16 +137,59 @@ def test_fsdp2_strategy_shards_every_rank(capsys):
     assert FSDP2Strategy()._tensor_parallel_size == 1
 
 
-def test_checkpoint_fusion_refuses_fsdp2_with_one_line(tmp_path):
-    from types import SimpleNamespace
+FUSION_VAL = ('[{"name": "demo_sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "max_samples": 20},'
+              ' {"name": "demo_ir_dev", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_dev", "split": "dev",'
+              ' "max_samples": 8}]')
+FUSION_FILES = ("snapshots/base.safetensors", "snapshots/step0000001.safetensors", "snapshots/step0000002.safetensors",
+                "candidates/uniform_soup.safetensors", "model/model.safetensors")
 
-    from codiemb_pl.callbacks.fusion import CheckpointFusion
-    from codiemb_pl.errors import InputError
-    from codiemb_pl.sharding import FSDP2Strategy
 
-    with pytest.raises(InputError, match="codiemb fuse") as error:
-        CheckpointFusion(dirpath=str(tmp_path)).setup(SimpleNamespace(strategy=FSDP2Strategy()), None, "fit")
-    assert "\n" not in str(error.value) and not any(tmp_path.iterdir())   # nothing written
+def test_checkpoint_fusion_under_fsdp2_equals_ddp_on_two_cpu_processes(tmp_path):
+    """Two IR steps on 2 gloo ranks with CheckpointFusion (a snapshot after each step, one merge, scoring on
+    demo validation sets), under DDP and under FSDP2: snapshots, merge, leaderboard and exported winner agree
+    (weights rtol 1e-5, scores 1e-6; measured: bit-identical). Under FSDP2 the snapshots come from the
+    consolidated weights and rank 0 scores with an unsharded encoder (see callbacks/fusion.py)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from ddp_driver.launch import RunPool
+
+    model_dir = build_tiny_decoder(tmp_path / "qwen2", "qwen2")
+    data = '[{"name": "demo_ir", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 16}]'
+    fsdp2 = ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu",
+             "--trainer.devices", "2", "--trainer.precision", "32-true"]
+
+    def fit_args(name: str, extra: list[str]) -> list[str]:
+        return ["--model.model_name_or_path", str(model_dir), "--data.train", data, "--data.val", FUSION_VAL,
+                "--data.n_negatives", "1", "--trainer.max_steps", "2", "--trainer.default_root_dir", str(tmp_path / name),
+                "--trainer.callbacks+=codiemb_pl.callbacks.CheckpointFusion",
+                f"--trainer.callbacks.dirpath={tmp_path / name / 'fusion'}", "--trainer.callbacks.every_n_steps", "1",
+                "--trainer.callbacks.collect", '["last"]', "--trainer.callbacks.methods", '[{"method": "uniform_soup"}]',
+                *extra]
+
+    with RunPool() as pool:   # the two runs overlap
+        runs = [pool.submit(fit_args("ddp", []), world_size=2), pool.submit(fit_args("fsdp2", fsdp2), world_size=1)]
+        results = [run.result() for run in runs]
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    ddp, sharded = (tmp_path / name / "fusion" for name in ("ddp", "fsdp2"))
+    for relative in FUSION_FILES:
+        expected, actual = load_file(str(ddp / relative)), load_file(str(sharded / relative))
+        assert actual.keys() == expected.keys(), relative
+        assert all(torch.allclose(actual[key], expected[key], rtol=1e-5, atol=1e-7) for key in expected), relative
+    base, step1 = load_file(str(ddp / FUSION_FILES[0])), load_file(str(ddp / FUSION_FILES[1]))
+    assert any(not torch.allclose(step1[key], base[key]) for key in base)   # training moved the weights
+    boards = [json.loads((folder / "leaderboard.json").read_text()) for folder in (ddp, sharded)]
+    assert [row["name"] for row in boards[1]["ranking"]] == [row["name"] for row in boards[0]["ranking"]]
+    assert {row["name"] for row in boards[0]["ranking"]} == {"base", "step1", "step2+last", "uniform_soup"}
+    assert boards[1]["winner"] == boards[0]["winner"]
+    for expected, actual in zip(boards[0]["ranking"], boards[1]["ranking"]):
+        assert actual["metrics"].keys() == expected["metrics"].keys()
+        assert all(actual["metrics"][key] == pytest.approx(value, abs=1e-6) for key, value in expected["metrics"].items())
+    assert len({round(row["metrics"]["val/avg"], 6) for row in boards[0]["ranking"]}) > 1   # scores tell them apart
+    for settings in ("1_Pooling/config.json", "sentence_bert_config.json", "modules.json"):   # exported alike
+        assert json.loads((sharded / "model" / settings).read_text()) == json.loads((ddp / "model" / settings).read_text())
 
 
 NO_CUDA = not torch.cuda.is_available()

@@ -137,3 +137,30 @@ def test_unset_dirpath_follows_the_trainer_root(tmp_path):
     assert CheckpointFusion().root(trainer) == tmp_path / "elsewhere" / "fusion"
     assert CheckpointFusion().base_path(trainer) == tmp_path / "elsewhere" / "fusion" / "snapshots" / "base.safetensors"
     assert CheckpointFusion(dirpath=str(tmp_path / "mine")).root(trainer) == tmp_path / "mine"
+
+
+def test_unsharded_encoder_of_a_lora_module_embeds_as_the_module(tmp_path):
+    """What rank 0 scores with under FSDP2: a plain encoder (no adapters) of the module's base model, settings and
+    prompts, holding the merged weights W0 + s·B·A, embeds as the adapter module does."""
+    from codiemb_pl.callbacks.fusion import unsharded_encoder
+    from codiemb_pl.lora import LoraSettings, is_lora_model
+    from codiemb_pl.module import CoDiEmbModule
+    from decoder_models import build_tiny_decoder
+
+    module = CoDiEmbModule(str(build_tiny_decoder(tmp_path / "qwen2", "qwen2")),
+                           lora=LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():   # B starts at zero: give the adapters something to merge
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    module.encoder.prompts = {"query": "Instruct: find the passage\nQuery: "}
+    plain = unsharded_encoder(module, torch.device("cpu"))
+    assert is_lora_model(module.encoder.model) and not is_lora_model(plain.model)
+    assert (plain.pooling, plain.normalize, plain.max_seq_length, plain.include_prompt, plain.prompts) == (
+        "last", True, module.encoder.max_seq_length, False, module.encoder.prompts)
+    texts = ["a short one", "a somewhat longer sentence about retrieval"]
+    expected = module.encoder.encode(texts, prompt_name="query")
+    assert torch.allclose(plain.encode(texts, prompt_name="query"), expected, atol=1e-5)
+    base = CoDiEmbModule(str(tmp_path / "qwen2")).encoder.encode(texts, prompt=module.encoder.prompts["query"])
+    assert not torch.allclose(base, expected, atol=1e-3)   # the adapters change the embeddings

@@ -15,6 +15,13 @@ W&B), writes `leaderboard.json` / `.md` and exports the best candidate by `metri
 `<dirpath>/model` (sentence-transformers folder with a model card: method, inputs, weights,
 parameters, scores). Other ranks wait at a barrier. The module's weights are restored afterwards.
 An unset `dirpath` is `<trainer.default_root_dir>/fusion`, so `--trainer.default_root_dir` moves it.
+
+Under FSDP2 (`configs/trainer/fsdp2.yaml`) each rank holds 1/W of the weights, and the sharded module runs
+only with every rank taking part: each snapshot is written from the consolidated full weights (every rank
+enters the gather, `sharding.consolidated_weights`, rank 0 writes), and the fusion and scoring run on rank 0
+with an ordinary, unsharded `TextEncoder` of the same base model and settings, built from the consolidated
+weights (`unsharded_encoder`), while the other ranks wait. The sharded module is not touched. Under LoRA,
+snapshots hold the merged weights `W0 + s·B·A` under the base names in either case.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file
 
 from ..atomic import atomic_write_text
+from ..encoder import TextEncoder
 from ..errors import InputError
 from ..evaluation.suite import evaluate_encoder, flat_metrics
 from ..fusion.writer import save_state_dict
 from ..lora import load_merged_weights, merged_weights
 from ..model_card import encoder_card_fields
+from ..sharding import consolidated_weights, is_fsdp2_sharded
 from ..workflows.fusion import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion, winner_card
 from .monitoring import log_leaderboard
 
@@ -54,8 +63,31 @@ def save_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
     save_state_dict({key: value.detach() for key, value in weights.items()}, path)
 
 
-def load_encoder_weights(pl_module: pl.LightningModule, path: Path) -> None:
-    load_merged_weights(pl_module.encoder.model, load_file(str(path)))
+def write_encoder_weights(trainer: pl.Trainer, pl_module: pl.LightningModule, path: Path) -> None:
+    """`save_encoder_weights` on rank 0. Every rank must call it: under FSDP2 the full weights are first
+    gathered to rank 0 (a collective); otherwise the other ranks do nothing."""
+    with consolidated_weights(pl_module.encoder.model):
+        if trainer.is_global_zero:
+            save_encoder_weights(pl_module, path)
+
+
+def load_encoder_weights(encoder: TextEncoder, path: Path) -> None:
+    load_merged_weights(encoder.model, load_file(str(path)))
+
+
+def unsharded_encoder(pl_module: pl.LightningModule, device) -> TextEncoder:
+    """A plain `TextEncoder` (no sharding, no adapters) of the module encoder's base model and settings,
+    holding its current weights (LoRA merged in), on `device`. Under FSDP2 call it on rank 0 inside
+    `sharding.consolidated_weights(pl_module.encoder.model)`, where those weights are the gathered ones."""
+    source = pl_module.encoder
+    _, weights = merged_weights(source.model)
+    encoder = TextEncoder(source.name_or_path, pooling=source.pooling, normalize=source.normalize,
+                          max_seq_length=source.max_seq_length, prompts=dict(source.prompts),
+                          include_prompt=source.include_prompt,
+                          trust_remote_code=bool(dict(getattr(pl_module, "hparams", {})).get("trust_remote_code")))
+    encoder.default_prompt_name, encoder.do_lower_case = source.default_prompt_name, source.do_lower_case
+    encoder.model.load_state_dict({key: value.detach() for key, value in weights.items()}, strict=True)
+    return encoder.to(device)
 
 
 class CheckpointFusion(pl.Callback):
@@ -101,28 +133,26 @@ class CheckpointFusion(pl.Callback):
 
     # -- collecting ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """θ0 is written before any checkpoint is restored, and kept when a run resumes."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if isinstance(trainer.strategy, ModelParallelStrategy):  # rank 0 alone would run the sharded model
-            raise InputError("trainer.callbacks: CheckpointFusion", "does not run under FSDP2 (configs/trainer/fsdp2.yaml)",
-                             "drop the callback, keep ModelCheckpoint files and fuse them after training: codiemb fuse")
-        if stage != "fit" or not trainer.is_global_zero:
+        """θ0 is written before any checkpoint is restored, and kept when a run resumes. (FSDP2 shards the
+        module later, in `configure_model`, so the gather below is a no-op unless it is sharded already.)"""
+        if stage != "fit":
             return
         base = self.base_path(trainer)
-        if not base.exists():
-            base.parent.mkdir(parents=True, exist_ok=True)
-            save_encoder_weights(pl_module, base)
+        with consolidated_weights(pl_module.encoder.model):
+            if trainer.is_global_zero and not base.exists():
+                base.parent.mkdir(parents=True, exist_ok=True)
+                save_encoder_weights(pl_module, base)
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
+        """Every rank keeps the same bookkeeping and calls this at the same moments (a collective under FSDP2,
+        then a barrier); rank 0 writes the file."""
         step = trainer.global_step
         if step == 0:
             return
-        if trainer.is_global_zero:
-            if step not in self.snapshots:
-                save_encoder_weights(pl_module, self.snapshot_path(trainer, step))
-            if label not in self.snapshots.setdefault(step, []):
-                self.snapshots[step].append(label)
+        if step not in self.snapshots:
+            write_encoder_weights(trainer, pl_module, self.snapshot_path(trainer, step))
+        if label not in self.snapshots.setdefault(step, []):
+            self.snapshots[step].append(label)
         trainer.strategy.barrier("codiemb-fusion-snapshot")
 
     def _drop_label(self, trainer: pl.Trainer, label: str) -> None:
@@ -131,7 +161,8 @@ class CheckpointFusion(pl.Callback):
                 labels.remove(label)
                 if not labels:
                     del self.snapshots[step]
-                    self.snapshot_path(trainer, step).unlink(missing_ok=True)
+                    if trainer.is_global_zero:
+                        self.snapshot_path(trainer, step).unlink(missing_ok=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -150,8 +181,7 @@ class CheckpointFusion(pl.Callback):
                 continue
             if float(value) > self.best_values.get(moment, -math.inf):
                 self.best_values[moment] = float(value)
-                if trainer.is_global_zero:
-                    self._drop_label(trainer, moment)
+                self._drop_label(trainer, moment)
                 self._snapshot(trainer, pl_module, moment)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -171,11 +201,20 @@ class CheckpointFusion(pl.Callback):
 
     # -- fusing --------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if is_fsdp2_sharded(pl_module.encoder.model):   # rank 0 alone cannot run the sharded module
+            with consolidated_weights(pl_module.encoder.model):   # every rank gathers, rank 0 keeps the weights
+                encoder = unsharded_encoder(pl_module, trainer.strategy.root_device) if trainer.is_global_zero else None
+            if encoder is not None:
+                self.fuse(trainer, pl_module, encoder)
+                del encoder
+        elif trainer.is_global_zero:
             self.fuse(trainer, pl_module)
         trainer.strategy.barrier("codiemb-fusion")
 
-    def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[Leaderboard]:
+    def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+             encoder: Optional[TextEncoder] = None) -> Optional[Leaderboard]:
+        """Merge, score and export on this process with `encoder` (default: the module's own, whose weights are
+        restored afterwards; under FSDP2 an `unsharded_encoder`, left holding the last weights it scored)."""
         datamodule = trainer.datamodule
         val_sets = list(getattr(datamodule, "val_sets", []) or [])
         snapshots = [(step, labels) for step, labels in sorted(self.snapshots.items())
@@ -184,12 +223,14 @@ class CheckpointFusion(pl.Callback):
             rank_zero_warn("[codiemb] fusion skipped: " + ("no validation sets" if not val_sets else "no snapshots"))
             return None
         root = self.root(trainer)
+        own = encoder is None
         current = root / "snapshots" / "current.safetensors"
-        save_encoder_weights(pl_module, current)
-        encoder = pl_module.encoder
+        if own:
+            save_encoder_weights(pl_module, current)
+            encoder = pl_module.encoder
 
         def evaluate(path: Path) -> dict[str, float]:
-            load_encoder_weights(pl_module, path)
+            load_encoder_weights(encoder, path)
             per_set, summary = evaluate_encoder(encoder, val_sets, batch_size=self.eval_batch_size)
             return flat_metrics(per_set, summary)
 
@@ -208,14 +249,15 @@ class CheckpointFusion(pl.Callback):
             self._report(trainer, board, root)
             winner = board.winner()
             if self.export and winner is not None:
-                load_encoder_weights(pl_module, Path(winner.weights_path))
+                load_encoder_weights(encoder, Path(winner.weights_path))
                 encoder.save(root / "model", model_card=winner_card(board, inputs, model_path=str(root / "model"),
                                                                     **encoder_card_fields(encoder)))
                 rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
                                f"{winner.metrics[self.metric]:.4f}) to {(root / 'model').resolve()}")
         finally:
-            load_encoder_weights(pl_module, current)
-            current.unlink(missing_ok=True)
+            if own:
+                load_encoder_weights(encoder, current)
+                current.unlink(missing_ok=True)
         return board
 
     def _report(self, trainer: pl.Trainer, board: Leaderboard, root: Path) -> None:
