@@ -283,16 +283,28 @@ class Suite:
                                                       budget.dev_ir_documents, budget.documents_seed)]
         return self._dev_sets
 
-    def training_sizes(self) -> dict[str, int]:
-        """Records per training source after the budget's caps."""
-        if self._sizes is None:
-            self._sizes = {s.name: len(load_training_records(self.train_source_config(s.name))) for s in TRAIN_SOURCES}
-        return self._sizes
+    def training_sizes(self, mine: bool = True) -> dict[str, int]:
+        """Records per training source after the budget's caps. With `mine=False` (the estimate) a source
+        whose hard negatives are not mined yet counts as its cap instead of being mined first."""
+        if self._sizes is not None:
+            return self._sizes
+        assumed = not mine and not self.mined_path().is_file()
+        sizes = {}
+        for source in TRAIN_SOURCES:
+            cap = getattr(self.budgets.train, source.cap)
+            sizes[source.name] = (cap if assumed and source.split and cap
+                                  else len(load_training_records(self.train_source_config(source.name))))
+        if not assumed:
+            self._sizes = sizes
+        return sizes
+
+    def mined_path(self) -> Path:
+        """Where SciFact train with mined hard negatives is cached (keyed by the mining config)."""
+        return self.workdir / "mined" / f"scifact_train_{config_key(mining_config(self.model, self.budgets))}.jsonl"
 
     def mined_negatives(self) -> Path:
         """SciFact train with hard negatives mined by the base model (positives excluded), cached by config."""
-        config = mining_config(self.model, self.budgets)
-        path = self.workdir / "mined" / f"scifact_train_{config_key(config)}.jsonl"
+        path = self.mined_path()
         if path.is_file():
             return path
         mining = self.budgets.mining
@@ -631,7 +643,7 @@ class Suite:
     # -- plan and estimate --------------------------------------------------------------------------------
     def estimate(self, plan: list[tuple[RunSpec, Optional[int]]]) -> float:
         """Print the plan (cached / to run) with estimated seconds for MiniLM on an idle 2-core CPU."""
-        sizes = self.training_sizes()
+        sizes = self.training_sizes(mine=False)
         set_sizes = {"documents": 0, "sentences": 0}
         for vset in self.sets().values():
             for field_name, texts in vset.texts.items():
@@ -652,8 +664,7 @@ class Suite:
             units_seen.add(key)
             return training_seconds(unit, budget, {n: round(v * fraction) for n, v in sizes.items()})
 
-        mined = self.workdir / "mined" / f"scifact_train_{config_key(mining_config(self.model, self.budgets))}.jsonl"
-        total = 0.0 if mined.is_file() else eval_seconds({"documents": 5183, "sentences": sizes["scifact"]},
+        total = 0.0 if self.mined_path().is_file() else eval_seconds({"documents": 5183, "sentences": sizes["scifact"]},
                                                          self.budgets.mining.max_seq_length)
         lines = [f"{'run':<26} {'seed':>5} {'status':<8} {'estimate':>9}"]
         for spec, seed in plan:

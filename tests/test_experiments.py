@@ -203,6 +203,18 @@ def quick_suite(tiny_model_dir, tmp_path_factory, one_torch_thread):
     return argv, folder
 
 
+def test_estimate_only_on_a_fresh_workdir_mines_nothing(tiny_model_dir, tmp_path, capsys):
+    """The estimate counts SciFact at its cap when its negatives are not mined yet (mining is minutes)."""
+    data = make_data(tmp_path / "data")
+    argv = ["--quick", "--model", str(tiny_model_dir), "--data", str(data), "--workdir", str(tmp_path / "work"),
+            "--results", str(tmp_path / "results.json"), "--estimate-only"]
+    assert experiments.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mining hard negatives" not in out and not (tmp_path / "work" / "mined").exists()
+    assert f"'scifact': {experiment_runs.QUICK.train.ir_max_samples}" in out and "total (+ mining)" in out
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_quick_suite_builds_members_and_scores_every_row(quick_suite):
     argv, folder = quick_suite
     data = json.loads((folder / "results.json").read_text("utf-8"))
