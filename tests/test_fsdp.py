@@ -11,7 +11,8 @@ differed from DDP and between the ranks; that is what happens when only the tran
 and the backbone itself is not (`fully_shard(model)` last): the parameters outside the blocks (token
 embeddings, final norm) then belong to no FSDP unit, nothing reduces their gradients, and each rank keeps
 its own (reproduced: exactly those two tensors differ). `shard_with_fsdp2` shards both.
-Not tested here (found by hand): resuming FSDP2 from its consolidated checkpoint is not exact (README).
+A 2-rank FSDP2 run killed and resumed from its consolidated checkpoint continues exactly (losses, weights and
+AdamW states identical to the uninterrupted run's).
 
 FSDP1 (`configs/trainer/fsdp.yaml`, Lightning's `FSDPStrategy`) cannot run on CPU: Lightning refuses
 `accelerator: cpu` ("The strategy `fsdp` requires a GPU accelerator"), and under another type PyTorch's
@@ -125,6 +126,59 @@ def test_fsdp2_first_step_and_export_equal_ddp_on_two_cpu_processes(tmp_path):
     assert exported[0].keys() == exported[1].keys()
     assert any(not torch.allclose(exported[0][key], base[key]) for key in base)   # the step moved the weights
     assert all(torch.allclose(exported[1][key], exported[0][key], rtol=1e-5, atol=1e-7) for key in exported[0])
+
+
+def test_fsdp2_killed_and_resumed_run_continues_exactly(tmp_path, tiny_model_dir):
+    """FSDP2 resume: a 2-rank run (tiny BERT, dropout on) killed before optimizer step 2 and resumed with
+    `--ckpt_path last` (the consolidated file) trains steps 2 and 3 with the uninterrupted run's losses and
+    ends with its weights and AdamW states. Tolerance 0 (as tests/test_resume.py under DDP): the restored
+    weights, optimizer states, sampler position and per-rank RNG states make both runs do the same
+    operations in the same order on the same inputs, so the floats are identical (measured: identical).
+    Before the fix the resumed run trained step 2 on the epoch's first batch (step 0's), see
+    `CoDiEmbDataModule.load_state_dict`."""
+    import json
+
+    from ddp_driver.launch import RunPool, run_codiemb
+
+    data = '[{"name": "demo_ir", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 32}]'
+
+    def fit_args(name: str, *extra: str) -> list[str]:
+        checkpoint = ('{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": '
+                      f'"{tmp_path / name}", "every_n_train_steps": 1, "save_top_k": 0, "save_last": true}}}}')
+        return ["--config", str(ROOT / "configs/trainer/fsdp2.yaml"), "--trainer.accelerator", "cpu",
+                "--trainer.devices", "2", "--trainer.precision", "32-true", "--model.model_name_or_path",
+                str(tiny_model_dir), "--data.train", data, "--data.n_negatives", "1", "--trainer.max_steps", "4",
+                "--trainer.enable_checkpointing", "true", "--trainer.callbacks+", checkpoint,
+                "--trainer.callbacks+=ddp_driver.probes.LossRecorder", f"--trainer.callbacks.out_dir={tmp_path / name}",
+                *extra]
+
+    def interrupt_then_resume():
+        interrupted = run_codiemb(fit_args("resumed", "--trainer.callbacks+=ddp_driver.probes.Interrupt",
+                                           "--trainer.callbacks.at_step=2"), timeout=300)
+        left_at = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=False)["global_step"]
+        return interrupted, left_at, run_codiemb(fit_args("resumed", "--ckpt_path", "last"), timeout=300)
+
+    with RunPool() as pool:   # the straight run overlaps the interrupted-then-resumed chain
+        straight_run = pool.submit(fit_args("straight"), timeout=300)
+        chain = pool.executor.submit(interrupt_then_resume)
+        straight = straight_run.result()
+        interrupted, left_at, resumed = chain.result()
+    assert straight.returncode == 0, straight.stdout[-3000:]
+    assert interrupted.returncode == 3 and left_at == 2, interrupted.stdout[-3000:]
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    for rank in range(2):
+        expected, actual = (json.loads((tmp_path / name / f"losses_rank{rank}.json").read_text())
+                            for name in ("straight", "resumed"))
+        assert [step for step, _ in expected] == [0, 1, 2, 3] and len({loss for _, loss in expected}) == 4
+        assert actual == expected[2:], rank                       # steps 2 and 3, the same losses
+    final = [torch.load(tmp_path / name / "last.ckpt", weights_only=False) for name in ("straight", "resumed")]
+    assert final[0]["global_step"] == final[1]["global_step"] == 4
+    weights = [checkpoint["state_dict"] for checkpoint in final]
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 30
+    assert all(torch.equal(weights[1][name], weights[0][name]) for name in weights[0])
+    adam = [checkpoint["optimizer_states"][0]["state"] for checkpoint in final]
+    assert adam[0].keys() == adam[1].keys() and len(adam[0]) == len(weights[0])
+    assert all(torch.equal(adam[1][key][name], value) for key in adam[0] for name, value in adam[0][key].items())
 
 
 def test_fsdp2_strategy_shards_every_rank(capsys):

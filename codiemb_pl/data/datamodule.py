@@ -60,6 +60,14 @@ class ResumableDataLoader(DataLoader):
         return super().__iter__()
 
 
+def restart_training_iterator(trainer: Optional["pl.Trainer"]) -> None:
+    """Start the fit loop's training iterator again (Lightning started it when it built the loader), so
+    that it plans from the loader's current state; the batch it prefetched is dropped, not consumed."""
+    fetcher = getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)
+    if fetcher is not None:
+        iter(fetcher)
+
+
 class ValidationTexts(Dataset):
     """This rank's validation chunks; each item is a whole tokenised chunk."""
 
@@ -135,6 +143,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.test_sets: list[ValidationSet] = []
         self.predict_sets: list[ValidationSet] = []  # the one set of `predict` texts (field "text")
         self.sampler: Optional[TaskBatchSampler] = None
+        self.train_loader: Optional[ResumableDataLoader] = None  # built in this run (see load_state_dict)
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
 
     # -- set-up ---------------------------------------------------------------------------------------
@@ -162,6 +171,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                                      passage_prefix=self.hparams.passage_prefix)
 
     def setup(self, stage: str) -> None:
+        self.train_loader = None  # a loader of an earlier run must not take this run's restored position
         if stage == "fit" and self.train_dataset is None:
             if not self.train_sources:
                 raise InputError("data.train", "no training sources configured", "add at least one entry under data.train")
@@ -226,6 +236,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         if self.sampler_state_to_load is not None:
             loader.load_state_dict(self.sampler_state_to_load)
             self.sampler_state_to_load = None
+        self.train_loader = loader
         return loader
 
     def token_limits(self) -> TokenLimits:
@@ -269,8 +280,18 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         Lightning restores the datamodule before `configure_optimizers` builds the training loader (via
         `estimated_stepping_batches`) but its loop state only afterwards, too late for that loader's first
         iterator; restoring here lets a resumed run continue at the exact micro-batch.
+
+        Strategies that restore a checkpoint only after their set-up (`restore_checkpoint_after_setup`:
+        FSDP2 / `ModelParallelStrategy`, FSDP, DeepSpeed) call this after that loader was built and its first
+        iterator started (which already planned the epoch from micro-batch 0): the position then goes to
+        that loader and the trainer's training iterator is restarted from it.
         """
-        self.sampler_state_to_load = state.get("sampler")
+        sampler_state = state.get("sampler")
+        if sampler_state is not None and self.train_loader is not None:
+            self.train_loader.load_state_dict(sampler_state)
+            restart_training_iterator(self.trainer)
+        else:
+            self.sampler_state_to_load = sampler_state
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count a training micro-batch as consumed when it is handed to the step (not when prefetched)."""

@@ -1,4 +1,4 @@
-"""Test callbacks that record what each rank did, one file per rank (used by the DDP and resume tests).
+"""Test callbacks that record what each rank did, one file per rank (used by the DDP, resume and FSDP tests).
 
 Passed to the real CLI with `--trainer.callbacks+=ddp_driver.probes.NAME` (the launcher puts `tests/`
 on PYTHONPATH), so the runs exercise exactly the code users run.
@@ -74,3 +74,22 @@ class Interrupt(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.at_step:
             os._exit(3)
+
+
+class LossRecorder(pl.Callback):
+    """Writes `<out_dir>/losses_rank<r>.json`: [optimizer step, local loss] per micro-batch this run trained
+    (a resumed run: only those after its checkpoint)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.rows: list[list[Any]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rows.append([trainer.global_step, None])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rows[-1][1] = float(outputs["loss"].detach())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"losses_rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
