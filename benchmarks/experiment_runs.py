@@ -147,10 +147,10 @@ class RunSpec:
     """One row of the results table."""
 
     name: str
-    kind: str                      # base | train | merge | self_positioning | boom | cross
+    kind: str                      # base | train | merge (of a run's snapshots) | boom | cross
     description: str
     train: dict[str, Any] = field(default_factory=dict)   # train: tasks, policy, sts_objective, snapshots
-    parent: Optional[str] = None   # merge / self_positioning / boom: the training run they start from
+    parent: Optional[str] = None   # merge / boom: the training run they start from
     method: Optional[str] = None   # merge / cross: a fusion method
     params: dict[str, Any] = field(default_factory=dict)
     members: tuple[str, ...] = ()  # cross: the training rows whose final weights (same seed) are merged
@@ -303,8 +303,6 @@ def run_config(spec: RunSpec, model: str, budgets: Budgets, specs: dict[str, Run
     config = {"suite": SUITE_VERSION, "kind": spec.kind, "parent": parent, "params": dict(spec.params)}
     if spec.method:
         config["method"] = spec.method
-    if spec.kind == "self_positioning":
-        config["ir_temperature"] = budgets.train.ir_temperature
     if spec.kind == "boom":
         config["members"] = boom_subsets(spec, seed)
     return config

@@ -430,12 +430,8 @@ class Suite:
         info: dict[str, Any] = {"snapshots": [p.stem for p in snapshots]}
         if (output / "modules.json").is_file():
             return output, info
-        base = parent / "fusion" / "snapshots" / "base.safetensors"
-        if spec.kind == "merge":
-            self.fuse(str(base), [str(p) for p in snapshots], spec, seed, output)
-        else:
-            info.update(self.build_self_positioning(spec, str(base), [str(p) for p in snapshots],
-                                                    self.unit(spec.parent, seed), seed, output))
+        base = parent / "fusion" / "snapshots" / "base.safetensors"   # a `merge` row: its parent's snapshots
+        self.fuse(str(base), [str(p) for p in snapshots], spec, seed, output)
         return output, info
 
     def fuse(self, base: str, models: list[str], spec: RunSpec, seed: int, output: Path) -> None:
@@ -676,7 +672,7 @@ class Suite:
             seconds += sum(unit_seconds(name, seed) for name in dependencies(spec))
             if spec.kind in ("merge", "cross"):
                 seconds += SECONDS_PER_MERGE
-            if spec.kind == "self_positioning" or spec.method == "self_positioning":
+            if spec.method == "self_positioning":
                 seconds += self_positioning_seconds(spec.params, budget)
             if spec.method == "greedy_soup":
                 seconds += 2 * len(spec.members) * dev_eval
