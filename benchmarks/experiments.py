@@ -9,10 +9,11 @@
 Rows (`experiment_runs.suite_runs`), each trained / merged at every seed of `Budgets.seeds` (base once):
 base; IR only; STS only (CoDiEmb loss, CoSENT); naive joint (`mixed`); batch shuffling with one InfoNCE
 (BOOM's baseline); CoDiEmb with the proportional / balanced / temperature samplers; the CoDiEmb run's
-snapshots merged with delta-guided fusion (suite v1 also measured uniform soup, TIES and Self Positioning of
-the snapshots: all landed between θ0 and the final weights; v2 spends that time on the seeds); BOOM; the final weights of the three
-CoDiEmb runs of a seed merged across trajectories (`cross_*`: delta-guided, uniform soup, TIES, Self
-Positioning, greedy soup); the IR-only, STS-only and CoDiEmb final weights merged (`specialists_delta_fusion`).
+snapshots merged with delta-guided fusion (suite v1 also measured uniform soup, TIES and Self Positioning
+of the snapshots: all landed between θ0 and the final weights; v2 spends that time on the seeds); BOOM; the
+final weights of the three CoDiEmb runs of a seed merged across trajectories (`cross_*`: delta-guided, uniform
+soup, TIES, Self Positioning, greedy soup); the IR-only, STS-only and CoDiEmb final weights merged
+(`specialists_delta_fusion`).
 
 Everything goes through the library: training through `codiemb fit` (in-process, a generated YAML per
 run in the workdir), hard negatives through `codiemb mine-negatives` (once, cached), merges through
@@ -453,8 +454,8 @@ class Suite:
         if (output / "modules.json").is_file():
             return output, json.loads(record.read_text("utf-8")) if record.is_file() else info
         if spec.method == "self_positioning":
-            info.update(self.build_self_positioning(spec, self.model_folder, [str(m) for m in members],
-                                                    self.unit(spec.members[0], seed), seed, output))
+            info.update(self.build_self_positioning(spec, [str(m) for m in members], self.unit(spec.members[0], seed),
+                                                    seed, output))
         elif spec.method == "greedy_soup":
             info.update(self.build_greedy_soup(spec, members, output))
         else:
@@ -462,12 +463,10 @@ class Suite:
         atomic_write_text(record, json.dumps(info, indent=1) + "\n")
         return output, info
 
-    def build_self_positioning(self, spec: RunSpec, base: str, checkpoints: list[str], probe_unit: dict[str, Any],
-                               seed: int, output: Path) -> dict[str, Any]:
-        """Self Positioning of `checkpoints` against `base` (a .safetensors θ0 or the base model folder), probed
-        on the training data of `probe_unit`."""
-        from safetensors.torch import load_file
-
+    def build_self_positioning(self, spec: RunSpec, checkpoints: list[str], probe_unit: dict[str, Any], seed: int,
+                               output: Path) -> dict[str, Any]:
+        """Self Positioning of `checkpoints` against θ0 = the base model, probed on the training data of
+        `probe_unit`."""
         from codiemb_pl.atomic import atomic_directory
         from codiemb_pl.data.collate import LengthLimits
         from codiemb_pl.encoder import TextEncoder
@@ -477,7 +476,7 @@ class Suite:
         probe = [SourceConfig(**entry) for entry in self.train_sources(probe_unit)]
         params = spec.params
         merged, info = self_positioning_merge(
-            load_file(base) if base.endswith(".safetensors") else base, checkpoints, probe,
+            self.model_folder, checkpoints, probe,
             model_dir=self.model_folder, steps=params["steps"], lr=params["lr"], probe_size=params["probe_size"],
             probe_batch_size=params["probe_batch_size"], seed=seed, ir_temperature=budget.ir_temperature,
             limits=LengthLimits(query=budget.max_query_length, passage=budget.max_passage_length,
