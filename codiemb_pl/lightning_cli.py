@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from argparse import ArgumentError
@@ -21,6 +22,7 @@ from .embeddings_file import check_output_path, write_embeddings
 from .errors import InputError
 from .held_logs import HeldLogs
 from .module import CoDiEmbModule
+from .run_lock import RunLock, acquire_run_lock
 from .pooling import check_pooling_mode
 
 
@@ -29,10 +31,13 @@ class CoDiEmbCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any):
         self.held_logs = HeldLogs().hold()  # Lightning's banners wait until the input has been checked
+        self.run_lock: Optional[RunLock] = None  # `fit`'s lock on trainer.default_root_dir (before_instantiate_classes)
         try:
             super().__init__(*args, **kwargs)
         finally:
             self.held_logs.discard()  # a run that failed before its checks passed shows only warnings
+            if self.run_lock is not None:  # success, InputError, interruption, any exception
+                self.run_lock.release()
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name_or_path", "data.tokenizer")
@@ -79,6 +84,9 @@ class CoDiEmbCLI(LightningCLI):
             from .run_folder import fill_unset_folders
 
             fill_unset_folders(config["trainer"])
+        if self.subcommand == "fit":  # one writer per run folder; validate / test / predict write no run outputs
+            self.run_lock = acquire_run_lock(config["trainer"].get("default_root_dir") or os.getcwd(), "fit",
+                                             folder_option="--trainer.default_root_dir")
 
     def before_fit(self) -> None:
         """Read and check all data and the sampler plan before any training or writing starts; from here on,

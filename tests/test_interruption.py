@@ -115,6 +115,7 @@ def test_sigint_saves_last_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path
     assert code == 0, output[-4000:]
     assert "codiemb: interrupted: SIGINT received" in output and "KeyboardInterrupt" not in output
     assert 1 <= checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] < TOTAL_STEPS
+    assert not (tmp_path / "run" / ".codiemb.lock").exists(), "the interrupted fit left its run lock behind"
 
 
 def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(tiny_model_dir, tmp_path):
@@ -130,6 +131,7 @@ def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(tiny_model_d
     for rank in (0, 1):  # each rank reports its own stop step
         assert f"SIGTERM received (rank {rank} of 2): stopped after optimizer step {step} and saved" in output, \
             output[-4000:]
+    assert not (tmp_path / "run" / ".codiemb.lock").exists()   # rank 0 took it before starting rank 1, and released it
 
 
 WRITER_SCRIPT = textwrap.dedent("""

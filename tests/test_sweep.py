@@ -188,6 +188,7 @@ def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tiny_model_dir,
     printed = capsys.readouterr().out
     assert "run 1/2 a: interrupted" in printed and "rerun the same command to resume" in printed
     assert (out / "runs" / "a" / "checkpoints" / "last.ckpt").is_file() and not (out / "runs" / "b").exists()
+    assert not list(out.rglob(".codiemb.lock*")), "the interrupted sweep left a run lock behind"
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"a: resuming from {out / 'runs' / 'a' / 'checkpoints' / 'last.ckpt'}" in printed

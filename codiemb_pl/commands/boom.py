@@ -71,8 +71,9 @@ def _read_yaml(path: str) -> Any:
         raise InputError(path, f"is not valid YAML ({error})", "fix the file") from None
 
 
-def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(options, fit config paths, fit overrides) from the flags and any `boom:` YAML section."""
+def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str | dict], list[str]]:
+    """(options, fit configs, fit overrides) from the flags and any `boom:` YAML section. A fit config is a
+    path, or a fit config piece found beside a `boom:` section (`write_fit_pieces` makes it a file)."""
     parsed, overrides = build_parser().parse_known_args(argv)
     flags = {key: value for key, value in vars(parsed).items() if value is not None and key != "config"}
     options: dict[str, Any] = {}
@@ -103,14 +104,19 @@ def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str], list[st
         raise InputError("codiemb boom", "no fit configuration", "pass --config FIT_CONFIG")
     if not options.get("output"):
         raise InputError("codiemb boom", "no output folder", "pass --output DIR (or boom.output in the YAML)")
+    return options, fit_configs, overrides
+
+
+def write_fit_pieces(output: str | Path, fit_configs: list[str | dict]) -> list[str]:
+    """The fit config paths, each config piece written to OUTPUT/fit-piece-N.yaml."""
     paths = []
     for index, item in enumerate(fit_configs):
         if isinstance(item, dict):
-            piece = Path(options["output"]) / f"fit-piece-{index}.yaml"
+            piece = Path(output) / f"fit-piece-{index}.yaml"
             atomic_write_text(piece, yaml.safe_dump(item, sort_keys=False))
             item = str(piece)
         paths.append(item)
-    return options, paths, overrides
+    return paths
 
 
 def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
@@ -129,6 +135,14 @@ def boom_command(argv: list[str]) -> int:
     """Run BOOM (or an incremental update) as a sweep, print where the merge is and, optionally, the metric
     table; or, with --print-commands, only the runs' `codiemb fit` lines."""
     options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
+    from codiemb_pl.run_lock import run_lock
+
+    with run_lock(options["output"], "boom", tree=True, folder_option="--output"):   # before anything is written
+        return run_boom_command(options, write_fit_pieces(options["output"], fit_configs), overrides)
+
+
+def run_boom_command(options: dict[str, Any], fit_configs: list[str], overrides: list[str]) -> int:
+    """`boom_command`'s work, under the output folder's run lock."""
     from codiemb_pl.reporting import comparison_table
     from codiemb_pl.workflows.boom import plan_boom, plan_incremental, plan_runs, run_boom, run_incremental
     from codiemb_pl.workflows.sweep import print_commands, resolve_fit_config

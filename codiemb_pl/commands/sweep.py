@@ -7,7 +7,8 @@
 Runs go to DIR/runs/NAME (finished ones are skipped, an interrupted one resumes from its last.ckpt, a
 crashed one is reported and the others continue); the leaderboard of base, members and merges goes to
 DIR/leaderboard.json / .md and the winner to DIR/model. The sweep file format and the work are in
-`codiemb_pl.workflows.sweep`; this module only parses.
+`codiemb_pl.workflows.sweep`; this module parses and holds DIR's run lock (`codiemb_pl.run_lock`) while
+the sweep trains and fuses.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 @register_command("sweep")
 def sweep_command(argv: list[str]) -> int:
     """Plan (everything checked first), then print the commands, or train and fuse."""
+    from ..run_lock import run_lock
     from ..workflows.sweep import plan_sweep, print_commands, run_sweep
 
     args, fit_overrides = build_parser().parse_known_args(argv)
@@ -44,4 +46,5 @@ def sweep_command(argv: list[str]) -> int:
     if args.print_commands:
         print_commands(plan)
         return 0
-    return run_sweep(plan, fuse_only=args.fuse_only, log=lambda line: print(line, flush=True))
+    with run_lock(plan.output, "sweep", tree=True, folder_option="--output"):   # its runs' fits nest under it
+        return run_sweep(plan, fuse_only=args.fuse_only, log=lambda line: print(line, flush=True))
