@@ -209,8 +209,9 @@ class RunLock:
     """A held lock (or, for a rank other than 0 or a folder this process already holds, a handle that does
     nothing). `release()` removes the lock file if it still names this holder; a context manager."""
 
-    def __init__(self, path: Path, holder: Optional[Holder] = None):
+    def __init__(self, path: Path, holder: Optional[Holder] = None, created: tuple[Path, ...] = ()):
         self.path, self.holder = path, holder
+        self.created = created   # the folders the lock created (deepest first): removed again if left empty
 
     @property
     def owned(self) -> bool:
@@ -225,6 +226,9 @@ class RunLock:
             current = read_holder(self.path, wait=0.0)
             if current is not None and current.token == holder.token:
                 os.unlink(self.path)
+                for folder in self.created:   # a run stopped by bad input leaves no empty folder behind
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
                 return
             problem = "was removed or replaced by someone else while this run held it"
         except (ValueError, OSError) as error:
@@ -367,11 +371,16 @@ def acquire_run_lock(root: str | os.PathLike, kind: str, *, tree: bool = False,
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     _check_covering_locks(root, folder_option)
     mine = Holder.this_process(kind, tree, command)
+    created = tuple(folder for folder in (root, *root.parents) if not folder.exists())
     try:
-        root.mkdir(parents=True, exist_ok=True)
         for _ in range(50):   # each round succeeds, refuses, or finds the lock released or taken over
-            if _create_exclusive(lock_path, mine.to_text(), mine.token):
-                lock = RunLock(lock_path, mine)
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                taken = _create_exclusive(lock_path, mine.to_text(), mine.token)
+            except FileNotFoundError:   # the folder was removed in between (a run that just ended)
+                continue
+            if taken:
+                lock = RunLock(lock_path, mine, created)
                 _HELD[lock_path] = lock
                 return lock
             try:

@@ -157,6 +157,18 @@ def test_lock_is_released_after_an_input_error(tiny_model_dir, tmp_path, capsys)
     assert not lock.exists()
 
 
+def test_release_removes_the_folders_the_lock_created_when_left_empty(tmp_path):
+    root = tmp_path / "new" / "run"
+    with run_lock(root, "fit") as lock:
+        assert lock.owned and root.is_dir()
+    assert not (tmp_path / "new").exists()
+    write_lock(root, host="gpu-node-17")     # a folder that was there before stays
+    (root / LOCK_NAME).unlink()
+    with run_lock(root, "fit"):
+        pass
+    assert root.is_dir()
+
+
 def test_validate_neither_takes_nor_respects_the_lock(tiny_model_dir, tmp_path, capsys):
     """Scoring a checkpoint while its fit goes on is a normal use: validate writes no run outputs."""
     root = tmp_path / "run"
