@@ -176,7 +176,7 @@ def throughput_check(path: Path, cache: Path) -> Callable[[int, str], tuple[bool
         if code != 0 or not path.is_file():
             return False, f"exit {code}: {last_line(log)}", {}
         data = json.loads(path.read_text())
-        data["token_cache_entries"] = sorted(p.name for p in cache.glob("tokens-*"))
+        data["token_cache_entries"] = sorted(p.name for p in cache.glob("tokens-*") if p.is_dir())
         median = data["median"]
         if not data["token_cache_entries"]:
             return False, f"no token cache entry in {cache}", data
