@@ -23,7 +23,7 @@ import torch
 
 from .atomic import atomic_write_text
 from .data.beir import CORPUS_FILE, document_text, is_beir_folder, load_beir_corpus, read_beir_corpus
-from .data.readers import read_json_records
+from .data.readers import read_json_records, utf8_error
 from .data.sources import SourceConfig, load_training_records
 from .errors import InputError
 from .evaluation.retrieval import rank_corpus
@@ -178,7 +178,11 @@ def read_corpus(path: str | Path) -> dict[str, str]:
                 raise InputError(row.where, f"duplicate document id {doc_id!r}", "ids must be unique")
             corpus[doc_id] = document_text(str(row.values.get("title") or ""), text)
         return corpus
-    lines = [line.strip() for line in location.read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        content = location.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise utf8_error(location, exc) from exc
+    lines = [line.strip() for line in content.splitlines()]
     return {str(number): line for number, line in enumerate(lines) if line}
 
 

@@ -25,6 +25,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def write_bytes(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
 def ir_rows(count: int) -> list[dict]:
     return [{"query": f"question {i}", "positives": [f"answer {i}"], "negatives": [f"other {i}"]} for i in range(count)]
 
@@ -67,6 +72,14 @@ BAD_INPUTS: dict[str, BadInput] = {
         lambda d: ["--data.train", train_source("ir", "ir", write_jsonl(
             d / "ir.jsonl", [ir_rows(1)[0], '{"query": "q", "positives": ["p"]']))],
         ["{data}/ir.jsonl:2: malformed JSON (Expecting ',' delimiter", "each line must hold one complete JSON object"]),
+    "non_utf8_json_line": BadInput(  # the Arrow JSON-lines path used to raise UnicodeDecodeError
+        lambda d: ["--data.train", train_source("ir", "ir", write_bytes(
+            d / "ir.jsonl", [json.dumps(row).encode() for row in ir_rows(5)] + [b'{"query": "q\xff", "positives": ["p"]}']))],
+        ["{data}/ir.jsonl:6: line is not valid UTF-8 (invalid start byte) (save the file as UTF-8)"]),
+    "non_utf8_csv_row": BadInput(
+        lambda d: ["--data.train", train_source("ir", "ir", write_bytes(
+            d / "ir.csv", [b"query,positives", b"q1,p1", b"q2,p\xe92"]))],
+        ["{data}/ir.csv:3: line is not valid UTF-8"]),
     "missing_field": BadInput(
         lambda d: ["--data.train", train_source("ir", "ir", write_jsonl(
             d / "ir.jsonl", [{"query": "q", "positives": ["p"]}, {"query": "q2", "passages": ["p"]}]))],

@@ -1,8 +1,8 @@
 """Column-batched reading and checking of JSON-lines training sources (the fast path of the cache build).
 
 `pyarrow.json` parses blocks of lines into columns; each batch's fields are then checked column by column.
-The path is conservative: whenever a file or a batch is anything but plainly valid (a parse error, an
-unexpected type, two alias columns for one field, a missing, null or blank text, a non-numeric score),
+The path is conservative: whenever a file or a batch is anything but plainly valid (a parse error, a
+string that is not valid UTF-8 in any column, an unexpected type, two alias columns for one field, a missing, null or blank text, a non-numeric score),
 it raises `NotColumnar`, and the caller reads the source row by row instead (`sources.iter_ir_records`,
 `iter_raw_sts_pairs`), which accepts exactly what the in-memory loader accepts and names the first bad row
 with the same message. So the fast path never decides what is an error; it only speeds up valid files.
@@ -47,6 +47,7 @@ def _batches(cfg: SourceConfig, aliases: dict, required: tuple[str, ...]) -> Ite
         fields = {field: _column(field, aliases, cfg.columns, names, field in required) for field in aliases}
         rows = 0
         for batch in reader:
+            batch.validate(full=True)  # pyarrow.json keeps undecodable bytes in strings: the row reader names them
             rows += batch.num_rows
             yield fields, batch
     except (pa.ArrowException, OSError, UnicodeDecodeError) as error:

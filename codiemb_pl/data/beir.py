@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import InputError
-from .readers import Row, read_json_records
+from .readers import Row, read_json_records, utf8_error
 from .records import IRCorpus, IRRecord
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,17 @@ def read_beir_qrels(folder: str | Path, split: str, query_ids: set[str] | dict[s
         raise InputError(str(path), f"no qrels for split {split!r}; available splits: {available}",
                          "set split: to one of them")
     qrels: dict[str, dict[str, int]] = {}
+    try:
+        _read_qrels_lines(path, query_ids, doc_ids, qrels)
+    except UnicodeDecodeError as exc:
+        raise utf8_error(path, exc) from exc
+    if not qrels:
+        raise InputError(str(path), "no judgements", "add query-id/corpus-id/score rows")
+    return qrels
+
+
+def _read_qrels_lines(path: Path, query_ids: set[str] | dict[str, str], doc_ids: set[str] | dict[str, str],
+                      qrels: dict[str, dict[str, int]]) -> None:
     with path.open(encoding="utf-8-sig") as handle:
         for line_number, line in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
@@ -109,9 +120,6 @@ def read_beir_qrels(folder: str | Path, split: str, query_ids: set[str] | dict[s
                 raise InputError(where, f"corpus id {doc_id!r} is not in {CORPUS_FILE}",
                                  "add the document or remove the judgement")
             qrels.setdefault(query_id, {})[doc_id] = _relevance(score_cell, where)
-    if not qrels:
-        raise InputError(str(path), "no judgements", "add query-id/corpus-id/score rows")
-    return qrels
 
 
 def load_beir_corpus(folder: str | Path, split: str, keep_empty_documents: bool = False) -> IRCorpus:

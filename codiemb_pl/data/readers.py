@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ..errors import InputError
 
@@ -75,7 +75,7 @@ def read_json_records(path: Path) -> Iterator[Row]:
             try:
                 line = raw.decode("utf-8").lstrip("\ufeff")
             except UnicodeDecodeError as exc:
-                raise InputError(where, f"line is not valid UTF-8 ({exc.reason})", "save the file as UTF-8") from exc
+                raise not_utf8(where, exc) from exc
             if not line.strip():
                 continue
             try:
@@ -84,6 +84,33 @@ def read_json_records(path: Path) -> Iterator[Row]:
                 raise InputError(where, f"malformed JSON ({exc.msg} at column {exc.colno})",
                                  "each line must hold one complete JSON object") from exc
             yield Row(where, _require_object(value, where))
+
+
+def not_utf8(where: str, error: UnicodeDecodeError) -> InputError:
+    """The one line for undecodable bytes at `where` (`"file:line"`, or the file when no line is known)."""
+    return InputError(where, f"line is not valid UTF-8 ({error.reason})", "save the file as UTF-8")
+
+
+def first_invalid_utf8_line(path: str | Path) -> Optional[int]:
+    """The 1-based number of the first line of `path` that is not valid UTF-8, or None.
+
+    Lines are split at b"\\n", which never occurs inside a multi-byte UTF-8 sequence, so decoding line by line
+    decides exactly as decoding the whole file. Readers that decode through a text stream (csv, a whole-file
+    read) call this only after the stream has failed, to name the line.
+    """
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_number
+    return None
+
+
+def utf8_error(path: str | Path, error: UnicodeDecodeError) -> InputError:
+    """`not_utf8` for a file a text stream failed to decode, naming its first bad line."""
+    line_number = first_invalid_utf8_line(path)
+    return not_utf8(f"{path}:{line_number}" if line_number else str(path), error)
 
 
 def _starts_with_array(path: Path) -> bool:
@@ -95,9 +122,11 @@ def _starts_with_array(path: Path) -> bool:
 def _read_json_array(path: Path) -> Iterator[Row]:
     try:
         values = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
-        raise InputError(where, f"malformed JSON ({exc})", "fix the file, or write one JSON object per line") from exc
+    except UnicodeDecodeError as exc:
+        raise utf8_error(path, exc) from exc
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}:{exc.lineno}", f"malformed JSON ({exc})",
+                         "fix the file, or write one JSON object per line") from exc
     for index, value in enumerate(values):
         where = f"{path}: record {index}"
         yield Row(where, _require_object(value, where))
@@ -132,7 +161,7 @@ def read_delimited(path: Path, delimiter: str) -> Iterator[Row]:
                                      "quote cells that contain the delimiter (CSV) or remove stray tabs (TSV)")
                 yield Row(where, values)
     except UnicodeDecodeError as exc:
-        raise InputError(str(path), f"file is not valid UTF-8 ({exc.reason})", "save the file as UTF-8") from exc
+        raise utf8_error(path, exc) from exc
     except csv.Error as exc:
         raise InputError(str(path), f"unreadable {('CSV' if delimiter == ',' else 'TSV')} ({exc})",
                          "check quoting and line endings") from exc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..paths import resolve_location
-from .readers import EXTENSION_FORMATS, format_from_extension, read_rows
+from .readers import EXTENSION_FORMATS, format_from_extension, read_rows, utf8_error
 
 TEXT_EXTENSIONS = (".txt",)
 
@@ -48,7 +48,7 @@ def _read_lines(file: Path) -> list[str]:
     try:
         content = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(str(file), f"file is not valid UTF-8 ({exc.reason})", "save the file as UTF-8") from exc
+        raise utf8_error(file, exc) from exc
     lines = content.split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start an empty one
