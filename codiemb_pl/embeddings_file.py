@@ -14,21 +14,21 @@ import numpy as np
 
 from .atomic import atomic_file
 from .errors import InputError
+from .output_paths import check_writable_file
 
 OUTPUT_SUFFIXES = (".npy", ".parquet")
 
 
 def check_output_path(path: Optional[str], option: str = "--predict_output") -> Path:
-    """The output path, refused before any work if it is missing, a folder, or of an unknown kind."""
+    """The output path, refused before any work if it is missing, a folder, of an unknown kind, or in a folder
+    that cannot be written."""
     if not path:
         raise InputError(option, "no output file given", f"pass {option} FILE.npy or FILE.parquet")
     target = Path(path)
     if target.suffix.lower() not in OUTPUT_SUFFIXES:
         raise InputError(f"{option} {path}", f"unknown output kind {target.suffix or '(no extension)'!r}",
                          f"end the file name with {' or '.join(OUTPUT_SUFFIXES)}")
-    if target.is_dir():
-        raise InputError(f"{option} {path}", "is a folder", "give a file name")
-    return target
+    return check_writable_file(target, option)
 
 
 def write_embeddings(path: str | Path, embeddings: np.ndarray, texts: list[str]) -> Path:

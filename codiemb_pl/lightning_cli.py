@@ -22,6 +22,7 @@ from .embeddings_file import check_output_path, write_embeddings
 from .errors import InputError
 from .held_logs import HeldLogs
 from .module import CoDiEmbModule
+from .output_paths import check_fit_outputs
 from .run_lock import RunLock, acquire_run_lock
 from .pooling import check_pooling_mode
 
@@ -92,6 +93,7 @@ class CoDiEmbCLI(LightningCLI):
         """Read and check all data and the sampler plan before any training or writing starts; from here on,
         SIGTERM / SIGINT save `last.ckpt` and stop (`GracefulInterruption`) unless a config already adds one."""
         trainer = self.trainer
+        check_fit_outputs(trainer)  # an unwritable output folder stops the run now, not after training
         if not any(isinstance(callback, GracefulInterruption) for callback in trainer.callbacks):
             trainer.callbacks.append(GracefulInterruption())
         plan = self.datamodule.check_training_plan(trainer.world_size, trainer.accumulate_grad_batches)

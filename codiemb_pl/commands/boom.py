@@ -28,6 +28,7 @@ from codiemb_pl.cli import register_command
 from codiemb_pl.commands.arguments import CommandParser
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
+from codiemb_pl.output_paths import check_writable_folder
 
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
@@ -109,6 +110,7 @@ def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str | dict], 
 
 def write_fit_pieces(output: str | Path, fit_configs: list[str | dict]) -> list[str]:
     """The fit config paths, each config piece written to OUTPUT/fit-piece-N.yaml."""
+    check_writable_folder(output, "--output")
     paths = []
     for index, item in enumerate(fit_configs):
         if isinstance(item, dict):

@@ -18,14 +18,13 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_text
 from ..cli import register_command
 from ..data.instructions import INSTRUCTION_TEMPLATE
 from ..device import add_device_argument, resolve_device
-from ..errors import InputError
+from ..output_paths import check_writable_file
 from ..reporting import format_metrics_table
 from .arguments import CommandParser
 
@@ -96,8 +95,8 @@ def evaluate_command(argv: list[str]) -> int:
     from ..evaluation.geometry import GEOMETRY_METRIC_NAMES
     from ..workflows.evaluation import evaluate, load_sets
 
-    if args.output is not None and Path(args.output).is_dir():
-        raise InputError(f"--output {args.output}", "is a folder", "name a .json file")
+    if args.output is not None:
+        check_writable_file(args.output, "--output")
     device = resolve_device(args.device)
     sets = load_sets(args.sts, args.ir, args.sts_range, args.split, args.instruction, args.instruction_template,
                      args.passage_prefix)

@@ -36,6 +36,7 @@ import yaml
 
 from ..cli import register_command
 from ..errors import InputError
+from ..output_paths import check_writable_folder
 from .arguments import CommandParser
 
 COMMAND = "codiemb fuse"
@@ -122,6 +123,7 @@ def _parse_param(text: str) -> tuple[str, Any]:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     request = resolve_request(args)
+    check_writable_folder(request["output"], "--output")  # before anything is read or merged
     from ..reporting import format_metrics_table
     from ..workflows.fusion import fuse
     from ..workflows.validation import build_validation_sets

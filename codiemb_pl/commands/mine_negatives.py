@@ -17,6 +17,7 @@ import sys
 
 from ..cli import register_command
 from ..device import add_device_argument, resolve_device
+from ..output_paths import check_writable_file
 from .arguments import CommandParser
 
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 @register_command("mine-negatives")
 def mine_negatives_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
+    check_writable_file(args.output, "--output")
     from ..mining import MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives, write_ir_jsonl
 
     settings = MiningSettings(rank_range=tuple(args.range), margin=None if args.no_margin else args.margin,
