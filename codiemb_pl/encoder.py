@@ -35,6 +35,7 @@ from .decoder import is_decoder_backbone, prepare_tokenizer
 from .lora import merged_weights
 from .errors import InputError
 from .paths import resolve_location
+from .data.text_bound import bound_for_tokenizer
 from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
 from .pooling import POOLING_MODES, check_pooling_mode, pool
 
@@ -159,12 +160,14 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
         """Tokenise with padding to the longest text in the batch and truncation to `max_length`
-        (default `self.max_seq_length`)."""
+        (default `self.max_seq_length`); texts beyond `data.text_bound.char_bound(max_length)` characters are cut
+        first, to a piece that gives the same ids."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if self.do_lower_case:
             texts = [text.lower() for text in texts]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt",
-                                 max_length=max_length or self.max_seq_length)
+        max_length = max_length or self.max_seq_length
+        texts = bound_for_tokenizer(self.tokenizer, texts, max_length)
+        encoded = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt", max_length=max_length)
         return dict(encoded)
 
     def forward(self, features: dict[str, Tensor], return_middle: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 from .arrow_jsonl import NotColumnar, ir_columns, sts_columns
 from .cache import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
 from .collate import text_id
-from .readers import DEFAULT_HF_SPLIT, _load_hf_split
+from .readers import DEFAULT_HF_SPLIT, _load_hf_split, read_rows
 from .records import IRRecord, STSRecord
 from .sources import (SourceConfig, check_score_in_range, detect_format, iter_ir_records,
                       iter_raw_sts_pairs, score_range_of, subsample_positions)
@@ -125,6 +125,7 @@ class RecordTable:
     mapped: MappedTable
     meta: dict
     positions: Optional[np.ndarray]
+    source: Optional[SourceConfig] = None
 
     @property
     def table(self) -> pa.Table:
@@ -160,7 +161,18 @@ def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False) -
     positions = None
     if cfg.seed is not None or cfg.max_samples is not None:
         positions = np.asarray(subsample_positions(meta["rows"], cfg), dtype=np.int64)
-    return RecordTable(folder, key, MappedTable(folder / RECORDS_FILE), meta, positions)
+    return RecordTable(folder, key, MappedTable(folder / RECORDS_FILE), meta, positions, cfg)
+
+
+def row_location(cfg: SourceConfig, row: int) -> str:
+    """Where row `row` of the source's records table comes from ("file:line", "file: record i"), read again
+    from the source (for messages only); a BEIR folder's rows are its judged queries in qrels order."""
+    location, fmt = detect_format(cfg)
+    if fmt != "beir":
+        for index, read in enumerate(read_rows(location, fmt, split=cfg.split, subset=cfg.subset)):
+            if index == row:
+                return read.where
+    return f"{location}: training record {row}"
 
 
 def distinct_negative_counts(records: RecordTable) -> np.ndarray:

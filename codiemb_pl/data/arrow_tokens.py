@@ -7,19 +7,29 @@ max_length=L)["input_ids"]` (special tokens included), with the source's instruc
 IR table: `query` (list<int32>), `positives`, `negatives` (list<list<int32>>, aligned with the records
 table's lists). STS table: `text1`, `text2` (list<int32>). `meta.json` holds `prefix_tokens`, the
 prefix's own token count that the pooling mask leaves out (`tokenize.prefix_pooling_mask`). The ids are
-computed in batches by the tokenizer's backend, over several processes (`token_ids.py`).
+computed in batches by the tokenizer's backend, over several processes (`token_ids.py`). Texts longer than
+`text_bound.char_bound(L)` characters are cut before tokenisation (same ids); a build that meets any says so
+once per source: how many, and the file and line of the first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
+from typing import Optional
 
-from .arrow_records import RecordTable
+import numpy as np
+import pyarrow as pa
+
+from .arrow_records import RecordTable, row_location
 from .cache import MappedTable, cached_entry, fingerprint, read_meta, write_arrow
 from .token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits, token_batches
+from .text_bound import char_bound
 from .tokenize import prefix_token_count
+
+logger = logging.getLogger(__name__)
 
 TOKENS_FILE = "tokens.arrow"
 
@@ -37,7 +47,51 @@ def tokenizer_fingerprint(tokenizer) -> str:
                        list(tokenizer.model_input_names), tokenizer.pad_token_id)
 
 
+def long_texts(records: RecordTable, limits: TokenLimits, prefix: str) -> tuple[int, Optional[tuple[int, str]]]:
+    """How many texts of the table exceed `text_bound.char_bound` of their token limit (prefix included), and
+    the (row, field) of the first one."""
+    import pyarrow.compute as pc
+
+    if records.meta["task"] == "ir":
+        fields = [("query", limits.query, len(prefix)), ("positives", limits.passage, 0), ("negatives", limits.passage, 0)]
+    else:
+        fields = [("text1", limits.sts, len(prefix)), ("text2", limits.sts, len(prefix))]
+    count, first = 0, None
+    for name, limit, extra in fields:
+        start = 0
+        for chunk in records.table.column(name).chunks:
+            is_list = pa.types.is_list(chunk.type)
+            lengths = pc.utf8_length(chunk.flatten() if is_list else chunk).to_numpy(zero_copy_only=False)
+            hits = np.flatnonzero(lengths + extra > char_bound(limit))
+            if len(hits):
+                rows = pc.list_parent_indices(chunk).to_numpy(zero_copy_only=False)[hits] if is_list else hits
+                count += len(hits)
+                if first is None or start + int(rows[0]) < first[0]:
+                    first = (start + int(rows[0]), name)
+            start += len(chunk)
+    return count, first
+
+
+def warn_long_texts(records: RecordTable, limits: TokenLimits, prefix: str) -> None:
+    """One warning for a source whose texts are cut before tokenisation (how many, where the first is)."""
+    count, first = long_texts(records, limits, prefix)
+    if not count:
+        return
+    name = records.source.name if records.source is not None else records.key
+    where = row_location(records.source, first[0]) if records.source is not None else f"row {first[0]}"
+    logger.warning(f"[codiemb] source {name!r}: {count} text(s) longer than their token limit can use "
+                   f"({_bounds(records.meta['task'], limits)}) were cut before tokenisation (the first: {where}, "
+                   f"{first[1]}); the token ids are those of the whole texts")
+
+
+def _bounds(task: str, limits: TokenLimits) -> str:
+    if task == "ir":
+        return f"queries > {char_bound(limits.query)}, passages > {char_bound(limits.passage)} characters"
+    return f"> {char_bound(limits.sts)} characters"
+
+
 def build_tokens(records: RecordTable, tokenizer, limits: TokenLimits, prefix: str, folder: Path) -> dict:
+    warn_long_texts(records, limits, prefix)
     schema = IR_TOKEN_SCHEMA if records.meta["task"] == "ir" else STS_TOKEN_SCHEMA
     batches = token_batches(tokenizer, records.mapped.path, records.table, records.meta["task"], limits, prefix)
     rows = write_arrow(folder / TOKENS_FILE, schema, batches)

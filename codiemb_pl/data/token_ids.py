@@ -1,7 +1,8 @@
 """Token ids of a records table's texts, many at once: the tokenizer's backend called directly, the ids
 gathered into Arrow list arrays from flat numpy buffers, and row ranges spread over worker processes.
 
-The result is exactly `tokenizer(prefix + text, truncation=True, max_length=L)["input_ids"]` for every text:
+The result is exactly `tokenizer(prefix + text, truncation=True, max_length=L)["input_ids"]` for every text
+(texts beyond `text_bound.char_bound(L)` characters are first cut to a piece that gives the same ids):
 the backend (`tokenizers.Tokenizer`) is the one `tokenizer(...)` calls, copied after one such call has set
 its truncation to `L` (and its side), with the same post-processor (special tokens; a decoder's appended
 EOS, `decoder.append_eos_token`) and `split_special_tokens`. The copy is checked against `tokenizer(...)`
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import InputError
+from .text_bound import bound_for_backend, bound_for_tokenizer
 
 TOKEN_LIST = pa.list_(pa.int32())
 IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
@@ -86,6 +88,7 @@ def list_array(ids: list[list[int]]) -> pa.ListArray:
 def reference_encoder(tokenizer) -> Encode:
     """The definition: `tokenizer(texts, truncation=True, max_length=L)["input_ids"]`."""
     def encode(texts: list[str], max_length: int) -> pa.Array:
+        texts = bound_for_tokenizer(tokenizer, texts, max_length)
         return list_array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else [])
     return encode
 
@@ -122,6 +125,7 @@ def backend_encoder(spec: BackendSpec) -> Encode:
 
     def encode(texts: list[str], max_length: int) -> pa.Array:
         backend = backends[max_length]
+        texts = bound_for_backend(backend, texts, max_length)
         batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return _list_array([_flat([encoding.ids for encoding in batch(texts[start:start + ENCODE_TEXTS],
                                                                       add_special_tokens=True)])

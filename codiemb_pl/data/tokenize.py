@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: `codiemb evaluate --hel
     import torch
 
 from .instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
+from .text_bound import bound_for_tokenizer
 
 
 def leading_special_tokens(tokenizer) -> int:
@@ -66,10 +67,12 @@ def prefix_pooling_mask(attention_mask: torch.Tensor, prefix_tokens: Sequence[in
 
 def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
                            prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    """Tokenise `prefix + text` with dynamic padding; add `pooling_mask` when any prefix is non-empty."""
+    """Tokenise `prefix + text` with dynamic padding; add `pooling_mask` when any prefix is non-empty. Texts
+    beyond `text_bound.char_bound(max_length)` characters are cut first (the ids stay the same)."""
     if prefixes is None or not any(prefixes):
+        texts = bound_for_tokenizer(tokenizer, texts, max_length)
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-    joined = [prefix + text for prefix, text in zip(prefixes, texts)]
+    joined = bound_for_tokenizer(tokenizer, [prefix + text for prefix, text in zip(prefixes, texts)], max_length)
     encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
     encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
                                                   [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
