@@ -40,7 +40,7 @@ def check_writable_folder(folder: str | os.PathLike, option: str, fix: str = FOL
     """Refuse (`InputError` "OPTION FOLDER: ...") an output folder that cannot be created or written."""
     path = Path(os.path.abspath(folder))
     if path.exists() and not path.is_dir():
-        raise InputError(f"{option} {folder}", "is a file, not a folder", "give a folder path or remove that file")
+        raise InputError(f"{option} {folder}", "is a file, not a folder", fix)
     reason = _unwritable_reason(path)
     if reason is not None:
         raise InputError(f"{option} {folder}", f"cannot be written ({reason})", fix)

@@ -88,7 +88,8 @@ def straddling_text(rng: random.Random, length: int) -> str:
         elif kind < 0.72:
             pieces.append(rng.choice([" ", "\n", "\t"]) * rng.randint(2, 1500))
         elif kind < 0.9:
-            pieces.append(rng.choice(["e\u0301", "café ", "🙂", "東京の天気は", "ﬁne ", "İstanbul ", "2024-07-01 "]) * rng.randint(1, 40))
+            piece = rng.choice(["e\u0301", "café ", "🙂", "東京の天気は", "ﬁne ", "İstanbul ", "2024-07-01 "])
+            pieces.append(piece * rng.randint(1, 40))
         else:
             pieces.append("https://example.org/" + "".join(rng.choice("0123456789abcdef") for _ in range(300)) + " ")
     return "".join(pieces)

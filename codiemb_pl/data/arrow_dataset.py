@@ -31,12 +31,13 @@ class ArrowTrainingDataset(Dataset):
     """Concatenated sub-datasets read from the Arrow cache; `tokenize` must run before items are read."""
 
     def __init__(self, sources: list[SourceConfig], prefixes: list[str], seed: int, cache_dir: Path, *,
-                 rebuild: bool = False):
+                 rebuild: bool = False, verify: bool = False):
         self.names = [source.name for source in sources]
         self.tasks = [source.task for source in sources]
         self.prefixes, self.seed = list(prefixes), seed
-        self.cache_dir, self.rebuild = Path(cache_dir), rebuild
-        self.records: list[RecordTable] = [open_records(source, self.cache_dir, rebuild=rebuild) for source in sources]
+        self.cache_dir, self.rebuild, self.verify = Path(cache_dir), rebuild, verify
+        self.records: list[RecordTable] = [open_records(source, self.cache_dir, rebuild=rebuild, verify=verify)
+                                           for source in sources]
         self.tokens: Optional[list[MappedTable]] = None
         self.prefix_tokens: list[int] = []
         self.offsets = [0]
@@ -49,7 +50,8 @@ class ArrowTrainingDataset(Dataset):
 
     def tokenize(self, tokenizer, limits: TokenLimits) -> None:
         """Open (building once) each sub-dataset's token table for this tokenizer and these limits."""
-        opened = [open_tokens(records, tokenizer, limits, prefix, self.cache_dir, rebuild=self.rebuild)
+        opened = [open_tokens(records, tokenizer, limits, prefix, self.cache_dir, rebuild=self.rebuild,
+                              verify=self.verify)
                   for records, prefix in zip(self.records, self.prefixes)]
         self.tokens = [mapped for mapped, _ in opened]
         self.prefix_tokens = [int(meta["prefix_tokens"]) for _, meta in opened]

@@ -152,11 +152,12 @@ class RecordTable:
                          self.normalised_score(column("score")[row].as_py()))
 
 
-def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False) -> RecordTable:
-    """The source's records table from the cache (built first when missing or stale)."""
+def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False, verify: bool = False) -> RecordTable:
+    """The source's records table from the cache (built first when missing, stale or damaged; `verify`: check
+    the files' CRC-32, see `cache.py`)."""
     key = source_fingerprint(cfg)
     folder, _ = cached_entry(Path(cache_dir) / f"records-{key}", lambda staging: build_records(cfg, staging),
-                             rebuild=rebuild)
+                             rebuild=rebuild, verify=verify)
     meta = read_meta(folder)
     positions = None
     if cfg.seed is not None or cfg.max_samples is not None:

@@ -53,7 +53,8 @@ def long_texts(records: RecordTable, limits: TokenLimits, prefix: str) -> tuple[
     import pyarrow.compute as pc
 
     if records.meta["task"] == "ir":
-        fields = [("query", limits.query, len(prefix)), ("positives", limits.passage, 0), ("negatives", limits.passage, 0)]
+        fields = [("query", limits.query, len(prefix)), ("positives", limits.passage, 0),
+                  ("negatives", limits.passage, 0)]
     else:
         fields = [("text1", limits.sts, len(prefix)), ("text2", limits.sts, len(prefix))]
     count, first = 0, None
@@ -99,10 +100,11 @@ def build_tokens(records: RecordTable, tokenizer, limits: TokenLimits, prefix: s
 
 
 def open_tokens(records: RecordTable, tokenizer, limits: TokenLimits, prefix: str, cache_dir: Path, *,
-                rebuild: bool = False) -> tuple[MappedTable, dict]:
+                rebuild: bool = False, verify: bool = False) -> tuple[MappedTable, dict]:
     """The token table of `records` (row-aligned with it) and its meta, from the cache (built when missing)."""
     key = fingerprint("tokens", records.key, tokenizer_fingerprint(tokenizer), limits.query, limits.passage,
                       limits.sts, prefix)
     folder, _ = cached_entry(Path(cache_dir) / f"tokens-{key}",
-                             lambda staging: build_tokens(records, tokenizer, limits, prefix, staging), rebuild=rebuild)
+                             lambda staging: build_tokens(records, tokenizer, limits, prefix, staging), rebuild=rebuild,
+                             verify=verify)
     return MappedTable(folder / TOKENS_FILE), read_meta(folder)

@@ -8,6 +8,15 @@ then open it; nobody holds the data as Python objects.
 
 `rebuild` rebuilds an entry once per launch: an entry built after the launch started (by this process or
 another rank of it: ranks inherit `CODIEMB_LAUNCH_STARTED` from the process that spawned them) is reused.
+
+A damaged entry is rebuilt, with a warning naming it, never opened. `meta.json` records, for each Arrow file,
+its size, row count, modification time and CRC-32, and a SHA-256 of itself. Every open checks, cheaply, that
+`meta.json` is intact and that each file has its size, the Arrow magic at both ends, a readable footer, its
+row count and consistent offsets in every column without text (catching a truncated, cut-short, garbled or
+missing file, and a flipped byte among offsets, which would make reading crash); a file whose modification
+time changed (an edit, a copy without `-p`) also has its CRC-32 verified, and `verify=True`
+(`data.verify_cache`) verifies every CRC: a byte flipped in place inside the data (a token id, a text) is
+found only so (reading a multi-GB cache costs seconds per open, so it is not the default).
 """
 
 from __future__ import annotations
@@ -16,18 +25,24 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow as pa
 
-from ..atomic import atomic_directory
+from ..atomic import atomic_directory, atomic_write_text
+from ..output_paths import check_writable_folder
 
-SCHEMA_VERSION = 1
-"""Bump when the layout of a cache entry or the meaning of its columns changes: old entries are then ignored."""
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+"""Bump when the layout of a cache entry or the meaning of its columns changes: old entries are then ignored.
+2: `meta.json` records each file's size, rows, mtime and CRC-32, and its own SHA-256."""
 META_FILE = "meta.json"
 BUILD_LOG = "builds.log"
 """One line per entry built (time, entry, process, rank, seconds), appended in the cache folder."""
@@ -78,29 +93,150 @@ def read_meta(entry: Path) -> Optional[dict]:
         return None
 
 
-def _usable(entry: Path, rebuild: bool) -> bool:
+ARROW_MAGIC = b"ARROW1"
+CHECKSUM_BYTES = 1 << 24
+
+
+def file_checksum(path: Path) -> int:
+    """CRC-32 of a file, read in 16 MB pieces."""
+    crc = 0
+    with open(path, "rb") as handle:
+        while piece := handle.read(CHECKSUM_BYTES):
+            crc = zlib.crc32(piece, crc)
+    return crc
+
+
+def _holds_text(kind: pa.DataType) -> bool:
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _holds_text(kind.value_type)
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _structure_problem(path: Path, rows: int) -> Optional[str]:
+    """Why the Arrow file `path` is not a readable table of `rows` rows, or None. Reads its footer and batch
+    headers, and checks the offsets of every column without text (token ids, text ids, scores: what training
+    reads), which are few (one per row) next to the data; a corrupt offset would make reading crash."""
+    try:
+        table = open_arrow(path)
+        if table.num_rows != rows:
+            return f"{path.name} has {table.num_rows} rows, {rows} when built"
+        for name, column in zip(table.column_names, table.columns):
+            if not _holds_text(column.type):
+                column.validate(full=True)
+    except (pa.ArrowException, OSError) as error:
+        return f"{path.name} cannot be read ({error})"
+    return None
+
+
+def describe_file(path: Path) -> dict:
+    """What `meta.json` records of an entry's file; `rows` for Arrow files."""
+    state = path.stat()
+    record = {"bytes": state.st_size, "mtime_ns": state.st_mtime_ns, "crc32": file_checksum(path)}
+    if path.suffix == ".arrow":
+        record["rows"] = open_arrow(path).num_rows
+    return record
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {key: value for key, value in meta.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def _file_problem(path: Path, record: dict, verify: bool) -> Optional[str]:
+    """Why the entry's file `path` is not the one built (`record`), or None."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    state = path.stat()
+    if state.st_size != record.get("bytes"):
+        return f"{path.name} has {state.st_size} bytes, {record.get('bytes')} when built"
+    if "rows" in record:
+        with open(path, "rb") as handle:
+            head = handle.read(len(ARROW_MAGIC))
+            handle.seek(-len(ARROW_MAGIC), os.SEEK_END)
+            tail = handle.read()
+        if head != ARROW_MAGIC or tail != ARROW_MAGIC:
+            return f"{path.name} is not a complete Arrow file"
+        problem = _structure_problem(path, record["rows"])
+        if problem is not None:
+            return problem
+    if (verify or state.st_mtime_ns != record.get("mtime_ns")) and file_checksum(path) != record.get("crc32"):
+        return f"{path.name} differs from what was built (CRC-32)"
+    return None
+
+
+def entry_problem(entry: Path, verify: bool = False) -> Optional[str]:
+    """Why the existing folder `entry` cannot be opened as built (see the module docstring), or None."""
     meta = read_meta(entry)
-    if meta is None or meta.get("schema_version") != SCHEMA_VERSION:
-        return False
-    return not rebuild or meta.get("built_at", 0.0) >= launch_started()
+    if meta is None:
+        return f"{META_FILE} is missing or unreadable"
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        return f"schema version {meta.get('schema_version')}, this version reads {SCHEMA_VERSION}"
+    if meta.get("checksum") != _meta_digest(meta):
+        return f"{META_FILE} differs from what was built (SHA-256)"
+    for name, record in (meta.get("files") or {}).items():
+        try:
+            problem = _file_problem(entry / name, record, verify)
+        except OSError as error:  # e.g. replaced by a concurrent rebuild while it was checked
+            problem = f"{name} cannot be read ({error})"
+        if problem is not None:
+            return problem
+    return None
 
 
-def cached_entry(entry: Path, build: Callable[[Path], dict], *, rebuild: bool = False) -> tuple[Path, bool]:
+def _refresh_times(entry: Path) -> None:
+    """After a CRC check passed on files whose mtime changed (a copy), record the new times, so later opens
+    skip the check; best effort (a read-only cache keeps checking)."""
+    meta = read_meta(entry)
+    changed = False
+    with contextlib.suppress(OSError, AttributeError):
+        for name, record in (meta.get("files") or {}).items():
+            mtime = (entry / name).stat().st_mtime_ns
+            changed |= record.get("mtime_ns") != mtime
+            record["mtime_ns"] = mtime
+        if changed:
+            meta["checksum"] = _meta_digest(meta)
+            atomic_write_text(entry / META_FILE, json.dumps(meta, indent=1, default=str))
+
+
+def _state(entry: Path, rebuild: bool, verify: bool) -> tuple[bool, Optional[str]]:
+    """(whether `entry` can be opened as it is, why it is damaged or None)."""
+    if not entry.is_dir():
+        return False, None
+    problem = entry_problem(entry, verify)
+    if problem is not None:
+        return False, problem
+    _refresh_times(entry)
+    return not rebuild or read_meta(entry).get("built_at", 0.0) >= launch_started(), None
+
+
+def cached_entry(entry: Path, build: Callable[[Path], dict], *, rebuild: bool = False,
+                 verify: bool = False) -> tuple[Path, bool]:
     """The folder `entry`, built by `build(tmp_folder) -> meta` unless a usable one exists: (folder, built?).
 
     `build` writes its files into the temporary folder and returns what goes into `meta.json`; if it raises,
-    nothing is left behind and an existing entry stays as it was.
+    nothing is left behind and an existing entry stays as it was. A damaged entry is rebuilt with a warning
+    (`entry_problem`; `verify`: check every file's CRC-32). The checks run again under the lock, so of several
+    processes meeting one damaged entry, one rebuilds it and the others open the rebuilt one.
     """
     launch_started()
-    if _usable(entry, rebuild):
+    usable, damage = _state(entry, rebuild, verify)
+    if usable:
         return entry, False
+    check_writable_folder(entry.parent, "data.cache_dir",
+                          (f"the entry {entry.name} is damaged ({damage}) and must be rebuilt: " if damage else "")
+                          + "set data.cache_dir to a writable folder (a read-only cache must hold every entry)")
     with exclusive_lock(entry):
-        if _usable(entry, rebuild):  # another process built it while this one waited
+        usable, damage = _state(entry, rebuild, verify)  # another process may have built it while this one waited
+        if usable:
             return entry, False
+        if damage is not None:
+            logger.warning(f"[codiemb] cache entry {entry} is damaged ({damage}); rebuilding it")
         started = time.time()
         with atomic_directory(entry) as staging:
             meta = dict(build(staging))
-            meta.update(schema_version=SCHEMA_VERSION, built_at=time.time())
+            files = {path.name: describe_file(path) for path in sorted(staging.iterdir()) if path.is_file()}
+            meta.update(schema_version=SCHEMA_VERSION, built_at=time.time(), files=files)
+            meta["checksum"] = _meta_digest(meta)
             (staging / META_FILE).write_text(json.dumps(meta, indent=1, default=str))
         with open(entry.parent / BUILD_LOG, "a") as log:
             log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {entry.name} pid={os.getpid()} "

@@ -114,6 +114,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         cache_dir: folder of the training-data cache (memory-mapped Arrow records and token ids, built once per
             source file and tokenizer, shared by every rank and worker); default `$HF_DATASETS_CACHE/codiemb`.
         rebuild_cache: rebuild this run's cache entries even when they are up to date.
+        verify_cache: check the CRC-32 of every cache file this run opens (reads them whole: seconds per GB);
+            by default only files whose size, footer, row count or modification time changed are rebuilt.
         test: test sets for `codiemb test` (same shape as `val`; scored like validation, logged as `test/...`).
         predict: file of texts for `codiemb predict`: `.txt` (one text per line) or jsonl/json/csv/tsv/parquet
             (the `predict_column` column); each text is encoded like a passage (`max_passage_length`).
@@ -128,7 +130,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  max_sts_length: int = 128, instruction_template: str = INSTRUCTION_TEMPLATE,
                  passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0,
                  length_cap: Optional[int] = None, cache_dir: Optional[str] = None, rebuild_cache: bool = False,
-                 test: Optional[list[SourceConfig]] = None, predict: Optional[str] = None,
+                 verify_cache: bool = False, test: Optional[list[SourceConfig]] = None, predict: Optional[str] = None,
                  predict_column: str = "text", predict_instruction: Optional[str] = None):
         super().__init__()
         self.save_hyperparameters()
@@ -177,7 +179,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                 raise InputError("data.train", "no training sources configured", "add at least one entry under data.train")
             prefixes = [self.prefix_for(source.instruction) for source in self.train_sources]
             self.train_dataset = ArrowTrainingDataset(self.train_sources, prefixes, self.hparams.seed,
-                                                      self.training_cache_dir(), rebuild=self.hparams.rebuild_cache)
+                                                      self.training_cache_dir(), rebuild=self.hparams.rebuild_cache,
+                                                      verify=self.hparams.verify_cache)
         if stage in ("fit", "validate") and not self.val_sets:
             self.val_sets = self.evaluation_sets(self.val_sources, "data.val")
         if stage == "test" and not self.test_sets:
