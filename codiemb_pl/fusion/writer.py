@@ -4,8 +4,9 @@ The layout (key -> dtype, shape) is known before any tensor is computed, so the 
 first and each tensor's bytes follow as its pieces (consecutive dim-0 slices) arrive; nothing holds
 the whole model. File format: 8-byte little-endian header length, the JSON header
 {key: {dtype, shape, data_offsets}, "__metadata__": {...}} padded with spaces to a multiple of 8,
-then the data. The file is written beside the target and moved into place with `os.replace`; on any
-error the partial file is removed and a previous file of that name is left untouched.
+then the data. The file is written beside the target, flushed to disk and moved into place
+(`atomic.atomic_file`); on any error the partial file is removed and a previous file of that name is left
+untouched (a full disk: one `InputError` line).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from codiemb_pl.atomic import atomic_file
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.sources import SAFETENSORS_DTYPES
 
@@ -56,26 +57,18 @@ def write_safetensors(out_path: str | os.PathLike, layout: Layout, pieces: Calla
     """
     out_path = Path(out_path)
     header_bytes, header = _header(layout, metadata)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(len(header_bytes).to_bytes(8, "little"))
-            out.write(header_bytes)
-            for key, (dtype, _) in layout.items():
-                written = 0
-                for piece in pieces(key):
-                    payload = _tensor_bytes(piece.to(dtype))
-                    out.write(payload)
-                    written += len(payload)
-                start, stop = header[key]["data_offsets"]
-                if written != stop - start:
-                    raise RuntimeError(f"{key}: wrote {written} bytes, expected {stop - start}")
-        os.chmod(partial, 0o644)
-        os.replace(partial, out_path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as partial, open(partial, "wb") as out:
+        out.write(len(header_bytes).to_bytes(8, "little"))
+        out.write(header_bytes)
+        for key, (dtype, _) in layout.items():
+            written = 0
+            for piece in pieces(key):
+                payload = _tensor_bytes(piece.to(dtype))
+                out.write(payload)
+                written += len(payload)
+            start, stop = header[key]["data_offsets"]
+            if written != stop - start:
+                raise RuntimeError(f"{key}: wrote {written} bytes, expected {stop - start}")
     return out_path
 
 
