@@ -14,6 +14,7 @@ from typing import Any, Optional
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks.interruption import GracefulInterruption, TrainingInterrupted
+from .checkpoint_io import install_durable_checkpoint_io
 from .reporting import comparison_table
 from .data.datamodule import CoDiEmbDataModule
 from .data.sampler import POLICIES
@@ -25,6 +26,9 @@ from .module import CoDiEmbModule
 from .output_paths import check_fit_outputs
 from .run_lock import RunLock, acquire_run_lock
 from .pooling import check_pooling_mode
+from .resume import resolve_last_checkpoint
+from .run_folder import checkpoint_folders, remove_stale_temporaries_of_run
+from .trainer import DurableTrainer
 
 
 class CoDiEmbCLI(LightningCLI):
@@ -101,6 +105,23 @@ class CoDiEmbCLI(LightningCLI):
         if trainer.is_global_zero:
             print("[codiemb] training plan\n" + plan.describe(), flush=True)
 
+    def fit(self, model: CoDiEmbModule, **kwargs: Any) -> None:
+        """`trainer.fit`, with durable checkpoint files (`checkpoint_io.install_durable_checkpoint_io`), the
+        temporaries a killed run left removed (`run_folder.remove_stale_temporaries_of_run`) and
+        `--ckpt_path last` resolved to the newest complete checkpoint (`resume.resolve_last_checkpoint`)."""
+        trainer = self.trainer
+        warning = install_durable_checkpoint_io(trainer.strategy)
+        if trainer.is_global_zero:
+            for line in (warning, remove_stale_temporaries_of_run(trainer)):
+                if line:
+                    print(line, flush=True)
+        if kwargs.get("ckpt_path") == "last":
+            path, line = resolve_last_checkpoint(checkpoint_folders(trainer))
+            if line and trainer.is_global_zero:
+                print(line, flush=True)
+            kwargs["ckpt_path"] = None if path is None else str(path)
+        trainer.fit(model, **kwargs)
+
     def before_validate(self) -> None:
         self.datamodule.setup("validate")  # read and check the sets before Lightning's banners
         self.held_logs.release()
@@ -147,8 +168,8 @@ def run_lightning_cli(args: Optional[list[str]]) -> int:
     try:
         with warnings.catch_warnings():  # `main(args)` in-process is this CLI's design, not a mistake to warn about
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            CoDiEmbCLI(CoDiEmbModule, CoDiEmbDataModule, args=args, save_config_kwargs={"overwrite": True},
-                       trainer_defaults={"use_distributed_sampler": False})
+            CoDiEmbCLI(CoDiEmbModule, CoDiEmbDataModule, trainer_class=DurableTrainer, args=args,
+                       save_config_kwargs={"overwrite": True}, trainer_defaults={"use_distributed_sampler": False})
     except TrainingInterrupted as interruption:
         print(f"codiemb: interrupted: {interruption}", file=sys.stderr)
     return 0

@@ -10,16 +10,24 @@ With root `R` (`--trainer.default_root_dir`, default the working directory):
 `R/checkpoints` does not depend on the logger's version, so a resumed run (`--ckpt_path last`) finds the
 `last.ckpt` of the run it resumes. A folder given explicitly is used as given (relative paths are
 relative to the working directory, as everywhere in Lightning).
+
+`checkpoint_folders(trainer)` lists where the run's checkpoints are (where `--ckpt_path last` looks), and
+`remove_stale_temporaries_of_run(trainer)` deletes, at the start of `fit`, the hidden temporary entries a
+killed run left where this run writes (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the
+fusion folders, and those of the export's own name beside it.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+
+from .atomic import remove_stale_temporaries
 
 
 class CSVLogger(LightningCSVLogger):
@@ -62,3 +70,42 @@ def _is_subclass(class_path: Optional[str], base: type) -> bool:
         return issubclass(getattr(importlib.import_module(module_name), class_name), base)
     except (ImportError, AttributeError, TypeError, ValueError):
         return False
+
+
+def checkpoint_folders(trainer: Any) -> list[Path]:
+    """The folders of the run's checkpoints: each ModelCheckpoint's `dirpath`, and the folder of the interruption
+    checkpoint (`<default_root_dir>/checkpoints` when no ModelCheckpoint has a folder), without repeats."""
+    from .callbacks.interruption import checkpoint_location, last_checkpoint_owner
+
+    folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks
+               if isinstance(callback, ModelCheckpoint) and callback.dirpath]
+    folders.append(checkpoint_location(trainer, last_checkpoint_owner(trainer))[0])
+    return list(dict.fromkeys(folders))
+
+
+def temporary_locations(trainer: Any) -> list[tuple[Path, Optional[set[str]]]]:
+    """(folder, final names or None for any) where this run writes through temporaries: the checkpoint
+    folders, each ExportEncoder output (and adapter folder) beside it, and CheckpointFusion's folders."""
+    from .callbacks.export import ExportEncoder
+    from .callbacks.fusion import CheckpointFusion
+
+    locations: list[tuple[Path, Optional[set[str]]]] = [(folder, None) for folder in checkpoint_folders(trainer)]
+    for callback in trainer.callbacks:
+        if isinstance(callback, ExportEncoder):
+            for output in filter(None, [callback.output_dir(trainer), callback.adapter_dirpath]):
+                locations.append((Path(output).parent, {Path(output).name}))
+        elif isinstance(callback, CheckpointFusion):
+            root = callback.root(trainer)
+            locations += [(root, None), (root / "snapshots", None), (root / "candidates", None)]
+    return locations
+
+
+def remove_stale_temporaries_of_run(trainer: Any) -> str:
+    """Delete the temporaries a killed run left where this one writes (call on global rank 0 before `fit`,
+    with the run folder to itself); returns the line saying what went, empty when nothing did."""
+    removed = [path for folder, names in temporary_locations(trainer)
+               for path in remove_stale_temporaries(folder, names)]
+    if not removed:
+        return ""
+    return (f"[codiemb] removed {len(removed)} temporary file(s)/folder(s) an interrupted run left: "
+            + ", ".join(str(path) for path in removed))

@@ -2,14 +2,13 @@
 
 A signal only sets a flag. At the end of the next optimizer step the flag is agreed across ranks
 (all-reduce max, so every rank stops at the same step even when only one got the signal), the
-checkpoint is written atomically as `last.ckpt` in the ModelCheckpoint folder (where
+checkpoint is written as `last.ckpt` in the ModelCheckpoint folder (durably, where
 `--ckpt_path last` looks), and `TrainingInterrupted` ends `fit` without the end-of-fit validation,
 export or fusion. The CLI turns it into one line and exit code 0. A second SIGINT aborts at once.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from pathlib import Path
@@ -109,22 +108,17 @@ class GracefulInterruption(pl.Callback):
         return local or None
 
     def save_last_checkpoint(self, trainer: pl.Trainer) -> Path:
-        """Write the full training state to `<checkpoint dir>/last.ckpt` via a temporary file and a rename."""
+        """Write the full training state to `<checkpoint dir>/last.ckpt` (durably under `codiemb fit`: a
+        temporary name in that folder, flushed, then renamed, see `codiemb_pl.checkpoint_io`)."""
         owner = last_checkpoint_owner(trainer)
         folder, name = checkpoint_location(trainer, owner)
         final = folder / name
-        partial = folder / f".{name}.partial"
         if owner is not None:
             # recorded in the checkpoint, so the resumed ModelCheckpoint overwrites this file as its own `last`
             # instead of writing `last-v1.ckpt` beside it
             owner.last_model_path = str(final)
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(partial)  # collective: every rank contributes (e.g. its RNG state)
-        if trainer.is_global_zero:
-            os.replace(partial, final)
-            rank_zero_info(f"[codiemb] saved {final} at step {trainer.global_step}")
-        trainer.strategy.barrier("codiemb-interruption-checkpoint")
+        trainer.save_checkpoint(final)  # collective: every rank contributes (e.g. its RNG state)
+        rank_zero_info(f"[codiemb] saved {final} at step {trainer.global_step}")
         return final
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from codiemb_pl.atomic import atomic_directory, atomic_write_text
+from codiemb_pl.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
 from codiemb_pl.data.validation import ValidationSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
@@ -339,6 +339,7 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     merge = Merge(base_source, model_sources, method, params, weights=weights, seed=int(seed))
     check_shares_base(base_source, model_sources, merge.keys, [m.path for m in opened])
     result = FuseResult(Path(output))
+    remove_stale_temporaries(Path(output).parent, {Path(output).name})   # a killed earlier write of this output
     with atomic_directory(output) as staging:
         weights_folder = write_template(opened_base, template, staging)
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
