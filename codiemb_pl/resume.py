@@ -19,6 +19,7 @@ beginning, with one line. Checkpoints but none usable: one `InputError` line lis
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,13 @@ class CheckpointCandidate:
         return (self.step if self.step is not None else -1, self.is_last, self.modified)
 
 
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The telling line of `error`'s message (for torch's weights-only refusal, the one naming the type)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return line.removeprefix("WeightsUnpickler error: ").split(". ")[0][:limit] or type(error).__name__
+
+
 def inspect_checkpoint(path: Path) -> CheckpointCandidate:
     """Read what resuming needs to know about the checkpoint at `path` (see the module docstring)."""
     modified = path.stat().st_mtime
@@ -63,11 +71,15 @@ def inspect_checkpoint(path: Path) -> CheckpointCandidate:
         weights_only = bool(marker.get("weights_only"))
         return CheckpointCandidate(path, int(marker.get("global_step", -1)),
                                    "holds weights only (no optimizer or loop state)" if weights_only else None, modified)
+    if path.stat().st_size == 0:
+        return CheckpointCandidate(path, None, "is empty", modified)
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:   # complete, but holding an object outside torch's safe types
+        return CheckpointCandidate(path, None, f"holds objects the safe loader refuses ({first_line(error)}); pass "
+                                               "--ckpt_path with it explicitly if you trust it", modified)
     except Exception as error:  # noqa: BLE001 - any failure to open means "not usable"; the reason is reported
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return CheckpointCandidate(path, None, f"is incomplete or unreadable ({reason[:160]})", modified)
+        return CheckpointCandidate(path, None, f"is incomplete or unreadable ({first_line(error)})", modified)
     if not isinstance(checkpoint, dict):
         return CheckpointCandidate(path, None, "is not a Lightning checkpoint", modified)
     step = checkpoint.get("global_step")

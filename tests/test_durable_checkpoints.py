@@ -216,8 +216,12 @@ def fake_checkpoint(path: Path, step: int, weights_only: bool = False) -> Path:
     return path
 
 
+class Unpicklable:
+    """An object torch's weights-only loader refuses."""
+
+
 def test_last_resolution_prefers_the_newest_complete_resumable_checkpoint(tmp_path):
-    from codiemb_pl.resume import resolve_last_checkpoint
+    from codiemb_pl.resume import inspect_checkpoint, resolve_last_checkpoint
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -229,9 +233,15 @@ def test_last_resolution_prefers_the_newest_complete_resumable_checkpoint(tmp_pa
     fake_checkpoint(folder / "epoch1.ckpt", 8)                               # killed before last.ckpt was rewritten
     fake_checkpoint(folder / "best.ckpt", 9, weights_only=True)              # not resumable
     (folder / ".epoch2.ckpt.tmp-x1").write_bytes(b"partial")                 # a save in progress is never a candidate
+    torch.save({"global_step": 12, "optimizer_states": [], "loops": {}, "odd": Unpicklable()}, folder / "odd.ckpt")
+    (folder / "empty.ckpt").write_bytes(b"")
     path, line = resolve_last_checkpoint([folder])
     assert path == folder / "epoch1.ckpt"
     assert line == (f"[codiemb] --ckpt_path last: resuming from {path} (step 8): it is newer than last.ckpt (step 4)")
+    assert inspect_checkpoint(folder / "odd.ckpt").problem == (
+        "holds objects the safe loader refuses (Unsupported global: GLOBAL test_durable_checkpoints.Unpicklable was "
+        "not an allowed global by default); pass --ckpt_path with it explicitly if you trust it")
+    assert inspect_checkpoint(folder / "empty.ckpt").problem == "is empty"
 
 
 def test_checkpoint_folders_count_only_when_their_marker_lists_every_file(tmp_path):
@@ -284,7 +294,7 @@ def fit_boring_model(root: Path, strategy: FolderStrategy, steps: int) -> None:
 
 def test_folder_checkpoints_appear_complete_with_their_marker_or_not_at_all(tmp_path, monkeypatch):
     import codiemb_pl.trainer
-    from codiemb_pl.checkpoint_io import FOLDER_MARKER
+    from codiemb_pl.checkpoint_io import FOLDER_MARKER, DurableCheckpointIO
     from codiemb_pl.resume import resolve_last_checkpoint
 
     monkeypatch.setattr(codiemb_pl.trainer, "writes_checkpoint_folders", lambda s: isinstance(s, FolderStrategy))
@@ -307,6 +317,9 @@ def test_folder_checkpoints_appear_complete_with_their_marker_or_not_at_all(tmp_
     with pytest.raises(InputError, match=r"\.ckpt: not written, the filesystem refused more data \(No space left"):
         fit_boring_model(tmp_path, full, steps=3)
     assert contents() == previous
+
+    DurableCheckpointIO().remove_checkpoint(folder / "epoch=0-step=1.ckpt")   # renamed to a hidden name, then deleted
+    assert sorted(path.name for path in folder.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
 
 
 def test_a_checkpoint_io_the_user_chose_is_kept():
