@@ -105,6 +105,14 @@ BAD_INPUTS: dict[str, BadInput] = {
         lambda d: ["--data.train", train_source("sts", "sts", write_jsonl(
             d / "sts.jsonl", sts_rows(2) + [{"sentence1": "a", "sentence2": "b", "score": math.nan}]))],
         ["{data}/sts.jsonl:3: score is nan (give every pair a finite score)"]),
+    "boolean_score": BadInput(  # a JSON boolean is not a score (Python's bool is an int: it read as 1.0)
+        lambda d: ["--data.train", train_source("sts", "sts", write_jsonl(
+            d / "sts.jsonl", sts_rows(2) + [{"sentence1": "a", "sentence2": "b", "score": True}]))],
+        ["{data}/sts.jsonl:3: score True is not a number", "write the score as a number"]),
+    "boolean_scores_only": BadInput(  # every score a boolean: pyarrow reads a bool column
+        lambda d: ["--data.train", train_source("sts", "sts", write_jsonl(
+            d / "sts.jsonl", [{"sentence1": f"a {i}", "sentence2": "b", "score": i % 2 == 0} for i in range(8)]))],
+        ["{data}/sts.jsonl:1: score True is not a number"]),
     "out_of_range_score": BadInput(
         lambda d: ["--data.train", train_source("sts", "sts", write_jsonl(
             d / "sts.jsonl", sts_rows(4) + [{"sentence1": "a", "sentence2": "b", "score": 7}]), score_range=[0, 5])],

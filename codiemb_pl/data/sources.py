@@ -309,7 +309,7 @@ def _score(value: Any, where: str) -> float:
             number = float(value.strip())
         except ValueError:
             number = None
-    elif isinstance(value, (int, float)):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):   # JSON true is not 1.0
         number = float(value)
     else:
         number = None
