@@ -30,6 +30,7 @@ from .lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_
 from .rng_state import capture_rng_states, restore_rng_states
 
 RNG_STATES_KEY = "codiemb_rng_states"
+VALIDATION_HISTORY_KEY = "codiemb_validation_history"   # [[label, {metric: float}], ...]: the card after a resume
 """Checkpoint key: one RNG-state dict (torch, CUDA, numpy, python) per rank, in rank order."""
 
 
@@ -150,10 +151,13 @@ class CoDiEmbModule(pl.LightningModule):
 
     # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first); under
-        LoRA keep only the adapter tensors (the frozen base is re-read from `model_name_or_path`)."""
+        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first) and the
+        validation history (plain lists, strings and floats: the model card of a resumed run keeps its table);
+        under LoRA keep only the adapter tensors (the frozen base is re-read from `model_name_or_path`)."""
         if is_lora_model(self.encoder.model):
             checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint[VALIDATION_HISTORY_KEY] = [[str(label), {str(k): float(v) for k, v in metrics.items()}]
+                                              for label, metrics in self.validation_history]
         states = capture_rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -164,9 +168,12 @@ class CoDiEmbModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep this rank's saved RNG states; they are applied in `on_train_start` (after set-up drew numbers).
-        Under LoRA the checkpoint must hold exactly this model's adapters (else one clear error)."""
+        The saved validation history comes back. Under LoRA the checkpoint must hold exactly this model's
+        adapters (else one clear error)."""
         if is_lora_model(self.encoder.model) and "state_dict" in checkpoint:
             check_adapter_checkpoint(self, checkpoint["state_dict"], where="checkpoint (model.lora is set)")
+        self.validation_history = [(label, dict(metrics)) for label, metrics in
+                                   checkpoint.get(VALIDATION_HISTORY_KEY) or []] or self.validation_history
         saved = checkpoint.get(RNG_STATES_KEY)
         world = self.trainer.world_size if self._trainer is not None else 1
         rank = self.trainer.global_rank if self._trainer is not None else 0

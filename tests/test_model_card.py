@@ -84,3 +84,23 @@ def test_card_leaves_loading_unaffected(exported_model):
     texts = ["a sentence", "another, longer sentence"]
     expected = TextEncoder(str(exported_model)).encode(texts)
     assert torch.allclose(model.encode(texts, convert_to_tensor=True), expected, atol=1e-5)
+
+
+def test_card_after_a_resume_keeps_the_validation_table(exported_model, tiny_model_dir, tmp_path):
+    """A run resumed from last.ckpt that does not validate again before fit ends still knows what validation
+    measured (the module's validation history travels in the checkpoint), so its card keeps the table."""
+    last = exported_model.parent / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    resumed = tmp_path / "resumed"
+    assert main(["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(resumed), "--trainer.max_steps", "5",
+                 "--trainer.val_check_interval", "1.0",   # no validation before fit ends
+                 "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder", "--ckpt_path", str(last)]) == 0
+    card = (resumed / "model" / "README.md").read_text()
+    assert "No validation set was configured" not in card
+    best = next(state["best_model_path"] for key, state in saved["callbacks"].items() if "ModelCheckpoint" in key)
+    step = torch.load(best, map_location="cpu", weights_only=False)["global_step"]
+    assert f"at step {step} (the exported weights)" in card
+    history = saved["codiemb_validation_history"]
+    assert all(type(value) is float for _, metrics in history for value in metrics.values())  # plain types
+    assert f"| `val/avg` | {dict(history)[f'step {step}']['val/avg']:.4f} |" in card
