@@ -164,3 +164,88 @@ def test_unsharded_encoder_of_a_lora_module_embeds_as_the_module(tmp_path):
     assert torch.allclose(plain.encode(texts, prompt_name="query"), expected, atol=1e-5)
     base = CoDiEmbModule(str(tmp_path / "qwen2")).encoder.encode(texts, prompt=module.encoder.prompts["query"])
     assert not torch.allclose(base, expected, atol=1e-3)   # the adapters change the embeddings
+
+
+def test_a_metric_the_validation_sets_do_not_give_stops_before_training(tiny_model_dir, tmp_path, capsys):
+    """Without the check the run trained, fused, found no winner and exported nothing, silently."""
+    run = tmp_path / "run"
+    code = main(["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+                 "--trainer.default_root_dir", str(run), "--trainer.callbacks+=codiemb_pl.callbacks.CheckpointFusion",
+                 "--trainer.callbacks.metric", "val/demo_sts_dev/spearman"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("codiemb: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "CheckpointFusion.metric: 'val/demo_sts_dev/spearman' is not a metric the validation sets give" in lines[0]
+    assert "did you mean val/demo_sts_dev/cosine_spearman?" in lines[0]
+    assert not list(run.rglob("*.ckpt")) and not list(run.rglob("*.safetensors"))   # nothing trained or written
+
+
+def test_method_lists_of_the_wrong_shape_are_one_line():
+    from codiemb_pl.errors import InputError
+
+    from codiemb_pl.callbacks import CheckpointFusion
+
+    for methods, words in ((5, "must be a list of merge methods"), ("ties", "must be a list of merge methods"),
+                           ([{"method": "dare", "params": {"drop_rate": 1.0}}], "drop_rate=1.0 is outside"),
+                           ([{"method": "uniform_soup", "weights": ["x"]}], "weights must be a list of finite numbers"),
+                           ([{"method": "slerp", "weights": [1, 1, 1]}], "slerp merges exactly 2 checkpoints")):
+        with pytest.raises(InputError, match=words):
+            CheckpointFusion(methods=methods)
+
+
+def test_one_checkpoint_skips_the_merges_that_give_it_back(tmp_path):
+    """With one snapshot a soup, Multi-SLERP, greedy soup or delta_guided at λ = 1 is the snapshot itself: not
+    merged nor scored again, one line each; methods that change it (a scale, TIES' trim) still run; slerp,
+    which needs two, no longer stops the fusion after training."""
+    paths = []
+    for seed in range(2):
+        paths.append(tmp_path / f"s{seed}.safetensors")
+        save_file(_tiny_state(seed), str(paths[-1]))
+    scored, logged = [], []
+
+    def evaluate(path: Path) -> dict[str, float]:
+        scored.append(path.name)
+        return {"val/avg": float(load_file(str(path))["layer.0.weight"].sum())}
+
+    methods = parse_methods(["uniform_soup", "multi_slerp", "greedy_soup", "delta_guided", "slerp",
+                             {"method": "task_arithmetic", "params": {"scale": 0.5}},
+                             {"method": "task_arithmetic", "weights": [1.0], "name": "identity_arithmetic"},
+                             {"method": "ties", "params": {"density": 0.5}}])
+    board = run_fusion(FusionInputs(paths[0], [("last", paths[1])], model_folder=str(tmp_path)), methods, evaluate,
+                       tmp_path / "c", log=logged.append, show_progress=False)
+    assert [c.name for c in board.candidates] == ["base", "last", "task_arithmetic(scale=0.5)", "ties(density=0.5)"]
+    assert scored == ["s0.safetensors", "s1.safetensors", "task_arithmetic_scale=0.5_.safetensors",
+                      "ties_density=0.5_.safetensors"]
+    assert set(board.skipped) == {"uniform_soup", "multi_slerp", "greedy_soup", "delta_guided", "slerp",
+                                  "identity_arithmetic"}
+    assert "[codiemb] fusion: skipped uniform_soup: one checkpoint only, and uniform_soup of one model is that model" \
+        in logged
+    assert "Skipped slerp: one checkpoint only, and slerp merges exactly two." in board.to_text()
+    assert json.loads(board.to_json())["skipped"]["multi_slerp"].startswith("one checkpoint only")
+    base, last = (_tiny_state(seed)["layer.0.weight"] for seed in range(2))
+    half = next(c for c in board.candidates if c.name == "task_arithmetic(scale=0.5)")
+    assert half.metrics["val/avg"] == pytest.approx(float((base + 0.5 * (last - base)).sum()), abs=1e-5)
+
+
+def test_a_winning_base_model_is_said_plainly(tmp_path):
+    from codiemb_pl.workflows.fusion import winner_card
+
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"s{seed}.safetensors")
+        save_file(_tiny_state(seed), str(paths[-1]))
+    scores = {"s0.safetensors": 0.9}   # the base scores best, every trained candidate 0.1
+    inputs = FusionInputs(paths[0], [("epoch0", paths[1]), ("epoch1", paths[2])], model_folder=str(tmp_path))
+    board = run_fusion(inputs, parse_methods(["uniform_soup"]),
+                       lambda path: {"val/avg": scores.get(path.name, 0.1)}, tmp_path / "c", log=lambda _: None,
+                       show_progress=False)
+    assert board.winner().kind == "base"
+    said = "The base model (θ0, before any training) scores best by val/avg"
+    assert said in board.to_text() and said in board.to_markdown()
+    record = json.loads(board.to_json())
+    assert record["base_won"] is True and said in record["notes"][0]
+    assert said in winner_card(board, inputs)
+    scores["s1.safetensors"] = 0.95   # a trained checkpoint wins: no such note
+    board = run_fusion(inputs, [], lambda path: {"val/avg": scores.get(path.name, 0.1)}, tmp_path / "c",
+                       log=lambda _: None, show_progress=False)
+    assert said not in board.to_text() and json.loads(board.to_json())["base_won"] is False

@@ -260,6 +260,29 @@ BAD_SWEEPS = [  # (sweep file content, words the one error line must hold)
      ["fusion.members[0]", "does not exist"]),
     ({"runs": [{"name": "a"}], "fusion": {"export_folder": "runs"}}, ["fusion.export_folder", "leaves free"]),
     ({}, ["no runs"]),
+    # fusion settings are checked before any run trains (issue 27: a bad metric trained every run, then
+    # exported nothing with exit code 0; `methods: 5` was a traceback)
+    ({"runs": [{"name": "a"}], "fusion": {"metric": "val/nonexistent"}},
+     ["fusion.metric", "'val/nonexistent'", "not a metric the validation sets give", "val/avg", "val/<set>/<metric>"]),
+    ({"runs": [{"name": "a"}], "fusion": {"metric": "val/demo_ir_dev/ndcg@10"}},
+     ["fusion.metric", "did you mean val/demo_ir_dev/ndcg_at_10?"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": 5}}, ["fusion.methods", "must be a list of merge methods"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": [5]}}, ["fusion.methods[0]", "a method name or a mapping"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": ["multi_slep"]}},
+     ["fusion.methods[0]", "unknown merge method 'multi_slep'", "did you mean multi_slerp?"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": [{"method": "ties", "params": {"density": 1.5}}]}},
+     ["fusion.methods[0]", "density=1.5 is outside"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": [{"method": "ties", "params": 0.2}]}},
+     ["fusion.methods[0]", "params must be a mapping"]),
+    ({"runs": [{"name": "a"}, {"name": "b"}], "fusion": {"methods": [{"method": "uniform_soup", "weights": [1, 2, 3]}]}},
+     ["fusion.methods[0]", "3 weights for 2 members"]),
+    ({"runs": [{"name": "a"}, {"name": "b"}, {"name": "c"}], "fusion": {"methods": ["slerp"]}},
+     ["fusion.methods[0]", "slerp merges exactly 2 checkpoints, got 3"]),
+    ({"runs": [{"name": "a"}], "fusion": {"methods": [{"method": "self_positioning", "params": {"step": 5}}]}},
+     ["fusion.methods[0]", "unknown parameter(s) ['step']", "steps"]),
+    ({"runs": [{"name": "a", "trainer.callbacks": [{"class_path": "codiemb_pl.callbacks.CheckpointFusion",
+                                                     "init_args": {"metric": "val/sts_average"}}]}]},
+     ["run 'a'", "CheckpointFusion.metric", "did you mean val/sts_avg?"]),
 ]
 
 

@@ -43,7 +43,8 @@ from ..fusion.writer import save_state_dict
 from ..lora import load_merged_weights, merged_weights
 from ..model_card import encoder_card_fields
 from ..sharding import consolidated_weights, is_fsdp2_sharded
-from ..workflows.fusion import DEFAULT_METRIC, FusionInputs, Leaderboard, parse_methods, run_fusion, winner_card
+from ..workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
+                                winner_card)
 from .monitoring import log_leaderboard
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
@@ -137,11 +138,19 @@ class CheckpointFusion(pl.Callback):
         module later, in `configure_model`, so the gather below is a no-op unless it is sharded already.)"""
         if stage != "fit":
             return
+        self.check_metric(trainer)
         base = self.base_path(trainer)
         with consolidated_weights(pl_module.encoder.model):
             if trainer.is_global_zero and not base.exists():
                 base.parent.mkdir(parents=True, exist_ok=True)
                 save_encoder_weights(pl_module, base)
+
+    def check_metric(self, trainer: pl.Trainer) -> None:
+        """`metric` must be one the run's `data.val` sets give, or the fusion would find no winner after training:
+        one line (InputError) at set-up instead. Without validation sets fusion is skipped anyway (a warning)."""
+        sources = list(getattr(getattr(trainer, "datamodule", None), "val_sources", None) or [])
+        if sources:
+            check_metric(self.metric, {source.name: source.task for source in sources}, "CheckpointFusion.metric")
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
         """Every rank keeps the same bookkeeping and calls this at the same moments (a collective under FSDP2,
@@ -252,8 +261,9 @@ class CheckpointFusion(pl.Callback):
                 load_encoder_weights(encoder, Path(winner.weights_path))
                 encoder.save(root / "model", model_card=winner_card(board, inputs, model_path=str(root / "model"),
                                                                     **encoder_card_fields(encoder)))
+                untrained = ", the untrained base model: see the note above" if winner.kind == "base" else ""
                 rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
-                               f"{winner.metrics[self.metric]:.4f}) to {(root / 'model').resolve()}")
+                               f"{winner.metrics[self.metric]:.4f}{untrained}) to {(root / 'model').resolve()}")
         finally:
             if own:
                 load_encoder_weights(encoder, current)

@@ -76,6 +76,9 @@ def paired_cosine(emb1: Tensor, emb2: Tensor) -> Tensor:
     return F.cosine_similarity(a, b, dim=1, eps=1e-12)
 
 
+STS_METRIC_NAMES = ("cosine_spearman", "cosine_pearson")
+
+
 def sts_metrics(emb1: Tensor, emb2: Tensor, gold: Tensor | list[float]) -> dict[str, float]:
     """Spearman and Pearson correlation between the pairs' cosine similarity and the gold scores.
 
@@ -86,4 +89,4 @@ def sts_metrics(emb1: Tensor, emb2: Tensor, gold: Tensor | list[float]) -> dict[
     gold64 = _as_float64_vector(gold, "gold")
     if gold64.numel() != cosine.numel():
         raise ValueError(f"gold has {gold64.numel()} scores for {cosine.numel()} embedding pairs")
-    return {"cosine_spearman": spearman(cosine, gold64), "cosine_pearson": pearson(cosine, gold64)}
+    return dict(zip(STS_METRIC_NAMES, (spearman(cosine, gold64), pearson(cosine, gold64))))

@@ -12,10 +12,11 @@ from typing import Callable, Mapping
 import torch
 
 from ..data.validation import ValidationSet
-from .retrieval import retrieval_metrics
-from .sts import sts_metrics
+from .retrieval import RETRIEVAL_METRIC_NAMES, retrieval_metrics
+from .sts import STS_METRIC_NAMES, sts_metrics
 
 HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
+SET_METRIC_NAMES = {"ir": RETRIEVAL_METRIC_NAMES, "sts": STS_METRIC_NAMES}
 
 
 def score_set(vset: ValidationSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -44,6 +45,16 @@ def flat_metrics(per_set: Mapping[str, Mapping[str, float]], summary: Mapping[st
     flat = {f"{prefix}{name}/{metric}": value for name, values in per_set.items() for metric, value in values.items()}
     flat.update({f"{prefix}{key}": value for key, value in summary.items()})
     return flat
+
+
+def metric_names(tasks: Mapping[str, str], prefix: str = "val/") -> list[str]:
+    """Every key `flat_metrics` gives for sets named and tasked as `tasks` ({set: "ir" | "sts"}), known before
+    anything is scored: the summaries (`{prefix}avg`, `{prefix}ir_avg`, `{prefix}sts_avg` as the tasks
+    allow), then `{prefix}{set}/{metric}` for each set."""
+    present = [task for task in ("ir", "sts") if task in tasks.values()]
+    summary = ([f"{prefix}avg"] if present else []) + [f"{prefix}{task}_avg" for task in present]
+    return summary + [f"{prefix}{name}/{metric}" for name, task in tasks.items()
+                      for metric in SET_METRIC_NAMES.get(task, ())]
 
 
 def set_embeddings(encoder, vset: ValidationSet, batch_size: int = 64,

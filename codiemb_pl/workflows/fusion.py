@@ -18,6 +18,8 @@ folder is written atomically.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -35,7 +38,7 @@ from codiemb_pl.data.validation import ValidationSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
 from codiemb_pl.fusion.engine import Merge
-from codiemb_pl.fusion.methods import MERGE_METHODS, check_method_params
+from codiemb_pl.fusion.methods import MERGE_METHODS, DeltaNorms, check_method_params, merge_needs
 from codiemb_pl.fusion.soup import greedy_soup
 from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transformer_folder
 from codiemb_pl.lora import check_lora_mix
@@ -67,30 +70,118 @@ def _label(method: str, params: Mapping[str, Any]) -> str:
     return f"{method}(" + ",".join(f"{key}={value}" for key, value in sorted(params.items())) + ")"
 
 
-def parse_methods(entries: Sequence[str | Mapping[str, Any]], where: str = "fusion.methods") -> list[MethodSpec]:
-    """Validate a method list (names, parameters) and give every entry a unique label."""
+METHOD_EXAMPLE = "e.g. [delta_guided, {method: ties, params: {density: 0.2}}]"
+# what `run_fusion` passes to `workflows.probe.self_positioning_merge` itself (not user parameters)
+SELF_POSITIONING_GIVEN = ("base_dir_or_state", "checkpoints", "probe_sources", "seed", "model_dir", "encoder_kwargs")
+
+
+def parse_methods(entries: Any, where: str = "fusion.methods", members: int | None = None) -> list[MethodSpec]:
+    """Validate a method list and give every entry a unique label; InputError (one line, `where[i]`) for a list
+    that is not one, an unknown method (with the nearest name), unknown or out-of-range parameters and weights
+    that are not one finite number per member. `members` (when known: a sweep) is how many models will be
+    merged; each per-tensor method is tried on a toy tensor with that many task vectors (`check_merge_settings`),
+    so a value that would stop the merge stops here, before anything trains."""
+    if isinstance(entries, (str, bytes, Mapping)) or not isinstance(entries, Sequence):
+        raise InputError(where, f"must be a list of merge methods, got {entries!r}", METHOD_EXAMPLE)
     specs: list[MethodSpec] = []
     seen: set[str] = set()
     for index, entry in enumerate(entries):
-        entry = {"method": entry} if isinstance(entry, str) else dict(entry)
-        unknown = sorted(set(entry) - {"method", "params", "weights", "name"})
-        method = entry.get("method")
-        if unknown or not isinstance(method, str):
-            raise InputError(f"{where}[{index}]", f"expected {{method, params, weights, name}}, got {entry}",
-                             "e.g. {method: ties, params: {density: 0.2}}")
-        params = dict(entry.get("params") or {})
-        if method in MERGE_METHODS:
-            check_method_params(method, params)
-        elif method not in SCORED_METHODS:
-            raise InputError(f"{where}[{index}]", f"unknown merge method {method!r}",
-                             f"use one of {sorted(MERGE_METHODS) + list(SCORED_METHODS)}")
-        name = str(entry.get("name") or _label(method, params))
-        if name in seen:
-            raise InputError(f"{where}[{index}]", f"two entries are labelled {name!r}", "give one a `name`")
-        seen.add(name)
-        weights = entry.get("weights")
-        specs.append(MethodSpec(method, params, None if weights is None else [float(w) for w in weights], name))
+        spec = _method_spec(entry, f"{where}[{index}]", members)
+        if spec.name in seen:
+            raise InputError(f"{where}[{index}]", f"two entries are labelled {spec.name!r}", "give one a `name`")
+        seen.add(spec.name)
+        specs.append(spec)
     return specs
+
+
+def _method_spec(entry: Any, where: str, members: int | None) -> MethodSpec:
+    """One checked entry of a method list (see `parse_methods`)."""
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, Mapping):
+        raise InputError(where, f"expected a method name or a mapping {{method, params, weights, name}}, got {entry!r}",
+                         "e.g. {method: ties, params: {density: 0.2}}")
+    unknown = sorted(set(map(str, entry)) - {"method", "params", "weights", "name"})
+    method = entry.get("method")
+    if unknown or not isinstance(method, str):
+        raise InputError(where, f"expected {{method, params, weights, name}}, got {dict(entry)}",
+                         "e.g. {method: ties, params: {density: 0.2}}")
+    known = sorted(MERGE_METHODS) + list(SCORED_METHODS)
+    if method not in known:
+        close = difflib.get_close_matches(method, known, n=1)
+        raise InputError(where, f"unknown merge method {method!r}",
+                         (f"did you mean {close[0]}? " if close else "") + f"use one of {known}")
+    params = entry.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise InputError(where, f"params must be a mapping of parameter names to values, got {params!r}",
+                         f"e.g. {{method: {method}, params: {{...}}}}")
+    params = dict(params)
+    weights = entry.get("weights")
+    if weights is not None and (isinstance(weights, (str, Mapping)) or not isinstance(weights, Sequence) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+        raise InputError(where, f"weights must be a list of finite numbers, one per member, got {weights!r}",
+                         "e.g. weights: [1.0, 2.0]")
+    name = entry.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InputError(where, f"name must be text, got {name!r}", "e.g. name: soup_ab")
+    spec = MethodSpec(method, params, None if weights is None else [float(w) for w in weights],
+                      name or _label(method, params))
+    try:
+        _check_params(spec)
+        if members is not None and spec.weights is not None and len(spec.weights) != members:
+            raise InputError(where, f"{len(spec.weights)} weights for {members} members",
+                             "give one weight per merged model (fixed members, then each run's checkpoints)")
+        check_merge_settings(spec, members)
+    except InputError as error:
+        raise InputError(where, error.problem, error.fix) from None
+    return spec
+
+
+def _check_params(spec: MethodSpec) -> None:
+    """Parameter names: a registered method's own, Self Positioning's keyword arguments, none for greedy_soup."""
+    if spec.method in MERGE_METHODS:
+        check_method_params(spec.method, spec.params)
+        return
+    accepted: tuple[str, ...] = ()
+    if spec.method == "self_positioning":
+        from codiemb_pl.workflows.probe import self_positioning_merge
+
+        accepted = tuple(name for name in inspect.signature(self_positioning_merge).parameters
+                         if name not in SELF_POSITIONING_GIVEN)
+    unknown = sorted(set(spec.params) - set(accepted))
+    if unknown:
+        raise InputError(spec.method, f"unknown parameter(s) {unknown}",
+                         f"{spec.method} accepts {list(accepted) or 'no parameters'}")
+
+
+def check_merge_settings(spec: MethodSpec, members: int | None = None) -> None:
+    """Run a per-tensor method once on a 2×3 toy tensor with `members` random task vectors (default: one per
+    weight, else 2), so a parameter out of its range or a member count the method cannot take (slerp: 2) is an
+    InputError now rather than after training. Scored methods (greedy soup, Self Positioning) are not run."""
+    if spec.method not in MERGE_METHODS:
+        return
+    count = members if members is not None else len(spec.weights) if spec.weights is not None else 2
+    generator = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(2, 3, generator=generator) for _ in range(max(count, 1))]
+    params = dict(spec.params)
+    if isinstance(merge_needs(spec.method, params).statistic, DeltaNorms):   # the engine's first-pass norms
+        params["magnitudes"] = [float(torch.linalg.vector_norm(delta)) for delta in deltas]
+    MERGE_METHODS[spec.method](torch.zeros(2, 3), deltas, weights=spec.weights, generator=generator, **params)
+
+
+def check_metric(metric: Any, tasks: Mapping[str, str], where: str) -> None:
+    """`metric` must be one the validation sets `tasks` ({set name: "ir" | "sts"}) will give
+    (`evaluation.suite.metric_names`); else one line with the nearest valid key."""
+    from codiemb_pl.evaluation.suite import metric_names
+
+    known = metric_names(tasks)
+    if metric in known:
+        return
+    close = difflib.get_close_matches(str(metric), known, n=1, cutoff=0.6) or known[:1]
+    sets = ", ".join(f"{name} ({task})" for name, task in tasks.items()) or "none"
+    raise InputError(where, f"{metric!r} is not a metric the validation sets give (sets: {sets})",
+                     f"did you mean {close[0]}? Use {', '.join(known[:3])} or val/<set>/<metric>" if close
+                     else "configure data.val, then use val/avg, val/ir_avg, val/sts_avg or val/<set>/<metric>")
 
 
 @dataclass
@@ -113,10 +204,12 @@ def _score(candidate: Candidate, metric: str) -> float:
 
 @dataclass
 class Leaderboard:
-    """Candidates ranked by `metric` (higher is better; rows without it last)."""
+    """Candidates ranked by `metric` (higher is better; rows without it last); `skipped`: merges not made
+    ({label: why}, e.g. a soup of one checkpoint)."""
 
     candidates: list[Candidate]
     metric: str = DEFAULT_METRIC
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def ranked(self) -> list[Candidate]:
         return sorted(self.candidates, key=lambda c: _score(c, self.metric), reverse=True)
@@ -125,14 +218,27 @@ class Leaderboard:
         best = [c for c in self.ranked() if _score(c, self.metric) > -math.inf]
         return best[0] if best else None
 
+    def notes(self) -> list[str]:
+        """What a reader of the table must not miss: the untrained base winning, merges that were skipped."""
+        winner, notes = self.winner(), []
+        if winner is not None and winner.kind == "base":
+            notes.append(f"The base model (θ0, before any training) scores best by {self.metric}: no trained checkpoint "
+                         "and no merge beat it, so the winner is the untrained model. Training did not improve these "
+                         "validation sets: check the learning rate, the training data and the validation sets, or "
+                         "train longer.")
+        notes += [f"Skipped {name}: {why}." for name, why in self.skipped.items()]
+        return notes
+
     def metric_names(self) -> list[str]:
         names = sorted({m for c in self.candidates for m in c.metrics})
         leading = [m for m in (self.metric, "val/ir_avg", "val/sts_avg") if m in names]
         return list(dict.fromkeys(leading + names))
 
     def to_json(self) -> str:
-        data = {"metric": self.metric, "winner": getattr(self.winner(), "name", None),
-                "ranking": [asdict(c) for c in self.ranked()]}
+        winner = self.winner()
+        data = {"metric": self.metric, "winner": getattr(winner, "name", None),
+                "base_won": winner is not None and winner.kind == "base", "ranking": [asdict(c) for c in self.ranked()],
+                "skipped": dict(self.skipped), "notes": self.notes()}
         return json.dumps(data, indent=2, default=str, allow_nan=True) + "\n"
 
     def _cells(self, candidate: Candidate, metrics: list[str]) -> list[str]:
@@ -145,7 +251,7 @@ class Leaderboard:
                  "|---:|---|---|" + "---:|" * len(metrics)]
         for rank, candidate in enumerate(self.ranked(), 1):
             lines.append(f"| {rank} | " + " | ".join(self._cells(candidate, metrics)) + " |")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + [""] + [f"**Note:** {note}" for note in self.notes()]).rstrip() + "\n"
 
     def to_text(self) -> str:
         metrics = self.metric_names()
@@ -154,7 +260,8 @@ class Leaderboard:
         widths = [max(len(row[i]) for row in rows + [headers]) for i in range(len(headers))]
         align = lambda row: "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)  # noqa: E731
                                       for i, (cell, w) in enumerate(zip(row, widths)))
-        return "\n".join([align(headers), "-" * len(align(headers))] + [align(row) for row in rows])
+        return "\n".join([align(headers), "-" * len(align(headers))] + [align(row) for row in rows]
+                         + [f"note: {note}" for note in self.notes()])
 
 
 @dataclass
@@ -219,7 +326,14 @@ def run_fusion(inputs: FusionInputs, methods: Sequence[MethodSpec], evaluate: Ev
         single.metrics = evaluate(Path(single.weights_path))
         progress.update()
     fused: list[Candidate] = []
+    skipped: dict[str, str] = {}
     for spec in methods:
+        why = single_member_skip(spec) if len(inputs.checkpoints) == 1 else None
+        if why is not None:
+            skipped[spec.name] = f"one checkpoint only, and {why}"
+            log(f"[codiemb] fusion: skipped {spec.name}: {skipped[spec.name]}")
+            progress.update()
+            continue
         candidate = Candidate(spec.name, "fused", spec.method, dict(spec.params), weights=spec.weights)
         out_path = workdir / f"{_file_name(spec.name)}.safetensors"
         log(f"[codiemb] fusion: merging {len(inputs.checkpoints)} checkpoints with {spec.name}")
@@ -234,7 +348,31 @@ def run_fusion(inputs: FusionInputs, methods: Sequence[MethodSpec], evaluate: Ev
         fused.append(candidate)
         progress.update()
     progress.close()
-    return Leaderboard([base] + singles + fused, metric)
+    return Leaderboard([base] + singles + fused, metric, skipped)
+
+
+def single_member_skip(spec: MethodSpec) -> str | None:
+    """Why merging ONE checkpoint with `spec` is not worth a row: it gives the checkpoint itself back (its score
+    would repeat the checkpoint's), or the method needs two (slerp). None when it changes the checkpoint: TIES
+    trims it, DARE drops entries, a scale ≠ 1 stretches it, Self Positioning learns a scale.
+
+        soup / Multi-SLERP / greedy soup of one:  θ0 + Δ                    (weights are normalised)
+        delta_guided:  θ0 + λΔ            task_arithmetic:  θ0 + λ·w·Δ
+        TIES at density 1: θ0 + λΔ        DARE at drop_rate 0: θ0 + λ·ŵ·Δ    (identity when the factor is 1)
+    """
+    params, weight = spec.params, float((spec.weights or [1.0])[0])
+    scale = float(params.get("scale", 1.0))
+    if spec.method in ("uniform_soup", "multi_slerp", "greedy_soup"):
+        return f"{spec.method} of one model is that model"
+    if spec.method == "slerp":
+        return "slerp merges exactly two"
+    factor = {"delta_guided": scale, "task_arithmetic": scale * weight,
+              "ties": scale if float(params.get("density", 0.2)) >= 1.0 else None,
+              "dare": (scale * (1.0 if params.get("combine", "mean") == "mean" else weight)
+                       if float(params.get("drop_rate", 0.5)) == 0.0 else None)}.get(spec.method)
+    if factor == 1.0:
+        return f"{spec.name} of one model with factor 1 is that model"
+    return None
 
 
 def _file_name(label: str) -> str:

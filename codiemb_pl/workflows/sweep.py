@@ -332,7 +332,10 @@ def _callbacks(resolved: Mapping[str, Any], class_path: str) -> list[dict[str, A
 
 
 def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any], where: str) -> None:
-    """Folders inside the run's root; the same θ0 as the sweep; the snapshots the fusion needs are collected."""
+    """Folders inside the run's root; the same θ0 as the sweep; a CheckpointFusion metric its data.val gives;
+    the snapshots the fusion needs are collected."""
+    from codiemb_pl.workflows.fusion import check_metric
+
     root = plan.run_folder(run).resolve()
     for class_path in (EXPORT_CALLBACK, FUSION_CALLBACK, CHECKPOINT_CALLBACK):
         for entry in _callbacks(resolved, class_path):
@@ -346,10 +349,14 @@ def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any
         raise InputError(f"{where}: model.model_name_or_path", f"{base!r} differs from the model the sweep "
                          f"starts from, {plan.resolved['model']['model_name_or_path']!r}",
                          "runs fused together must start from the same model; set it in `overrides:`")
+    fusions = _callbacks(resolved, FUSION_CALLBACK)
+    for entry in fusions:   # the run's own CheckpointFusion would otherwise find out after training
+        metric = (entry.get("init_args") or {}).get("metric")
+        if metric is not None:
+            check_metric(metric, validation_tasks(resolved), f"{where}: CheckpointFusion.metric")
     snapshots = [choice for choice in plan.checkpoints if choice != FINAL]
     if not snapshots:
         return
-    fusions = _callbacks(resolved, FUSION_CALLBACK)
     collect = set((fusions[0].get("init_args") or {}).get("collect") or []) if fusions else set()
     steps = int((fusions[0].get("init_args") or {}).get("every_n_steps") or 0) if fusions else 0
     for choice in snapshots:
@@ -361,7 +368,14 @@ def _check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any
                              else f"collect it: {FUSION_CALLBACK} with collect: [..., {needed}] in the base config")
 
 
-def _fusion_options(section: Any, where: str) -> dict[str, Any]:
+def validation_tasks(resolved: Mapping[str, Any]) -> dict[str, str]:
+    """{set name: task} of a resolved fit config's `data.val` (what fusion scores candidates on)."""
+    entries = (resolved.get("data") or {}).get("val") or []
+    return {str(entry.get("name")): str(entry.get("task")) for entry in entries if isinstance(entry, Mapping)}
+
+
+def _fusion_options(section: Any, where: str, runs: int = 1) -> dict[str, Any]:
+    """The checked `fusion:` section of a sweep with `runs` runs (methods are tried with the member count)."""
     from codiemb_pl.workflows.fusion import parse_methods
 
     section = {} if section is None else section
@@ -382,7 +396,9 @@ def _fusion_options(section: Any, where: str) -> dict[str, Any]:
                              "best_sts, best, epochN, stepN")
     if len(set(checkpoints)) != len(checkpoints):
         raise InputError(f"{where}: fusion.checkpoints", "a checkpoint is named twice", "name each once")
-    methods = parse_methods(section.get("methods", DEFAULT_METHODS), f"{where}: fusion.methods")
+    members = _fixed_members(section.get("members"), where)
+    methods = parse_methods(section.get("methods", DEFAULT_METHODS), f"{where}: fusion.methods",
+                            members=len(members) + runs * len(checkpoints))
     if not methods:
         raise InputError(f"{where}: fusion.methods", "no merge methods", "list at least one, e.g. [delta_guided]")
     for name in ("metric",):
@@ -414,7 +430,7 @@ def _fusion_options(section: Any, where: str) -> dict[str, Any]:
     return {"checkpoints": [str(c) for c in checkpoints], "methods": methods,
             "metric": section.get("metric", "val/avg"), "seed": section.get("seed"),
             "eval_batch_size": section.get("eval_batch_size"), "base": base, "evaluate": evaluate,
-            "export": export, "export_folder": folder, "members": _fixed_members(section.get("members"), where)}
+            "export": export, "export_folder": folder, "members": members}
 
 
 def _fixed_members(entries: Any, where: str) -> list[tuple[str, str]]:
@@ -457,6 +473,8 @@ def _check_fusion_names(runs: Sequence[SweepRun], options: Mapping[str, Any], wh
 def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | None = None,
                extra_args: Sequence[str] = ()) -> SweepPlan:
     """Read and check a sweep (every run resolved through the CLI); writes nothing. InputError on bad input."""
+    from codiemb_pl.workflows.fusion import check_metric
+
     where = str(sweep_file)
     content = read_sweep_file(sweep_file)
     base_config = config or content.get("config")
@@ -472,7 +490,7 @@ def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | 
         raise InputError("codiemb sweep", f"unknown option {stray[0]}", "fit overrides look like --section.key value")
     common = _overrides(content.get("overrides"), f"{where}: overrides")
     runs = expand_runs(content, where)
-    options = _fusion_options(content.get("fusion"), where)
+    options = _fusion_options(content.get("fusion"), where, len(runs))
     _check_fusion_names(runs, options, where)
     manifest = content.get("manifest") or {}
     if not isinstance(manifest, dict):
@@ -485,6 +503,8 @@ def plan_sweep(sweep_file: str | Path, config: str | None = None, output: str | 
     if options["evaluate"] and not (resolved.get("data") or {}).get("val"):
         raise InputError(f"{base_config}: data.val", "no validation sets: the sweep cannot score its members",
                          "add validation sets to the base config (or `data.val` under `overrides:`)")
+    if options["evaluate"]:   # the metric must be one data.val will give, or no winner: checked before training
+        check_metric(options["metric"], validation_tasks(resolved), f"{where}: fusion.metric")
     seed = options["seed"] if options["seed"] is not None else int(resolved.get("seed_everything") or 0)
     batch = options["eval_batch_size"] or int((resolved.get("data") or {}).get("val_batch_size") or 64)
     plan = SweepPlan(where, base_config, Path(output), args, common, runs, options["checkpoints"],
@@ -750,13 +770,17 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
                        "runs": [{"name": run.name, "overrides": {**plan.common, **run.overrides},
                                  "command": plan.command_line(run)} for run in plan.runs]}
     record.update({"manifest": plan.manifest} if plan.manifest else {})
-    chosen = board.winner() if plan.export is None else next(c for c in board.candidates if c.name == plan.export)
+    chosen = chosen_candidate(plan, board, log)
     if chosen is not None:
         folder = export_candidate(plan, board, inputs, encoder, chosen)
         record["exported"] = str(folder)
         score = f" ({board.metric} {chosen.metrics[board.metric]:.4f})" if board.metric in chosen.metrics else ""
         what = "the winner " if plan.export is None else ""
-        log(f"[codiemb sweep] exported {what}{chosen.name}{score} to {folder.resolve()}")
+        untrained = " (the untrained base model: see the note above)" if chosen.kind == "base" else ""
+        log(f"[codiemb sweep] exported {what}{chosen.name}{score}{untrained} to {folder.resolve()}")
+    else:
+        log(f"[codiemb sweep] nothing exported: no candidate has a finite {board.metric} (see the leaderboard; "
+            "check the validation sets)")
     atomic_write_text(plan.output / "leaderboard.md",
                       f"# Sweep leaderboard (by `{board.metric}`)\n\n" + board.to_markdown())
     atomic_write_text(plan.output / "leaderboard.json", json.dumps(record, indent=2, default=str) + "\n")
@@ -767,6 +791,19 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
         for logger in loggers:
             logger.experiment.finish()
     return board
+
+
+def chosen_candidate(plan: SweepPlan, board, log: Callable[[str], None] = print):
+    """The candidate to export: `fusion.export` by name, else the winner (None: nothing scored). A named merge
+    that was skipped because it would give the only member back (`Leaderboard.skipped`) is that member."""
+    if plan.export is None:
+        return board.winner()
+    if plan.export in board.skipped:
+        member = next(c for c in board.candidates if c.kind == "checkpoint")
+        log(f"[codiemb sweep] fusion.export {plan.export} was skipped ({board.skipped[plan.export]}): "
+            f"exporting the member {member.name} itself")
+        return member
+    return next(c for c in board.candidates if c.name == plan.export)
 
 
 def export_candidate(plan: SweepPlan, board, inputs, encoder, candidate) -> Path:
@@ -790,8 +827,9 @@ def export_candidate(plan: SweepPlan, board, inputs, encoder, candidate) -> Path
 
 @dataclass
 class SweepResult:
-    """What `execute_sweep` did: the exit code (0: fused, or interrupted; 1: a run failed), each run's outcome
-    (none with `fuse_only`), the leaderboard and the exported folder (None when it did not fuse)."""
+    """What `execute_sweep` did: the exit code (0: fused, or interrupted; 1: a run failed, or no candidate had a
+    score to export), each run's outcome (none with `fuse_only`), the leaderboard and the exported folder (None
+    when it did not fuse)."""
 
     code: int
     outcomes: list[RunOutcome] = field(default_factory=list)
@@ -816,10 +854,10 @@ def execute_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str],
             return SweepResult(1, outcomes)
     board = fuse_sweep(plan, log)
     exported = plan.output / plan.export_folder if plan.export is not None or board.winner() is not None else None
-    return SweepResult(0, outcomes, board, exported)
+    return SweepResult(0 if exported is not None else 1, outcomes, board, exported)
 
 
 def run_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> int:
     """Train (unless `fuse_only`) and fuse; exit code 0 (also when interrupted), 1 when a run failed (fusion
-    then waits until every run has finished)."""
+    then waits until every run has finished) or nothing was exported."""
     return execute_sweep(plan, fuse_only, log).code
