@@ -106,6 +106,12 @@ def _model_section(base_model: str, embedding_dim, max_seq_length, pooling, norm
         text += "\nPrompts (`prompt_name` in `encode`): " + ", ".join(
             f"`{name}` = `{prompt}`" for name, prompt in prompts.items())
         text += f"; default: `{default_prompt_name}`.\n" if default_prompt_name else ".\n"
+        roles = [f"`{name}` ({use})" for name, use in (("query", "`encode_query`"), ("document", "`encode_document`"))
+                 if name in prompts]
+        if roles:
+            text += ("sentence-transformers applies " + " and ".join(roles) + " by itself; with codiemb_pl `query` is "
+                     "the instruction of the first IR training sub-dataset that has one, `document` the passage "
+                     "prefix.\n")
     return text
 
 
@@ -162,12 +168,16 @@ def _metrics_section(metrics: Optional[Mapping[str, float]], source: str) -> str
 def _usage_section(model_path: str, prompts, default_prompt_name, similarity_fn_name: str) -> str:
     lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f"model = SentenceTransformer({model_path!r})"]
-    if prompts:
+    query_call = "encode_query" if prompts and "query" in prompts else "encode"
+    document_call = "encode_document" if prompts and "document" in prompts else "encode"
+    if prompts and query_call == "encode":
         name = default_prompt_name or next(iter(prompts))
         lines.append(f"queries = model.encode([\"how do I blanch vegetables?\"], prompt_name={name!r})")
     else:
-        lines.append("queries = model.encode([\"how do I blanch vegetables?\"])")
-    lines += ["documents = model.encode([\"Blanching means boiling vegetables briefly.\"])",
+        lines.append(f"queries = model.{query_call}([\"how do I blanch vegetables?\"])"
+                     + ("  # the `query` prompt" if query_call != "encode" else ""))
+    lines += [f"documents = model.{document_call}([\"Blanching means boiling vegetables briefly.\"])"
+              + ("  # the `document` prompt" if document_call != "encode" else ""),
               f"print(model.similarity(queries, documents))  # {similarity_fn_name} similarity", "```", "",
               "With codiemb_pl: `from codiemb_pl.encoder import TextEncoder; TextEncoder.load(path).encode(texts)`."]
     return "\n".join(lines) + "\n"

@@ -202,7 +202,7 @@ def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and
     card = (tmp_path / "fused" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sentence-transformers") and "Method: `ties`." in card
     assert f"| {family['ft1']} | 3.0000 |" in card and f"| {family['ckpt']} | 1.0000 |" in card
-    assert "Parameters: density = 0.5000." in card and "prompt_name='query'" in card
+    assert "Parameters: density = 0.5000." in card and "model.encode_query([" in card
     sets = [ValidationSet.from_sts("sts_dev", load_sts_pairs(SourceConfig(**source)), "")]
     per_set, _ = evaluate_encoder(TextEncoder.load(tmp_path / "fused"), sets)
     assert f"| `val/sts_dev/cosine_spearman` | {per_set['sts_dev']['cosine_spearman']:.4f} |" in card

@@ -36,7 +36,7 @@ def test_card_lists_data_losses_fusion_metrics_and_usage():
     assert "temperature = 0.0200" in card and "Pearson + rank-KL" in card
     assert "Method: `delta_guided`" in card and "| epoch2 | 0.7500 |" in card and "gamma = 1.0000" in card
     assert "| `val/avg` | 0.6123 |" in card and "Measured on step 9" in card
-    assert "`query` = `query: `" in card and "prompt_name='query'" in card
+    assert "`query` = `query: `" in card and "model.encode_query([" in card and "`query` (`encode_query`)" in card
     assert "SentenceTransformer('runs/x/model')" in card
 
 

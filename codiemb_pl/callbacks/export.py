@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..model_card import build_model_card, encoder_card_fields
+from ..prompts import include_prompt_for, instruction_prompts
 from ..sharding import consolidated_weights
 
 
@@ -94,27 +95,21 @@ class ExportEncoder(pl.Callback):
 
 
 def training_prompts(datamodule: Any) -> dict[str, str]:
-    """`{sub-dataset name: instruction prefix}` for every training sub-dataset with an `instruction`: the
-    prefix its queries (IR) or sentences (STS) were trained with (`data.instruction_template` filled in).
-    Sub-datasets sharing an instruction share one prompt, named after the first of them."""
-    prompts: dict[str, str] = {}
-    for source in getattr(datamodule, "train_sources", None) or []:
-        prefix = datamodule.prefix_for(source.instruction) if source.instruction else ""
-        if prefix and prefix not in prompts.values():
-            prompts[source.name] = prefix
-    return prompts
+    """The named prompts of the training instructions (`prompts.instruction_prompts`): one per instruction, named
+    after the first sub-dataset that uses it, plus `query` (the first IR sub-dataset's instruction, config
+    order) and `document` (`data.passage_prefix`, when set)."""
+    sources = getattr(datamodule, "train_sources", None) or []
+    passage_prefix = getattr(getattr(datamodule, "hparams", None), "passage_prefix", "") or ""
+    return instruction_prompts(sources, datamodule.prefix_for, passage_prefix) if sources else {}
 
 
 def add_training_prompts(encoder: Any, datamodule: Any) -> None:
-    """Add the training instructions to `encoder.prompts` (see `training_prompts`). With mean pooling the
-    prompt tokens and `[CLS]` leave pooling (`include_prompt = False`, sentence-transformers' rule), as
-    training leaves instruction prefixes out; `cls` / `last` pooling take the same position either way
-    and keep sentence-transformers' `include_prompt = True` (with False it would pool the first token
-    after the prompt)."""
+    """Add the training instructions to `encoder.prompts` (see `training_prompts`), with the Pooling switch that
+    reproduces training (`prompts.include_prompt_for`: mean pooling leaves the prompt and [CLS] out)."""
     prompts = training_prompts(datamodule)
     if prompts:
         encoder.prompts = {**encoder.prompts, **prompts}
-        encoder.include_prompt = encoder.pooling != "mean"
+        encoder.include_prompt = include_prompt_for(encoder.pooling)
 
 
 def training_data_rows(datamodule: Any) -> list[dict[str, Any]]:

@@ -45,6 +45,7 @@ from ..model_card import encoder_card_fields
 from ..sharding import consolidated_weights, is_fsdp2_sharded
 from ..workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
                                 winner_card)
+from .export import add_training_prompts
 from .monitoring import log_leaderboard
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
@@ -144,6 +145,11 @@ class CheckpointFusion(pl.Callback):
             if trainer.is_global_zero and not base.exists():
                 base.parent.mkdir(parents=True, exist_ok=True)
                 save_encoder_weights(pl_module, base)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The exported winner carries the training instructions as prompts (`query`, ...), as ExportEncoder's
+        folder does, also when the run has no ExportEncoder."""
+        add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
 
     def check_metric(self, trainer: pl.Trainer) -> None:
         """`metric` must be one the run's `data.val` sets give, or the fusion would find no winner after training:

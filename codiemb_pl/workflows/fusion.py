@@ -44,6 +44,7 @@ from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transfo
 from codiemb_pl.lora import check_lora_mix
 from codiemb_pl.fusion.writer import save_state_dict
 from codiemb_pl.model_card import build_fused_model_card
+from codiemb_pl.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
 
 DEFAULT_METRIC = "val/avg"
 SCORED_METHODS = ("greedy_soup", "self_positioning")
@@ -438,6 +439,23 @@ def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) 
     return staging
 
 
+def keep_member_prompts(members: Sequence[OpenedCheckpoint], staging: Path, log: Callable[[str], None]) -> None:
+    """Give the output folder in `staging` the prompt settings of its members (the template is often the bare
+    base model, which knows no training instruction and pools prompts). Members that are not
+    sentence-transformers folders (`.ckpt`, `.safetensors`) declare none; the template's settings then stay."""
+    settings, notes = members_prompt_settings(
+        [(member.path, folder_prompt_settings(member.path) if Path(member.path).is_dir() else None)
+         for member in members])
+    for note in notes:
+        log(f"[codiemb fuse] {note}")
+    if settings is not None:
+        write_prompt_settings(staging, settings)
+    elif any(not Path(member.path).is_dir() for member in members) and not _prompt_fields(staging).get("prompts"):
+        log("[codiemb fuse] note: .ckpt / .safetensors files do not record prompts and the template declares none, "
+            "so the output has no prompts; if the members were trained with instructions, pass --template one of "
+            "their exported folders")
+
+
 def _prompt_fields(folder: Path) -> dict[str, Any]:
     """The prompts a sentence-transformers folder declares (for the card), read without loading the model."""
     settings = folder / "config_sentence_transformers.json"
@@ -459,12 +477,14 @@ class FuseResult:
 def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: str, output: str | os.PathLike, *,
          params: Mapping[str, Any] | None = None, template: str | None = None, seed: int = 0,
          validation_sets: Sequence[ValidationSet] = (), eval_batch_size: int = 64,
-         mixed_lora: bool = False) -> FuseResult:
+         mixed_lora: bool = False, log: Callable[[str], None] = print) -> FuseResult:
     """Merge `models` ([{path, weight}]) against `base` with `method` into the folder `output`.
 
     Inputs whose config.json architecture, tensor names or shapes differ from the base, or that are too
     far from it to be fine-tuned copies, are refused before anything is written (untrained tensors that
-    only some inputs carry are left out). With `validation_sets` the merged folder is scored before it
+    only some inputs carry are left out). The folder takes the prompts and `include_prompt` of the members
+    (`prompts.members_prompt_settings`: the first member folder that declares prompts; a line when members
+    differ), else the template's. With `validation_sets` the merged folder is scored before it
     is moved into place; the scores go into its model card (README.md) and the result.
     """
     params = dict(params or {})
@@ -480,6 +500,7 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     remove_stale_temporaries(Path(output).parent, {Path(output).name})   # a killed earlier write of this output
     with atomic_directory(output) as staging:
         weights_folder = write_template(opened_base, template, staging)
+        keep_member_prompts(opened, staging, log)
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
         fields, scores = _prompt_fields(staging), None
         if validation_sets:   # the encoder and the suite are imported only to score (they cost memory)

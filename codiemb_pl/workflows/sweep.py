@@ -772,7 +772,7 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
     record.update({"manifest": plan.manifest} if plan.manifest else {})
     chosen = chosen_candidate(plan, board, log)
     if chosen is not None:
-        folder = export_candidate(plan, board, inputs, encoder, chosen)
+        folder = export_candidate(plan, board, inputs, encoder, chosen, log)
         record["exported"] = str(folder)
         score = f" ({board.metric} {chosen.metrics[board.metric]:.4f})" if board.metric in chosen.metrics else ""
         what = "the winner " if plan.export is None else ""
@@ -806,14 +806,31 @@ def chosen_candidate(plan: SweepPlan, board, log: Callable[[str], None] = print)
     return next(c for c in board.candidates if c.name == plan.export)
 
 
-def export_candidate(plan: SweepPlan, board, inputs, encoder, candidate) -> Path:
+def members_prompt_settings(plan: SweepPlan):
+    """(prompt settings, notes) of the exported model: those of the fixed members and the runs' exports
+    (`prompts.members_prompt_settings`: the first that declares prompts; a note names members that differ)."""
+    from codiemb_pl.prompts import folder_prompt_settings, members_prompt_settings as first_declared
+
+    folders = [(name, Path(resolve_location(path))) for name, path in plan.members]
+    folders += [(run.name, plan.run_folder(run) / "model") for run in plan.runs]
+    return first_declared([(name, folder_prompt_settings(folder) if folder.is_dir() else None)
+                           for name, folder in folders])
+
+
+def export_candidate(plan: SweepPlan, board, inputs, encoder, candidate, log: Callable[[str], None] = print) -> Path:
     """`candidate` as a sentence-transformers folder OUTPUT/<export_folder>, written atomically with its model
     card (README.md) and merge.json (`merge_record` + its name, scores and the sweep's `manifest`)."""
     from codiemb_pl.model_card import encoder_card_fields
+    from codiemb_pl.prompts import apply_prompt_settings
     from codiemb_pl.workflows.fusion import winner_card
 
     folder = plan.output / plan.export_folder
     load_weights(encoder, candidate.weights_path)
+    settings, notes = members_prompt_settings(plan)
+    if settings is not None:   # scoring ran with include_prompt False; the folder takes the members' settings
+        apply_prompt_settings(encoder, settings)
+    for note in notes:
+        log(f"[codiemb sweep] {note}")
     card = winner_card(board, inputs, candidate=candidate, model_path=str(folder), **encoder_card_fields(encoder))
     models = {"fused": [path for _, path in inputs.checkpoints], "checkpoint": [candidate.weights_path]}
     record = merge_record(candidate.method or candidate.kind, plan.base_model, models.get(candidate.kind, []),
