@@ -30,7 +30,8 @@ shows them) and how to fuse them:
     manifest: {...}                          # facts recorded in leaderboard.json and the export's merge.json
 
 Everything is checked before anything is written (unknown keys, bad values resolved through the real
-CLI, runs that would share an output folder, a run whose finished output was made with other settings).
+CLI, runs that would share an output folder, a run whose finished output was made with other settings, a
+fusion metric `data.val` will not give, methods and their parameters for the member count).
 A run whose export is complete is skipped; one with `checkpoints/last.ckpt` and no export resumes from
 it; a crashed run is reported and the rest continue (fusion waits until every run has finished); SIGTERM /
 SIGINT stops the sweep after the current run saved its last.ckpt (exit code 0, as `codiemb fit`).
