@@ -267,7 +267,7 @@ class CheckpointFusion(pl.Callback):
                 load_encoder_weights(encoder, Path(winner.weights_path))
                 encoder.save(root / "model", model_card=winner_card(board, inputs, model_path=str(root / "model"),
                                                                     **encoder_card_fields(encoder)))
-                untrained = ", the untrained base model: see the note above" if winner.kind == "base" else ""
+                untrained = ", the base model itself: see the note above" if winner.kind == "base" else ""
                 rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
                                f"{winner.metrics[self.metric]:.4f}{untrained}) to {(root / 'model').resolve()}")
         finally:

@@ -223,10 +223,10 @@ class Leaderboard:
         """What a reader of the table must not miss: the untrained base winning, merges that were skipped."""
         winner, notes = self.winner(), []
         if winner is not None and winner.kind == "base":
-            notes.append(f"The base model (θ0, before any training) scores best by {self.metric}: no trained checkpoint "
-                         "and no merge beat it, so the winner is the untrained model. Training did not improve these "
-                         "validation sets: check the learning rate, the training data and the validation sets, or "
-                         "train longer.")
+            notes.append(f"The base model (θ0, before any training) scores best by {self.metric}: no checkpoint and "
+                         "no merge beat it, so the winner is the base model itself, unchanged. Training did not "
+                         "improve these validation sets: check the learning rate, the training data and the "
+                         "validation sets, or train longer.")
         notes += [f"Skipped {name}: {why}." for name, why in self.skipped.items()]
         return notes
 

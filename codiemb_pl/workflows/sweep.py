@@ -777,7 +777,7 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
         record["exported"] = str(folder)
         score = f" ({board.metric} {chosen.metrics[board.metric]:.4f})" if board.metric in chosen.metrics else ""
         what = "the winner " if plan.export is None else ""
-        untrained = " (the untrained base model: see the note above)" if chosen.kind == "base" else ""
+        untrained = " (the base model itself: see the note above)" if chosen.kind == "base" else ""
         log(f"[codiemb sweep] exported {what}{chosen.name}{score}{untrained} to {folder.resolve()}")
     else:
         log(f"[codiemb sweep] nothing exported: no candidate has a finite {board.metric} (see the leaderboard; "
