@@ -18,13 +18,27 @@ write into a hidden staging folder beside the final name; when every rank has wr
 every file, writes the completeness marker `FOLDER_MARKER` (step, epoch, weights-only flag and each file's
 size, `seal_checkpoint_folder`) and renames the folder into place. `checkpoint_folder_problem` is the
 reader's check.
+
+Loads. `DurableCheckpointIO.load_checkpoint` reads a checkpoint file with
+`checkpoint_loading.load_checkpoint_file` (CRCs checked, weights-only unpickling with the project's
+allow-list, one `InputError` line naming the file and the refused type). The opt-in is Lightning's own
+`--weights_only false` (config key `weights_only: false` of the subcommand), or an enclosing
+`checkpoint_loading.trusted_checkpoints()` block (a sweep with `--trust-checkpoint`). `install_safe_loading`
+(the CLI calls it for every subcommand) installs the CheckpointIO; a strategy that reads checkpoints
+without it (`ModelParallelStrategy` and so `sharding.FSDP2Strategy`, `FSDPStrategy`, `DeepSpeedStrategy`),
+or a CheckpointIO the user chose, gets every checkpoint vetted first
+(`checkpoint_loading.vet_checkpoint_location`: a file, or a sharded folder file by file) and the
+allow-list active while its own loader runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,8 +46,11 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.strategies import Strategy
 
 from .atomic import atomic_file, fsync_tree
+from .checkpoint_loading import (allowed_globals, checkpoints_trusted, load_checkpoint_file, refused_checkpoint,
+                                 vet_checkpoint_location)
 
 FOLDER_MARKER = "codiemb-complete.json"
 """Written last into a checkpoint folder: `{"global_step", "epoch", "weights_only", "files": {path: bytes}}`."""
@@ -44,9 +61,26 @@ def is_local_path(path: Any) -> bool:
     return isinstance(get_filesystem(str(path)), LocalFileSystem)
 
 
+def trusted_by(weights_only: Optional[bool]) -> bool:
+    """Lightning's `weights_only` as trust: `False` (asked for explicitly) trusts, `None` follows
+    `trusted_checkpoints()`, `True` never trusts."""
+    return weights_only is False or (weights_only is None and checkpoints_trusted())
+
+
 class DurableCheckpointIO(TorchCheckpointIO):
     """Lightning's `TorchCheckpointIO`, saving local files through a flushed temporary file in the target's
-    folder and an atomic rename (see the module docstring). Loading is Lightning's."""
+    folder and an atomic rename, loading them under `checkpoint_loading`'s rule (see the module docstring)."""
+
+    def load_checkpoint(self, path: Any, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        trust = trusted_by(weights_only)
+        if is_local_path(path):
+            return load_checkpoint_file(str(path).removeprefix("file://"), trust=trust, map_location=map_location)
+        with torch.serialization.safe_globals(allowed_globals()):   # remote stores: Lightning's fsspec read
+            try:
+                return super().load_checkpoint(path, map_location=map_location, weights_only=not trust)
+            except pickle.UnpicklingError as exc:
+                raise refused_checkpoint(path, exc) from exc
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or not is_local_path(path):
@@ -77,15 +111,41 @@ def install_durable_checkpoint_io(strategy: Any) -> Optional[str]:
     if type(current) is TorchCheckpointIO:
         strategy.checkpoint_io = DurableCheckpointIO()
         return None
-    base = current
-    while isinstance(getattr(base, "checkpoint_io", None), CheckpointIO):  # a wrapper: look at what it wraps
-        base = base.checkpoint_io
-    if isinstance(base, DurableCheckpointIO):
+    if isinstance(innermost_checkpoint_io(current), DurableCheckpointIO):
         return None
     return (f"[codiemb] checkpoints are written by {type(current).__name__} (trainer.plugins), not "
             "codiemb_pl.checkpoint_io.DurableCheckpointIO: a kill or a full disk during a save may leave a partial "
             "file under the checkpoint's name unless that plugin writes atomically (AsyncCheckpointIO can wrap "
             "DurableCheckpointIO: init_args: {checkpoint_io: {class_path: codiemb_pl.checkpoint_io.DurableCheckpointIO}})")
+
+
+def innermost_checkpoint_io(checkpoint_io: CheckpointIO) -> CheckpointIO:
+    """What a wrapper such as `AsyncCheckpointIO` wraps (itself when it wraps nothing)."""
+    while isinstance(getattr(checkpoint_io, "checkpoint_io", None), CheckpointIO):
+        checkpoint_io = checkpoint_io.checkpoint_io
+    return checkpoint_io
+
+
+def install_safe_loading(strategy: Strategy) -> None:
+    """Make every checkpoint `strategy` loads follow `checkpoint_loading` (see the module docstring)."""
+    install_durable_checkpoint_io(strategy)   # its warning about a foreign CheckpointIO is printed by `fit`
+    if type(strategy).load_checkpoint is Strategy.load_checkpoint and \
+            isinstance(innermost_checkpoint_io(strategy.checkpoint_io), DurableCheckpointIO):
+        return
+    original = strategy.load_checkpoint
+
+    @functools.wraps(original)
+    def vetted_load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        trust = trusted_by(weights_only)
+        if is_local_path(checkpoint_path):
+            vet_checkpoint_location(str(checkpoint_path).removeprefix("file://"), trust)
+        with torch.serialization.safe_globals(allowed_globals()):
+            try:
+                return original(checkpoint_path, weights_only=not trust)
+            except pickle.UnpicklingError as exc:
+                raise refused_checkpoint(checkpoint_path, exc) from exc
+
+    strategy.load_checkpoint = vetted_load_checkpoint
 
 
 def seal_checkpoint_folder(folder: Path, global_step: int, epoch: int, weights_only: bool) -> None:

@@ -38,6 +38,7 @@ from .paths import resolve_location
 from .data.text_bound import bound_for_tokenizer
 from .data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
 from .pooling import POOLING_MODES, check_pooling_mode, pool
+from .weight_checks import check_finite_state, check_model_folder, weights_location
 
 #: Feature keys passed on to the transformer; anything else in `features` is ignored by the model.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -135,6 +136,8 @@ class TextEncoder(nn.Module):
         self.do_lower_case: bool = settings.do_lower_case if settings else False
 
         self.model: PreTrainedModel = _load_transformer(source, trust_remote_code, torch_dtype)
+        check_finite_state(self.model.state_dict(),   # NaN / inf weights: one line naming the file and tensor
+                           weights_location(source.folder) if source.is_local else source.location)
         self.tokenizer = _load_tokenizer(source, trust_remote_code, self.model.config)
         if pooling is None and settings is None and is_decoder_backbone(self.model.config):
             self.pooling = "last"  # a causal model's appended EOS is the one token that has seen the whole text
@@ -278,7 +281,8 @@ class TextEncoder(nn.Module):
         Layout: config.json, model.safetensors (no pooler weights) and tokenizer files at the root;
         modules.json (Transformer, Pooling in 1_Pooling, Normalize in 2_Normalize when normalising);
         1_Pooling/config.json; sentence_bert_config.json; config_sentence_transformers.json; README.md
-        when `model_card` is given. For a model class with an optional pooler (BERT-style
+        when `model_card` is given. Weights holding NaN or inf are refused (one `InputError` naming the
+        tensor; nothing is written). For a model class with an optional pooler (BERT-style
         `add_pooling_layer`), sentence_bert_config.json carries `model_args: {add_pooling_layer: false}`,
         so sentence-transformers builds the model without the pooler it never uses and loads silently
         (no "pooler.dense.* MISSING ... newly initialized" report), as `TextEncoder` does.
@@ -286,6 +290,7 @@ class TextEncoder(nn.Module):
         with atomic_directory(path) as folder:
             model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
             weights = {key: value for key, value in weights.items() if not key.startswith("pooler.")}
+            check_finite_state(weights, str(path))   # NaN / inf (diverged or damaged): refused, never repaired
             with _quiet_transformers():  # no "Writing model shards" progress bar in the middle of a run
                 model.save_pretrained(folder, state_dict=weights)
             self.tokenizer.save_pretrained(folder)
@@ -401,7 +406,12 @@ def _quiet_transformers():
 
 
 def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torch.dtype | str) -> PreTrainedModel:
-    """AutoModel without the unused BERT-style pooler (DDP would flag its parameters as unused)."""
+    """AutoModel without the unused BERT-style pooler (DDP would flag its parameters as unused). A local
+    folder's config.json and weight files are checked first (`weight_checks.check_model_folder`)."""
+    from safetensors import SafetensorError
+
+    if source.is_local:
+        check_model_folder(source.folder)
     try:
         config = AutoConfig.from_pretrained(source.hf_location, trust_remote_code=trust_remote_code, **source.hf_kwargs)
         extra: dict[str, Any] = {}
@@ -414,6 +424,9 @@ def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torc
         raise InputError(source.location, f"could not load the model ({exc})",
                          "give a local folder, pkg://module, or a hub id that is cached (HF_HUB_OFFLINE=1) "
                          "or reachable") from exc
+    except SafetensorError as exc:   # a hub download the folder checks did not see
+        raise InputError(source.location, f"could not read the model's weights ({exc})",
+                         "re-download the model; a damaged file is not repaired") from exc
 
 
 def _load_tokenizer(source: _ModelSource, trust_remote_code: bool, config: PretrainedConfig | None = None):

@@ -9,12 +9,14 @@ import os
 import sys
 import warnings
 from argparse import ArgumentError
+from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks.interruption import GracefulInterruption, TrainingInterrupted
-from .checkpoint_io import install_durable_checkpoint_io
+from .checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
+from .checkpoint_loading import load_checkpoint_file
 from .reporting import comparison_table
 from .data.datamodule import CoDiEmbDataModule
 from .data.sampler import POLICIES
@@ -75,6 +77,29 @@ class CoDiEmbCLI(LightningCLI):
             subparsers = getattr(getattr(parser, "_subcommands_action", None), "_name_parser_map", {})
             keys = parser_keys(subparsers.get(command, parser))
             raise explain_config_error(str(error), argv, keys, command or "<command>") from error
+
+    def _parse_ckpt_path(self) -> None:
+        """Read `--ckpt_path`'s hyper-parameters into the model config, as LightningCLI does, but through
+        `checkpoint_loading` (CRCs, weights-only with the allow-list, unless `--weights_only false`)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else {}
+        path = config.get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
+        checkpoint = load_checkpoint_file(path, trust=trusted_by(config.get("weights_only")), mmap=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """LightningCLI's trainer, whose checkpoint loads follow `checkpoint_loading` (`install_safe_loading`)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        install_safe_loading(trainer.strategy)
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """Check the choice-valued settings before the model is loaded or anything is written."""

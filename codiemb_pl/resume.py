@@ -6,9 +6,10 @@ between its epoch checkpoint and `last.ckpt`); a truncated `last.ckpt` crashes t
 `resolve_last_checkpoint` looks at every checkpoint (`*.ckpt` file or folder, hidden temporaries
 excluded) in the run's checkpoint folders instead:
 
-- complete: a file opens as a torch checkpoint and its pickle loads (`torch.load(mmap=True,
-  weights_only=True)`: the tensors are mapped, not read); a folder carries the completeness marker and
-  every file it lists, at its size (`checkpoint_io.checkpoint_folder_problem`);
+- complete: a file opens as a torch checkpoint and its pickle loads under `checkpoint_loading`'s rule
+  (weights-only with the project's allow-list, memory-mapped: the tensors are mapped, not read), and the
+  one chosen passes its CRC check too (else the next one is taken); a folder carries the completeness
+  marker and every file it lists, at its size (`checkpoint_io.checkpoint_folder_problem`);
 - resumable: it holds the optimizer and loop states (`ModelCheckpoint(save_weights_only=True)` files do not);
 - newest: the highest global step, then a `last*` name, then the later modification time.
 
@@ -19,15 +20,13 @@ beginning, with one line. Checkpoints but none usable: one `InputError` line lis
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-import torch
-
 from .checkpoint_io import checkpoint_folder_problem, read_folder_marker
+from .checkpoint_loading import load_checkpoint_file, verify_zip_records
 from .errors import InputError
 
 LAST_NAME = re.compile(r"^last(-v?\d+)?$")
@@ -53,13 +52,6 @@ class CheckpointCandidate:
         return (self.step if self.step is not None else -1, self.is_last, self.modified)
 
 
-def first_line(error: BaseException, limit: int = 160) -> str:
-    """The telling line of `error`'s message (for torch's weights-only refusal, the one naming the type)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
-    return line.removeprefix("WeightsUnpickler error: ").split(". ")[0][:limit] or type(error).__name__
-
-
 def inspect_checkpoint(path: Path) -> CheckpointCandidate:
     """Read what resuming needs to know about the checkpoint at `path` (see the module docstring)."""
     modified = path.stat().st_mtime
@@ -74,12 +66,12 @@ def inspect_checkpoint(path: Path) -> CheckpointCandidate:
     if path.stat().st_size == 0:
         return CheckpointCandidate(path, None, "is empty", modified)
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as error:   # complete, but holding an object outside torch's safe types
-        return CheckpointCandidate(path, None, f"holds objects the safe loader refuses ({first_line(error)}); pass "
-                                               "--ckpt_path with it explicitly if you trust it", modified)
-    except Exception as error:  # noqa: BLE001 - any failure to open means "not usable"; the reason is reported
-        return CheckpointCandidate(path, None, f"is incomplete or unreadable ({first_line(error)})", modified)
+        checkpoint = load_checkpoint_file(path, trust=False, mmap=True, check_records=False)
+    except InputError as error:   # refused (an object outside the allow-list) or unreadable: the line says which
+        if "could run code" in error.problem:
+            return CheckpointCandidate(path, None, f"{error.problem} (pass --ckpt_path with it and --weights_only "
+                                                   "false if you trust it)", modified)
+        return CheckpointCandidate(path, None, f"is incomplete or unreadable ({error.problem})", modified)
     if not isinstance(checkpoint, dict):
         return CheckpointCandidate(path, None, "is not a Lightning checkpoint", modified)
     step = checkpoint.get("global_step")
@@ -104,6 +96,23 @@ def find_checkpoints(folders: Iterable[Path], extension: str = ".ckpt") -> list[
     return found
 
 
+def verified_newest_first(candidates: list[CheckpointCandidate]) -> list[CheckpointCandidate]:
+    """The usable candidates once the newest of them has passed its CRC check (`checkpoint_loading`); a file
+    failing it gets that problem in `candidates` and the next one is checked. One CRC pass in the usual case."""
+    while True:
+        usable = [candidate for candidate in candidates if candidate.problem is None]
+        if not usable:
+            return []
+        newest = max(usable, key=CheckpointCandidate.order)
+        try:
+            if newest.path.is_file():
+                verify_zip_records(newest.path)
+            return usable
+        except InputError as error:
+            candidates[candidates.index(newest)] = CheckpointCandidate(
+                newest.path, newest.step, f"is damaged ({error.problem})", newest.modified)
+
+
 def resolve_last_checkpoint(folders: list[Path]) -> tuple[Optional[Path], str]:
     """(the checkpoint `--ckpt_path last` resumes from, or None to train from the beginning; the line to
     print, empty when the choice is the usual one). Raises `InputError` when checkpoints exist but none is usable."""
@@ -111,7 +120,7 @@ def resolve_last_checkpoint(folders: list[Path]) -> tuple[Optional[Path], str]:
     candidates = find_checkpoints(folders)
     if not candidates:
         return None, f"[codiemb] --ckpt_path last: no checkpoint in {where} yet, training starts from the beginning"
-    usable = [candidate for candidate in candidates if candidate.problem is None]
+    usable = verified_newest_first(candidates)
     if not usable:
         listed = "; ".join(f"{candidate.path.name} {candidate.problem}" for candidate in candidates)
         raise InputError("--ckpt_path last", f"no usable checkpoint in {where}: {listed}",

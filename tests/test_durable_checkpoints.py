@@ -239,8 +239,9 @@ def test_last_resolution_prefers_the_newest_complete_resumable_checkpoint(tmp_pa
     assert path == folder / "epoch1.ckpt"
     assert line == (f"[codiemb] --ckpt_path last: resuming from {path} (step 8): it is newer than last.ckpt (step 4)")
     assert inspect_checkpoint(folder / "odd.ckpt").problem == (
-        "holds objects the safe loader refuses (Unsupported global: GLOBAL test_durable_checkpoints.Unpicklable was "
-        "not an allowed global by default); pass --ckpt_path with it explicitly if you trust it")
+        "names test_durable_checkpoints.Unpicklable, a function or class no codiemb_pl checkpoint holds: unpickling "
+        "it could run code from the file, so it was not loaded (pass --ckpt_path with it and --weights_only false "
+        "if you trust it)")
     assert inspect_checkpoint(folder / "empty.ckpt").problem == "is empty"
 
 

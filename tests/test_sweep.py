@@ -422,3 +422,24 @@ def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planne
     assert record["winner"] is None and all(row["metrics"] == {} for row in record["ranking"])
     assert record["manifest"] == {"purpose": "test"} and record["exported"] == str(out / "merged")
     assert record["sweep"]["base_model"] == str(theta0) and record["sweep"]["members"][0]["name"] == "fixed"
+
+
+def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, sweep_setup, tmp_path):
+    """`fusion.members` are opened under `checkpoint_loading`'s rule: a pickle that would run code is one
+    line naming the file and nothing runs; `--trust-checkpoint` (the sweep's `trusted_checkpoints` block)
+    unpickles it (this hand-made file then holds no weights)."""
+    from codiemb_pl.checkpoint_loading import trusted_checkpoints
+    from codiemb_pl.errors import InputError
+    from codiemb_pl.workflows.fusion import parse_methods
+    from malicious_checkpoints import crafted_zip_checkpoint
+
+    marker = tmp_path / "code_ran"
+    plan = copy.deepcopy(planned)
+    plan.members = [("evil", str(crafted_zip_checkpoint(tmp_path / "member.ckpt", marker)))]
+    plan.methods, plan.evaluate, plan.export = parse_methods(["uniform_soup"]), False, None
+    with pytest.raises(InputError, match=r"member\.ckpt: names exec"):
+        fuse_sweep(plan, log=lambda line: None, show_progress=False)
+    assert not marker.exists()
+    with trusted_checkpoints(), pytest.raises(InputError, match=r"member\.ckpt: the checkpoint has no encoder"):
+        fuse_sweep(plan, log=lambda line: None, show_progress=False)
+    assert marker.exists()

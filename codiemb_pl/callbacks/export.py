@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from ..checkpoint_loading import load_checkpoint_file
 from ..model_card import build_model_card, encoder_card_fields
 from ..prompts import include_prompt_for, instruction_prompts
 from ..sharding import consolidated_weights
@@ -46,7 +46,7 @@ class ExportEncoder(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
-            checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+            checkpoint = load_checkpoint_file(best)   # the rule of every checkpoint load (checkpoint_loading)
             pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)  # LoRA: adapters only
             self.exported_from = best
             self.exported_step = checkpoint.get("global_step")

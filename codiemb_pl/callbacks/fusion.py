@@ -33,7 +33,6 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors.torch import load_file
 
 from ..atomic import atomic_write_text
 from ..encoder import TextEncoder
@@ -43,6 +42,7 @@ from ..fusion.writer import save_state_dict
 from ..lora import load_merged_weights, merged_weights
 from ..model_card import encoder_card_fields
 from ..sharding import consolidated_weights, is_fsdp2_sharded
+from ..weight_checks import load_safetensors
 from ..workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
                                 winner_card)
 from .export import add_training_prompts
@@ -74,7 +74,7 @@ def write_encoder_weights(trainer: pl.Trainer, pl_module: pl.LightningModule, pa
 
 
 def load_encoder_weights(encoder: TextEncoder, path: Path) -> None:
-    load_merged_weights(encoder.model, load_file(str(path)))
+    load_merged_weights(encoder.model, load_safetensors(path))
 
 
 def unsharded_encoder(pl_module: pl.LightningModule, device) -> TextEncoder:

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 from ..errors import InputError
 
 CONFIG_OPTION = "--config"
+TRUST_CHECKPOINT_HELP = ("unpickle .ckpt / pytorch_model.bin files fully, running any code they name: only for "
+                         "files from a source you trust (default: weights-only loading, other objects refused)")
 _UNSET = object()   # default of an option the YAML sets: tells "not given on the command line" apart
 
 
@@ -129,3 +131,9 @@ def _config_value(action: argparse.Action, value: Any, where: str) -> Any:
                              f"e.g. [{', '.join(['...'] * action.nargs)}]")
         return [convert(item) for item in items]
     return convert(value)
+
+
+def add_trust_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-checkpoint`: the opt-in of `checkpoint_loading.trusted_checkpoints` for a command."""
+    parser.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true", default=None,
+                        help=TRUST_CHECKPOINT_HELP)

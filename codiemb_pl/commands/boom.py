@@ -24,8 +24,9 @@ from typing import Any
 import yaml
 
 from codiemb_pl.atomic import atomic_write_text
+from codiemb_pl.checkpoint_loading import trusted_checkpoints
 from codiemb_pl.cli import register_command
-from codiemb_pl.commands.arguments import CommandParser
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.output_paths import check_writable_folder
@@ -34,7 +35,8 @@ BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
 YAML_OPTIONS = {"config": (str, list), "fractions": list, "seeds": list, "output": str, "evaluate": bool,
                 "incremental": bool, "deployed": str, "base": str, "new_data": (str, list),
-                "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": list}
+                "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": list,
+                "trust_checkpoint": bool}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write the runs' data and OUTPUT/sweep.yaml, print one `codiemb fit` line per run, stop")
     mode.add_argument("--fuse-only", dest="fuse_only", action="store_true", default=None,
                       help="do not train: merge the runs already finished")
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
@@ -139,7 +142,8 @@ def boom_command(argv: list[str]) -> int:
     options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
     from codiemb_pl.run_lock import run_lock
 
-    with run_lock(options["output"], "boom", tree=True, folder_option="--output"):   # before anything is written
+    with run_lock(options["output"], "boom", tree=True, folder_option="--output"), \
+            trusted_checkpoints(bool(options.get("trust_checkpoint"))):   # the deployed model, members, resumes
         return run_boom_command(options, write_fit_pieces(options["output"], fit_configs), overrides)
 
 

@@ -21,12 +21,13 @@ import sys
 from typing import Any
 
 from ..atomic import atomic_write_text
+from ..checkpoint_loading import trusted_checkpoints
 from ..cli import register_command
 from ..data.instructions import INSTRUCTION_TEMPLATE
 from ..device import add_device_argument, resolve_device
 from ..output_paths import check_writable_file
 from ..reporting import format_metrics_table
-from .arguments import CommandParser
+from .arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb evaluate"
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"how an instruction becomes a prefix (default: {INSTRUCTION_TEMPLATE!r})")
     parser.add_argument("--passage-prefix", default="", help="prefix of every IR document (default: none)")
     add_device_argument(parser)
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
@@ -100,9 +102,10 @@ def evaluate_command(argv: list[str]) -> int:
     device = resolve_device(args.device)
     sets = load_sets(args.sts, args.ir, args.sts_range, args.split, args.instruction, args.instruction_template,
                      args.passage_prefix)
-    per_set, summary = evaluate(args.model, sets, base=args.base, device=device, batch_size=args.batch_size,
-                                max_seq_length=args.max_length, geometry=args.geometry,
-                                show_progress=sys.stderr.isatty())
+    with trusted_checkpoints(bool(args.trust_checkpoint)):
+        per_set, summary = evaluate(args.model, sets, base=args.base, device=device, batch_size=args.batch_size,
+                                    max_seq_length=args.max_length, geometry=args.geometry,
+                                    show_progress=sys.stderr.isatty())
     task_metrics = {name: {m: v for m, v in values.items() if m not in GEOMETRY_METRIC_NAMES}
                     for name, values in per_set.items()}
     print(format_metrics_table(task_metrics, summary, title=f"evaluation of {args.model}"), flush=True)

@@ -16,8 +16,9 @@ Recipe (mergekit-like):
     passage_prefix: ""                                              # optional, as data.passage_prefix
 
 Inputs: Lightning `.ckpt` files, Hugging Face or sentence-transformers folders, `.safetensors` files.
-Folders and safetensors are read lazily and merged in slices (`fusion.engine`); a `.ckpt` is a
-pickle, memory-mapped. Inputs whose config.json architecture, tensor names or shapes differ from the
+Folders and safetensors are read lazily and merged in slices (`fusion.engine`); a `.ckpt` is
+memory-mapped after its CRC and weights-only pickle checks (`checkpoint_loading`; `--trust-checkpoint`
+unpickles fully). A damaged file or a NaN / inf weight stops the merge with one line naming it. Inputs whose config.json architecture, tensor names or shapes differ from the
 base, or that are too far from it to be fine-tuned copies, are refused before anything is written
 (untrained tensors that only some inputs carry, such as the BERT pooler or `position_ids`, are left out).
 The output (written atomically) keeps the template's pooling, normalisation and prompts: the base
@@ -34,10 +35,11 @@ from typing import Any
 
 import yaml
 
+from ..checkpoint_loading import trusted_checkpoints
 from ..cli import register_command
 from ..errors import InputError
 from ..output_paths import check_writable_folder
-from .arguments import CommandParser
+from .arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb fuse"
 RECIPE_KEYS = ("base", "models", "method", "parameters", "output", "template", "seed", "evaluate",
@@ -58,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of random methods (dare)")
     parser.add_argument("--mixed-lora", action="store_true",
                         help="merge LoRA checkpoints (base + s*B*A) together with full ones in weight space")
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
@@ -122,6 +125,12 @@ def _parse_param(text: str) -> tuple[str, Any]:
 @register_command("fuse")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    with trusted_checkpoints(bool(args.trust_checkpoint)):
+        return fuse_request(args)
+
+
+def fuse_request(args: argparse.Namespace) -> int:
+    """Merge, print where the result went and, with evaluation sets, its scores."""
     request = resolve_request(args)
     check_writable_folder(request["output"], "--output")  # before anything is read or merged
     from ..reporting import format_metrics_table

@@ -18,7 +18,7 @@ import sys
 from ..cli import register_command
 from ..device import add_device_argument, resolve_device
 from ..output_paths import check_writable_file
-from .arguments import CommandParser
+from .arguments import CommandParser, add_trust_checkpoint_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-seq-length", type=int, default=None, help="truncate texts to this many tokens")
     add_device_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
@@ -53,9 +54,11 @@ def mine_negatives_command(argv: list[str]) -> int:
                               num_negatives=args.num_negatives)
     device = resolve_device(args.device)
     queries, corpus = load_mining_inputs(args.data, args.split, args.corpus)
+    from ..checkpoint_loading import trusted_checkpoints
     from ..workflows.encoders import load_encoder
 
-    encoder = load_encoder(args.model, device=device, max_seq_length=args.max_seq_length)
+    with trusted_checkpoints(bool(args.trust_checkpoint)):
+        encoder = load_encoder(args.model, device=device, max_seq_length=args.max_seq_length)
     print(f"[codiemb] mining {len(queries)} queries against {len(corpus)} documents with {args.model}",
           file=sys.stderr, flush=True)
     result = mine_hard_negatives(encoder, queries, corpus, settings, batch_size=args.batch_size,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import register_command
-from .arguments import CommandParser
+from .arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb sweep"
 
@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--print-commands", action="store_true",
                       help="print one `codiemb fit` command line per run and stop (nothing is written)")
     mode.add_argument("--fuse-only", action="store_true", help="do not train: fuse the runs already finished")
+    add_trust_checkpoint_argument(parser)
     return parser
 
 
 @register_command("sweep")
 def sweep_command(argv: list[str]) -> int:
     """Plan (everything checked first), then print the commands, or train and fuse."""
+    from ..checkpoint_loading import trusted_checkpoints
     from ..run_lock import run_lock
     from ..workflows.sweep import plan_sweep, print_commands, run_sweep
 
@@ -46,5 +48,6 @@ def sweep_command(argv: list[str]) -> int:
     if args.print_commands:
         print_commands(plan)
         return 0
-    with run_lock(plan.output, "sweep", tree=True, folder_option="--output"):   # its runs' fits nest under it
+    with run_lock(plan.output, "sweep", tree=True, folder_option="--output"), \
+            trusted_checkpoints(bool(args.trust_checkpoint)):   # its runs' fits nest under the lock; members, resumes
         return run_sweep(plan, fuse_only=args.fuse_only, log=lambda line: print(line, flush=True))

@@ -9,6 +9,9 @@ tensor) and `get(key)` the whole tensor, so a merge can work on row slices of th
     MappingSource       an in-memory (or memory-mapped) state dict
     KeySubsetSource     another source restricted to some of its keys
 
+Every tensor a source hands out (`rows`, `get`) is checked to be finite (`weight_checks.check_finite`):
+NaN or inf stops the merge with the file and the tensor named, before anything is written.
+
 `open_checkpoint(location)` opens what users point at, all named like a Hugging Face model (`X`):
 
     folder (sentence-transformers or Hugging Face)  -> its transformer's *.safetensors (pytorch_model.bin
@@ -16,8 +19,9 @@ tensor) and `get(key)` the whole tensor, so a merge can work on row slices of th
     file.safetensors                                -> that file
     file.ckpt (Lightning, CoDiEmbModule)            -> `state_dict` memory-mapped, `encoder.model.` stripped
 
-A `.ckpt` is a pickle: `torch.load(mmap=True)` reads tensor bytes only when touched, but trusts the
-file (load only checkpoints you trust). `as_source` turns a state dict, a location or a source into a source.
+A `.ckpt` (or `pytorch_model.bin`) is a pickle, read by `checkpoint_loading.load_checkpoint_file`
+(CRCs checked, weights-only unpickling with the project's allow-list unless trusted), memory-mapped:
+tensor bytes are read when touched. `as_source` turns a state dict, a location or a source into a source.
 """
 
 from __future__ import annotations
@@ -34,17 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from codiemb_pl.checkpoint_loading import load_checkpoint_file
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
+from codiemb_pl.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
 
 LIGHTNING_PREFIX = "encoder.model."
-# safetensors dtype names <-> torch dtypes (read by the sources, written by `fusion.writer`).
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-MAX_HEADER_BYTES = 100_000_000
 
 
 def row_ranges(shape: Sequence[int], max_elements: int | None) -> list[tuple[int, int]]:
@@ -74,11 +73,20 @@ class TensorSource(ABC):
         """The tensor's dtype, without reading it."""
 
     @abstractmethod
+    def _read_rows(self, key: str, start: int, stop: int) -> Tensor:
+        """Rows `[start, stop)` as stored (unchecked)."""
+
     def rows(self, key: str, start: int, stop: int) -> Tensor:
-        """Rows `[start, stop)` along dim 0 (the whole tensor when it is 0-d)."""
+        """Rows `[start, stop)` along dim 0 (the whole tensor when it is 0-d); NaN / inf is an InputError
+        naming the checkpoint file and the tensor (`weight_checks.check_finite`)."""
+        return check_finite(self._read_rows(key, start, stop), self.file_of(key), key)
+
+    def file_of(self, key: str) -> str:
+        """Where `key` is stored, for messages: the checkpoint's name unless a subclass knows the file."""
+        return self.name
 
     def get(self, key: str) -> Tensor:
-        """The whole tensor."""
+        """The whole tensor (checked like `rows`)."""
         shape = self.shape(key)
         return self.rows(key, 0, shape[0] if shape else 1)
 
@@ -98,27 +106,12 @@ class MappingSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         return self.state_dict[key].dtype
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
+    def _read_rows(self, key: str, start: int, stop: int) -> Tensor:
         tensor = self.state_dict[key]
         return tensor[start:stop] if tensor.dim() else tensor
 
     def get(self, key: str) -> Tensor:
-        return self.state_dict[key]
-
-
-def read_safetensors_header(file: Path) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, {key: {dtype, shape, data_offsets}}) of a safetensors file."""
-    with open(file, "rb") as handle:
-        prefix = handle.read(8)
-        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
-        try:
-            header = json.loads(handle.read(length)) if 0 < length < MAX_HEADER_BYTES else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            header = None
-    if not isinstance(header, dict):
-        raise InputError(str(file), "is not a safetensors file (bad header)", "re-save the checkpoint")
-    header.pop("__metadata__", None)
-    return 8 + length, header
+        return check_finite(self.state_dict[key], self.name, key)
 
 
 class SafetensorsSource(TensorSource):
@@ -136,7 +129,7 @@ class SafetensorsSource(TensorSource):
             raise InputError(self.name, "no .safetensors file found", "give a .safetensors file or a folder holding one")
         self._entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for file in files:
-            data_start, header = read_safetensors_header(file)
+            data_start, header = check_safetensors_file(file)   # a cut-off or garbled file: one line naming it
             for key, entry in header.items():
                 if key in self._entries:
                     raise InputError(self.name, f"key {key!r} appears in two shards", "remove the duplicate shard")
@@ -144,6 +137,9 @@ class SafetensorsSource(TensorSource):
 
     def keys(self) -> list[str]:
         return list(self._entries)
+
+    def file_of(self, key: str) -> str:
+        return str(self._entry(key)[0])
 
     def _entry(self, key: str) -> tuple[Path, int, dict[str, Any]]:
         if key not in self._entries:
@@ -159,7 +155,7 @@ class SafetensorsSource(TensorSource):
             raise InputError(self.name, f"tensor {key!r} has unsupported dtype {name}", "convert it to float32")
         return SAFETENSORS_DTYPES[name]
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
+    def _read_rows(self, key: str, start: int, stop: int) -> Tensor:
         file, data_start, entry = self._entry(key)
         shape, dtype = list(entry["shape"]), self.dtype(key)
         item_size = torch.empty(0, dtype=dtype).element_size()
@@ -201,8 +197,11 @@ class KeySubsetSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         return self.source.dtype(key)
 
-    def rows(self, key: str, start: int, stop: int) -> Tensor:
-        return self.source.rows(key, start, stop)
+    def _read_rows(self, key: str, start: int, stop: int) -> Tensor:
+        return self.source._read_rows(key, start, stop)
+
+    def file_of(self, key: str) -> str:
+        return self.source.file_of(key)
 
     def get(self, key: str) -> Tensor:
         return self.source.get(key)
@@ -251,7 +250,7 @@ def _open_folder(folder: Path) -> OpenedCheckpoint:
     if list(weights_folder.glob("*.safetensors")):
         source: TensorSource = SafetensorsSource(weights_folder)
     elif (weights_folder / "pytorch_model.bin").is_file():
-        state = torch.load(weights_folder / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True)
+        state = load_checkpoint_file(weights_folder / "pytorch_model.bin", mmap=True)
         source = MappingSource(state, str(folder))
     else:
         raise InputError(str(folder), "folder holds no model.safetensors or pytorch_model.bin",
@@ -262,13 +261,9 @@ def _open_folder(folder: Path) -> OpenedCheckpoint:
 def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(transformer weights with `encoder.model.` stripped, hyper-parameters) of a `CoDiEmbModule` `.ckpt`.
 
-    The tensors are memory-mapped (read on first touch). A `.ckpt` is a pickle: load only ones you trust.
+    The tensors are memory-mapped (read on first touch); the file is read under `checkpoint_loading`'s rule.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as exc:
-        raise InputError(str(path), f"cannot read the checkpoint ({type(exc).__name__}: {exc})",
-                         "give a .ckpt written by `codiemb fit`") from exc
+    checkpoint = load_checkpoint_file(path, mmap=True)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     weights = {key[len(LIGHTNING_PREFIX):]: value for key, value in (state or {}).items()
                if key.startswith(LIGHTNING_PREFIX)}

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from codiemb_pl.atomic import atomic_file
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.sources import SAFETENSORS_DTYPES
+from codiemb_pl.weight_checks import SAFETENSORS_DTYPES, check_finite
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 Layout = Mapping[str, tuple[torch.dtype, tuple[int, ...]]]
@@ -52,8 +52,9 @@ def write_safetensors(out_path: str | os.PathLike, layout: Layout, pieces: Calla
                       metadata: Mapping[str, str] | None = None) -> Path:
     """Write `layout`'s tensors to `out_path`; `pieces(key)` yields each one's consecutive dim-0 slices.
 
-    Each piece is cast to the key's dtype. A key whose pieces do not add up to its shape's byte size is
-    an error (nothing is written).
+    Each piece is cast to the key's dtype. A key whose pieces do not add up to its shape's byte size, or
+    a piece holding NaN / inf (`weight_checks.check_finite`, naming `out_path` and the key), is an error
+    (nothing is written).
     """
     out_path = Path(out_path)
     header_bytes, header = _header(layout, metadata)
@@ -63,7 +64,7 @@ def write_safetensors(out_path: str | os.PathLike, layout: Layout, pieces: Calla
         for key, (dtype, _) in layout.items():
             written = 0
             for piece in pieces(key):
-                payload = _tensor_bytes(piece.to(dtype))
+                payload = _tensor_bytes(check_finite(piece.to(dtype), str(out_path), key))
                 out.write(payload)
                 written += len(payload)
             start, stop = header[key]["data_offsets"]

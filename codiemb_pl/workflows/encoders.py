@@ -3,7 +3,7 @@ id, `pkg://...`, or a Lightning checkpoint (`.ckpt`) of `CoDiEmbModule`.
 
 A checkpoint's `encoder.model.*` weights go into the encoder named by its `model_name_or_path`
 hyper-parameter (or by `base`), with the checkpoint's pooling, normalisation and length, and prompt
-tokens left out of pooling as in training. Lightning checkpoints are pickles: load only ones you trust.
+tokens left out of pooling as in training. The checkpoint is read under `checkpoint_loading`'s rule (weights-only unless trusted).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..device import resolve_device
 from ..encoder import TextEncoder
 from ..errors import InputError
 from ..fusion.sources import read_lightning_checkpoint
+from ..weight_checks import check_finite_state
 
 CHECKPOINT_SUFFIX = ".ckpt"
 
@@ -40,6 +41,7 @@ def load_checkpoint_encoder(path: str | Path, base: str | None = None,
     encoder = TextEncoder(architecture, pooling=hparams.get("pooling"), normalize=hparams.get("normalize"),
                           max_seq_length=max_seq_length if max_seq_length is not None else hparams.get("max_seq_length"),
                           include_prompt=False)
+    check_finite_state(weights, str(path))   # NaN / inf: one line naming the checkpoint and tensor
     result = encoder.model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise InputError(str(path), f"weights do not fit {architecture} (missing {result.missing_keys[:3]}, "

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from codiemb_pl.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
@@ -45,6 +44,7 @@ from codiemb_pl.lora import check_lora_mix
 from codiemb_pl.fusion.writer import save_state_dict
 from codiemb_pl.model_card import build_fused_model_card
 from codiemb_pl.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
+from codiemb_pl.weight_checks import load_safetensors
 
 DEFAULT_METRIC = "val/avg"
 SCORED_METHODS = ("greedy_soup", "self_positioning")
@@ -302,7 +302,7 @@ def _merge_self_positioning(spec: MethodSpec, inputs: FusionInputs, out_path: Pa
     if not inputs.probe_sources:
         raise InputError(f"fusion.{spec.name}", "self_positioning needs probe data", "configure training sources")
     merged, _ = self_positioning_merge(
-        load_file(str(inputs.base)), [str(p) for _, p in inputs.checkpoints], inputs.probe_sources,
+        load_safetensors(inputs.base), [str(p) for _, p in inputs.checkpoints], inputs.probe_sources,
         model_dir=inputs.model_folder, seed=inputs.seed, encoder_kwargs=inputs.encoder_settings, **spec.params)
     save_state_dict({key[len(ENCODER_PREFIX):]: value for key, value in merged.items()
                      if key.startswith(ENCODER_PREFIX)}, out_path)
