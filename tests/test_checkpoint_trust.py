@@ -111,7 +111,7 @@ def test_a_model_folder_whose_pytorch_model_bin_runs_code_is_refused(tiny_model_
 
 def test_lightning_ckpt_path_refuses_code(malicious, marker, tiny_model_dir, tmp_path, capsys):
     """`validate/test/predict --ckpt_path FILE` (LightningCLI reads its hyper-parameters first) and
-    `fit --ckpt_path last` (Lightning's own load, through the trainer's CheckpointIO)."""
+    `fit --ckpt_path last` (`resume.resolve_last_checkpoint` inspects the candidates under the same rule)."""
     common = ["--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir)]
     code = main(["validate", *common, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(malicious)])
     assert_refused_naming_exec(refusal_line(capsys, code), malicious)
@@ -119,16 +119,23 @@ def test_lightning_ckpt_path_refuses_code(malicious, marker, tiny_model_dir, tmp
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(malicious, resumed / "checkpoints" / "last.ckpt")
     code = main(["fit", *common, "--trainer.default_root_dir", str(resumed), "--ckpt_path", "last"])
-    assert_refused_naming_exec(refusal_line(capsys, code), resumed / "checkpoints" / "last.ckpt")
+    line = refusal_line(capsys, code)
+    assert "last.ckpt names exec" in line and "--weights_only false" in line, line
     assert not marker.exists()
 
 
 def test_export_from_best_and_strategies_that_load_themselves_refuse_code(malicious, marker):
-    """ExportEncoder(from_best) reading the best checkpoint, and a strategy whose `load_checkpoint` bypasses
-    the CheckpointIO (FSDP2Strategy: Lightning's ModelParallelStrategy), vetted by `install_safe_loading`."""
+    """ExportEncoder(from_best) reading the best checkpoint; Lightning's own load through the trainer's
+    CheckpointIO (`DurableCheckpointIO.load_checkpoint`); a strategy whose `load_checkpoint` bypasses the
+    CheckpointIO (FSDP2Strategy: Lightning's ModelParallelStrategy), vetted by `install_safe_loading`."""
     from codiemb_pl.callbacks.export import ExportEncoder
-    from codiemb_pl.checkpoint_io import install_safe_loading
+    from codiemb_pl.checkpoint_io import DurableCheckpointIO, install_safe_loading
     from codiemb_pl.sharding import FSDP2Strategy
+
+    for weights_only in (None, True):   # Lightning's default, and asked for
+        with pytest.raises(InputError) as refused:
+            DurableCheckpointIO().load_checkpoint(str(malicious), weights_only=weights_only)
+        assert_refused_naming_exec(str(refused.value), malicious)
 
     trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(malicious)))
     with pytest.raises(InputError) as refused:
