@@ -190,3 +190,21 @@ def test_resume_passes_over_a_last_ckpt_that_fails_its_crc(tmp_path):
     shutil.move(tmp_path / "damaged.ckpt", folder / "last.ckpt")
     path, line = resolve_last_checkpoint([folder])
     assert path == folder / "epoch0.ckpt" and "last.ckpt is damaged" in line and "Bad CRC-32" in line, line
+
+
+def test_snapshot_files_are_read_checked(tmp_path):
+    """`load_safetensors` (CheckpointFusion's snapshots, Self Positioning's θ0): damaged or non-finite is one
+    InputError naming the file (and the tensor)."""
+    from codiemb_pl.weight_checks import load_safetensors
+
+    good = tmp_path / "step2.safetensors"
+    save_file({"w": torch.ones(64), "b": torch.zeros(2)}, str(good))
+    assert torch.equal(load_safetensors(good)["w"], torch.ones(64))
+    nan = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([1.0, math.nan])}, str(nan))
+    with pytest.raises(InputError, match=r"nan\.safetensors: tensor 'w' holds 1 non-finite"):
+        load_safetensors(nan)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(InputError, match=r"cut\.safetensors: is truncated"):
+        load_safetensors(cut)
