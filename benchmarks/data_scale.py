@@ -20,7 +20,7 @@ Synthetic sources (English words drawn from the demo data): IR records of a 10-w
   an epoch does): time and `RssAnon`, without tokenising (for sizes where tokenising is too slow here).
 - `tokenise`: the token ids of both sources computed three ways, checked identical: the former code (the
   tokenizer call, then `pa.array` of Python lists), the backend copy in one process, and in one process per
-  usable CPU (`codiemb_pl/data/token_ids.py`): texts/s (wall) and texts per CPU-second (less load-sensitive).
+  usable CPU (`codiemb_pl/data/cache/token_ids.py`): texts/s (wall) and texts per CPU-second (less load-sensitive).
 
 The in-memory path is the package as of commit BASELINE_COMMIT, extracted with `git archive` into the work
 folder and put first on PYTHONPATH for its runs. Results: a table on stdout and JSON in `--out`.
@@ -338,7 +338,7 @@ def rss():
 before = rss()
 started = time.time()
 if path == "arrow":
-    from codiemb_pl.data.arrow_records import open_records
+    from codiemb_pl.data.cache.records import open_records
     tables = [open_records(s, Path(cache)) for s in sources]
     opened = time.time()
     for table in tables:  # every record once, as an epoch reads them
@@ -361,9 +361,9 @@ import json, os, resource, sys, time
 from pathlib import Path
 import pyarrow as pa
 from transformers import AutoTokenizer
-from codiemb_pl.data.arrow_records import open_records
+from codiemb_pl.data.cache.records import open_records
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.token_ids import TOKEN_LIST, TokenLimits, process_count, token_batch, token_batches
+from codiemb_pl.data.cache.token_ids import TOKEN_LIST, TokenLimits, process_count, token_batch, token_batches
 ir_path, sts_path, model, passage, cache = sys.argv[1:6]
 tokenizer = AutoTokenizer.from_pretrained(model)
 limits = TokenLimits(32, int(passage), 64)

@@ -85,7 +85,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        from codiemb_pl.cli import main as codiemb_main
+        from codiemb_pl.cli.main import main as codiemb_main
 
         sys.exit(codiemb_main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -69,13 +69,13 @@ from experiment_runs import (CROSS_MEMBERS, DATA_SEED, DEFAULT_MODEL, FULL, HEAD
                              suite_runs, training_seconds, training_steps, unit_config)
 from paired_comparison import item_values, paired_bootstrap_sets  # noqa: E402
 
-from codiemb_pl.atomic import atomic_write_text  # noqa: E402
-from codiemb_pl.cli import main as codiemb_main  # noqa: E402
+from codiemb_pl.storage.atomic import atomic_write_text  # noqa: E402
+from codiemb_pl.cli.main import main as codiemb_main  # noqa: E402
 from codiemb_pl.data.sources import SourceConfig, load_training_records  # noqa: E402
-from codiemb_pl.data.validation import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
 from codiemb_pl.evaluation.suite import summary_metrics  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
-from codiemb_pl.workflows.validation import build_validation_sets  # noqa: E402
+from codiemb_pl.data.eval_builders import build_validation_sets  # noqa: E402
 
 SUITE_BEGIN, SUITE_END = "<!-- suite-v2:begin -->", "<!-- suite-v2:end -->"
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis-v2:begin -->", "<!-- analysis-v2:end -->"
@@ -341,12 +341,12 @@ class Suite:
     def train_sources(self, unit: dict[str, Any], folder: Optional[Path] = None) -> list[dict[str, Any]]:
         """`data.train` entries of a training unit; a BOOM member's seeded subset of them is written to
         `folder/data` (`workflows.boom`)."""
-        from codiemb_pl.workflows.boom import source_dict
+        from codiemb_pl.sweeps.boom import source_dict
 
         sources = [self.train_source_config(entry["name"]) for entry in unit["data"]]
         subset = unit.get("subset")
         if subset:
-            from codiemb_pl.workflows.boom import write_subset_sources
+            from codiemb_pl.sweeps.boom import write_subset_sources
 
             if folder is None:
                 raise ValueError("a BOOM member's subset needs its unit folder")
@@ -467,9 +467,9 @@ class Suite:
                                output: Path) -> dict[str, Any]:
         """Self Positioning of `checkpoints` against θ0 = the base model, probed on the training data of
         `probe_unit`."""
-        from codiemb_pl.atomic import atomic_directory
+        from codiemb_pl.storage.atomic import atomic_directory
         from codiemb_pl.data.collate import LengthLimits
-        from codiemb_pl.encoder import TextEncoder
+        from codiemb_pl.model.encoder import TextEncoder
         from codiemb_pl.workflows.probe import self_positioning_merge
 
         budget = self.budgets.train
@@ -491,12 +491,12 @@ class Suite:
     def build_greedy_soup(self, spec: RunSpec, members: list[Path], output: Path) -> dict[str, Any]:
         """Greedy soup (`fusion.soup.greedy_soup`) of the members, best dev score first, each addition kept
         only if the dev `avg` improves; dev = `dev_sets()` (held out of training, never a test set)."""
-        from codiemb_pl.atomic import atomic_directory
-        from codiemb_pl.encoder import TextEncoder
+        from codiemb_pl.storage.atomic import atomic_directory
+        from codiemb_pl.model.encoder import TextEncoder
         from codiemb_pl.fusion.soup import greedy_soup
         from codiemb_pl.fusion.writer import save_state_dict
         from codiemb_pl.workflows.evaluation import evaluate_sets
-        from codiemb_pl.workflows.sweep import load_weights
+        from codiemb_pl.sweeps.sweep import load_weights
 
         encoder = TextEncoder(str(members[0]), max_seq_length=self.budgets.eval.max_length)
         dev = self.dev_sets()
@@ -525,7 +525,7 @@ class Suite:
     def build_boom(self, spec: RunSpec, seed: int, output: Path) -> tuple[Path, dict[str, Any]]:
         """BOOM through its public entry point (`workflows.boom.run_boom`): bagged runs of the batch-shuffling
         baseline's config, merged with Multi-SLERP."""
-        from codiemb_pl.workflows.boom import BoomRun, run_boom
+        from codiemb_pl.sweeps.boom import BoomRun, run_boom
 
         members = boom_subsets(spec, seed)
         unit = self.unit(spec.parent, seed)
@@ -545,7 +545,7 @@ class Suite:
     def evaluate(self, model: Path, names: list[str], key: str) -> dict[str, tuple[dict[str, float], float, float]]:
         """{set: (metrics, wall seconds, CPU seconds)} of `model` on the named sets; the per-item values behind
         each metric are saved beside (`items_path`) for the paired bootstrap."""
-        from codiemb_pl.encoder import TextEncoder
+        from codiemb_pl.model.encoder import TextEncoder
         from codiemb_pl.evaluation.suite import score_set, set_embeddings
 
         encoder = TextEncoder(str(model), max_seq_length=self.budgets.eval.max_length)

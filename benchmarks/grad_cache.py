@@ -105,7 +105,7 @@ def build_step(config: str, args: argparse.Namespace, device, queries: list[str]
                     for texts in (queries, positives, negatives)]
         return (lambda: loss_fn(features, None)), list(model.parameters())
     from codiemb_pl.data.tokenize import tokenize_with_prefixes
-    from codiemb_pl.module import CoDiEmbModule
+    from codiemb_pl.training.module import CoDiEmbModule
 
     module = CoDiEmbModule(model_path, ir_temperature=TEMPERATURE, max_seq_length=args.max_length,
                            grad_cache_chunk_size=args.chunk if config == "ours+cache" else 0).to(device)

@@ -93,9 +93,9 @@ def run_mode(mode: str, steps: int, threads: int) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModel
 
-    from codiemb_pl.lora import LoraSettings, add_lora_adapters, lora_summary
+    from codiemb_pl.model.lora import LoraSettings, add_lora_adapters, lora_summary
     from codiemb_pl.losses.ir import multi_positive_info_nce
-    from codiemb_pl.pooling import last_token_pool
+    from codiemb_pl.model.pooling import last_token_pool
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -143,8 +143,8 @@ def saved_bytes_per_block(lora: str | None, targets, dropout: float) -> float:
     import torch
     from transformers import AutoModel
 
-    from codiemb_pl.lora import LoraSettings, add_lora_adapters
-    from codiemb_pl.saved_for_backward import saved_for_backward
+    from codiemb_pl.model.lora import LoraSettings, add_lora_adapters
+    from saved_for_backward import saved_for_backward
 
     def saved_mb(layers: int) -> float:
         config = qwen2_half_billion_config()

@@ -41,8 +41,8 @@ def measure(path: str, megabytes: float, max_length: int) -> dict:
     text = long_text(megabytes)
     with tempfile.TemporaryDirectory() as folder:
         if path == "cache":
-            from codiemb_pl.data.arrow_records import open_records
-            from codiemb_pl.data.arrow_tokens import TokenLimits, open_tokens
+            from codiemb_pl.data.cache.records import open_records
+            from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
             from codiemb_pl.data.sources import SourceConfig
 
             source = Path(folder) / "ir.jsonl"

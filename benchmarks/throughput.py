@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
 from codiemb_pl.data.records import IRCorpus  # noqa: E402
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_training_records  # noqa: E402
-from codiemb_pl.data.validation import ValidationSet  # noqa: E402
-from codiemb_pl.encoder import TextEncoder  # noqa: E402
+from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
 
 PARTS = ("train", "encode", "eval")
@@ -100,7 +100,7 @@ def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, s
     import lightning.pytorch as pl
 
     from codiemb_pl.data.datamodule import CoDiEmbDataModule
-    from codiemb_pl.module import CoDiEmbModule
+    from codiemb_pl.training.module import CoDiEmbModule
 
     class StepTimer(pl.Callback):
         def __init__(self):

@@ -1,5 +1,5 @@
 """`python -m codiemb_pl ...` is the same as `codiemb ...`."""
 
-from .cli import console_main
+from codiemb_pl.cli.main import console_main
 
 console_main()

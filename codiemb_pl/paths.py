@@ -11,7 +11,7 @@ import importlib
 import importlib.resources
 from pathlib import Path
 
-from .errors import InputError
+from codiemb_pl.errors import InputError
 
 PACKAGE_SCHEME = "pkg://"
 

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from codiemb_pl.data import arrow_records
-from codiemb_pl.data.arrow_dataset import ArrowTrainingDataset
-from codiemb_pl.data.arrow_records import open_records
-from codiemb_pl.data.arrow_tokens import TokenLimits, open_tokens
-from codiemb_pl.data.cache import BUILD_LOG, LAUNCH_STARTED_ENV, cached_entry
+from codiemb_pl.data.cache.dataset import ArrowTrainingDataset
+from codiemb_pl.data.cache.records import open_records
+from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
+from codiemb_pl.data.cache.entries import BUILD_LOG, LAUNCH_STARTED_ENV, cached_entry
 from codiemb_pl.data.collate import PaddingRule, TokenCollator
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig, load_training_records

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from conftest import build_tiny_bert
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"

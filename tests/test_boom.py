@@ -12,12 +12,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.data.records import IRRecord
 from codiemb_pl.data.sources import SourceConfig, load_training_records
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.workflows.boom import plan_runs, subset_indices, write_subset_sources
+from codiemb_pl.sweeps.boom import plan_runs, subset_indices, write_subset_sources
 from codiemb_pl.fusion.methods import multi_slerp, slerp
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -119,7 +119,7 @@ def test_boom_trains_runs_and_merges_them_with_multi_slerp(boom_output, tiny_mod
 def test_merge_exports_is_the_same_multi_slerp_for_members_trained_elsewhere(boom_output, tiny_model_dir, tmp_path):
     """`merge_exports` (the benchmarks' entry point) merges exports through `codiemb fuse`'s path: the same
     weights as BOOM's merged/, and a merge.json with the caller's manifest."""
-    from codiemb_pl.workflows.boom import merge_exports
+    from codiemb_pl.sweeps.boom import merge_exports
 
     output, _ = boom_output
     exports = [output / "runs" / "f0.5_s3" / "model", output / "runs" / "f1_s3" / "model"]

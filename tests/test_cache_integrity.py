@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.data.cache import BUILD_LOG, META_FILE, cached_entry, entry_problem, write_arrow
+from codiemb_pl.data.cache.entries import BUILD_LOG, META_FILE, cached_entry, entry_problem, write_arrow
 from codiemb_pl.errors import InputError
 
 IR_ROWS = [{"query": f"question {i}", "positives": [f"answer {i}"], "negatives": [f"wrong {i}"]} for i in range(60)]
@@ -37,8 +37,8 @@ def write_source(tmp_path: Path) -> Path:
 
 def open_both(path: Path, cache: Path, tokenizer, verify: bool = False):
     """(records entry, tokens entry, every record, every token row) opened from the cache."""
-    from codiemb_pl.data.arrow_records import open_records
-    from codiemb_pl.data.arrow_tokens import TokenLimits, open_tokens
+    from codiemb_pl.data.cache.records import open_records
+    from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
     from codiemb_pl.data.sources import SourceConfig
 
     records = open_records(SourceConfig(name="ir", task="ir", path=str(path)), cache, verify=verify)
@@ -180,7 +180,7 @@ def _build_table(folder: Path) -> dict:
 
 
 def _open_in_child(entry: str, barrier, results) -> None:
-    from codiemb_pl.data.cache import open_arrow
+    from codiemb_pl.data.cache.entries import open_arrow
 
     barrier.wait()
     folder, _ = cached_entry(Path(entry), _build_table)

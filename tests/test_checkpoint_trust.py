@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from codiemb_pl.checkpoint_loading import (load_checkpoint_file, trusted_checkpoints, vet_checkpoint_location,
+from codiemb_pl.storage.checkpoint_loading import (load_checkpoint_file, trusted_checkpoints, vet_checkpoint_location,
                                            verify_zip_records)
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
-from codiemb_pl.lora import LoraSettings
+from codiemb_pl.model.lora import LoraSettings
 
 from malicious_checkpoints import crafted_zip_checkpoint, with_extra_object
 
@@ -129,8 +129,8 @@ def test_export_from_best_and_strategies_that_load_themselves_refuse_code(malici
     CheckpointIO (`DurableCheckpointIO.load_checkpoint`); a strategy whose `load_checkpoint` bypasses the
     CheckpointIO (FSDP2Strategy: Lightning's ModelParallelStrategy), vetted by `install_safe_loading`."""
     from codiemb_pl.callbacks.export import ExportEncoder
-    from codiemb_pl.checkpoint_io import DurableCheckpointIO, install_safe_loading
-    from codiemb_pl.sharding import FSDP2Strategy
+    from codiemb_pl.training.checkpoint_io import DurableCheckpointIO, install_safe_loading
+    from codiemb_pl.training.sharding import FSDP2Strategy
 
     for weights_only in (None, True):   # Lightning's default, and asked for
         with pytest.raises(InputError) as refused:
@@ -205,7 +205,7 @@ def test_boom_and_sweep_take_the_opt_in(tiny_model_dir, tmp_path, marker):
     `codiemb boom` and `codiemb sweep` accept `--trust-checkpoint` (their members and resumes follow it)."""
     from codiemb_pl.commands.boom import collect_options
     from codiemb_pl.commands.sweep import build_parser
-    from codiemb_pl.workflows.boom import merge_exports
+    from codiemb_pl.sweeps.boom import merge_exports
 
     evil = crafted_zip_checkpoint(tmp_path / "member.ckpt", marker)
     with pytest.raises(InputError) as refused:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -46,7 +46,7 @@ def test_fit_writes_checkpoint_and_sentence_transformers_folder(fitted_run, caps
 
 
 def test_fit_changes_the_weights(fitted_run, tiny_model_dir):
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     before = TextEncoder(str(tiny_model_dir)).encode(["the same text"])
     after = TextEncoder(str(fitted_run / "model")).encode(["the same text"])
@@ -123,7 +123,7 @@ def test_help_and_argument_errors_of_every_command_import_neither_torch_nor_ligh
     """`codiemb --help`, each project command's `--help` and a bad argument answer without the heavy imports."""
     script = """
 import contextlib, io, sys
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.commands import discover
 names = sorted(discover())
 assert {"boom", "evaluate", "fuse", "mine-negatives"} <= set(names), names
@@ -163,7 +163,7 @@ def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(
 
 
 def test_a_command_registered_in_process_is_dispatched_and_listed(capsys):
-    from codiemb_pl.cli import EXTRA_COMMANDS, register_command
+    from codiemb_pl.cli.main import EXTRA_COMMANDS, register_command
 
     @register_command("echo-args")
     def echo_args(argv: list[str]) -> int:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem, pick_fixed_count, text_id
 from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
 from codiemb_pl.data.tokenize import leading_special_tokens, tokenize_with_prefixes
-from codiemb_pl.data.validation import EmbeddingBuffers, ValidationSet, plan_validation_chunks
+from codiemb_pl.data.eval_sets import EmbeddingBuffers, ValidationSet, plan_validation_chunks
 from conftest import minilm_path
 
 

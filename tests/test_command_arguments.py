@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.commands.evaluate import build_parser as evaluate_parser
 from codiemb_pl.commands.mine_negatives import build_parser as mine_parser
 from codiemb_pl.errors import InputError

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 BANNERS = ("Seed set to", "GPU available", "TPU available", "Tip:")
@@ -115,3 +115,46 @@ def test_bad_value_in_the_second_data_train_entry_names_that_entry(tiny_model_di
     line = the_one_line(capsys, caplog)
     assert line.startswith(f"codiemb: error: {piece}:7: data.train entry 2 (second): task: "), line
     assert "Got value: irr" in line and "Union" not in line, line
+
+
+def test_a_config_naming_a_class_path_that_moved_gets_one_line_naming_the_new_one(tmp_path, capsys):
+    """The 0.2 re-layout moved class paths (CHANGELOG.md): an old one in a config file or on the command line is
+    one line with the file and line and the new path, before anything is parsed or written."""
+    from codiemb_pl.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_steps: 1\n  logger:\n    class_path: codiemb_pl.run_folder.CSVLogger\n",
+                      encoding="utf-8")
+    assert main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"codiemb: error: {config}:4: codiemb_pl.run_folder.CSVLogger moved to "
+                   "codiemb_pl.training.loggers.CSVLogger in codiemb_pl 0.2 (write codiemb_pl.training.loggers.CSVLogger "
+                   "instead; CHANGELOG.md lists every move)"), err
+    assert not (tmp_path / "run").exists()
+    assert main(["fit", "--trainer.strategy", "codiemb_pl.sharding.FSDP2Strategy"]) == 2
+    assert "codiemb_pl.training.sharding.FSDP2Strategy" in capsys.readouterr().err
+
+
+def test_moved_paths_map_modules_names_and_resolved_configs():
+    from codiemb_pl.cli.moved_paths import find_moved_path, new_path, normalise_paths
+
+    assert new_path("codiemb_pl.encoder.TextEncoder") == "codiemb_pl.model.encoder.TextEncoder"
+    assert new_path("codiemb_pl.run_folder.CSVLogger") == "codiemb_pl.training.loggers.CSVLogger"
+    assert new_path("codiemb_pl.run_folder.fill_unset_folders") == "codiemb_pl.cli.run_folder.fill_unset_folders"
+    assert new_path("codiemb_pl.data.cache.cached_entry") == "codiemb_pl.data.cache.entries.cached_entry"
+    for unchanged in ("codiemb_pl.data.cache.records", "codiemb_pl.callbacks.ExportEncoder", "codiemb_pl.cli",
+                      "codiemb_pl.model.encoder.TextEncoder", "codiemb_pl.model_cardigan"):
+        assert new_path(unchanged) is None, unchanged
+    assert find_moved_path("a: 1\nb: codiemb_pl.checkpoint_io.DurableCheckpointIO\n") == (
+        2, "codiemb_pl.checkpoint_io.DurableCheckpointIO", "codiemb_pl.training.checkpoint_io.DurableCheckpointIO")
+    assert normalise_paths({"l": [{"class_path": "codiemb_pl.run_folder.CSVLogger"}], "n": 3}) == {
+        "l": [{"class_path": "codiemb_pl.training.loggers.CSVLogger"}], "n": 3}
+    # every new module exists
+    import importlib
+
+    from codiemb_pl.cli.moved_paths import MOVED_MODULES, MOVED_NAMES
+    for new in MOVED_MODULES.values():
+        importlib.import_module(f"codiemb_pl.{new}")
+    for new in MOVED_NAMES.values():
+        module, _, name = f"codiemb_pl.{new}".rpartition(".")
+        assert hasattr(importlib.import_module(module), name)

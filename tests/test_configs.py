@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -69,4 +69,4 @@ def test_my_data_config_parses_and_names_every_part(capsys):
                  for entry in resolved["trainer"]["callbacks"]}
     assert {"ModelCheckpoint", "ExportEncoder", "CheckpointFusion"} <= set(callbacks)
     assert all(not args.get("dirpath") for args in callbacks.values())
-    assert resolved["trainer"]["logger"]["class_path"] == "codiemb_pl.run_folder.CSVLogger"
+    assert resolved["trainer"]["logger"]["class_path"] == "codiemb_pl.training.loggers.CSVLogger"

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from codiemb_pl.cli import main
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.cli.main import main
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.writer import save_state_dict
-from codiemb_pl.weight_checks import check_safetensors_file, read_safetensors_header
+from codiemb_pl.storage.weight_checks import check_safetensors_file, read_safetensors_header
 
 DEMO = Path(__file__).resolve().parents[1] / "codiemb_pl" / "demo"
 FF_BYTES = 4096
@@ -167,7 +167,7 @@ def test_non_finite_weights_are_never_written(family, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.complex64])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_inf_are_found_in_every_float_dtype(dtype, bad):
-    from codiemb_pl.weight_checks import check_finite
+    from codiemb_pl.storage.weight_checks import check_finite
 
     with pytest.raises(InputError, match="f: tensor 'k' holds 1 non-finite"):
         check_finite(torch.tensor([0.5, bad, 1.0]).to(dtype), "f", "k")
@@ -178,7 +178,7 @@ def test_nan_and_inf_are_found_in_every_float_dtype(dtype, bad):
 def test_resume_passes_over_a_last_ckpt_that_fails_its_crc(tmp_path):
     """`--ckpt_path last` resumes from the newest checkpoint whose records pass their CRC: a `last.ckpt` with a
     damaged tensor record (which torch would load as is) is passed over, saying why."""
-    from codiemb_pl.resume import resolve_last_checkpoint
+    from codiemb_pl.training.resume import resolve_last_checkpoint
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -195,7 +195,7 @@ def test_resume_passes_over_a_last_ckpt_that_fails_its_crc(tmp_path):
 def test_snapshot_files_are_read_checked(tmp_path):
     """`load_safetensors` (CheckpointFusion's snapshots, Self Positioning's θ0): damaged or non-finite is one
     InputError naming the file (and the tensor)."""
-    from codiemb_pl.weight_checks import load_safetensors
+    from codiemb_pl.storage.weight_checks import load_safetensors
 
     good = tmp_path / "step2.safetensors"
     save_file({"w": torch.ones(64), "b": torch.zeros(2)}, str(good))

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.cli import main
-from codiemb_pl.decoder import is_decoder_backbone, load_backbone_tokenizer
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.cli.main import main
+from codiemb_pl.model.decoder import is_decoder_backbone, load_backbone_tokenizer
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.pooling import last_token_pool
+from codiemb_pl.model.pooling import last_token_pool
 from decoder_models import build_tiny_decoder
 
 FAMILIES = ["qwen2", "llama"]

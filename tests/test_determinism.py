@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 

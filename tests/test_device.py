@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from codiemb_pl.device import resolve_device
+from codiemb_pl.model.device import resolve_device
 from codiemb_pl.errors import InputError
 
 

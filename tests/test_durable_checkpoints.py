@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
 
 TINY_CONFIG = Path(__file__).resolve().parent / "conf" / "tiny.yaml"
@@ -104,7 +104,7 @@ def test_resume_after_a_kill_between_the_step_checkpoint_and_last_ckpt(first_run
 def test_truncated_last_ckpt_falls_back_and_no_usable_checkpoint_stops_with_one_line(first_run, tiny_model_dir,
                                                                                       tmp_path, capsys):
     """Red-team row: a truncated `last.ckpt` (a copy across filesystems killed midway) crashed the resume."""
-    from codiemb_pl.resume import resolve_last_checkpoint
+    from codiemb_pl.training.resume import resolve_last_checkpoint
 
     folder = tmp_path / "run" / "checkpoints"
     shutil.copytree(first_run / "checkpoints", folder)
@@ -148,7 +148,7 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_previous_checkpoints_and_s
 
 def test_no_space_left_mid_file_leaves_the_final_name_untouched(tmp_path, monkeypatch):
     """ENOSPC raised by a write in the middle of the file (torch re-raises it as a RuntimeError)."""
-    from codiemb_pl.checkpoint_io import DurableCheckpointIO
+    from codiemb_pl.training.checkpoint_io import DurableCheckpointIO
 
     final = tmp_path / "last.ckpt"
     final.write_bytes(b"previous checkpoint")
@@ -179,7 +179,7 @@ def test_no_space_left_mid_file_leaves_the_final_name_untouched(tmp_path, monkey
 def test_a_kill_during_a_checkpoint_save_leaves_only_a_temporary_name(tmp_path):
     """Red-team row: SIGKILL during a save left a truncated `last.ckpt` under the final name. A forked child saves
     with every byte written and stops before the rename (its fsync stalls); the parent SIGKILLs it there."""
-    from codiemb_pl.checkpoint_io import DurableCheckpointIO
+    from codiemb_pl.training.checkpoint_io import DurableCheckpointIO
 
     final = tmp_path / "checkpoints" / "last.ckpt"
     final.parent.mkdir()
@@ -221,7 +221,7 @@ class Unpicklable:
 
 
 def test_last_resolution_prefers_the_newest_complete_resumable_checkpoint(tmp_path):
-    from codiemb_pl.resume import inspect_checkpoint, resolve_last_checkpoint
+    from codiemb_pl.training.resume import inspect_checkpoint, resolve_last_checkpoint
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -246,8 +246,8 @@ def test_last_resolution_prefers_the_newest_complete_resumable_checkpoint(tmp_pa
 
 
 def test_checkpoint_folders_count_only_when_their_marker_lists_every_file(tmp_path):
-    from codiemb_pl.checkpoint_io import FOLDER_MARKER
-    from codiemb_pl.resume import resolve_last_checkpoint
+    from codiemb_pl.training.checkpoint_io import FOLDER_MARKER
+    from codiemb_pl.training.resume import resolve_last_checkpoint
 
     folder = tmp_path / "checkpoints"
     sharded = folder / "last.ckpt"
@@ -284,7 +284,7 @@ class FolderStrategy(pl.strategies.SingleDeviceStrategy):
 def fit_boring_model(root: Path, strategy: FolderStrategy, steps: int) -> None:
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from codiemb_pl.trainer import DurableTrainer
+    from codiemb_pl.training.trainer import DurableTrainer
 
     trainer = DurableTrainer(default_root_dir=root, strategy=strategy, max_steps=steps, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -294,11 +294,11 @@ def fit_boring_model(root: Path, strategy: FolderStrategy, steps: int) -> None:
 
 
 def test_folder_checkpoints_appear_complete_with_their_marker_or_not_at_all(tmp_path, monkeypatch):
-    import codiemb_pl.trainer
-    from codiemb_pl.checkpoint_io import FOLDER_MARKER, DurableCheckpointIO
-    from codiemb_pl.resume import resolve_last_checkpoint
+    import codiemb_pl.training.trainer
+    from codiemb_pl.training.checkpoint_io import FOLDER_MARKER, DurableCheckpointIO
+    from codiemb_pl.training.resume import resolve_last_checkpoint
 
-    monkeypatch.setattr(codiemb_pl.trainer, "writes_checkpoint_folders", lambda s: isinstance(s, FolderStrategy))
+    monkeypatch.setattr(codiemb_pl.training.trainer, "writes_checkpoint_folders", lambda s: isinstance(s, FolderStrategy))
     fit_boring_model(tmp_path, FolderStrategy(), steps=2)
     folder = tmp_path / "checkpoints"
     assert sorted(path.name for path in folder.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "last.ckpt"]
@@ -328,7 +328,7 @@ def test_a_checkpoint_io_the_user_chose_is_kept():
     from lightning.pytorch.strategies import SingleDeviceStrategy
     from lightning.fabric.plugins import TorchCheckpointIO
 
-    from codiemb_pl.checkpoint_io import DurableCheckpointIO, install_durable_checkpoint_io
+    from codiemb_pl.training.checkpoint_io import DurableCheckpointIO, install_durable_checkpoint_io
 
     default = SingleDeviceStrategy(torch.device("cpu"))
     assert install_durable_checkpoint_io(default) is None and type(default.checkpoint_io) is DurableCheckpointIO
@@ -342,7 +342,7 @@ def test_a_checkpoint_io_the_user_chose_is_kept():
     warning = install_durable_checkpoint_io(own)
     assert type(own.checkpoint_io) is MyIO
     assert warning.startswith("[codiemb] checkpoints are written by MyIO (trainer.plugins), not "
-                              "codiemb_pl.checkpoint_io.DurableCheckpointIO")
+                              "codiemb_pl.training.checkpoint_io.DurableCheckpointIO")
 
 
 def test_fuse_removes_the_staging_folder_a_killed_fuse_left_beside_its_output(tiny_model_dir, tmp_path):

@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codiemb_pl.atomic import atomic_directory, atomic_write_text
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.pooling import cls_pool, exclude_leading_tokens, last_token_pool, mean_pool, pool
+from codiemb_pl.model.pooling import cls_pool, exclude_leading_tokens, last_token_pool, mean_pool, pool
 from conftest import minilm_path
 
 SENTENCES = [

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_bert
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from codiemb_pl.data.validation import ValidationSet
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES
 from codiemb_pl.evaluation.suite import evaluate_encoder
 

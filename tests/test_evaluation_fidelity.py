@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation import retrieval_metrics, sts_metrics
 
 from conftest import minilm_path

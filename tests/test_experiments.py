@@ -21,7 +21,7 @@ import experiment_runs  # noqa: E402
 import experiments  # noqa: E402
 import paired_comparison  # noqa: E402
 
-from codiemb_pl.data.validation import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "codiemb_pl" / "demo"
 RUNS = ["cross_delta_fusion", "cross_uniform_soup", "cross_greedy_soup"]

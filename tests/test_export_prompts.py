@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from codiemb_pl.callbacks.export import add_training_prompts, training_prompts
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.tokenize import instruction_prefix, tokenize_with_prefixes
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 QUERIES = ["why does steak turn brown in a hot pan", "tea", "how long does it take to caramelize onions at home"]
@@ -203,7 +203,7 @@ def test_sweep_export_keeps_the_members_prompt_settings(tiny_model_dir, tmp_path
     from sentence_transformers import SentenceTransformer
 
     from codiemb_pl.workflows.fusion import Candidate, FusionInputs, Leaderboard
-    from codiemb_pl.workflows.sweep import SweepPlan, SweepRun, export_candidate
+    from codiemb_pl.sweeps.sweep import SweepPlan, SweepRun, export_candidate
 
     run_model = tmp_path / "out" / "runs" / "a" / "model"
     member = TextEncoder(str(tiny_model_dir), pooling="cls", include_prompt=False)

@@ -2,7 +2,7 @@
 a 2-process FSDP2 step on CPU against a DDP step, and (on a GPU only) an FSDP1 step against a DDP step.
 
 FSDP2 (`fully_shard`, `configs/trainer/fsdp2.yaml`: Lightning's `ModelParallelStrategy` as
-`codiemb_pl.sharding.FSDP2Strategy`) runs with gloo on CPU: its first-step loss and gradients on the tiny
+`codiemb_pl.training.sharding.FSDP2Strategy`) runs with gloo on CPU: its first-step loss and gradients on the tiny
 decoder (IR with cross-device negatives: queries, positives and negatives are three forward calls before one
 backward) equal DDP's, and its export equals DDP's; a fit with CheckpointFusion (snapshots from the
 consolidated weights, fusion and scoring on rank 0 with an unsharded encoder) gives DDP's snapshots,
@@ -28,8 +28,8 @@ import pytest
 import torch
 import yaml
 
-from codiemb_pl.cli import main
-from codiemb_pl.sharding import is_transformer_block, wrap_transformer_blocks
+from codiemb_pl.cli.main import main
+from codiemb_pl.training.sharding import is_transformer_block, wrap_transformer_blocks
 from decoder_models import build_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_wrap_policy_makes_each_transformer_block_one_unit(tmp_path, tiny_model_
 def test_sharded_trainer_pieces_resolve(capsys):
     fsdp = resolved_config(capsys, ROOT / "configs/quickstart.yaml", ROOT / "configs/trainer/fsdp.yaml")["trainer"]
     assert fsdp["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
-    assert fsdp["strategy"]["init_args"]["auto_wrap_policy"] == "codiemb_pl.sharding.wrap_transformer_blocks"
+    assert fsdp["strategy"]["init_args"]["auto_wrap_policy"] == "codiemb_pl.training.sharding.wrap_transformer_blocks"
     assert fsdp["strategy"]["init_args"]["state_dict_type"] == "full"   # one consolidated checkpoint file
     zero = resolved_config(capsys, ROOT / "configs/quickstart.yaml",
                            ROOT / "configs/trainer/deepspeed_zero1_offload.yaml")["trainer"]["strategy"]
@@ -160,11 +160,11 @@ def test_fsdp2_killed_and_resumed_run_continues_exactly(tmp_path, tiny_model_dir
 
 
 def test_fsdp2_strategy_shards_every_rank(capsys):
-    from codiemb_pl.sharding import FSDP2Strategy
+    from codiemb_pl.training.sharding import FSDP2Strategy
 
     strategy = resolved_config(capsys, ROOT / "configs/quickstart.yaml", ROOT / "configs/trainer/fsdp2.yaml")
     init = strategy["trainer"]["strategy"]
-    assert init["class_path"] == "codiemb_pl.sharding.FSDP2Strategy"
+    assert init["class_path"] == "codiemb_pl.training.sharding.FSDP2Strategy"
     assert init["init_args"]["save_distributed_checkpoint"] is False    # one consolidated checkpoint file
     assert FSDP2Strategy()._tensor_parallel_size == 1
 

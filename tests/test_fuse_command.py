@@ -10,8 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from codiemb_pl.cli import main
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.cli.main import main
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.fusion.engine import Merge as ChunkedMerge, merge_state_dicts
 from codiemb_pl.fusion.sources import MappingSource as MappedStateDictSource, open_checkpoint
 
@@ -189,7 +189,7 @@ def test_untrained_keys_only_some_inputs_carry_are_left_out():
 
 def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and_scores(family, tmp_path):
     from codiemb_pl.data.sources import SourceConfig, load_sts_pairs
-    from codiemb_pl.data.validation import ValidationSet
+    from codiemb_pl.data.eval_sets import ValidationSet
     from codiemb_pl.evaluation.suite import evaluate_encoder
 
     source = {"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "score_range": [0, 5],

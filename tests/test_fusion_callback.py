@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from codiemb_pl.cli import main
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.cli.main import main
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.workflows.fusion import FusionInputs, parse_methods, run_fusion
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -143,8 +143,8 @@ def test_unsharded_encoder_of_a_lora_module_embeds_as_the_module(tmp_path):
     """What rank 0 scores with under FSDP2: a plain encoder (no adapters) of the module's base model, settings and
     prompts, holding the merged weights W0 + s·B·A, embeds as the adapter module does."""
     from codiemb_pl.callbacks.fusion import unsharded_encoder
-    from codiemb_pl.lora import LoraSettings, is_lora_model
-    from codiemb_pl.module import CoDiEmbModule
+    from codiemb_pl.model.lora import LoraSettings, is_lora_model
+    from codiemb_pl.training.module import CoDiEmbModule
     from decoder_models import build_tiny_decoder
 
     module = CoDiEmbModule(str(build_tiny_decoder(tmp_path / "qwen2", "qwen2")),

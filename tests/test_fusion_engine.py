@@ -235,8 +235,8 @@ def test_the_fusion_library_imports_neither_lightning_nor_the_cli():
     code = ("import pkgutil, importlib, sys, codiemb_pl.fusion as f\n"
             "for info in pkgutil.iter_modules(f.__path__): importlib.import_module(f'codiemb_pl.fusion.{info.name}')\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')\n"
-            "             or m.startswith(('codiemb_pl.cli', 'codiemb_pl.commands', 'codiemb_pl.callbacks',\n"
-            "                              'codiemb_pl.workflows', 'codiemb_pl.module'))))")
+            "             or m.startswith(('codiemb_pl.cli.main', 'codiemb_pl.commands', 'codiemb_pl.callbacks',\n"
+            "                              'codiemb_pl.workflows', 'codiemb_pl.training.module'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"

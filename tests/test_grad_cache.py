@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.grad_cache import RandomState, chunk_features
+from codiemb_pl.training.grad_cache import RandomState, chunk_features
 from codiemb_pl.losses.objectives import text_group_sizes
-from codiemb_pl.module import CoDiEmbModule
+from codiemb_pl.training.module import CoDiEmbModule
 from ddp_driver.launch import RunPool, model_without_dropout, run_codiemb
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),

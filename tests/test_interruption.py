@@ -136,7 +136,7 @@ def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(tiny_model_d
 
 WRITER_SCRIPT = textwrap.dedent("""
     import os, sys, time
-    from codiemb_pl.atomic import atomic_directory, atomic_write_text
+    from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
 
     kind, final = sys.argv[1], sys.argv[2]
     if kind == "directory":

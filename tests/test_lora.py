@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
-from codiemb_pl.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
-from codiemb_pl.module import CoDiEmbModule
-from codiemb_pl.saved_for_backward import saved_for_backward
+from codiemb_pl.model.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
+from codiemb_pl.training.module import CoDiEmbModule
+from saved_for_backward import saved_for_backward
 from ddp_driver.launch import run_codiemb
 from decoder_models import build_tiny_decoder
 
@@ -100,7 +100,7 @@ def test_merged_export_equals_the_adapter_model_and_the_adapter_alone_reloads(de
 
 
 def test_merged_weights_from_a_consolidated_fsdp2_state_equal_the_module_merge(decoder_dir):
-    from codiemb_pl.lora import CONSOLIDATED_STATE_ATTRIBUTE
+    from codiemb_pl.model.lora import CONSOLIDATED_STATE_ATTRIBUTE
 
     module = lora_module(decoder_dir)
     randomise_adapters(module)
@@ -145,7 +145,7 @@ def test_recomputed_adapter_dropout_equals_peft_dropout_and_keeps_no_dropped_cop
     import peft
     from transformers import AutoModel
 
-    from codiemb_pl.lora import add_lora_adapters
+    from codiemb_pl.model.lora import add_lora_adapters
 
     settings = LoraSettings(**{**LORA, "dropout": 0.3})
     features = {"input_ids": torch.randint(0, 200, (3, 9), generator=torch.Generator().manual_seed(0)),
@@ -201,7 +201,7 @@ def test_lora_checkpoint_holds_only_adapters_and_is_small(decoder_dir, tmp_path,
     assert lora_file.stat().st_size <= 0.05 * full_file.stat().st_size
     # the adapters moved; B started at zero
     assert any(value.abs().max() > 0 for key, value in state["state_dict"].items() if ".lora_B." in key)
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     assert TextEncoder(str(tmp_path / "model")).encode(TEXTS).shape == (3, 128)  # a plain merged model
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()          # and the adapters alone
@@ -237,7 +237,7 @@ def test_interrupted_and_resumed_lora_run_ends_with_the_uninterrupted_adapters(d
 
 def write_lora_checkpoint(decoder_dir: Path, path: Path, seed: int) -> CoDiEmbModule:
     """A `.ckpt` as `codiemb fit` writes it under LoRA (adapters only + hyper-parameters), small deltas."""
-    from codiemb_pl.lora import trainable_state_dict
+    from codiemb_pl.model.lora import trainable_state_dict
 
     module = lora_module(decoder_dir)
     randomise_adapters(module, seed)
@@ -313,7 +313,7 @@ def test_fusion_callback_snapshots_lora_runs_in_weight_space(decoder_dir, tmp_pa
     assert last.keys() == base.keys()                                   # merged: base names, no adapters
     assert torch.equal(last["embed_tokens.weight"], base["embed_tokens.weight"])           # not adapted
     assert not torch.equal(last["layers.0.mlp.up_proj.weight"], base["layers.0.mlp.up_proj.weight"])
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     assert TextEncoder(str(tmp_path / "fusion" / "model")).encode(TEXTS).shape == (3, 128)
 

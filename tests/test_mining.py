@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.errors import InputError
-from codiemb_pl.mining import (MiningQuery, MiningSettings, format_histogram, load_mining_inputs,
+from codiemb_pl.workflows.mine import (MiningQuery, MiningSettings, format_histogram, load_mining_inputs,
                                mine_hard_negatives, select_negatives)
 
 

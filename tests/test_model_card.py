@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from codiemb_pl.cli import main
-from codiemb_pl.model_card import build_model_card
+from codiemb_pl.cli.main import main
+from codiemb_pl.model.card import build_model_card
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 
@@ -76,7 +76,7 @@ def test_export_carries_a_card_with_base_model_data_and_the_exported_metrics(exp
 def test_card_leaves_loading_unaffected(exported_model):
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     metadata = json.loads((exported_model / "config_sentence_transformers.json").read_text())
     assert metadata["similarity_fn_name"] == "cosine" and "prompts" in metadata

@@ -13,7 +13,7 @@ import torch
 
 from codiemb_pl.callbacks.monitoring import (batch_sizes_by_task, global_grad_norm, log_leaderboard,
                                              log_weight_histograms)
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"

@@ -12,8 +12,8 @@ import torch
 
 from codiemb_pl.data.records import IRCorpus, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus
-from codiemb_pl.data.validation import ValidationSet
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation.mteb_adapter import MTEBEncoder, select_prompt
 from codiemb_pl.evaluation.suite import evaluate_encoder
 

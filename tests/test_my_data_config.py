@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 MY_DATA = ROOT / "configs" / "my_data.yaml"
@@ -92,7 +92,7 @@ def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypat
 
 
 def test_distinct_negatives_are_counted_per_record(tmp_path):
-    from codiemb_pl.data.arrow_records import distinct_negative_counts, open_records
+    from codiemb_pl.data.cache.records import distinct_negative_counts, open_records
     from codiemb_pl.data.sources import SourceConfig
 
     path = tmp_path / "ir.jsonl"
@@ -106,7 +106,7 @@ def test_distinct_negatives_are_counted_per_record(tmp_path):
 
 
 def test_hard_negative_report_wording():
-    from codiemb_pl.reporting import hard_negative_report
+    from codiemb_pl.evaluation.tables import hard_negative_report
 
     assert hard_negative_report("mine", [1] * 10, 4) == (
         "[codiemb] mine: 4 hard-negative slots per query; records have 1/1/1 distinct hard negatives "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO_ROOT / "notebooks"

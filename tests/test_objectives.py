@@ -108,7 +108,7 @@ def test_sts_infonce_uses_the_high_score_pairs_and_the_ir_temperature_by_default
 
 
 def test_module_builds_its_objectives_from_the_hyperparameters(tiny_model_dir):
-    from codiemb_pl.module import CoDiEmbModule
+    from codiemb_pl.training.module import CoDiEmbModule
 
     module = CoDiEmbModule(str(tiny_model_dir), ir_temperature=0.07, sts_objective="infonce",
                            sts_infonce_threshold=0.6)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
-from codiemb_pl.output_paths import check_writable_file, check_writable_folder
+from codiemb_pl.storage.output_paths import check_writable_file, check_writable_folder
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 KINDS = ["under_a_file", "read_only_filesystem", "no_permission"]
@@ -109,7 +109,7 @@ def test_fit_checks_every_output_folder_of_the_trainer(tiny_model_dir, tmp_path)
     """`check_fit_outputs` names the run root first when nothing ran before it (a trainer built in a script)."""
     from lightning.pytorch import Trainer
 
-    from codiemb_pl.output_paths import check_fit_outputs, fit_output_folders
+    from codiemb_pl.storage.output_paths import check_fit_outputs, fit_output_folders
 
     root = unwritable("under_a_file", tmp_path)
     trainer = Trainer(default_root_dir=str(root), logger=False, enable_checkpointing=False,

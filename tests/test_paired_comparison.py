@@ -13,7 +13,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import paired_comparison  # noqa: E402
 
-from codiemb_pl.data.validation import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
 
 
 def ir_set() -> ValidationSet:

@@ -8,7 +8,7 @@ import torch
 
 from codiemb_pl.data.tokenize import (INSTRUCTION_TEMPLATE, instruction_prefix, prefix_pooling_mask,
                                       tokenize_with_prefixes)
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 
 PREFIX = instruction_prefix("find the matching sentence")

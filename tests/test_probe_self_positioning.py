@@ -8,7 +8,7 @@ import torch
 
 from codiemb_pl.data.collate import LengthLimits
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.methods import slerp
 from codiemb_pl.workflows.probe import build_probe_batches, encoder_view, probe_loss_fn, self_positioning_merge

@@ -1,4 +1,4 @@
-"""One writer per run folder (`codiemb_pl.run_lock`): a second `codiemb fit` on a folder a live fit holds
+"""One writer per run folder (`codiemb_pl.storage.run_lock`): a second `codiemb fit` on a folder a live fit holds
 stops with one line naming the holder while the first finishes; a dead holder's lock on this machine is
 taken over with a warning; another machine's is refused; a sweep's in-process fits run under the sweep's
 lock; the lock is gone after success, bad input and interruption; only global rank 0 takes it; and of
@@ -20,9 +20,9 @@ import lightning.pytorch as pl
 import pytest
 import yaml
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
-from codiemb_pl.run_lock import (LOCK_NAME, Holder, acquire_run_lock, is_global_rank_zero, process_start_ticks,
+from codiemb_pl.storage.run_lock import (LOCK_NAME, Holder, acquire_run_lock, is_global_rank_zero, process_start_ticks,
                                  run_lock)
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -273,7 +273,7 @@ def test_requeued_slurm_job_takes_over_its_earlier_incarnation_on_another_host(t
 
 
 def test_unreadable_lock_is_refused_not_taken_over(tmp_path, monkeypatch):
-    monkeypatch.setattr("codiemb_pl.run_lock.UNREADABLE_RETRY_S", 0.1)
+    monkeypatch.setattr("codiemb_pl.storage.run_lock.UNREADABLE_RETRY_S", 0.1)
     (tmp_path / LOCK_NAME).write_text("{truncated")
     with pytest.raises(InputError, match="is not a readable codiemb run lock .*delete that file"):
         acquire_run_lock(tmp_path, "fit")

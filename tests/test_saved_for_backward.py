@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from codiemb_pl.saved_for_backward import saved_for_backward
+from saved_for_backward import saved_for_backward
 
 
 def test_counts_the_saved_storages_once_and_leaves_out_the_excluded():

@@ -21,9 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.workflows.sweep import expand_runs, fuse_sweep, plan_sweep, train_runs
+from codiemb_pl.sweeps.sweep import expand_runs, fuse_sweep, plan_sweep, train_runs
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -339,7 +339,7 @@ def test_an_edited_base_config_refuses_its_finished_runs(tiny_model_dir, tmp_pat
     """sweep_run.json keeps the run's resolved config: the same command over an edited base config (as
     `codiemb boom` reruns over a rewritten OUTPUT/fit.yaml) is refused, not silently reused."""
     from codiemb_pl.errors import InputError
-    from codiemb_pl.workflows.sweep import RUN_RECORD
+    from codiemb_pl.sweeps.sweep import RUN_RECORD
 
     base = tmp_path / "base.yaml"
     base.write_text(TINY_CONFIG.read_text().replace("REPLACED_BY_TEST", str(tiny_model_dir)))
@@ -358,7 +358,7 @@ def test_an_edited_base_config_refuses_its_finished_runs(tiny_model_dir, tmp_pat
 
 
 def perturbed_copy(model_dir, folder: Path, seed: int) -> Path:
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     encoder = TextEncoder(str(model_dir))
     generator = torch.Generator().manual_seed(seed)
@@ -370,7 +370,7 @@ def perturbed_copy(model_dir, folder: Path, seed: int) -> Path:
 
 
 def test_fusion_keys_for_fixed_members_another_base_and_a_named_export(tmp_path):
-    from codiemb_pl.workflows.sweep import _fusion_options
+    from codiemb_pl.sweeps.sweep import _fusion_options
 
     options = _fusion_options({"base": str(tmp_path), "members": [{"name": "old", "path": str(tmp_path)}],
                                "methods": [{"method": "multi_slerp", "weights": [1, 3]}], "export": "multi_slerp",
@@ -428,7 +428,7 @@ def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, 
     """`fusion.members` are opened under `checkpoint_loading`'s rule: a pickle that would run code is one
     line naming the file and nothing runs; `--trust-checkpoint` (the sweep's `trusted_checkpoints` block)
     unpickles it (this hand-made file then holds no weights)."""
-    from codiemb_pl.checkpoint_loading import trusted_checkpoints
+    from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
     from codiemb_pl.errors import InputError
     from codiemb_pl.workflows.fusion import parse_methods
     from malicious_checkpoints import crafted_zip_checkpoint

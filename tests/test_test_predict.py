@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from codiemb_pl.cli import main
+from codiemb_pl.cli.main import main
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 TEST_SETS = json.dumps([
@@ -34,7 +34,7 @@ def error_line(capsys) -> str:
 
 
 def reference_encoder(tiny_model_dir: Path):
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     return TextEncoder(str(tiny_model_dir), include_prompt=False)
 
@@ -43,7 +43,7 @@ def reference_encoder(tiny_model_dir: Path):
 def test_test_scores_the_test_sets_like_the_evaluation_suite(tiny_model_dir, tmp_path):
     from codiemb_pl.data.sources import SourceConfig
     from codiemb_pl.evaluation.suite import evaluate_encoder
-    from codiemb_pl.workflows.validation import build_validation_sets
+    from codiemb_pl.data.eval_builders import build_validation_sets
 
     code = run("test", tiny_model_dir, tmp_path, "--data.test", TEST_SETS,
                "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path))

@@ -56,7 +56,7 @@ def _trained(kind: str):
 
 
 def _decoder(family: str):
-    from codiemb_pl.decoder import prepare_tokenizer
+    from codiemb_pl.model.decoder import prepare_tokenizer
     from decoder_models import _llama_tokenizer, _qwen2_tokenizer
 
     tokenizer = _qwen2_tokenizer() if family == "qwen2" else _llama_tokenizer()
@@ -181,7 +181,7 @@ def test_collator_and_validation_tokenise_only_the_piece(minilm, huge_ids):
 def test_text_encoder_tokenises_only_the_piece(tiny_model_dir):
     import torch
 
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
 
     encoder = TextEncoder(str(tiny_model_dir), max_seq_length=32)
     whole = encoder.tokenizer([HUGE[:200_000]], padding=True, truncation=True, max_length=32, return_tensors="pt")
@@ -198,8 +198,8 @@ def test_token_cache_tokenises_pieces_and_warns_once_per_source(minilm, huge_ids
     import tokenizers
 
     from codiemb_pl.data import token_ids
-    from codiemb_pl.data.arrow_records import open_records
-    from codiemb_pl.data.arrow_tokens import TokenLimits, open_tokens
+    from codiemb_pl.data.cache.records import open_records
+    from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
     from codiemb_pl.data.sources import SourceConfig
 
     rows = [{"query": f"question {i}", "positives": [f"answer {i}"]} for i in range(6)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from codiemb_pl.data.arrow_dataset import item_seed
+from codiemb_pl.data.cache.dataset import item_seed
 from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sources import SourceConfig, load_training_records

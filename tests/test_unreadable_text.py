@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.data.arrow_records import open_records
+from codiemb_pl.data.cache.records import open_records
 from codiemb_pl.data.sources import SourceConfig, iter_ir_records, load_ir_corpus, load_sts_pairs
 from codiemb_pl.data.texts import read_texts
 from codiemb_pl.errors import InputError
@@ -116,7 +116,7 @@ def test_predict_text_file_names_the_line(tmp_path):
 
 
 def test_mining_text_corpus_names_the_line(tmp_path):
-    from codiemb_pl.mining import read_corpus
+    from codiemb_pl.workflows.mine import read_corpus
 
     path = write_bytes(tmp_path / "corpus.txt", [b"doc one", BAD + b"doc two"])
     with pytest.raises(InputError) as error:

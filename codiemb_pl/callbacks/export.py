@@ -2,7 +2,7 @@
 
 With `from_best=True` and a ModelCheckpoint that monitors a metric, the best checkpoint's weights are
 loaded before export; otherwise the final weights are exported. The folder is written atomically and
-carries a model card (README.md, see `codiemb_pl.model_card`): base model, data, sampler policy, losses,
+carries a model card (README.md, see `codiemb_pl.model.card`): base model, data, sampler policy, losses,
 the validation metrics of the exported weights and how to load it.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..checkpoint_loading import load_checkpoint_file
-from ..model_card import build_model_card, encoder_card_fields
-from ..prompts import include_prompt_for, instruction_prompts
-from ..sharding import consolidated_weights
+from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.model.card import build_model_card, encoder_card_fields
+from codiemb_pl.model.prompts import include_prompt_for, instruction_prompts
+from codiemb_pl.training.sharding import consolidated_weights
 
 
 class ExportEncoder(pl.Callback):
@@ -58,7 +58,7 @@ class ExportEncoder(pl.Callback):
                 output = self.output_dir(trainer)
                 pl_module.encoder.save(str(output), model_card=self.model_card(pl_module))
                 if self.adapter_dirpath:
-                    from ..lora import save_adapter
+                    from codiemb_pl.model.lora import save_adapter
 
                     save_adapter(pl_module.encoder.model, self.adapter_dirpath)
                 rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")

@@ -34,19 +34,19 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from ..atomic import atomic_write_text
-from ..encoder import TextEncoder
-from ..errors import InputError
-from ..evaluation.suite import evaluate_encoder, flat_metrics
-from ..fusion.writer import save_state_dict
-from ..lora import load_merged_weights, merged_weights
-from ..model_card import encoder_card_fields
-from ..sharding import consolidated_weights, is_fsdp2_sharded
-from ..weight_checks import load_safetensors
-from ..workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
+from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.errors import InputError
+from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+from codiemb_pl.fusion.writer import save_state_dict
+from codiemb_pl.model.lora import load_merged_weights, merged_weights
+from codiemb_pl.model.card import encoder_card_fields
+from codiemb_pl.training.sharding import consolidated_weights, is_fsdp2_sharded
+from codiemb_pl.storage.weight_checks import load_safetensors
+from codiemb_pl.workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
                                 winner_card)
-from .export import add_training_prompts
-from .monitoring import log_leaderboard
+from codiemb_pl.callbacks.export import add_training_prompts
+from codiemb_pl.callbacks.monitoring import log_leaderboard
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
 BEST_MONITORS = {"best_ir": "val/ir_avg", "best_sts": "val/sts_avg", "best": "val/avg"}

@@ -109,7 +109,7 @@ class GracefulInterruption(pl.Callback):
 
     def save_last_checkpoint(self, trainer: pl.Trainer) -> Path:
         """Write the full training state to `<checkpoint dir>/last.ckpt` (durably under `codiemb fit`: a
-        temporary name in that folder, flushed, then renamed, see `codiemb_pl.checkpoint_io`)."""
+        temporary name in that folder, flushed, then renamed, see `codiemb_pl.training.checkpoint_io`)."""
         owner = last_checkpoint_owner(trainer)
         folder, name = checkpoint_location(trainer, owner)
         final = folder / name

@@ -1,6 +1,6 @@
 """Project commands beside LightningCLI's (`codiemb fuse`, `codiemb evaluate`, ...).
 
-Each module in this package registers its command with `codiemb_pl.cli.register_command` when imported.
+Each module in this package registers its command with `codiemb_pl.cli.main.register_command` when imported.
 `discover()` finds the commands without importing anything (it reads each module's source for its
 `@register_command("NAME")` line and the first line of its docstring), so `codiemb --help` and the
 dispatch stay fast; `load(name)` imports the one module that defines `name`; `import_all()` imports them all.

@@ -20,7 +20,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import InputError
+from codiemb_pl.errors import InputError
 
 CONFIG_OPTION = "--config"
 TRUST_CHECKPOINT_HELP = ("unpickle .ckpt / pytorch_model.bin files fully, running any code they name: only for "

@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
-from codiemb_pl.atomic import atomic_write_text
-from codiemb_pl.checkpoint_loading import trusted_checkpoints
-from codiemb_pl.cli import register_command
+from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
+from codiemb_pl.cli.main import register_command
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
-from codiemb_pl.output_paths import check_writable_folder
+from codiemb_pl.storage.output_paths import check_writable_folder
 
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
@@ -130,7 +130,7 @@ def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
         spec = _read_yaml(spec) if Path(spec).is_file() else yaml.safe_load(spec)
     if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
         raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
-    from codiemb_pl.workflows.validation import as_source_config
+    from codiemb_pl.data.eval_builders import as_source_config
 
     return [as_source_config(item, f"{where}[{index}]") for index, item in enumerate(spec)]
 
@@ -140,7 +140,7 @@ def boom_command(argv: list[str]) -> int:
     """Run BOOM (or an incremental update) as a sweep, print where the merge is and, optionally, the metric
     table; or, with --print-commands, only the runs' `codiemb fit` lines."""
     options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
-    from codiemb_pl.run_lock import run_lock
+    from codiemb_pl.storage.run_lock import run_lock
 
     with run_lock(options["output"], "boom", tree=True, folder_option="--output"), \
             trusted_checkpoints(bool(options.get("trust_checkpoint"))):   # the deployed model, members, resumes
@@ -149,9 +149,9 @@ def boom_command(argv: list[str]) -> int:
 
 def run_boom_command(options: dict[str, Any], fit_configs: list[str], overrides: list[str]) -> int:
     """`boom_command`'s work, under the output folder's run lock."""
-    from codiemb_pl.reporting import comparison_table
-    from codiemb_pl.workflows.boom import plan_boom, plan_incremental, plan_runs, run_boom, run_incremental
-    from codiemb_pl.workflows.sweep import print_commands, resolve_fit_config
+    from codiemb_pl.evaluation.tables import comparison_table
+    from codiemb_pl.sweeps.boom import plan_boom, plan_incremental, plan_runs, run_boom, run_incremental
+    from codiemb_pl.sweeps.sweep import print_commands, resolve_fit_config
 
     resolved = resolve_fit_config(fit_configs, overrides)
     output = Path(options["output"])

@@ -20,14 +20,14 @@ import math
 import sys
 from typing import Any
 
-from ..atomic import atomic_write_text
-from ..checkpoint_loading import trusted_checkpoints
-from ..cli import register_command
-from ..data.instructions import INSTRUCTION_TEMPLATE
-from ..device import add_device_argument, resolve_device
-from ..output_paths import check_writable_file
-from ..reporting import format_metrics_table
-from .arguments import CommandParser, add_trust_checkpoint_argument
+from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
+from codiemb_pl.cli.main import register_command
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
+from codiemb_pl.model.device import add_device_argument, resolve_device
+from codiemb_pl.storage.output_paths import check_writable_file
+from codiemb_pl.evaluation.tables import format_metrics_table
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb evaluate"
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def geometry_table(per_set: dict[str, dict[str, float]]) -> str:
     """Geometry metrics, one row per set, in 4 significant digits (condition numbers span many decades)."""
-    from ..evaluation.geometry import GEOMETRY_METRIC_NAMES  # here, not at the top: `--help` stays torch-free
+    from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES  # here, not at the top: `--help` stays torch-free
 
     rows = {name: {m: v for m, v in values.items() if m in GEOMETRY_METRIC_NAMES} for name, values in per_set.items()}
     rows = {name: values for name, values in rows.items() if values}
@@ -94,8 +94,8 @@ def results_json(per_set: dict[str, dict[str, float]]) -> str:
 def evaluate_command(argv: list[str]) -> int:
     """Run `codiemb evaluate` with `argv` (everything after the command name); returns the exit code."""
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
-    from ..evaluation.geometry import GEOMETRY_METRIC_NAMES
-    from ..workflows.evaluation import evaluate, load_sets
+    from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES
+    from codiemb_pl.workflows.evaluation import evaluate, load_sets
 
     if args.output is not None:
         check_writable_file(args.output, "--output")

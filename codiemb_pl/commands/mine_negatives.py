@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cli import register_command
-from ..device import add_device_argument, resolve_device
-from ..output_paths import check_writable_file
-from .arguments import CommandParser, add_trust_checkpoint_argument
+from codiemb_pl.cli.main import register_command
+from codiemb_pl.model.device import add_device_argument, resolve_device
+from codiemb_pl.storage.output_paths import check_writable_file
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 def mine_negatives_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
     check_writable_file(args.output, "--output")
-    from ..mining import MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives, write_ir_jsonl
+    from codiemb_pl.workflows.mine import MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives, write_ir_jsonl
 
     settings = MiningSettings(rank_range=tuple(args.range), margin=None if args.no_margin else args.margin,
                               num_negatives=args.num_negatives)
     device = resolve_device(args.device)
     queries, corpus = load_mining_inputs(args.data, args.split, args.corpus)
-    from ..checkpoint_loading import trusted_checkpoints
-    from ..workflows.encoders import load_encoder
+    from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
+    from codiemb_pl.workflows.encoders import load_encoder
 
     with trusted_checkpoints(bool(args.trust_checkpoint)):
         encoder = load_encoder(args.model, device=device, max_seq_length=args.max_seq_length)

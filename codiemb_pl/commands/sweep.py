@@ -7,7 +7,7 @@
 Runs go to DIR/runs/NAME (finished ones are skipped, an interrupted one resumes from its last.ckpt, a
 crashed one is reported and the others continue); the leaderboard of base, members and merges goes to
 DIR/leaderboard.json / .md and the winner to DIR/model. The sweep file format and the work are in
-`codiemb_pl.workflows.sweep`; this module parses and holds DIR's run lock (`codiemb_pl.run_lock`) while
+`codiemb_pl.sweeps.sweep`; this module parses and holds DIR's run lock (`codiemb_pl.storage.run_lock`) while
 the sweep trains and fuses.
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import register_command
-from .arguments import CommandParser, add_trust_checkpoint_argument
+from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb sweep"
 
@@ -39,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 @register_command("sweep")
 def sweep_command(argv: list[str]) -> int:
     """Plan (everything checked first), then print the commands, or train and fuse."""
-    from ..checkpoint_loading import trusted_checkpoints
-    from ..run_lock import run_lock
-    from ..workflows.sweep import plan_sweep, print_commands, run_sweep
+    from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
+    from codiemb_pl.storage.run_lock import run_lock
+    from codiemb_pl.sweeps.sweep import plan_sweep, print_commands, run_sweep
 
     args, fit_overrides = build_parser().parse_known_args(argv)
     plan = plan_sweep(args.sweep, config=args.config, output=args.output, extra_args=fit_overrides)

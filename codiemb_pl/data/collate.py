@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .records import IRRecord, STSRecord
-from .tokenize import leading_special_tokens, prefix_pooling_mask
+from codiemb_pl.data.records import IRRecord, STSRecord
+from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask
 
 
 def text_id(text: str) -> int:

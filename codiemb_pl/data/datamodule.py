@@ -14,18 +14,18 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import InputError
-from ..paths import resolve_location
-from .arrow_dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
-from .arrow_tokens import TokenLimits
-from .cache import default_cache_dir
-from .collate import PaddingRule, TokenCollator
-from ..workflows.validation import build_validation_sets
-from .tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
-from .sampler import TaskBatchSampler
-from .sources import SourceConfig
-from .texts import read_texts
-from .validation import ValidationSet, plan_validation_chunks
+from codiemb_pl.errors import InputError
+from codiemb_pl.paths import resolve_location
+from codiemb_pl.data.cache.dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
+from codiemb_pl.data.cache.tokens import TokenLimits
+from codiemb_pl.data.cache.entries import default_cache_dir
+from codiemb_pl.data.collate import PaddingRule, TokenCollator
+from codiemb_pl.data.eval_builders import build_validation_sets
+from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
+from codiemb_pl.data.sampler import TaskBatchSampler
+from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.data.texts import read_texts
+from codiemb_pl.data.eval_sets import ValidationSet, plan_validation_chunks
 
 class ResumableDataLoader(DataLoader):
     """The training DataLoader: its batch sampler's position is its state (Lightning's `_Stateful`), and each
@@ -154,7 +154,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
 
     def load_tokenizer(self):
         if self.tokenizer is None:
-            from ..decoder import load_backbone_tokenizer  # pad token; decoders: left padding, EOS appended
+            from codiemb_pl.model.decoder import load_backbone_tokenizer  # pad token; decoders: left padding, EOS appended
 
             if not self.tokenizer_name:
                 raise InputError("data.tokenizer", "no tokenizer given",

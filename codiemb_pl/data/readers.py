@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from ..errors import InputError
+from codiemb_pl.errors import InputError
 
 EXTENSION_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
                                      ".parquet": "parquet"}

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # torch is imported where it is used: `codiemb evaluate --help` needs only the template
     import torch
 
-from .instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
-from .text_bound import bound_for_tokenizer
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
+from codiemb_pl.data.text_bound import bound_for_tokenizer
 
 
 def leading_special_tokens(tokenizer) -> int:

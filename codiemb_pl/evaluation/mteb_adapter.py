@@ -1,7 +1,7 @@
 """Run any of our encoders under MTEB (the optional `mteb` extra, mteb 2.x):
 
     import mteb
-    from codiemb_pl.encoder import TextEncoder
+    from codiemb_pl.model.encoder import TextEncoder
     from codiemb_pl.evaluation.mteb_adapter import MTEBEncoder
 
     model = MTEBEncoder(TextEncoder("runs/x/model"), prompts={"query": "query: ", "document": "passage: "})

@@ -11,9 +11,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..data.validation import ValidationSet
-from .retrieval import RETRIEVAL_METRIC_NAMES, retrieval_metrics
-from .sts import STS_METRIC_NAMES, sts_metrics
+from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.evaluation.retrieval import RETRIEVAL_METRIC_NAMES, retrieval_metrics
+from codiemb_pl.evaluation.sts import STS_METRIC_NAMES, sts_metrics
 
 HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
 SET_METRIC_NAMES = {"ir": RETRIEVAL_METRIC_NAMES, "sts": STS_METRIC_NAMES}

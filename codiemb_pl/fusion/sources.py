@@ -38,10 +38,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codiemb_pl.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
+from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
 
 LIGHTNING_PREFIX = "encoder.model."
 
@@ -272,7 +272,7 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor
                          "give a checkpoint of codiemb_pl's CoDiEmbModule")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     if any(".lora_A." in key for key in weights):  # a LoRA run (model.lora): its base with s·B·A merged in
-        from ..lora import merge_adapter_checkpoint
+        from codiemb_pl.model.lora import merge_adapter_checkpoint
 
         weights = merge_adapter_checkpoint(weights, hparams, str(path))
     return weights, hparams

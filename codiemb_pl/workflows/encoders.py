@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from ..device import resolve_device
-from ..encoder import TextEncoder
-from ..errors import InputError
-from ..fusion.sources import read_lightning_checkpoint
-from ..weight_checks import check_finite_state
+from codiemb_pl.model.device import resolve_device
+from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.errors import InputError
+from codiemb_pl.fusion.sources import read_lightning_checkpoint
+from codiemb_pl.storage.weight_checks import check_finite_state
 
 CHECKPOINT_SUFFIX = ".ckpt"
 

@@ -32,19 +32,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from codiemb_pl.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
-from codiemb_pl.data.validation import ValidationSet
+from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
+from codiemb_pl.data.eval_sets import ValidationSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
 from codiemb_pl.fusion.engine import Merge
 from codiemb_pl.fusion.methods import MERGE_METHODS, DeltaNorms, check_method_params, merge_needs
 from codiemb_pl.fusion.soup import greedy_soup
 from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transformer_folder
-from codiemb_pl.lora import check_lora_mix
+from codiemb_pl.model.lora import check_lora_mix
 from codiemb_pl.fusion.writer import save_state_dict
-from codiemb_pl.model_card import build_fused_model_card
-from codiemb_pl.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
-from codiemb_pl.weight_checks import load_safetensors
+from codiemb_pl.model.card import build_fused_model_card
+from codiemb_pl.model.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
+from codiemb_pl.storage.weight_checks import load_safetensors
 
 DEFAULT_METRIC = "val/avg"
 SCORED_METHODS = ("greedy_soup", "self_positioning")
@@ -427,7 +427,7 @@ def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) 
     if (folder / "modules.json").is_file() and not base.encoder_settings:
         shutil.copytree(folder, staging, ignore=_ignore_weights, dirs_exist_ok=True)
         return transformer_folder(staging)
-    from codiemb_pl.encoder import TextEncoder   # only here: loading transformers costs memory
+    from codiemb_pl.model.encoder import TextEncoder   # only here: loading transformers costs memory
 
     encoder = TextEncoder(str(folder), **base.encoder_settings)   # adds the sentence-transformers files
     encoder.save(staging / ".template")
@@ -504,7 +504,7 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
         fields, scores = _prompt_fields(staging), None
         if validation_sets:   # the encoder and the suite are imported only to score (they cost memory)
-            from codiemb_pl.encoder import TextEncoder
+            from codiemb_pl.model.encoder import TextEncoder
             from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
 
             encoder = TextEncoder.load(staging)

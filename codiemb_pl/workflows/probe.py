@@ -27,7 +27,7 @@ from torch import Tensor
 from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem
 from codiemb_pl.data.sources import SourceConfig, load_training_records
 from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
-from codiemb_pl.encoder import TextEncoder
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
 from codiemb_pl.fusion.keys import key_seed

@@ -1,0 +1,100 @@
+"""One output folder per run: every folder a config leaves unset follows `trainer.default_root_dir`.
+
+With root `R` (`--trainer.default_root_dir`, default the working directory):
+
+    logger whose save_dir is unset (e.g. codiemb_pl.training.loggers.CSVLogger) R/<name>/version_<n>
+    lightning ModelCheckpoint whose dirpath is unset                        R/checkpoints
+    codiemb_pl.callbacks.ExportEncoder whose dirpath is unset               R/model      (the callback)
+    codiemb_pl.callbacks.CheckpointFusion whose dirpath is unset            R/fusion     (the callback)
+
+`R/checkpoints` does not depend on the logger's version, so a resumed run (`--ckpt_path last`) finds the
+`last.ckpt` of the run it resumes. A folder given explicitly is used as given (relative paths are
+relative to the working directory, as everywhere in Lightning).
+
+`checkpoint_folders(trainer)` lists where the run's checkpoints are (where `--ckpt_path last` looks), and
+`remove_stale_temporaries_of_run(trainer)` deletes, at the start of `fit`, the hidden temporary entries a
+killed run left where this run writes (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the
+fusion folders, and those of the export's own name beside it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from codiemb_pl.storage.atomic import remove_stale_temporaries
+
+
+def fill_unset_folders(trainer_config: Any) -> None:
+    """Set, in a parsed `trainer` config (jsonargparse namespace), each logger's unset `save_dir` to the root
+    and each ModelCheckpoint's unset `dirpath` to `<root>/checkpoints` (see the module docstring)."""
+    root = trainer_config.get("default_root_dir") or os.getcwd()
+    loggers = trainer_config.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = _init_args(logger)
+        if init_args is not None and "save_dir" in init_args and init_args.get("save_dir") is None:
+            init_args["save_dir"] = root
+    for callback in trainer_config.get("callbacks") or []:
+        init_args = _init_args(callback)
+        if init_args is not None and _is_subclass(callback.get("class_path"), ModelCheckpoint) \
+                and init_args.get("dirpath") is None:
+            init_args["dirpath"] = os.path.join(root, "checkpoints")
+
+
+def _init_args(entry: Any) -> Optional[Any]:
+    """The `init_args` namespace of a `{class_path, init_args}` entry; None for anything else (True, objects)."""
+    getter = getattr(entry, "get", None)
+    if getter is None or not getter("class_path"):
+        return None
+    return getter("init_args")
+
+
+def _is_subclass(class_path: Optional[str], base: type) -> bool:
+    module_name, _, class_name = (class_path or "").rpartition(".")
+    try:
+        return issubclass(getattr(importlib.import_module(module_name), class_name), base)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+
+
+def checkpoint_folders(trainer: Any) -> list[Path]:
+    """The folders of the run's checkpoints: each ModelCheckpoint's `dirpath`, and the folder of the interruption
+    checkpoint (`<default_root_dir>/checkpoints` when no ModelCheckpoint has a folder), without repeats."""
+    from codiemb_pl.callbacks.interruption import checkpoint_location, last_checkpoint_owner
+
+    folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks
+               if isinstance(callback, ModelCheckpoint) and callback.dirpath]
+    folders.append(checkpoint_location(trainer, last_checkpoint_owner(trainer))[0])
+    return list(dict.fromkeys(folders))
+
+
+def temporary_locations(trainer: Any) -> list[tuple[Path, Optional[set[str]]]]:
+    """(folder, final names or None for any) where this run writes through temporaries: the checkpoint
+    folders, each ExportEncoder output (and adapter folder) beside it, and CheckpointFusion's folders."""
+    from codiemb_pl.callbacks.export import ExportEncoder
+    from codiemb_pl.callbacks.fusion import CheckpointFusion
+
+    locations: list[tuple[Path, Optional[set[str]]]] = [(folder, None) for folder in checkpoint_folders(trainer)]
+    for callback in trainer.callbacks:
+        if isinstance(callback, ExportEncoder):
+            for output in filter(None, [callback.output_dir(trainer), callback.adapter_dirpath]):
+                locations.append((Path(output).parent, {Path(output).name}))
+        elif isinstance(callback, CheckpointFusion):
+            root = callback.root(trainer)
+            locations += [(root, None), (root / "snapshots", None), (root / "candidates", None)]
+    return locations
+
+
+def remove_stale_temporaries_of_run(trainer: Any) -> str:
+    """Delete the temporaries a killed run left where this one writes (call on global rank 0 before `fit`,
+    with the run folder to itself); returns the line saying what went, empty when nothing did."""
+    removed = [path for folder, names in temporary_locations(trainer)
+               for path in remove_stale_temporaries(folder, names)]
+    if not removed:
+        return ""
+    return (f"[codiemb] removed {len(removed)} temporary file(s)/folder(s) an interrupted run left: "
+            + ", ".join(str(path) for path in removed))

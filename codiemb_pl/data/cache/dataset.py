@@ -1,0 +1,83 @@
+"""The training dataset over the cached Arrow tables: sub-datasets concatenated in config order, indexed by
+the sampler's `(global_index, epoch)` keys, each item read from the memory-mapped records and token tables.
+
+No texts are held as Python objects: an item is one row's token ids, read when the collate asks for it.
+The dataset pickles as file paths (`MappedTable`), so DataLoader workers map the same files.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+from codiemb_pl.data.cache.records import RecordTable, open_records
+from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
+from codiemb_pl.data.cache.entries import MappedTable
+from codiemb_pl.data.collate import TokenizedItem
+from codiemb_pl.data.sources import SourceConfig
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed for the per-item random choices (which positives/negatives), identical on every rank."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class ArrowTrainingDataset(Dataset):
+    """Concatenated sub-datasets read from the Arrow cache; `tokenize` must run before items are read."""
+
+    def __init__(self, sources: list[SourceConfig], prefixes: list[str], seed: int, cache_dir: Path, *,
+                 rebuild: bool = False, verify: bool = False):
+        self.names = [source.name for source in sources]
+        self.tasks = [source.task for source in sources]
+        self.prefixes, self.seed = list(prefixes), seed
+        self.cache_dir, self.rebuild, self.verify = Path(cache_dir), rebuild, verify
+        self.records: list[RecordTable] = [open_records(source, self.cache_dir, rebuild=rebuild, verify=verify)
+                                           for source in sources]
+        self.tokens: Optional[list[MappedTable]] = None
+        self.prefix_tokens: list[int] = []
+        self.offsets = [0]
+        for table in self.records:
+            self.offsets.append(self.offsets[-1] + len(table))
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(table) for table in self.records]
+
+    def tokenize(self, tokenizer, limits: TokenLimits) -> None:
+        """Open (building once) each sub-dataset's token table for this tokenizer and these limits."""
+        opened = [open_tokens(records, tokenizer, limits, prefix, self.cache_dir, rebuild=self.rebuild,
+                              verify=self.verify)
+                  for records, prefix in zip(self.records, self.prefixes)]
+        self.tokens = [mapped for mapped, _ in opened]
+        self.prefix_tokens = [int(meta["prefix_tokens"]) for _, meta in opened]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, global_index: int) -> tuple[int, int]:
+        if not 0 <= global_index < len(self):
+            raise IndexError(global_index)
+        source = bisect.bisect_right(self.offsets, global_index) - 1
+        return source, global_index - self.offsets[source]
+
+    def __getitem__(self, key: tuple[int, int]) -> TokenizedItem:
+        if self.tokens is None:
+            raise RuntimeError("ArrowTrainingDataset.tokenize(...) must run before items are read")
+        global_index, epoch = key
+        source, local = self.locate(global_index)
+        records, row = self.records[source], self.records[source].row(local)
+        tokens, texts = self.tokens[source].column, records.mapped.column
+        common = dict(dataset=self.names[source], task=self.tasks[source], prefix_tokens=self.prefix_tokens[source],
+                      seed=item_seed(self.seed, epoch, global_index))
+        if self.tasks[source] == "ir":
+            return TokenizedItem(**common, query=tokens("query")[row].as_py(),
+                                 positives=tokens("positives")[row].as_py(), negatives=tokens("negatives")[row].as_py(),
+                                 positive_text_ids=texts("positive_text_ids")[row].as_py(),
+                                 negative_text_ids=texts("negative_text_ids")[row].as_py())
+        return TokenizedItem(**common, text1=tokens("text1")[row].as_py(), text2=tokens("text2")[row].as_py(),
+                             score=records.normalised_score(texts("score")[row].as_py()))

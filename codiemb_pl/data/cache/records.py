@@ -1,0 +1,192 @@
+"""Training sources as memory-mapped Arrow tables: validated once, cached, shared by every rank and worker.
+
+A source's records table is keyed by the source's fingerprint: its resolved location and file state
+(path, size, mtime of each file; a hub dataset's own fingerprint), format, split, subset, columns,
+score range and the cache schema version. It holds every row of the source in file order; `max_samples`
+and `seed` select rows when the table is opened (the same rows `load_training_records` keeps).
+
+IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_text_ids`,
+`negative_text_ids` (list<int64>: `text_id` of each text, for the cross-device duplicate mask).
+STS table: `text1`, `text2` (string), `score` (float64, as in the file); `meta.json` holds the score
+range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
+
+JSON-lines sources are parsed and checked in column batches (`arrow_jsonl.py`); any other format, and any
+file the column path is unsure of, streams row by row from the reader (`sources.iter_ir_records`,
+`iter_raw_sts_pairs`), which gives the in-memory loader's messages. The STS range check is one vectorised
+pass over the score column. Nothing is written under the final name unless the whole source is valid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from codiemb_pl.data.cache.jsonl import NotColumnar, ir_columns, sts_columns
+from codiemb_pl.data.cache.entries import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
+from codiemb_pl.data.collate import text_id
+from codiemb_pl.data.readers import DEFAULT_HF_SPLIT, _load_hf_split, read_rows
+from codiemb_pl.data.records import IRRecord, STSRecord
+from codiemb_pl.data.sources import (SourceConfig, check_score_in_range, detect_format, iter_ir_records,
+                      iter_raw_sts_pairs, score_range_of, subsample_positions)
+
+RECORDS_FILE = "records.arrow"
+BATCH_ROWS = 4096
+IR_SCHEMA = pa.schema([("query", pa.string()), ("positives", pa.list_(pa.string())),
+                       ("negatives", pa.list_(pa.string())), ("positive_text_ids", pa.list_(pa.int64())),
+                       ("negative_text_ids", pa.list_(pa.int64()))])
+STS_SCHEMA = pa.schema([("text1", pa.string()), ("text2", pa.string()), ("score", pa.float64())])
+
+
+def source_fingerprint(cfg: SourceConfig) -> str:
+    """The key of a source's records table (see the module docstring); `max_samples`/`seed` are not in it."""
+    location, fmt = detect_format(cfg)
+    if fmt == "hf" and not Path(location).exists():  # a hub id: the cached dataset's own fingerprint
+        state = _load_hf_split(location, cfg.split or DEFAULT_HF_SPLIT, cfg.subset)._fingerprint
+    else:
+        state = file_state(location)
+    return fingerprint("records", cfg.task, location, fmt, cfg.split, cfg.subset, cfg.columns, cfg.score_range, state)
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ir_record_batch(queries: list[str], positives: list[list[str]], negatives: list[list[str]]) -> pa.RecordBatch:
+    return pa.record_batch([
+        pa.array(queries, pa.string()), pa.array(positives, pa.list_(pa.string())),
+        pa.array(negatives, pa.list_(pa.string())),
+        pa.array([[text_id(t) for t in texts] for texts in positives], pa.list_(pa.int64())),
+        pa.array([[text_id(t) for t in texts] for texts in negatives], pa.list_(pa.int64())),
+    ], schema=IR_SCHEMA)
+
+
+def _sts_record_batch(text1: list[str], text2: list[str], scores: list[float]) -> pa.RecordBatch:
+    return pa.record_batch([pa.array(text1, pa.string()), pa.array(text2, pa.string()), pa.array(scores, pa.float64())],
+                           schema=STS_SCHEMA)
+
+
+def _row_batches(cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
+    """Record batches from the row-by-row reader (any format; it names the first bad row)."""
+    if cfg.task == "ir":
+        for chunk in _chunks(iter_ir_records(cfg), BATCH_ROWS):
+            yield _ir_record_batch([r.query for r in chunk], [list(r.positives) for r in chunk],
+                                   [list(r.negatives) for r in chunk])
+    else:
+        for chunk in _chunks(iter_raw_sts_pairs(cfg), BATCH_ROWS):
+            yield _sts_record_batch([p[1] for p in chunk], [p[2] for p in chunk], [p[3] for p in chunk])
+
+
+def _write_rows(cfg: SourceConfig, path: Path) -> int:
+    """Write the source's records: column-batched for plainly valid JSON lines, else row by row."""
+    schema = IR_SCHEMA if cfg.task == "ir" else STS_SCHEMA
+    try:
+        if cfg.task == "ir":
+            return write_arrow(path, schema, (_ir_record_batch(*columns) for columns in ir_columns(cfg)))
+        return write_arrow(path, schema, (_sts_record_batch(*columns) for columns in sts_columns(cfg)))
+    except NotColumnar:
+        return write_arrow(path, schema, _row_batches(cfg))
+
+
+def build_records(cfg: SourceConfig, folder: Path) -> dict:
+    """Write the source's validated records into `folder`; the entry's meta (rows, score range)."""
+    path = folder / RECORDS_FILE
+    rows = _write_rows(cfg, path)
+    if cfg.task == "ir":
+        return {"rows": rows, "task": "ir"}
+    scores = open_arrow(path).column("score").to_numpy()
+    low, high = score_range_of(cfg, float(scores.min()), float(scores.max()))
+    outside = np.flatnonzero((scores < low) | (scores > high))
+    if len(outside):  # name the first such row as the in-memory loader does: stream to it for its location
+        first = int(outside[0])
+        for index, (where, _, _, score) in enumerate(iter_raw_sts_pairs(cfg)):
+            if index == first:
+                check_score_in_range(score, low, high, where)
+    return {"rows": rows, "task": "sts", "score_range": [low, high]}
+
+
+@dataclass
+class RecordTable:
+    """An opened records table and the rows of it this run trains on (`positions`, None = all, in order)."""
+
+    folder: Path
+    key: str
+    mapped: MappedTable
+    meta: dict
+    positions: Optional[np.ndarray]
+    source: Optional[SourceConfig] = None
+
+    @property
+    def table(self) -> pa.Table:
+        return self.mapped.table
+
+    def __len__(self) -> int:
+        return len(self.positions) if self.positions is not None else self.meta["rows"]
+
+    def row(self, index: int) -> int:
+        """The table row of the run's `index`-th record."""
+        return int(self.positions[index]) if self.positions is not None else index
+
+    def normalised_score(self, raw: float) -> float:
+        low, high = self.meta["score_range"]
+        return (raw - low) / (high - low)
+
+    def record(self, index: int) -> IRRecord | STSRecord:
+        """The run's `index`-th record as the in-memory loader's object (for inspection and tests)."""
+        row, column = self.row(index), self.mapped.column
+        if self.meta["task"] == "ir":
+            return IRRecord(column("query")[row].as_py(), tuple(column("positives")[row].as_py()),
+                            tuple(column("negatives")[row].as_py()))
+        return STSRecord(column("text1")[row].as_py(), column("text2")[row].as_py(),
+                         self.normalised_score(column("score")[row].as_py()))
+
+
+def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False, verify: bool = False) -> RecordTable:
+    """The source's records table from the cache (built first when missing, stale or damaged; `verify`: check
+    the files' CRC-32, see `cache.py`)."""
+    key = source_fingerprint(cfg)
+    folder, _ = cached_entry(Path(cache_dir) / f"records-{key}", lambda staging: build_records(cfg, staging),
+                             rebuild=rebuild, verify=verify)
+    meta = read_meta(folder)
+    positions = None
+    if cfg.seed is not None or cfg.max_samples is not None:
+        positions = np.asarray(subsample_positions(meta["rows"], cfg), dtype=np.int64)
+    return RecordTable(folder, key, MappedTable(folder / RECORDS_FILE), meta, positions, cfg)
+
+
+def row_location(cfg: SourceConfig, row: int) -> str:
+    """Where row `row` of the source's records table comes from ("file:line", "file: record i"), read again
+    from the source (for messages only); a BEIR folder's rows are its judged queries in qrels order."""
+    location, fmt = detect_format(cfg)
+    if fmt != "beir":
+        for index, read in enumerate(read_rows(location, fmt, split=cfg.split, subset=cfg.subset)):
+            if index == row:
+                return read.where
+    return f"{location}: training record {row}"
+
+
+def distinct_negative_counts(records: RecordTable) -> np.ndarray:
+    """For each of the run's IR records, how many different hard negatives it has (`len(set(negatives))`,
+    texts compared by `text_id`); an STS table gives an empty array."""
+    if records.meta["task"] != "ir" or len(records) == 0:
+        return np.zeros(0, dtype=np.int64)
+    import pyarrow.compute as pc
+
+    column = records.table["negative_text_ids"].combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    distinct_rows = np.unique(np.stack([rows, flat]), axis=1)[0] if len(flat) else np.zeros(0, dtype=np.int64)
+    counts = np.bincount(distinct_rows, minlength=len(lengths))
+    return counts if records.positions is None else counts[records.positions]

@@ -1,0 +1,238 @@
+"""Token ids of a records table's texts, many at once: the tokenizer's backend called directly, the ids
+gathered into Arrow list arrays from flat numpy buffers, and row ranges spread over worker processes.
+
+The result is exactly `tokenizer(prefix + text, truncation=True, max_length=L)["input_ids"]` for every text
+(texts beyond `text_bound.char_bound(L)` characters are first cut to a piece that gives the same ids):
+the backend (`tokenizers.Tokenizer`) is the one `tokenizer(...)` calls, copied after one such call has set
+its truncation to `L` (and its side), with the same post-processor (special tokens; a decoder's appended
+EOS, `decoder.append_eos_token`) and `split_special_tokens`. The copy is checked against `tokenizer(...)`
+on a sample of the texts before use; a tokenizer without a backend (a slow one), or one whose copy
+disagrees, is called as `tokenizer(...)` itself, in this process.
+
+Processes: `spawn`ed (nothing is forked from a process that may hold threads, DDP's or the tokenizer's own),
+each importing only this module (numpy, pyarrow, tokenizers) and mapping the records file itself; each
+tokenises a range of rows with `TOKENIZERS_PARALLELISM=false`, and the results come back in row order.
+How many: `CODIEMB_TOKENIZE_PROCESSES`, else the CPUs this process may run on; 1 = in this process.
+Tables of fewer than two ranges (`RANGE_ROWS`) are tokenised in this process (a process start costs ~1 s).
+The processes start with `__main__` hidden (`_main_hidden`): they do not re-run the caller's script, so a
+script that calls `fit` needs no `if __name__ == "__main__":` guard for them.
+
+This module imports neither torch nor transformers, so that a worker process starts quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from codiemb_pl.errors import InputError
+from codiemb_pl.data.text_bound import bound_for_backend, bound_for_tokenizer
+
+TOKEN_LIST = pa.list_(pa.int32())
+IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
+                             ("negatives", pa.list_(TOKEN_LIST))])
+STS_TOKEN_SCHEMA = pa.schema([("text1", TOKEN_LIST), ("text2", TOKEN_LIST)])
+PROCESSES_ENV = "CODIEMB_TOKENIZE_PROCESSES"
+RANGE_ROWS = 4096
+"""Rows per task given to a worker process (4096 IR records: 28 672 texts, a few seconds of work)."""
+CHECK_ROWS = 64
+"""Rows of the table (all their texts) compared with `tokenizer(...)` before the backend copy is used."""
+
+Encode = Callable[[list[str], int], pa.Array]
+"""(texts, max_length) -> list<int32> array of their token ids."""
+
+
+@dataclass(frozen=True)
+class TokenLimits:
+    """Maximum token counts actually applied (configured limits, already capped by the model's maximum)."""
+
+    query: int
+    passage: int
+    sts: int
+
+
+ENCODE_TEXTS = 2048
+"""Texts encoded per backend call: their ids are Python lists (~36 bytes an id) until gathered into numpy."""
+
+
+def _flat(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, concatenated values) of Python id lists, as int32 numpy arrays."""
+    lengths = np.fromiter(map(len, ids), np.int32, len(ids))
+    return lengths, np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(lengths.sum()))
+
+
+def _list_array(parts: list[tuple[np.ndarray, np.ndarray]]) -> pa.ListArray:
+    lengths = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    values = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+
+
+def list_array(ids: list[list[int]]) -> pa.ListArray:
+    """A list<int32> array from Python id lists, through one flat numpy buffer and offsets."""
+    return _list_array([_flat(ids)])
+
+
+def reference_encoder(tokenizer) -> Encode:
+    """The definition: `tokenizer(texts, truncation=True, max_length=L)["input_ids"]`."""
+    def encode(texts: list[str], max_length: int) -> pa.Array:
+        texts = bound_for_tokenizer(tokenizer, texts, max_length)
+        return list_array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else [])
+    return encode
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """What rebuilds the backend as `tokenizer(..., truncation=True, max_length=L)` leaves it, for each L."""
+
+    pipelines: dict[int, str]  # max_length -> the backend's JSON with that truncation set
+    split_special_tokens: bool
+
+
+def backend_spec(tokenizer, lengths: set[int]) -> Optional[BackendSpec]:
+    """The spec of a fast tokenizer's backend, or None (no backend: use `reference_encoder`)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None or not hasattr(backend, "to_str"):
+        return None
+    pipelines = {}
+    for length in sorted(lengths):
+        tokenizer(["a"], truncation=True, max_length=length)  # sets the backend's truncation as every call does
+        pipelines[length] = backend.to_str()
+    return BackendSpec(pipelines, bool(getattr(backend, "encode_special_tokens", False)))
+
+
+def backend_encoder(spec: BackendSpec) -> Encode:
+    """`Encode` through copies of the backend (one per length), with `encode_batch_fast` (no offsets) when present."""
+    from tokenizers import Tokenizer
+
+    backends = {}
+    for length, pipeline in spec.pipelines.items():
+        backends[length] = Tokenizer.from_str(pipeline)
+        if hasattr(backends[length], "encode_special_tokens"):
+            backends[length].encode_special_tokens = spec.split_special_tokens
+
+    def encode(texts: list[str], max_length: int) -> pa.Array:
+        backend = backends[max_length]
+        texts = bound_for_backend(backend, texts, max_length)
+        batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return _list_array([_flat([encoding.ids for encoding in batch(texts[start:start + ENCODE_TEXTS],
+                                                                      add_special_tokens=True)])
+                            for start in range(0, len(texts), ENCODE_TEXTS)])
+    return encode
+
+
+def _nested(encode: Encode, column: pa.ListArray, max_length: int) -> pa.ListArray:
+    """Token ids of every text of a list<string> column, in the same lists."""
+    offsets = np.asarray(column.offsets, np.int64)
+    offsets = (offsets - offsets[0]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), encode(column.flatten().to_pylist(), max_length))
+
+
+def _prefixed(prefix: str, column: pa.Array) -> list[str]:
+    return [prefix + text for text in column.to_pylist()]
+
+
+def token_batch(encode: Encode, batch: pa.RecordBatch | pa.Table, task: str, limits: TokenLimits,
+                prefix: str) -> pa.RecordBatch:
+    """The token columns of a slice of a records table (IR: prefixed query, positives, negatives; STS: both
+    prefixed sentences)."""
+    column = (lambda name: batch.column(name).combine_chunks()) if isinstance(batch, pa.Table) else batch.column
+    if task == "ir":
+        return pa.record_batch([encode(_prefixed(prefix, column("query")), limits.query),
+                                _nested(encode, column("positives"), limits.passage),
+                                _nested(encode, column("negatives"), limits.passage)], schema=IR_TOKEN_SCHEMA)
+    return pa.record_batch([encode(_prefixed(prefix, column("text1")), limits.sts),
+                            encode(_prefixed(prefix, column("text2")), limits.sts)], schema=STS_TOKEN_SCHEMA)
+
+
+def lengths_of(task: str, limits: TokenLimits) -> set[int]:
+    return {limits.query, limits.passage} if task == "ir" else {limits.sts}
+
+
+def choose_encoder(tokenizer, sample: pa.RecordBatch | pa.Table, task: str, limits: TokenLimits,
+                   prefix: str) -> tuple[Encode, Optional[BackendSpec]]:
+    """The backend encoder when it gives `tokenizer(...)`'s ids on `sample`, else the reference one."""
+    reference = reference_encoder(tokenizer)
+    spec = backend_spec(tokenizer, lengths_of(task, limits))
+    if spec is None:
+        return reference, None
+    fast = backend_encoder(spec)
+    if not token_batch(fast, sample, task, limits, prefix).equals(token_batch(reference, sample, task, limits, prefix)):
+        return reference, None
+    return fast, spec
+
+
+def process_count() -> int:
+    configured = os.environ.get(PROCESSES_ENV, "").strip()
+    if configured:
+        if not configured.isdigit():
+            raise InputError(PROCESSES_ENV, f"{configured!r} is not a process count",
+                             "set it to a whole number (1: tokenise in the building process) or unset it")
+        return max(1, int(configured))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------- worker processes
+
+_WORKER: dict = {}
+
+
+def _start_worker(records_path: str, spec: BackendSpec, task: str, limits: TokenLimits, prefix: str,
+                  range_rows: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the processes are the parallelism
+    table = pa.ipc.open_file(pa.memory_map(records_path, "r")).read_all()
+    _WORKER.update(table=table, encode=backend_encoder(spec), task=task, limits=limits, prefix=prefix,
+                   range_rows=range_rows)
+
+
+def _tokenise_range(start: int) -> pa.RecordBatch:
+    rows = _WORKER["table"].slice(start, _WORKER["range_rows"])
+    return token_batch(_WORKER["encode"], rows, _WORKER["task"], _WORKER["limits"], _WORKER["prefix"])
+
+
+def token_batches(tokenizer, records_path: Path, table: pa.Table, task: str, limits: TokenLimits, prefix: str,
+                  processes: Optional[int] = None, range_rows: int = RANGE_ROWS) -> Iterator[pa.RecordBatch]:
+    """The token columns of every row of `table` (the memory-mapped file `records_path`), in row order, in
+    batches of `range_rows` rows."""
+    encode, spec = choose_encoder(tokenizer, table.slice(0, CHECK_ROWS), task, limits, prefix)
+    processes = process_count() if processes is None else processes
+    starts = range(0, table.num_rows, range_rows)
+    if spec is None or processes < 2 or len(starts) < 2 or multiprocessing.current_process().daemon:
+        for batch in table.to_batches(max_chunksize=range_rows):
+            yield token_batch(encode, batch, task, limits, prefix)
+        return
+    with ProcessPoolExecutor(min(processes, len(starts)), mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker,
+                             initargs=(str(records_path), spec, task, limits, prefix, range_rows)) as pool:
+        with _main_hidden():  # every process starts while the tasks are submitted
+            results = pool.map(_tokenise_range, starts)
+        yield from results
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Hide `__main__`'s file and spec from `spawn`, so that the tokeniser processes, which need nothing from
+    it, do not re-run the caller's script (an unguarded script calling `fit` would run again in each)."""
+    main = sys.modules.get("__main__")
+    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if main is not None and key in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)

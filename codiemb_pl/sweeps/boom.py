@@ -1,0 +1,276 @@
+"""BOOM, bagging-based merging (SPEC §7), as a sweep: runs on seeded random subsets, merged with Multi-SLERP.
+
+    run i:   each sub-dataset D_j  ->  seeded subset S_ij, |S_ij| = max(1, round(f_i·|D_j|))
+             fit with batch-level shuffling (`proportional` policy) from θ0  ->  θ_i
+    BOOM:    θ* = θ0 + MultiSLERP(θ_1 − θ0, …, θ_m − θ0)          (per tensor, equal weights)
+
+Incremental update: an update model θ_u is fit from the deployed model θ_d on the new data plus a
+seeded `old_fraction` sample of the old data, then θ* = θ0 + SLERP(θ_d − θ0, θ_u − θ0; t = w)
+(Multi-SLERP with weights (1 − w, w)); θ0 is the deployed model's own base.
+
+This module only plans: which runs (fractions, seeds), each run's subset files (`OUTPUT/runs/NAME/data`),
+and the sweep that trains and merges them. It writes `OUTPUT/fit.yaml` (the resolved fit config every
+run starts from) and `OUTPUT/sweep.yaml` (one run per bagging run: `seed_everything`, `data.seed` and
+`data.train` pointing at its subset files; fusion: `multi_slerp`, exported to `OUTPUT/merged`), then
+`workflows.sweep` does the rest: training (finished runs skipped, `last.ckpt` resumed, crashes reported),
+`--print-commands`, scoring on `data.val`, the leaderboard and the export with its `merge.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.data.records import IRRecord, STSRecord
+from codiemb_pl.data.sources import SourceConfig, load_training_records
+from codiemb_pl.errors import InputError
+from codiemb_pl.fusion.keys import key_seed
+from codiemb_pl.sweeps.sweep import (CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, MERGE_MANIFEST,
+                                        SweepPlan, execute_sweep, merge_record, plan_sweep)
+# importable from here as before BOOM became a sweep (they live in workflows.sweep)
+from codiemb_pl.sweeps.sweep import is_finished_export, resolve_fit_config, transformer_state  # noqa: F401
+
+FIT_CONFIG_NAME = "fit.yaml"        # OUTPUT/fit.yaml: the resolved config every run starts from
+SWEEP_FILE_NAME = "sweep.yaml"      # OUTPUT/sweep.yaml: the sweep BOOM runs (`codiemb sweep --sweep` reads it)
+MERGED_FOLDER = "merged"            # OUTPUT/merged: the Multi-SLERP merge
+MERGE_METHOD = "multi_slerp"
+UPDATE_RUN = "update"               # incremental mode: OUTPUT/runs/update
+DEPLOYED_MEMBER = "deployed"
+
+
+@dataclass(frozen=True)
+class BoomRun:
+    """One bagging run: the fraction of every sub-dataset it trains on and its seed."""
+
+    fraction: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"f{self.fraction:g}_s{self.seed}"
+
+
+def plan_runs(fractions: Sequence[float], seeds: Sequence[int] | None = None) -> list[BoomRun]:
+    """Pair fractions with seeds: one seed per fraction, one seed for all, or (default) seeds 0..m−1."""
+    if not fractions:
+        raise InputError("boom.fractions", "no fractions", "e.g. --fractions 0.4 0.6 0.8 1.0")
+    for fraction in fractions:
+        if not 0.0 < fraction <= 1.0:
+            raise InputError("boom.fractions", f"fraction {fraction} is outside (0, 1]", "use e.g. 0.4 0.6 0.8 1.0")
+    seeds = list(range(len(fractions))) if seeds is None or len(seeds) == 0 else list(seeds)
+    if len(seeds) == 1:
+        seeds = seeds * len(fractions)
+    if len(seeds) != len(fractions):
+        raise InputError("boom.seeds", f"{len(seeds)} seeds for {len(fractions)} fractions",
+                         "give one seed, or one seed per fraction")
+    runs = [BoomRun(float(f), int(s)) for f, s in zip(fractions, seeds)]
+    duplicates = sorted({run.name for run in runs if runs.count(run) > 1})
+    if duplicates:
+        raise InputError("boom.seeds", f"runs {duplicates} appear twice (same fraction and seed)",
+                         "give those runs different seeds")
+    return runs
+
+
+def subset_size(total: int, fraction: float) -> int:
+    """max(1, round(fraction·total)), never more than total."""
+    return min(total, max(1, round(fraction * total)))
+
+
+def subset_indices(total: int, fraction: float, seed: int, source_name: str) -> list[int]:
+    """Sorted indices of a seeded random subset of `subset_size(total, fraction)` items of one sub-dataset."""
+    rng = random.Random(key_seed(seed, source_name))
+    return sorted(rng.sample(range(total), subset_size(total, fraction)))
+
+
+def record_json(record: IRRecord | STSRecord) -> dict[str, Any]:
+    """A record as a jsonl row our readers read back identically (STS scores already in [0, 1])."""
+    if isinstance(record, IRRecord):
+        return {"query": record.query, "positives": list(record.positives), "negatives": list(record.negatives)}
+    return {"text1": record.text1, "text2": record.text2, "score": record.score}
+
+
+def write_subset_sources(sources: Sequence[SourceConfig], fraction: float, seed: int,
+                         folder: str | Path) -> list[SourceConfig]:
+    """Write each source's seeded subset to `folder/<name>.jsonl`; return sources reading those files.
+
+    The subset is drawn from the records the source yields (after its own `max_samples`); name, task,
+    instruction and batch size are kept; STS files hold normalised scores (`score_range: [0, 1]`).
+    """
+    folder = Path(folder)
+    subset_sources = []
+    for source in sources:
+        records = load_training_records(source)
+        chosen = [records[i] for i in subset_indices(len(records), fraction, seed, source.name)]
+        path = folder / f"{source.name}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(record_json(r), ensure_ascii=False) + "\n" for r in chosen))
+        subset_sources.append(SourceConfig(name=source.name, task=source.task, path=str(path.resolve()),
+                                           format="jsonl", score_range=[0.0, 1.0] if source.task == "sts" else None,
+                                           instruction=source.instruction, batch_size=source.batch_size))
+    return subset_sources
+
+
+def source_dict(source: SourceConfig) -> dict[str, Any]:
+    """The non-default fields of a SourceConfig, as a fit config lists them."""
+    fields = ("name", "task", "path", "format", "split", "columns", "score_range", "instruction", "batch_size",
+              "max_samples", "seed", "subset")
+    return {name: getattr(source, name) for name in fields if getattr(source, name) not in (None, "auto")}
+
+
+def _class_name(entry: Any) -> str:
+    """The class name of a `{class_path, init_args}` callback entry ("" for anything else)."""
+    return str(entry.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(entry, dict) else ""
+
+
+def boom_fit_config(resolved: Mapping[str, Any], model_name_or_path: str | None = None) -> dict[str, Any]:
+    """The fit config every BOOM run starts from: `resolved` without CheckpointFusion (BOOM merges the runs
+    itself, per-run fusion would only cost time) and `ckpt_path`, with the ModelCheckpoint / ExportEncoder
+    folders unset (so they follow each run's root, `runs/NAME/checkpoints` and `runs/NAME/model`) and an
+    ExportEncoder added when absent; optionally starting from another model (the incremental update)."""
+    fusion, export, checkpoint = (path.rsplit(".", 1)[-1] for path in (FUSION_CALLBACK, EXPORT_CALLBACK,
+                                                                        CHECKPOINT_CALLBACK))
+    config = json.loads(json.dumps(resolved))  # deep copy of plain data
+    config.pop("ckpt_path", None)
+    if model_name_or_path is not None:
+        config.setdefault("model", {})["model_name_or_path"] = str(model_name_or_path)
+    trainer = config.setdefault("trainer", {})
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [entry for entry in (callbacks if isinstance(callbacks, list) else [callbacks])
+                 if _class_name(entry) != fusion]
+    for entry in callbacks:
+        if _class_name(entry) in (export, checkpoint) and isinstance(entry.get("init_args"), dict):
+            entry["init_args"]["dirpath"] = None
+    if export not in map(_class_name, callbacks):
+        callbacks.append({"class_path": EXPORT_CALLBACK})
+    trainer["callbacks"] = callbacks
+    return config
+
+
+def run_overrides(name: str, sources: Sequence[SourceConfig], seed: int) -> dict[str, Any]:
+    """A sweep run training on `sources` with `seed` (`seed_everything` and `data.seed`)."""
+    return {"name": name, "seed_everything": seed, "data.seed": seed,
+            "data.train": [source_dict(source) for source in sources]}
+
+
+def _evaluate(resolved: Mapping[str, Any], evaluate: bool | None) -> bool:
+    """Score on the validation sets: as asked, else when the config has `data.val`."""
+    return bool((resolved.get("data") or {}).get("val")) if evaluate is None else bool(evaluate)
+
+
+def plan_boom_sweep(fit_config: Mapping[str, Any], output: Path, runs: Sequence[Mapping[str, Any]],
+                    fusion: Mapping[str, Any], manifest: Mapping[str, Any]) -> SweepPlan:
+    """Write OUTPUT/fit.yaml and OUTPUT/sweep.yaml, then plan that sweep (`workflows.sweep.plan_sweep`)."""
+    config_path, sweep_path = output / FIT_CONFIG_NAME, output / SWEEP_FILE_NAME
+    atomic_write_text(config_path, yaml.safe_dump(dict(fit_config), sort_keys=False))
+    sweep = {"config": str(config_path), "output": str(output), "runs": [dict(run) for run in runs],
+             "fusion": {"checkpoints": ["final"], "export": MERGE_METHOD, "export_folder": MERGED_FOLDER,
+                        **fusion},
+             "manifest": dict(manifest)}
+    atomic_write_text(sweep_path, "# written by `codiemb boom`: the sweep it runs (codiemb sweep --sweep THIS "
+                      "--print-commands / --fuse-only work on it)\n" + yaml.safe_dump(sweep, sort_keys=False))
+    return plan_sweep(sweep_path)
+
+
+def _sources(resolved: Mapping[str, Any]) -> list[SourceConfig]:
+    sources = [SourceConfig(**entry) for entry in (resolved.get("data") or {}).get("train") or []]
+    if not sources:
+        raise InputError("data.train", "no training sources in the fit configuration", "add sub-datasets to data.train")
+    return sources
+
+
+def plan_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path, *,
+              evaluate: bool | None = None) -> SweepPlan:
+    """Write each run's subset files (OUTPUT/runs/NAME/data) and BOOM's sweep; returns the checked plan."""
+    output = Path(output).resolve()
+    sources = _sources(resolved)
+    entries = [run_overrides(run.name, write_subset_sources(sources, run.fraction, run.seed,
+                                                            output / "runs" / run.name / "data"), run.seed)
+               for run in runs]
+    return plan_boom_sweep(boom_fit_config(resolved), output, entries,
+                           {"methods": [MERGE_METHOD], "evaluate": _evaluate(resolved, evaluate)},
+                           {"runs": [{"name": r.name, "fraction": r.fraction, "seed": r.seed} for r in runs]})
+
+
+def _result(plan: SweepPlan, fuse_only: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Execute the sweep; the facts both modes return."""
+    done = execute_sweep(plan, fuse_only=fuse_only, log=log)
+    return {"base": plan.base_model, "runs": {run.name: plan.run_folder(run) / "model" for run in plan.runs},
+            "trained": [o.name for o in done.outcomes if o.status == "trained"], "merged": done.exported,
+            "code": done.code, "outcomes": done.outcomes, "board": done.board, "plan": plan}
+
+
+def run_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path, *,
+             evaluate: bool | None = None, fuse_only: bool = False, log: Callable[[str], None] = print
+             ) -> dict[str, Any]:
+    """Train (or reuse) every run on its subsets, then merge the exports into `output/merged` (the sweep).
+
+    Returns {"base", "runs": {name: export folder}, "trained": [names trained now], "merged": folder (None
+    when a run failed or the sweep was interrupted), "code": exit code, "outcomes", "board": Leaderboard, "plan"}.
+    """
+    return _result(plan_boom(resolved, runs, output, evaluate=evaluate), fuse_only, log)
+
+
+def plan_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
+                     output: str | Path, *, old_fraction: float = 0.1, seed: int = 0, update_weight: float = 0.5,
+                     evaluate: bool | None = None) -> tuple[SweepPlan, dict[str, int]]:
+    """The update run (from `deployed`, on the new data + a seeded `old_fraction` of the config's data, written
+    to OUTPUT/runs/update/old_data) and its merge with the deployed model against `base` (weights 1 − w, w).
+    Returns the plan and {old sample source: records}."""
+    if not 0.0 <= old_fraction <= 1.0:
+        raise InputError("boom.old_fraction", f"{old_fraction} is outside [0, 1]", "use e.g. 0.1")
+    if not 0.0 < update_weight < 1.0:
+        raise InputError("boom.update_weight", f"{update_weight} is outside (0, 1)", "use e.g. 0.5")
+    if not new_sources:
+        raise InputError("boom.new_data", "no new data sources", "list the new sub-datasets under new_data")
+    output = Path(output).resolve()
+    old_sources = [SourceConfig(**entry) for entry in (resolved.get("data") or {}).get("train") or []]
+    folder = output / "runs" / UPDATE_RUN / "old_data"
+    old_sample = write_subset_sources(old_sources, old_fraction, seed, folder) if old_fraction > 0 else []
+    old_sample = [SourceConfig(**{**source_dict(s), "name": f"old_{s.name}"}) for s in old_sample]
+    fusion = {"base": str(base), "members": [{"name": DEPLOYED_MEMBER, "path": str(deployed)}],
+              "methods": [{"method": MERGE_METHOD, "weights": [1.0 - update_weight, update_weight]}],
+              "evaluate": _evaluate(resolved, evaluate)}
+    plan = plan_boom_sweep(boom_fit_config(resolved, model_name_or_path=deployed), output,
+                           [run_overrides(UPDATE_RUN, list(new_sources) + old_sample, seed)], fusion,
+                           {"incremental": True, "old_fraction": old_fraction, "seed": seed,
+                            "update_weight": update_weight})
+    return plan, {s.name: len(load_training_records(s)) for s in old_sample}
+
+
+def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
+                    output: str | Path, *, old_fraction: float = 0.1, seed: int = 0, update_weight: float = 0.5,
+                    evaluate: bool | None = None, fuse_only: bool = False, log: Callable[[str], None] = print
+                    ) -> dict[str, Any]:
+    """Fit the update model and merge it with the deployed one into `output/merged` (see `plan_incremental`).
+
+    Returns {"base", "deployed", "update": export folder, "trained": bool, "merged", "old_samples": {name: n},
+    "code", "outcomes", "board", "plan"}.
+    """
+    plan, counts = plan_incremental(resolved, deployed, base, new_sources, output, old_fraction=old_fraction,
+                                    seed=seed, update_weight=update_weight, evaluate=evaluate)
+    result = _result(plan, fuse_only, log)
+    return {**result, "deployed": deployed, "update": result["runs"][UPDATE_RUN],
+            "trained": UPDATE_RUN in result["trained"], "old_samples": counts}
+
+
+def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, *,
+                  weights: Sequence[float] | None = None, manifest: Mapping[str, Any] | None = None) -> Path:
+    """θ0 + MultiSLERP(θ_k − θ0) of already exported models into a sentence-transformers folder: the one merge
+    of `codiemb fuse` (`workflows.fusion.fuse`, template = the first export), plus `merge.json`
+    (`merge_record` + `manifest`). For members trained elsewhere (the benchmarks); `run_boom` trains its own."""
+    from codiemb_pl.workflows.fusion import fuse
+
+    if not exports:
+        raise InputError("boom.merge", "no exported models to merge", "train at least one run")
+    models = [{"path": str(path)} if weights is None else {"path": str(path), "weight": float(weight)}
+              for path, weight in zip(exports, weights or [None] * len(exports))]
+    fuse(base, models, MERGE_METHOD, output, template=str(exports[0]))
+    record = merge_record(MERGE_METHOD, base, exports, weights, **dict(manifest or {}))
+    atomic_write_text(Path(output) / MERGE_MANIFEST, json.dumps(record, indent=2) + "\n")
+    return Path(output)

