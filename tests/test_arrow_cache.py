@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from codiemb_pl.data import arrow_records
+from codiemb_pl.data.cache import records as arrow_records
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset
 from codiemb_pl.data.cache.records import open_records
 from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
