@@ -197,7 +197,7 @@ def test_token_cache_tokenises_pieces_and_warns_once_per_source(minilm, huge_ids
     encoders see only pieces, and one warning names the source, the count and the first file:line."""
     import tokenizers
 
-    from codiemb_pl.data import token_ids
+    from codiemb_pl.data.cache import token_ids
     from codiemb_pl.data.cache.records import open_records
     from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
     from codiemb_pl.data.sources import SourceConfig
