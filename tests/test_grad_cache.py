@@ -106,7 +106,7 @@ def test_cached_gradients_equal_autograd_with_dropout_on(tiny_model_dir, case):
 
 def test_the_distributed_replay_path_gives_the_same_gradients(tiny_model_dir, monkeypatch):
     """Under torch.distributed the chunks' gradients are summed in one buffer and handed to autograd once."""
-    from codiemb_pl import grad_cache
+    from codiemb_pl.training import grad_cache
 
     module = make_module(tiny_model_dir, CHUNK, false_negative_mask=True)
     batch = ir_batch(module)
