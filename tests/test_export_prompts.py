@@ -1,7 +1,7 @@
 """Training instructions survive export as sentence-transformers prompts, and exported folders load silently.
 
 `SentenceTransformer(export).encode(q, prompt_name=NAME)` must equal the embedding training computed for
-`q` with that sub-dataset's instruction (the module's forward on `tokenize_with_prefixes`), to 1e-5.
+`q` with that sub-dataset's instruction (the module's forward on `tokenize_texts`), to 1e-5.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from codiemb_pl.callbacks.export import add_training_prompts, training_prompts
 from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.tokenize import instruction_prefix, tokenize_with_prefixes
+from codiemb_pl.data.collate import tokenize_texts
+from codiemb_pl.data.instructions import instruction_prefix
 from codiemb_pl.model.encoder import TextEncoder
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -31,7 +32,7 @@ def training_embedding(folder: Path, texts: list[str], prefix: str, max_length: 
     instruction tokens marked out of pooling by the training tokenisation."""
     encoder = TextEncoder.load(folder)
     with torch.no_grad():
-        return encoder(tokenize_with_prefixes(encoder.tokenizer, texts, max_length, [prefix] * len(texts)))
+        return encoder(tokenize_texts(encoder.tokenizer, texts, max_length, [prefix] * len(texts)))
 
 
 @pytest.fixture(scope="module")

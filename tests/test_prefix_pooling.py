@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codiemb_pl.data.tokenize import (INSTRUCTION_TEMPLATE, instruction_prefix, prefix_pooling_mask,
-                                      tokenize_with_prefixes)
+from codiemb_pl.data.collate import tokenize_texts
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
+from codiemb_pl.data.tokenize import prefix_pooling_mask
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 
@@ -52,7 +53,7 @@ def encoders(tiny_model_dir):
 
 def test_encode_with_a_prefix_equals_the_training_forward(encoders):
     excluding, _ = encoders
-    features = tokenize_with_prefixes(excluding.tokenizer, TEXTS, 64, [PREFIX] * len(TEXTS))
+    features = tokenize_texts(excluding.tokenizer, TEXTS, 64, [PREFIX] * len(TEXTS))
     with torch.no_grad():
         training = excluding(features)
     assert torch.allclose(excluding.encode(TEXTS, batch_size=2, prefix=PREFIX), training, atol=1e-6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codiemb_pl.data.collate import LengthLimits
+from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
@@ -19,7 +19,7 @@ PROBE_SOURCES = [
 ]
 PROBE_SIZE = 8
 BATCH = 8
-LIMITS = LengthLimits(query=24, passage=40, sts=32)
+LIMITS = TokenLimits(query=24, passage=40, sts=32)
 STEPS = 16
 
 

@@ -169,10 +169,10 @@ def huge_ids(minilm) -> dict[int, list[int]]:
 
 
 def test_collator_and_validation_tokenise_only_the_piece(minilm, huge_ids):
-    from codiemb_pl.data.tokenize import tokenize_with_prefixes
+    from codiemb_pl.data.collate import tokenize_texts
 
     recording = RecordingTokenizer(minilm)
-    batch = tokenize_with_prefixes(recording, [HUGE, "short text"], 32, prefixes=["", "Instruction: x Query: "])
+    batch = tokenize_texts(recording, [HUGE, "short text"], 32, prefixes=["", "Instruction: x Query: "])
     assert batch["input_ids"][0].tolist() == huge_ids[32]
     assert batch["input_ids"][1].tolist()[:8] == minilm("Instruction: x Query: short text")["input_ids"][:8]
     assert len(HUGE) > 300_000 and max(recording.longest) <= char_bound(32)

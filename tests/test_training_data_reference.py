@@ -1,5 +1,6 @@
 """The training data the datamodule hands to the model, pinned to what the in-memory implementation
-(records as Python objects, tokenised in the collate) produced before the Arrow cache replaced it.
+(records as Python objects, tokenised in the collate) produced before the Arrow cache replaced it. That
+text path lives on only here, as the oracle (`reference_text_path.py`).
 
 The digests below were computed by that implementation (commit 03e026a) with this file's own code:
 the sampler plan of every (policy, seed, world size, rank) case, and every collated micro-batch of two
@@ -20,12 +21,11 @@ import pytest
 import torch
 
 from codiemb_pl.data.cache.dataset import item_seed
-from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
-from codiemb_pl.data.sources import SourceConfig, load_training_records
-from codiemb_pl.data.tokenize import tokenize_with_prefixes
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.paths import resolve_location
 from conftest import minilm_path
+from reference_text_path import SampledItem, load_training_records, text_collator
 
 DEMO_IR = "pkg://codiemb_pl/demo/ir_train.jsonl"
 DEMO_STS = "pkg://codiemb_pl/demo/sts_train.jsonl"
@@ -106,10 +106,8 @@ def in_memory_batches(module: CoDiEmbDataModule, folder: Path) -> list:
     configs = sources(folder)
     records = [load_training_records(cfg) for cfg in configs]
     offsets = [sum(len(r) for r in records[:i]) for i in range(len(records))]
-    tokenizer, limits = module.load_tokenizer(), module.token_limits()
-    collate = CoDiEmbCollator(lambda texts, n, prefixes=None: tokenize_with_prefixes(tokenizer, texts, n, prefixes),
-                              limits=LengthLimits(limits.query, limits.passage, limits.sts),
-                              n_positives=module.hparams.n_positives, n_negatives=module.hparams.n_negatives)
+    collate = text_collator(module.load_tokenizer(), module.token_limits(), module.hparams.n_positives,
+                            module.hparams.n_negatives)
     sampler = module.build_sampler(1, 0, 1)
     seen = []
     for epoch in (0, 1):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from codiemb_pl.cli.main import main
-from codiemb_pl.data.sources import SourceConfig, load_training_records
+from codiemb_pl.data.cache.records import opened_records
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.workflows.mine import load_mining_inputs
@@ -146,7 +147,8 @@ def test_validation_keeps_empty_documents(empty_docs_beir, caplog):
 
 def test_training_data_and_mining_refuse_empty_documents(empty_docs_beir):
     with pytest.raises(InputError, match="document 'd7' has an empty title and text"):
-        load_training_records(SourceConfig("beir", "ir", str(empty_docs_beir), split="test"))
+        with opened_records(SourceConfig("beir", "ir", str(empty_docs_beir), split="test")):
+            pass
     with pytest.raises(InputError, match="document 'd7' has an empty title and text"):
         load_mining_inputs(empty_docs_beir, "test", None)
 

@@ -1,29 +1,23 @@
-"""Turn sampled records into tokenised micro-batches (see docs/ARCHITECTURE.md, "Batches").
+"""Turn sampled records, as token ids, into micro-batches (see docs/ARCHITECTURE.md, "Batches").
 
-Each text group (queries, positives, negatives, STS sentences) is tokenised on its own with dynamic
-padding and its own maximum length, so a batch of short queries is not padded to passage length.
-Instruction prefixes (SPEC §1) are prepended to queries (IR) or to both sentences (STS); the
-tokeniser marks their tokens in a `pooling_mask` so mean pooling leaves them out while attention
-still sees them.
+Every consumer of training data (training, Self Positioning's probe) hands `TokenizedItem`s to
+`TokenCollator`: it chooses each query's positives and hard negatives, then pads each text group
+(queries, positives, negatives, STS sentences) on its own to its longest row, so a batch of short queries is
+not padded to passage length. Instruction prefixes (SPEC §1) were prepended to queries (IR) or to both
+sentences (STS) when the ids were computed; `PaddingRule` marks their tokens in a `pooling_mask` so mean
+pooling leaves them out while attention still sees them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from codiemb_pl.data.records import IRRecord, STSRecord
-from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask
-
-
-def text_id(text: str) -> int:
-    """A stable 63-bit hash of a text (identical in every process), for cross-device duplicate checks."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from codiemb_pl.data.cache.token_ids import text_token_ids
+from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
 
 
 def pick_fixed_count(items: Sequence[str], count: int, rng: random.Random) -> list[str]:
@@ -39,26 +33,6 @@ def pick_fixed_count(items: Sequence[str], count: int, rng: random.Random) -> li
     return chosen
 
 
-@dataclass(frozen=True)
-class SampledItem:
-    """A record as the dataset hands it to the collate: where it came from and a per-(item, epoch) seed."""
-
-    record: IRRecord | STSRecord
-    dataset: str
-    task: str
-    instruction: str | None
-    seed: int
-
-
-@dataclass
-class LengthLimits:
-    """Maximum token counts per text group."""
-
-    query: int = 64
-    passage: int = 256
-    sts: int = 128
-
-
 def choose_passages(positive_count: int, negative_count: int, n_positives: int, n_negatives: int, seed: int,
                     with_negatives: bool) -> tuple[list[int], list[int]]:
     """Positions of the positives and hard negatives one query trains with (SPEC §3), drawn from
@@ -68,82 +42,6 @@ def choose_passages(positive_count: int, negative_count: int, n_positives: int, 
     positives = pick_fixed_count(range(positive_count), n_positives, rng)
     negatives = pick_fixed_count(range(negative_count), n_negatives, rng) if with_negatives else []
     return positives, negatives
-
-
-class TaskCollator:
-    """Collate items of one task (or of both, for the `mixed` baseline); subclasses collate each task."""
-
-    def __call__(self, items: list) -> dict[str, Any]:
-        tasks = {item.task for item in items}
-        datasets = sorted({item.dataset for item in items})
-        if len(tasks) == 1 and len(datasets) == 1:
-            task = tasks.pop()
-            return self.collate_ir(items) if task == "ir" else self.collate_sts(items)
-        ir_items = [item for item in items if item.task == "ir"]
-        sts_items = [item for item in items if item.task == "sts"]
-        return {"task": "mixed", "dataset": "+".join(datasets),
-                "ir": self.collate_ir(ir_items) if ir_items else None,
-                "sts": self.collate_sts(sts_items) if sts_items else None}
-
-    def collate_ir(self, items: list) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def collate_sts(self, items: list) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class CoDiEmbCollator(TaskCollator):
-    """Collate `SampledItem`s (records as texts), tokenising each text group here (the in-memory path)."""
-
-    def __init__(self, tokenize: Callable[..., dict[str, torch.Tensor]], *, limits: LengthLimits,
-                 n_positives: int = 1, n_negatives: int = 0):
-        self.tokenize = tokenize
-        self.limits = limits
-        self.n_positives = n_positives
-        self.n_negatives = n_negatives
-
-    def collate_ir(self, items: list[SampledItem]) -> dict[str, Any]:
-        queries, positives, negatives, negative_mask, positive_ids, negative_ids = [], [], [], [], [], []
-        any_negatives = self.n_negatives > 0 and any(item.record.negatives for item in items)
-        for item in items:
-            record: IRRecord = item.record  # type: ignore[assignment]
-            pos_at, neg_at = choose_passages(len(record.positives), len(record.negatives), self.n_positives,
-                                             self.n_negatives, item.seed, any_negatives)
-            queries.append(record.query)
-            chosen_pos = [record.positives[i] for i in pos_at]
-            positives.extend(chosen_pos)
-            positive_ids.append([text_id(t) for t in chosen_pos])
-            if any_negatives:
-                chosen_neg = [record.negatives[i] for i in neg_at]
-                valid = [True] * len(chosen_neg) + [False] * (self.n_negatives - len(chosen_neg))
-                # padding slots repeat the first positive so every row has text; they are masked out.
-                chosen_neg = chosen_neg + [chosen_pos[0]] * (self.n_negatives - len(chosen_neg))
-                negatives.extend(chosen_neg)
-                negative_mask.append(valid)
-                negative_ids.append([text_id(t) for t in chosen_neg])
-        batch: dict[str, Any] = {
-            "task": "ir",
-            "dataset": items[0].dataset,
-            "query": self.tokenize(queries, self.limits.query, [item.instruction or "" for item in items]),
-            "positives": self.tokenize(positives, self.limits.passage),
-            "positive_ids": torch.tensor(positive_ids, dtype=torch.long),
-            "negatives": None, "negative_mask": None, "negative_ids": None,
-        }
-        if any_negatives:
-            batch["negatives"] = self.tokenize(negatives, self.limits.passage)
-            batch["negative_mask"] = torch.tensor(negative_mask, dtype=torch.bool)
-            batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
-        return batch
-
-    def collate_sts(self, items: list[SampledItem]) -> dict[str, Any]:
-        prefixes = [item.instruction or "" for item in items]
-        text1 = [item.record.text1 for item in items]  # type: ignore[union-attr]
-        text2 = [item.record.text2 for item in items]  # type: ignore[union-attr]
-        scores = [float(item.record.score) for item in items]  # type: ignore[union-attr]
-        return {"task": "sts", "dataset": items[0].dataset,
-                "text1": self.tokenize(text1, self.limits.sts, prefixes),
-                "text2": self.tokenize(text2, self.limits.sts, prefixes),
-                "scores": torch.tensor(scores, dtype=torch.float32)}
 
 
 @dataclass(frozen=True)
@@ -170,8 +68,10 @@ class TokenizedItem:
 
 @dataclass(frozen=True)
 class PaddingRule:
-    """How the tokenizer pads a batch: pad id, side, whether it returns `token_type_ids` (0 for one text),
-    and how many special tokens precede the text (`tokenize.leading_special_tokens`)."""
+    """The one padding rule of every batch the data layer builds (training, the probe, validation / test /
+    predict encoding): how the tokenizer pads, read from it. Pad id, side (left for decoder backbones, which
+    `model.decoder.prepare_tokenizer` sets; right otherwise), whether it returns `token_type_ids` (0 for one
+    text), and how many special tokens precede the text (`tokenize.leading_special_tokens`)."""
 
     pad_token_id: int
     left: bool
@@ -202,14 +102,41 @@ class PaddingRule:
         return encoded
 
 
-class TokenCollator(TaskCollator):
-    """Collate `TokenizedItem`s: select positives/negatives (as `CoDiEmbCollator` does), pad, mask prefixes.
-    The batches equal `CoDiEmbCollator`'s on the same records (tests/test_training_data_reference.py)."""
+def tokenize_texts(tokenizer, texts: list[str], max_length: int, prefixes: Sequence[str] | None = None,
+                   padding: PaddingRule | None = None) -> dict[str, torch.Tensor]:
+    """`prefixes[i] + texts[i]` as the token cache holds it (`token_ids.text_token_ids`: truncated to `max_length`,
+    over-long texts cut first to the same ids), padded by `padding` (default: `PaddingRule.of(tokenizer)`), with
+    `pooling_mask` leaving each prefix's tokens out when any prefix has tokens. What validation, test and
+    predict encode (`CoDiEmbDataModule.tokenize`)."""
+    joined = list(texts) if prefixes is None else [prefix + text for prefix, text in zip(prefixes, texts)]
+    counts = None if prefixes is None else [prefix_token_count(tokenizer, prefix) for prefix in prefixes]
+    return (padding or PaddingRule.of(tokenizer)).pad(text_token_ids(tokenizer, joined, max_length), counts)
+
+
+class TokenCollator:
+    """Collate `TokenizedItem`s: select positives/negatives (`choose_passages`), pad, mask prefixes.
+
+    Items of one task and sub-dataset give that task's batch; anything else (the `mixed` policy) gives
+    `{"task": "mixed", "ir": <IR batch>|None, "sts": <STS batch>|None}`. The batches equal, byte for byte,
+    those of tokenising the texts in the collate (the text path kept as the oracle of
+    tests/test_training_data_reference.py).
+    """
 
     def __init__(self, padding: PaddingRule, *, n_positives: int = 1, n_negatives: int = 0):
         self.padding = padding
         self.n_positives = n_positives
         self.n_negatives = n_negatives
+
+    def __call__(self, items: list[TokenizedItem]) -> dict[str, Any]:
+        tasks = {item.task for item in items}
+        datasets = sorted({item.dataset for item in items})
+        if len(tasks) == 1 and len(datasets) == 1:
+            return self.collate_ir(items) if tasks.pop() == "ir" else self.collate_sts(items)
+        ir_items = [item for item in items if item.task == "ir"]
+        sts_items = [item for item in items if item.task == "sts"]
+        return {"task": "mixed", "dataset": "+".join(datasets),
+                "ir": self.collate_ir(ir_items) if ir_items else None,
+                "sts": self.collate_sts(sts_items) if sts_items else None}
 
     def collate_ir(self, items: list[TokenizedItem]) -> dict[str, Any]:
         positives, negatives, negative_mask, positive_ids, negative_ids = [], [], [], [], []

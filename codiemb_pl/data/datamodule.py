@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
-from codiemb_pl.data.cache.tokens import TokenLimits
+from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.cache.entries import default_cache_dir
-from codiemb_pl.data.collate import PaddingRule, TokenCollator
+from codiemb_pl.data.collate import PaddingRule, TokenCollator, tokenize_texts
 from codiemb_pl.data.eval_builders import build_validation_sets
-from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.texts import read_texts
@@ -138,6 +138,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.val_sources = list(val or [])
         self.tokenizer_name = tokenizer
         self.tokenizer = None
+        self.padding: Optional[PaddingRule] = None  # how the tokenizer pads, read once
         self.length_cap = length_cap
         self.train_dataset: Optional[ArrowTrainingDataset] = None
         self.val_sets: list[ValidationSet] = []
@@ -162,10 +163,18 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             self.tokenizer = load_backbone_tokenizer(resolve_location(self.tokenizer_name))
         return self.tokenizer
 
+    def padding_rule(self) -> PaddingRule:
+        """How the tokenizer pads (`collate.PaddingRule`), read once."""
+        if self.padding is None:
+            self.padding = PaddingRule.of(self.load_tokenizer())
+        return self.padding
+
     def tokenize(self, texts: list[str], max_length: int, prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+        """`prefixes[i] + texts[i]` as token ids padded as training pads them (`collate.tokenize_texts`), at most
+        `max_length` (and the model's `length_cap`) tokens each."""
         if self.length_cap:
             max_length = min(max_length, self.length_cap)
-        return tokenize_with_prefixes(self.load_tokenizer(), texts, max_length, prefixes)
+        return tokenize_texts(self.load_tokenizer(), texts, max_length, prefixes, self.padding_rule())
 
     def evaluation_sets(self, sources: list[SourceConfig], where: str) -> list[ValidationSet]:
         """`data.val` / `data.test` sets with this module's instruction template and passage prefix."""
@@ -227,7 +236,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.sampler = self.build_sampler(world_size, rank, accumulate)
         tokenizer = self.load_tokenizer()
         self.train_dataset.tokenize(tokenizer, self.token_limits())  # once per cache entry; later runs open it
-        collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=self.hparams.n_positives,
+        collator = TokenCollator(self.padding_rule(), n_positives=self.hparams.n_positives,
                                  n_negatives=self.hparams.n_negatives)
         # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
         # resumed run's RNG stream would drift from the uninterrupted run's at the next epoch boundary

@@ -4,6 +4,10 @@ rows of plain dicts, each tagged with where it came from (`"file.jsonl:17"`, `"f
 Readers know nothing about tasks or column meanings; `sources.py` maps columns onto records.
 Text-file locations use 1-based line numbers; parquet and Hugging Face locations use the 0-based
 record index (what `df.iloc[i]` / `dataset[i]` take).
+
+JSON lines have one reader with two speeds: `read_json_columns` parses blocks of lines into Arrow columns
+(`pyarrow.json`, what the training-data cache builds from) and raises `NotColumnar` on anything it is not
+sure of; its fallback, `read_json_records`, goes row by row and names the first bad line.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 from codiemb_pl.errors import InputError
+
+if TYPE_CHECKING:  # pyarrow is imported where it is used
+    import pyarrow as pa
 
 EXTENSION_FORMATS: dict[str, str] = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv",
                                      ".parquet": "parquet"}
@@ -66,7 +73,7 @@ def read_rows(location: str, fmt: str, *, split: str | None = None, subset: str 
 
 def read_json_records(path: Path) -> Iterator[Row]:
     """JSON lines (one object per line, blank lines skipped); a `.json` file holding one array also works."""
-    if _starts_with_array(path):
+    if starts_with_array(path):
         yield from _read_json_array(path)
         return
     with path.open("rb") as handle:
@@ -113,7 +120,8 @@ def utf8_error(path: str | Path, error: UnicodeDecodeError) -> InputError:
     return not_utf8(f"{path}:{line_number}" if line_number else str(path), error)
 
 
-def _starts_with_array(path: Path) -> bool:
+def starts_with_array(path: Path) -> bool:
+    """Whether a JSON file holds one array (`[...]`) rather than one object per line."""
     with path.open("rb") as handle:
         head = handle.read(4096).decode("utf-8", errors="ignore").lstrip("\ufeff \t\r\n")
     return head.startswith("[")
@@ -137,6 +145,47 @@ def _require_object(value: Any, where: str) -> dict[str, Any]:
         raise InputError(where, f"expected a JSON object, got {type(value).__name__}",
                          'write each record as {"field": value, ...}')
     return value
+
+
+JSON_BLOCK_BYTES = 1 << 20
+"""Bytes of JSON parsed per column batch. Measured on 100k IR records (357 MB): 8 MB blocks held ~320 MB of
+Arrow memory at the peak of the cache build, 1 MB blocks ~40 MB, and built faster (16 s against 20 s)."""
+
+
+class NotColumnar(Exception):
+    """This file (or batch) needs the row-by-row reader (`read_json_records`), which decides whether it is valid."""
+
+
+def read_json_columns(path: Path, block_bytes: int = JSON_BLOCK_BYTES) -> tuple[list[str], Iterator[pa.RecordBatch]]:
+    """(column names, record batches) of a JSON-lines file, parsed `block_bytes` at a time by `pyarrow.json`.
+
+    Raises `NotColumnar` (now or while iterating) whenever the file is anything but plainly readable: a JSON
+    array file, a parse error, a string that is not valid UTF-8, a type that changes between blocks, no rows.
+    The caller then reads the file with `read_json_records`, which names the first bad line; so this path never
+    decides what is an error, it only reads valid files faster.
+    """
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if starts_with_array(path):
+        raise NotColumnar("a JSON array")
+    try:
+        reader = pj.open_json(str(path), read_options=pj.ReadOptions(block_size=block_bytes, use_threads=False))
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
+        raise NotColumnar(str(error)) from error
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        rows = 0
+        try:
+            for batch in reader:
+                batch.validate(full=True)  # pyarrow.json keeps undecodable bytes in strings: the row reader names them
+                rows += batch.num_rows
+                yield batch
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as error:
+            raise NotColumnar(str(error)) from error
+        if rows == 0:
+            raise NotColumnar("no rows")
+    return reader.schema.names, batches()
 
 
 def read_delimited(path: Path, delimiter: str) -> Iterator[Row]:
@@ -184,13 +233,14 @@ def read_hf_dataset(location: str, *, split: str | None = None, subset: str | No
     """Rows of one split of a Hugging Face dataset: a hub id, a local dataset folder or script, or a
     folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
     split = split or DEFAULT_HF_SPLIT
-    dataset = _load_hf_split(location, split, subset)
+    dataset = load_hf_split(location, split, subset)
     where_prefix = f"{location}[{split}]"
     for index, values in enumerate(dataset):
         yield Row(f"{where_prefix}: record {index}", dict(values))
 
 
-def _load_hf_split(location: str, split: str, subset: str | None) -> Any:
+def load_hf_split(location: str, split: str, subset: str | None) -> Any:
+    """One split of a Hugging Face dataset (`datasets.Dataset`): saved to disk, a local folder or script, or a hub id."""
     import datasets
 
     path = Path(location)

@@ -11,7 +11,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Union
+from typing import Any, Callable, Iterator, Literal, Optional
 
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
@@ -109,20 +109,11 @@ def detect_format(cfg: SourceConfig) -> tuple[str, str]:
     raise InputError(location, "no such file or folder", "check the path (relative paths start at the working folder)")
 
 
-def load_training_records(cfg: SourceConfig) -> Union[list[IRRecord], list[STSRecord]]:
-    """All validated records of a training source (IR or STS by `cfg.task`), after `max_samples`.
-
-    The records are Python objects in memory; training reads them from the Arrow cache instead
-    (`arrow_records.py`), which is built from the same validated stream (`iter_ir_records`, `iter_raw_sts_pairs`).
-    """
-    if cfg.task == "sts":
-        return load_sts_pairs(cfg)
-    return _subsample(list(iter_ir_records(cfg)), cfg)
-
-
 def iter_ir_records(cfg: SourceConfig) -> Iterator[IRRecord]:
     """Every record of an IR source, validated one row at a time, in file order (before `max_samples`);
-    bad input raises the same `InputError` as reading the whole source first (see `_validated_rows`)."""
+    bad input raises the same `InputError` as reading the whole source first (see `_validated_rows`).
+    Training data is read through its records table (`cache.records.open_records`), which streams this when
+    the column path is unsure (and for every format but JSON lines)."""
     location, fmt = detect_format(cfg)
     if fmt == "beir":
         _reject_columns_for_beir(cfg, location)
@@ -223,8 +214,9 @@ def subsample_positions(count: int, cfg: SourceConfig) -> list[int]:
     return positions if cfg.max_samples is None else positions[:cfg.max_samples]
 
 
-def _column_candidates(field: str, aliases: dict[str, tuple[str, ...]],
-                       columns: Optional[dict[str, str]]) -> tuple[str, ...]:
+def column_candidates(field: str, aliases: dict[str, tuple[str, ...]],
+                      columns: Optional[dict[str, str]]) -> tuple[str, ...]:
+    """The source columns that may hold our `field`: the one `columns` maps it to, else its aliases in order."""
     if columns and field in columns:
         return (columns[field],)
     return aliases[field]
@@ -243,7 +235,7 @@ def _field_value(row: Row, field: str, candidates: tuple[str, ...], *, required:
 
 def _ir_record(row: Row, columns: Optional[dict[str, str]], decode_json: bool) -> IRRecord:
     def value(field: str, required: bool) -> Any:
-        return _field_value(row, field, _column_candidates(field, IR_FIELD_ALIASES, columns), required=required)
+        return _field_value(row, field, column_candidates(field, IR_FIELD_ALIASES, columns), required=required)
 
     query = _single_text(value("query", True), row.where, "query")
     positives = _text_list(value("positives", True), row.where, "positives", decode_json)
@@ -256,7 +248,7 @@ def _ir_record(row: Row, columns: Optional[dict[str, str]], decode_json: bool) -
 def _raw_sts_pair(row: Row, columns: Optional[dict[str, str]]) -> tuple[str, str, str, float]:
     """(where, text1, text2, raw score) of one row; the score is normalised once the range is known."""
     def value(field: str) -> Any:
-        return _field_value(row, field, _column_candidates(field, STS_FIELD_ALIASES, columns), required=True)
+        return _field_value(row, field, column_candidates(field, STS_FIELD_ALIASES, columns), required=True)
 
     return (row.where, _single_text(value("text1"), row.where, "text1"),
             _single_text(value("text2"), row.where, "text2"), _score(value("score"), row.where))

@@ -1,5 +1,6 @@
-"""Instruction prefixes: tokenising `prefix + text`, and the one rule that leaves the prefix's tokens out
-of pooling (the template that makes an instruction a prefix is `data.instructions`, re-exported here).
+"""Instruction prefixes: the one rule that leaves the prefix's tokens out of pooling (the template that makes
+an instruction a prefix is `data.instructions`; `prefix + text` is tokenised by `collate.tokenize_texts` and the
+token cache).
 
 SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still attended to". For a
 text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone) and the tokenizer's
@@ -15,13 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where it is used: `codiemb evaluate --help` needs only the template
     import torch
-
-from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix  # noqa: F401  (re-exported)
-from codiemb_pl.data.text_bound import bound_for_tokenizer
 
 
 def leading_special_tokens(tokenizer) -> int:
@@ -63,18 +61,3 @@ def prefix_pooling_mask(attention_mask: torch.Tensor, prefix_tokens: Sequence[in
     stop = torch.where(counts > 0, stop, start)
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
     return mask.masked_fill((positions >= start) & (positions < stop), 0)
-
-
-def tokenize_with_prefixes(tokenizer, texts: list[str], max_length: int,
-                           prefixes: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
-    """Tokenise `prefix + text` with dynamic padding; add `pooling_mask` when any prefix is non-empty. Texts
-    beyond `text_bound.char_bound(max_length)` characters are cut first (the ids stay the same)."""
-    if prefixes is None or not any(prefixes):
-        texts = bound_for_tokenizer(tokenizer, texts, max_length)
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-    joined = bound_for_tokenizer(tokenizer, [prefix + text for prefix, text in zip(prefixes, texts)], max_length)
-    encoded = dict(tokenizer(joined, padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
-    encoded["pooling_mask"] = prefix_pooling_mask(encoded["attention_mask"],
-                                                  [prefix_token_count(tokenizer, prefix) for prefix in prefixes],
-                                                  leading_special_tokens(tokenizer))
-    return encoded

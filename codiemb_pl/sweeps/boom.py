@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 
 from codiemb_pl.storage.atomic import atomic_write_text
-from codiemb_pl.data.records import IRRecord, STSRecord
-from codiemb_pl.data.sources import SourceConfig, load_training_records
+from codiemb_pl.data.cache.records import opened_records, record_count
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.keys import key_seed
 from codiemb_pl.sweeps.sweep import (CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, MERGE_MANIFEST,
@@ -89,27 +89,21 @@ def subset_indices(total: int, fraction: float, seed: int, source_name: str) -> 
     return sorted(rng.sample(range(total), subset_size(total, fraction)))
 
 
-def record_json(record: IRRecord | STSRecord) -> dict[str, Any]:
-    """A record as a jsonl row our readers read back identically (STS scores already in [0, 1])."""
-    if isinstance(record, IRRecord):
-        return {"query": record.query, "positives": list(record.positives), "negatives": list(record.negatives)}
-    return {"text1": record.text1, "text2": record.text2, "score": record.score}
-
-
 def write_subset_sources(sources: Sequence[SourceConfig], fraction: float, seed: int,
                          folder: str | Path) -> list[SourceConfig]:
     """Write each source's seeded subset to `folder/<name>.jsonl`; return sources reading those files.
 
-    The subset is drawn from the records the source yields (after its own `max_samples`); name, task,
-    instruction and batch size are kept; STS files hold normalised scores (`score_range: [0, 1]`).
+    The subset is drawn from the records the source yields (after its own `max_samples`), read from its
+    records table (`RecordTable.json_rows`); name, task, instruction and batch size are kept; STS files hold
+    normalised scores (`score_range: [0, 1]`).
     """
     folder = Path(folder)
     subset_sources = []
     for source in sources:
-        records = load_training_records(source)
-        chosen = [records[i] for i in subset_indices(len(records), fraction, seed, source.name)]
         path = folder / f"{source.name}.jsonl"
-        atomic_write_text(path, "".join(json.dumps(record_json(r), ensure_ascii=False) + "\n" for r in chosen))
+        with opened_records(source) as records:
+            chosen = records.json_rows(subset_indices(len(records), fraction, seed, source.name))
+            atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen))
         subset_sources.append(SourceConfig(name=source.name, task=source.task, path=str(path.resolve()),
                                            format="jsonl", score_range=[0.0, 1.0] if source.task == "sts" else None,
                                            instruction=source.instruction, batch_size=source.batch_size))
@@ -240,7 +234,7 @@ def plan_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_
                            [run_overrides(UPDATE_RUN, list(new_sources) + old_sample, seed)], fusion,
                            {"incremental": True, "old_fraction": old_fraction, "seed": seed,
                             "update_weight": update_weight})
-    return plan, {s.name: len(load_training_records(s)) for s in old_sample}
+    return plan, {s.name: record_count(s) for s in old_sample}
 
 
 def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],

@@ -23,8 +23,9 @@ import torch
 
 from codiemb_pl.storage.atomic import atomic_write_text
 from codiemb_pl.data.beir import CORPUS_FILE, document_text, is_beir_folder, load_beir_corpus, read_beir_corpus
+from codiemb_pl.data.cache.records import opened_records
 from codiemb_pl.data.readers import read_json_records, utf8_error
-from codiemb_pl.data.sources import SourceConfig, load_training_records
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.retrieval import rank_corpus
 
@@ -145,10 +146,13 @@ def load_beir_mining_set(folder: str | Path, split: str) -> tuple[list[MiningQue
 
 def load_ir_file(path: str | Path) -> tuple[list[MiningQuery], list[str]]:
     """Queries with their positives, and every negative text already there, from an IR file
-    (jsonl/csv/tsv/parquet with query + positives [+ negatives])."""
-    records = load_training_records(SourceConfig(name=Path(path).name, task="ir", path=str(path)))
-    queries = [MiningQuery(query=record.query, positives=tuple(record.positives)) for record in records]
-    return queries, [text for record in records for text in record.negatives]
+    (jsonl/csv/tsv/parquet with query + positives [+ negatives]), read as training reads it (its records table)."""
+    queries, negatives = [], []
+    with opened_records(SourceConfig(name=Path(path).name, task="ir", path=str(path))) as records:
+        for row in records.json_rows(range(len(records))):
+            queries.append(MiningQuery(query=row["query"], positives=tuple(row["positives"])))
+            negatives += row["negatives"]
+    return queries, negatives
 
 
 def corpus_from_queries(queries: Sequence[MiningQuery], extra_texts: Sequence[str] = ()) -> dict[str, str]:

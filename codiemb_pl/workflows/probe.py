@@ -10,8 +10,8 @@ probe set drawn from training sources of BOTH tasks, each probe batch scored by 
     minimise  mean over steps of  L_task(batch; θ(a, λ)) + μ·λ     (Adam on the raw scalars only)
 
 The encoder runs with the merged parameters through `torch.func.functional_call`, so gradients reach
-a and λ while the encoder itself stays frozen. Probe batches are tokenised once with the training
-collate code and cycled, IR and STS batches interleaved.
+a and λ while the encoder itself stays frozen. Probe batches come from training's data path (records table,
+token ids, `TokenCollator`), built once and cycled, IR and STS batches interleaved.
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from codiemb_pl.data.collate import CoDiEmbCollator, LengthLimits, SampledItem
-from codiemb_pl.data.sources import SourceConfig, load_training_records
-from codiemb_pl.data.tokenize import INSTRUCTION_TEMPLATE, instruction_prefix, tokenize_with_prefixes
+from codiemb_pl.data.cache.dataset import tokenized_items
+from codiemb_pl.data.cache.records import RecordTable, opened_records
+from codiemb_pl.data.cache.token_ids import TokenLimits
+from codiemb_pl.data.collate import PaddingRule, TokenCollator
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
@@ -38,6 +42,7 @@ from codiemb_pl.losses.sts import STSLossConfig
 PROBE_POSITIVES = 1
 PROBE_NEGATIVES = 3
 PROBE_TEMPERATURE = 0.02
+PROBE_LIMITS = TokenLimits(query=64, passage=256, sts=128)
 DEFAULT_INSTRUCTION_TEMPLATE = INSTRUCTION_TEMPLATE
 # How a checkpoint may name the encoder parameter `model.X`: as is, Hugging Face export (`X`),
 # Lightning checkpoint of CoDiEmbModule (`encoder.model.X`).
@@ -63,36 +68,51 @@ def encoder_view(checkpoint: Checkpoint, dtypes: Mapping[str, torch.dtype], labe
                             f"{sorted(KEY_STYLES)})", "merge checkpoints of the same base model")
 
 
-def sample_probe_records(source: SourceConfig, probe_size: int, seed: int) -> list:
-    """`probe_size` records of `source` chosen with a seeded draw (all of them when it is smaller)."""
-    records = load_training_records(source)
-    rng = random.Random(key_seed(seed, source.name))
-    return rng.sample(records, min(probe_size, len(records)))
+def sample_probe_records(records: RecordTable, probe_size: int, seed: int, name: str) -> list[int]:
+    """Indices of `probe_size` records of the source `name` chosen with a seeded draw (all of them when it is
+    smaller), in draw order."""
+    rng = random.Random(key_seed(seed, name))
+    return rng.sample(range(len(records)), min(probe_size, len(records)))
+
+
+def as_token_limits(limits: TokenLimits | Mapping[str, int] | None) -> TokenLimits:
+    """`limits` (`TokenLimits`, or a mapping with `query`, `passage`, `sts` as a fusion config gives it), else
+    `PROBE_LIMITS`."""
+    if limits is None:
+        return PROBE_LIMITS
+    if isinstance(limits, Mapping):
+        unknown = sorted(set(limits) - {"query", "passage", "sts"})
+        if unknown:
+            raise InputError("self_positioning.limits", f"unknown key(s) {unknown}", "use query, passage and sts")
+        return TokenLimits(**{**PROBE_LIMITS.__dict__, **limits})
+    return limits
 
 
 def build_probe_batches(tokenizer, probe_sources: Sequence[SourceConfig], *, probe_size: int = 64,
-                        batch_size: int = 16, seed: int = 0, limits: LengthLimits | None = None,
-                        instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE) -> list[dict[str, Any]]:
-    """Tokenised probe batches (training collate format), one task and source per batch, sources interleaved.
+                        batch_size: int = 16, seed: int = 0, limits: TokenLimits | Mapping[str, int] | None = None,
+                        instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE,
+                        cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """Probe batches as training collates them, one task and source per batch, sources interleaved.
 
     Each source gives `probe_size` seeded records cut into batches of `batch_size` (a last batch of
-    fewer than 2 items is dropped: STS correlations and InfoNCE need at least 2).
+    fewer than 2 items is dropped: STS correlations and InfoNCE need at least 2). The records come from the
+    source's records table (`cache_dir`, else a temporary one); their token ids are computed as the token
+    cache computes them, with the source's instruction prefix on queries / STS sentences.
     """
     if not probe_sources:
         raise InputError("self_positioning.probe_sources", "no probe sources", "pass at least one SourceConfig")
     if probe_size < 2 or batch_size < 2:
         raise InputError("self_positioning", f"probe_size={probe_size}, batch_size={batch_size}",
                          "use probe_size >= 2 and batch_size >= 2")
-    collator = CoDiEmbCollator(lambda texts, length, prefixes=None: tokenize_with_prefixes(tokenizer, texts, length,
-                                                                                             prefixes),
-                               limits=limits or LengthLimits(), n_positives=PROBE_POSITIVES,
-                               n_negatives=PROBE_NEGATIVES)
+    collator = TokenCollator(PaddingRule.of(tokenizer), n_positives=PROBE_POSITIVES, n_negatives=PROBE_NEGATIVES)
+    limits = as_token_limits(limits)
     per_source: list[list[dict[str, Any]]] = []
     for source in probe_sources:
-        prefix = instruction_prefix(source.instruction, instruction_template) or None
-        records = sample_probe_records(source, probe_size, seed)
-        items = [SampledItem(record=record, dataset=source.name, task=source.task, instruction=prefix,
-                             seed=key_seed(seed, f"{source.name}:{index}")) for index, record in enumerate(records)]
+        with opened_records(source, Path(cache_dir) if cache_dir is not None else None) as records:
+            chosen = sample_probe_records(records, probe_size, seed, source.name)
+            items = tokenized_items(records, chosen, [key_seed(seed, f"{source.name}:{k}") for k in range(len(chosen))],
+                                    tokenizer, limits, instruction_prefix(source.instruction, instruction_template),
+                                    source.name)
         chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
         per_source.append([collator(chunk) for chunk in chunks if len(chunk) >= 2])
     interleaved = [batches[i] for i in range(max(map(len, per_source))) for batches in per_source if i < len(batches)]
@@ -137,7 +157,7 @@ def self_positioning_merge(base_dir_or_state: str | os.PathLike | Mapping[str, T
                            steps: int = 1000, lr: float = 5e-3, mu: float = 0.0, probe_size: int = 64,
                            probe_batch_size: int = 16, seed: int = 0, model_dir: str | os.PathLike | None = None,
                            ir_temperature: float = PROBE_TEMPERATURE, sts_config: STSLossConfig | None = None,
-                           limits: LengthLimits | None = None, init: float = 1.0,
+                           limits: TokenLimits | Mapping[str, int] | None = None, init: float = 1.0,
                            instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE,
                            encoder_kwargs: Mapping[str, Any] | None = None
                            ) -> tuple[dict[str, Tensor], dict[str, Any]]:

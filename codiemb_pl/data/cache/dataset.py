@@ -3,22 +3,27 @@ the sampler's `(global_index, epoch)` keys, each item read from the memory-mappe
 
 No texts are held as Python objects: an item is one row's token ids, read when the collate asks for it.
 The dataset pickles as file paths (`MappedTable`), so DataLoader workers map the same files.
+`tokenized_items` gives a few chosen records as the same items without a token cache (Self Positioning's probe).
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
+import pyarrow as pa
 from torch.utils.data import Dataset
 
 from codiemb_pl.data.cache.records import RecordTable, open_records
-from codiemb_pl.data.cache.tokens import TokenLimits, open_tokens
+from codiemb_pl.data.cache.token_ids import TokenLimits, reference_encoder, token_batch
+from codiemb_pl.data.cache.tokens import open_tokens
 from codiemb_pl.data.cache.entries import MappedTable
 from codiemb_pl.data.collate import TokenizedItem
 from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.data.tokenize import prefix_token_count
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -70,14 +75,34 @@ class ArrowTrainingDataset(Dataset):
             raise RuntimeError("ArrowTrainingDataset.tokenize(...) must run before items are read")
         global_index, epoch = key
         source, local = self.locate(global_index)
-        records, row = self.records[source], self.records[source].row(local)
-        tokens, texts = self.tokens[source].column, records.mapped.column
-        common = dict(dataset=self.names[source], task=self.tasks[source], prefix_tokens=self.prefix_tokens[source],
-                      seed=item_seed(self.seed, epoch, global_index))
-        if self.tasks[source] == "ir":
-            return TokenizedItem(**common, query=tokens("query")[row].as_py(),
-                                 positives=tokens("positives")[row].as_py(), negatives=tokens("negatives")[row].as_py(),
-                                 positive_text_ids=texts("positive_text_ids")[row].as_py(),
-                                 negative_text_ids=texts("negative_text_ids")[row].as_py())
-        return TokenizedItem(**common, text1=tokens("text1")[row].as_py(), text2=tokens("text2")[row].as_py(),
-                             score=records.normalised_score(texts("score")[row].as_py()))
+        row = self.records[source].row(local)
+        return read_item(self.records[source], self.tokens[source].column, row, row, dataset=self.names[source],
+                         prefix_tokens=self.prefix_tokens[source], seed=item_seed(self.seed, epoch, global_index))
+
+
+def read_item(records: RecordTable, tokens: Callable[[str], pa.ChunkedArray | pa.Array], record_row: int,
+              token_row: int, *, dataset: str, prefix_tokens: int, seed: int) -> TokenizedItem:
+    """The item of table row `record_row` of `records`, its ids at row `token_row` of the token columns `tokens`."""
+    texts = records.mapped.column
+    common = dict(dataset=dataset, task=records.meta["task"], prefix_tokens=prefix_tokens, seed=seed)
+    if records.meta["task"] == "ir":
+        return TokenizedItem(**common, query=tokens("query")[token_row].as_py(),
+                             positives=tokens("positives")[token_row].as_py(),
+                             negatives=tokens("negatives")[token_row].as_py(),
+                             positive_text_ids=texts("positive_text_ids")[record_row].as_py(),
+                             negative_text_ids=texts("negative_text_ids")[record_row].as_py())
+    return TokenizedItem(**common, text1=tokens("text1")[token_row].as_py(), text2=tokens("text2")[token_row].as_py(),
+                         score=records.normalised_score(texts("score")[record_row].as_py()))
+
+
+def tokenized_items(records: RecordTable, indices: Sequence[int], seeds: Sequence[int], tokenizer,
+                    limits: TokenLimits, prefix: str, dataset: str) -> list[TokenizedItem]:
+    """The run's `indices`-th records of `records` as items (seed `seeds[k]` for the k-th), their ids computed now
+    as the token cache computes them (`token_ids.reference_encoder`: `tokenizer(prefix + text, truncation=True,
+    max_length=L)`), for a few records that do not warrant a token table."""
+    rows = records.table_rows(indices)
+    tokens = token_batch(reference_encoder(tokenizer), records.table.take(pa.array(rows)), records.meta["task"], limits,
+                         prefix)
+    count = prefix_token_count(tokenizer, prefix)
+    return [read_item(records, tokens.column, int(row), position, dataset=dataset, prefix_tokens=count, seed=seed)
+            for position, (row, seed) in enumerate(zip(rows, seeds))]

@@ -85,11 +85,17 @@ def list_array(ids: list[list[int]]) -> pa.ListArray:
     return _list_array([_flat(ids)])
 
 
+def text_token_ids(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """The definition: `tokenizer(texts, truncation=True, max_length=L)["input_ids"]` (texts beyond
+    `text_bound.char_bound(L)` characters are cut first, to the same ids)."""
+    texts = bound_for_tokenizer(tokenizer, texts, max_length)
+    return tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+
+
 def reference_encoder(tokenizer) -> Encode:
-    """The definition: `tokenizer(texts, truncation=True, max_length=L)["input_ids"]`."""
+    """`Encode` by the definition, `text_token_ids`."""
     def encode(texts: list[str], max_length: int) -> pa.Array:
-        texts = bound_for_tokenizer(tokenizer, texts, max_length)
-        return list_array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else [])
+        return list_array(text_token_ids(tokenizer, texts, max_length))
     return encode
 
 
