@@ -345,7 +345,7 @@ if path == "arrow":
         for index in range(len(table)):
             table.record(index)
 else:
-    from codiemb_pl.data.sources import load_training_records
+    from codiemb_pl.data.sources import load_training_records  # the baseline commit's in-memory path (PYTHONPATH)
     tables = [load_training_records(s) for s in sources]
     opened = time.time()
     for records in tables:

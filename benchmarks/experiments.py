@@ -73,10 +73,10 @@ from codiemb_pl.storage.atomic import atomic_write_text  # noqa: E402
 from codiemb_pl.cli.main import main as codiemb_main  # noqa: E402
 from codiemb_pl.data.cache.records import opened_records, record_count  # noqa: E402
 from codiemb_pl.data.sources import SourceConfig  # noqa: E402
-from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
 from codiemb_pl.evaluation.suite import summary_metrics  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
-from codiemb_pl.data.eval_builders import build_validation_sets  # noqa: E402
+from codiemb_pl.data.eval_builders import build_eval_sets  # noqa: E402
 
 SUITE_BEGIN, SUITE_END = "<!-- suite-v2:begin -->", "<!-- suite-v2:end -->"
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis-v2:begin -->", "<!-- analysis-v2:end -->"
@@ -152,8 +152,8 @@ def compare(a: list[float], b: list[float]) -> dict[str, Any]:
     return {"difference": difference, "sd": sd, "verdict": verdict}
 
 
-def subsample_ir_set(vset: ValidationSet, query_ids: list[str], max_documents: Optional[int], seed: int,
-                     name: Optional[str] = None) -> ValidationSet:
+def subsample_ir_set(vset: EvalSet, query_ids: list[str], max_documents: Optional[int], seed: int,
+                     name: Optional[str] = None) -> EvalSet:
     """`vset` on `query_ids` over a corpus of every document judged for them plus seeded random distractors,
     `max_documents` in all (None: the whole corpus). Scoring stays the library's; this only picks the texts."""
     queries = set(query_ids)
@@ -218,8 +218,8 @@ class Suite:
         self.specs = {spec.name: spec for spec in suite_runs(budgets)}
         self.set_configs = self.evaluation_set_configs()
         self.set_keys = {c["name"]: config_key(c) for c in self.set_configs}
-        self._sets: Optional[dict[str, ValidationSet]] = None
-        self._dev_sets: Optional[list[ValidationSet]] = None
+        self._sets: Optional[dict[str, EvalSet]] = None
+        self._dev_sets: Optional[list[EvalSet]] = None
         self._sizes: Optional[dict[str, int]] = None
 
     # -- configs and keys ---------------------------------------------------------------------------------
@@ -251,29 +251,29 @@ class Suite:
         return unit_config(self.model, self.budgets, self.specs[name].train, seed, subset)
 
     # -- data -----------------------------------------------------------------------------------------------
-    def sets(self) -> dict[str, ValidationSet]:
+    def sets(self) -> dict[str, EvalSet]:
         """The test sets; an IR set's corpus is every judged document + seeded distractors (`ir_max_documents`)."""
         if self._sets is None:
             sources = [SourceConfig(name=c["name"], task="sts", path=str(self.data_path(c["path"])),
                                     score_range=c["score_range"], max_samples=c["max_samples"]) if c["task"] == "sts"
                        else SourceConfig(name=c["name"], task="ir", path=str(self.data_path(c["path"])),
                                          split=c["split"], max_samples=c["max_queries"]) for c in self.set_configs]
-            built = build_validation_sets(sources, where="evaluation sets")
+            built = build_eval_sets(sources, where="evaluation sets")
             budget = self.budgets.eval
             self._sets = {vset.name: vset if vset.task == "sts" else
                           subsample_ir_set(vset, vset.query_ids, budget.ir_max_documents, budget.documents_seed)
                           for vset in built}
         return self._sets
 
-    def dev_sets(self) -> list[ValidationSet]:
+    def dev_sets(self) -> list[EvalSet]:
         """Greedy soup's selection sets: STS-B dev pairs and SciFact train queries that no training run saw
         (the training subset is the same at every seed), over their judged documents + distractors."""
         if self._dev_sets is None:
             budget = self.budgets.eval
-            stsb = build_validation_sets([SourceConfig(name="stsb_dev", task="sts", path=str(self.data / "sts/stsb/dev.jsonl"),
+            stsb = build_eval_sets([SourceConfig(name="stsb_dev", task="sts", path=str(self.data / "sts/stsb/dev.jsonl"),
                                                        score_range=[0, 5], max_samples=budget.dev_sts_samples,
                                                        seed=budget.documents_seed)], where="greedy soup's dev sets")
-            scifact = build_validation_sets([SourceConfig(name="scifact_dev", task="ir", path=str(self.data / "ir/scifact"),
+            scifact = build_eval_sets([SourceConfig(name="scifact_dev", task="ir", path=str(self.data / "ir/scifact"),
                                                           split="train")], where="greedy soup's dev sets")[0]
             with opened_records(self.train_source_config("scifact")) as records:
                 trained = {row["query"] for row in records.json_rows(range(len(records)))}

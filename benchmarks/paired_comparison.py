@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codiemb_pl.workflows.evaluation import load_sets, set_embeddings  # noqa: E402
-from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
 from codiemb_pl.model.device import add_device_argument, resolve_device  # noqa: E402
 from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.evaluation.retrieval import per_query_retrieval_metrics  # noqa: E402
@@ -39,7 +39,7 @@ IR_METRIC = "ndcg_at_10"
 HEADLINE = {"ir": IR_METRIC, "sts": "cosine_spearman"}
 
 
-def item_values(vset: ValidationSet, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+def item_values(vset: EvalSet, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-item values the set's metric is built from, given its embeddings: per-query nDCG@10 (IR, queries
     sorted by id) or the cosine of each pair (STS)."""
     if vset.task == "sts":
@@ -49,12 +49,12 @@ def item_values(vset: ValidationSet, embeddings: dict[str, torch.Tensor]) -> tor
     return torch.tensor([per_query[query][IR_METRIC] for query in sorted(per_query)], dtype=torch.float64)
 
 
-def set_items(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> torch.Tensor:
+def set_items(encoder: TextEncoder, vset: EvalSet, batch_size: int) -> torch.Tensor:
     """`item_values` of `encoder` on `vset`."""
     return item_values(vset, set_embeddings(encoder, vset, batch_size))
 
 
-def set_metric(vset: ValidationSet, items: torch.Tensor, rows: torch.Tensor) -> float:
+def set_metric(vset: EvalSet, items: torch.Tensor, rows: torch.Tensor) -> float:
     """The headline metric on the items `rows` (a bootstrap resample, or all of them)."""
     if vset.task == "sts":
         gold = torch.tensor(vset.gold, dtype=torch.float64)
@@ -62,7 +62,7 @@ def set_metric(vset: ValidationSet, items: torch.Tensor, rows: torch.Tensor) -> 
     return float(items[rows].mean())
 
 
-def paired_bootstrap(vset: ValidationSet, items_a: torch.Tensor, items_b: torch.Tensor, resamples: int,
+def paired_bootstrap(vset: EvalSet, items_a: torch.Tensor, items_b: torch.Tensor, resamples: int,
                      seed: int) -> dict[str, float]:
     """Metric of A and B (×100), A − B, its 95 % percentile interval and P(A > B) over `resamples` draws."""
     n = items_a.shape[0]
@@ -88,7 +88,7 @@ def percentile_interval(differences: list[float]) -> tuple[float, float]:
     return ordered[int(0.025 * (n - 1))], ordered[int(math.ceil(0.975 * (n - 1)))]
 
 
-def paired_bootstrap_sets(sets: list[tuple[ValidationSet, torch.Tensor, torch.Tensor]], resamples: int, seed: int
+def paired_bootstrap_sets(sets: list[tuple[EvalSet, torch.Tensor, torch.Tensor]], resamples: int, seed: int
                           ) -> dict[str, dict[str, float]]:
     """`paired_bootstrap` of every set plus `overall`, all from the same draws: each resample draws every
     set's items with replacement (A and B alike) and `overall` is `evaluation.suite.summary_metrics`'s

@@ -50,7 +50,7 @@ from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
 from codiemb_pl.data.records import IRCorpus  # noqa: E402
 from codiemb_pl.data.cache.records import opened_records  # noqa: E402
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus  # noqa: E402
-from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
 from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
 
@@ -176,14 +176,14 @@ def encode_theirs(st_model, texts: list[str], batch_size: int) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-def evaluation_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> float:
+def evaluation_seconds(encoder: TextEncoder, vset: EvalSet, batch_size: int) -> float:
     start = time.perf_counter()
     evaluate_sets(encoder, [vset], batch_size=batch_size)
     synchronize(str(encoder.device))
     return time.perf_counter() - start
 
 
-def encode_only_seconds(encoder: TextEncoder, vset: ValidationSet, batch_size: int) -> float:
+def encode_only_seconds(encoder: TextEncoder, vset: EvalSet, batch_size: int) -> float:
     start = time.perf_counter()
     for texts in vset.texts.values():
         encoder.encode(texts, batch_size=batch_size)
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     scifact = Path(args.scifact)
     pairs = training_pairs(scifact)
     corpus = evaluation_corpus(scifact, args.eval_extra_docs)
-    vset = ValidationSet.from_ir("scifact_test", corpus)
+    vset = EvalSet.from_ir("scifact_test", corpus)
     documents = random.Random(0).sample(sorted(corpus.corpus.values()), min(args.encode_texts, len(corpus.corpus)))
     encoder = TextEncoder(model, max_seq_length=args.max_length).to(args.device)
     from sentence_transformers import SentenceTransformer

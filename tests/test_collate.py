@@ -12,7 +12,7 @@ from codiemb_pl.data.cache.records import text_id
 from codiemb_pl.data.collate import PaddingRule, TokenCollator, TokenizedItem, pick_fixed_count, tokenize_texts
 from codiemb_pl.data.records import IRCorpus, STSRecord
 from codiemb_pl.data.tokenize import leading_special_tokens
-from codiemb_pl.data.eval_sets import EmbeddingBuffers, ValidationSet, plan_validation_chunks
+from codiemb_pl.data.eval_sets import EmbeddingBuffers, EvalSet, plan_eval_chunks
 from conftest import minilm_path
 
 
@@ -113,12 +113,12 @@ def test_sts_and_mixed_collate(tokenizer):
 
 
 def test_validation_chunks_cover_every_text_once_across_ranks():
-    sets = [ValidationSet.from_sts("s", [STSRecord(f"a{i}" * (i % 5 + 1), f"b{i}", 0.5) for i in range(23)]),
-            ValidationSet.from_ir("r", IRCorpus(queries={f"q{i}": f"query {i}" for i in range(7)},
+    sets = [EvalSet.from_sts("s", [STSRecord(f"a{i}" * (i % 5 + 1), f"b{i}", 0.5) for i in range(23)]),
+            EvalSet.from_ir("r", IRCorpus(queries={f"q{i}": f"query {i}" for i in range(7)},
                                                 corpus={f"d{i}": "doc " * (i + 1) for i in range(11)},
                                                 qrels={"q0": {"d0": 1}}))]
     for world in (1, 2, 3):
-        per_rank = [plan_validation_chunks(sets, 4, world, rank) for rank in range(world)]
+        per_rank = [plan_eval_chunks(sets, 4, world, rank) for rank in range(world)]
         assert len({len(chunks) for chunks in per_rank}) == 1  # equal step counts on every rank
         seen = {}
         for chunks in per_rank:
@@ -128,7 +128,7 @@ def test_validation_chunks_cover_every_text_once_across_ranks():
                     seen[(chunk.set_index, chunk.field, row)] += 1
         expected = {(i, f, r) for i, s in enumerate(sets) for f, texts in s.texts.items() for r in range(len(texts))}
         assert set(seen) == expected
-    one_rank = plan_validation_chunks(sets, 4)
+    one_rank = plan_eval_chunks(sets, 4)
     for chunk in one_rank:  # length-sorted inside a field
         texts = sets[chunk.set_index].texts[chunk.field]
         lengths = [len(texts[r]) for r in chunk.rows]
@@ -136,7 +136,7 @@ def test_validation_chunks_cover_every_text_once_across_ranks():
 
 
 def test_embedding_buffers_average_repeated_rows_and_detect_gaps():
-    sets = [ValidationSet.from_sts("s", [STSRecord("a", "b", 0.5), STSRecord("c", "d", 0.2)])]
+    sets = [EvalSet.from_sts("s", [STSRecord("a", "b", 0.5), STSRecord("c", "d", 0.2)])]
     buffers = EmbeddingBuffers(sets, dim=2)
     buffers.add(0, "text1", torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
     buffers.add(0, "text1", torch.tensor([1]), torch.tensor([[0.0, 1.0]]))  # a padded repeat

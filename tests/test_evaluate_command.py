@@ -11,7 +11,7 @@ import pytest
 from conftest import build_tiny_bert
 from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES
 from codiemb_pl.evaluation.suite import evaluate_encoder
@@ -68,8 +68,8 @@ def test_json_has_mteb_names_and_equals_the_evaluation_suite(tiny_model_dir, dat
     assert set(results) == {"pairs", "beir"}
     assert set(results["pairs"]) == STS_NAMES and set(results["beir"]) == IR_NAMES
 
-    sets = [ValidationSet.from_sts("pairs", load_sts_pairs(SourceConfig("pairs", "sts", str(data["sts"])))),
-            ValidationSet.from_ir("beir", load_ir_corpus(SourceConfig("beir", "ir", str(data["beir"]))))]
+    sets = [EvalSet.from_sts("pairs", load_sts_pairs(SourceConfig("pairs", "sts", str(data["sts"])))),
+            EvalSet.from_ir("beir", load_ir_corpus(SourceConfig("beir", "ir", str(data["beir"]))))]
     expected, summary = evaluate_encoder(TextEncoder(str(tiny_model_dir)), sets, batch_size=7)
     for name, metrics in expected.items():
         for metric, value in metrics.items():
@@ -84,7 +84,7 @@ def test_split_selects_the_qrels_file(tiny_model_dir, data, tmp_path, capsys):
     assert code == 0
     dev = json.loads(output.read_text())["dev"]
     corpus = load_ir_corpus(SourceConfig("dev", "ir", str(data["beir"]), split="dev"))
-    expected, _ = evaluate_encoder(TextEncoder(str(tiny_model_dir)), [ValidationSet.from_ir("dev", corpus)])
+    expected, _ = evaluate_encoder(TextEncoder(str(tiny_model_dir)), [EvalSet.from_ir("dev", corpus)])
     assert dev == pytest.approx(expected["dev"], abs=1e-6)
     assert dev["recall_at_100"] == 1.0          # one judged query, six documents: always retrieved
 

@@ -21,7 +21,7 @@ import experiment_runs  # noqa: E402
 import experiments  # noqa: E402
 import paired_comparison  # noqa: E402
 
-from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
 
 DEMO = Path(__file__).resolve().parents[1] / "codiemb_pl" / "demo"
 RUNS = ["cross_delta_fusion", "cross_uniform_soup", "cross_greedy_soup"]
@@ -161,9 +161,9 @@ def test_mean_sd_and_the_tie_rule():
 
 
 def test_paired_bootstrap_of_several_sets_gives_the_overall_difference():
-    ir = ValidationSet(name="ir", task="ir", texts={"query": [], "corpus": []})
+    ir = EvalSet(name="ir", task="ir", texts={"query": [], "corpus": []})
     gold = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    sts = ValidationSet(name="sts", task="sts", texts={"text1": [], "text2": []}, gold=gold)
+    sts = EvalSet(name="sts", task="sts", texts={"text1": [], "text2": []}, gold=gold)
     b_ir = torch.tensor([0.2, 0.5, 0.9, 0.0, 0.4], dtype=torch.float64)
     cosines = torch.tensor([0.1, 0.3, 0.2, 0.7, 0.9, 0.8], dtype=torch.float64)
     result = paired_comparison.paired_bootstrap_sets([(ir, b_ir + 0.1, b_ir), (sts, cosines, cosines.clone())],
@@ -177,7 +177,7 @@ def test_paired_bootstrap_of_several_sets_gives_the_overall_difference():
 
 
 def test_ir_set_subsample_keeps_every_judged_document():
-    vset = ValidationSet(name="ir", task="ir", texts={"query": ["q1", "q2"], "corpus": [f"d{i}" for i in range(10)]},
+    vset = EvalSet(name="ir", task="ir", texts={"query": ["q1", "q2"], "corpus": [f"d{i}" for i in range(10)]},
                          query_ids=["a", "b"], doc_ids=[str(i) for i in range(10)],
                          qrels={"a": {"3": 1}, "b": {"7": 1, "8": 0}})
     small = experiments.subsample_ir_set(vset, ["a", "b"], 4, seed=0)

@@ -189,7 +189,7 @@ def test_untrained_keys_only_some_inputs_carry_are_left_out():
 
 def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and_scores(family, tmp_path):
     from codiemb_pl.data.sources import SourceConfig, load_sts_pairs
-    from codiemb_pl.data.eval_sets import ValidationSet
+    from codiemb_pl.data.eval_sets import EvalSet
     from codiemb_pl.evaluation.suite import evaluate_encoder
 
     source = {"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "score_range": [0, 5],
@@ -203,7 +203,7 @@ def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and
     assert card.startswith("---\nlibrary_name: sentence-transformers") and "Method: `ties`." in card
     assert f"| {family['ft1']} | 3.0000 |" in card and f"| {family['ckpt']} | 1.0000 |" in card
     assert "Parameters: density = 0.5000." in card and "model.encode_query([" in card
-    sets = [ValidationSet.from_sts("sts_dev", load_sts_pairs(SourceConfig(**source)), "")]
+    sets = [EvalSet.from_sts("sts_dev", load_sts_pairs(SourceConfig(**source)), "")]
     per_set, _ = evaluate_encoder(TextEncoder.load(tmp_path / "fused"), sets)
     assert f"| `val/sts_dev/cosine_spearman` | {per_set['sts_dev']['cosine_spearman']:.4f} |" in card
 

@@ -12,7 +12,7 @@ import torch
 
 from codiemb_pl.data.records import IRCorpus, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation.mteb_adapter import MTEBEncoder, select_prompt
 from codiemb_pl.evaluation.suite import evaluate_encoder
@@ -68,7 +68,7 @@ def test_mteb_sts_task_matches_our_suite(tiny_model_dir, shared_data):
     theirs = result.task_results[0].scores["test"][0]
 
     pairs = [STSRecord(r["sentence1"], r["sentence2"], r["score"] / 5) for r in rows]
-    ours, _ = evaluate_encoder(encoder, [ValidationSet.from_sts("stsb", pairs)])
+    ours, _ = evaluate_encoder(encoder, [EvalSet.from_sts("stsb", pairs)])
     assert theirs["cosine_spearman"] == pytest.approx(ours["stsb"]["cosine_spearman"], abs=1e-6)
     assert theirs["cosine_pearson"] == pytest.approx(ours["stsb"]["cosine_pearson"], abs=1e-5)
 
@@ -102,9 +102,9 @@ def test_mteb_retrieval_task_with_prompts_matches_our_suite(tiny_model_dir, shar
     result = mteb.evaluate(MTEBEncoder(encoder, prompts=PROMPTS), task, cache=None, show_progress_bar=False)
     theirs = result.task_results[0].scores["test"][0]
 
-    vset = ValidationSet.from_ir("scifact", sample, query_prefix="query: ", passage_prefix="passage: ")
+    vset = EvalSet.from_ir("scifact", sample, query_prefix="query: ", passage_prefix="passage: ")
     ours, _ = evaluate_encoder(encoder, [vset])
     for metric in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "map_at_100"):
         assert theirs[metric] == pytest.approx(ours["scifact"][metric], abs=1e-4), metric
-    unprompted, _ = evaluate_encoder(encoder, [ValidationSet.from_ir("scifact", sample)])
+    unprompted, _ = evaluate_encoder(encoder, [EvalSet.from_ir("scifact", sample)])
     assert unprompted["scifact"]["ndcg_at_10"] != pytest.approx(theirs["ndcg_at_10"], abs=1e-6)

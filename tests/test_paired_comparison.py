@@ -13,15 +13,15 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import paired_comparison  # noqa: E402
 
-from codiemb_pl.data.eval_sets import ValidationSet  # noqa: E402
+from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
 
 
-def ir_set() -> ValidationSet:
-    return ValidationSet(name="ir", task="ir", texts={"query": [], "corpus": []})
+def ir_set() -> EvalSet:
+    return EvalSet(name="ir", task="ir", texts={"query": [], "corpus": []})
 
 
-def sts_set(gold: list[float]) -> ValidationSet:
-    return ValidationSet(name="sts", task="sts", texts={"text1": [], "text2": []}, gold=gold)
+def sts_set(gold: list[float]) -> EvalSet:
+    return EvalSet(name="sts", task="sts", texts={"text1": [], "text2": []}, gold=gold)
 
 
 def test_ir_constant_gain_gives_that_difference_in_every_resample():

@@ -43,14 +43,14 @@ def reference_encoder(tiny_model_dir: Path):
 def test_test_scores_the_test_sets_like_the_evaluation_suite(tiny_model_dir, tmp_path):
     from codiemb_pl.data.sources import SourceConfig
     from codiemb_pl.evaluation.suite import evaluate_encoder
-    from codiemb_pl.data.eval_builders import build_validation_sets
+    from codiemb_pl.data.eval_builders import build_eval_sets
 
     code = run("test", tiny_model_dir, tmp_path, "--data.test", TEST_SETS,
                "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path))
     assert code == 0
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     logged = {key: float(value) for row in rows for key, value in row.items() if key.startswith("test/") and value}
-    sets = build_validation_sets([SourceConfig(**entry) for entry in json.loads(TEST_SETS)], where="data.test")
+    sets = build_eval_sets([SourceConfig(**entry) for entry in json.loads(TEST_SETS)], where="data.test")
     per_set, summary = evaluate_encoder(reference_encoder(tiny_model_dir), sets)
     expected = {f"test/{name}/{metric}": value for name, values in per_set.items() for metric, value in values.items()}
     expected.update({f"test/{key}": value for key, value in summary.items()})

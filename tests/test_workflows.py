@@ -19,7 +19,7 @@ from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.workflows.mine import load_mining_inputs
 from codiemb_pl.workflows.evaluation import evaluate, load_sets
-from codiemb_pl.data.eval_builders import build_validation_sets
+from codiemb_pl.data.eval_builders import build_eval_sets
 from test_evaluate_command import data  # noqa: F401  (the fixture: an STS file and a BEIR folder)
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -72,12 +72,12 @@ def test_validation_and_evaluate_give_the_same_numbers_on_sets_with_an_instructi
 
 
 def test_validation_sets_apply_instructions_and_the_passage_prefix(data):
-    sets = build_validation_sets([{"name": "pairs", "task": "sts", "path": str(data["sts"]), "instruction": "x"},
+    sets = build_eval_sets([{"name": "pairs", "task": "sts", "path": str(data["sts"]), "instruction": "x"},
                                   SourceConfig("beir", "ir", str(data["beir"]), instruction="y")],
                                  instruction_template="<{instruction}> ", passage_prefix="passage: ")
     assert sets[0].prefixes == {"text1": "<x> ", "text2": "<x> "}
     assert sets[1].prefixes == {"query": "<y> ", "corpus": "passage: "}
-    default = build_validation_sets([{"name": "b", "task": "ir", "path": str(data["beir"]), "instruction": "y"}],
+    default = build_eval_sets([{"name": "b", "task": "ir", "path": str(data["beir"]), "instruction": "y"}],
                                     instruction_template=None, passage_prefix=None)[0]
     assert default.prefixes == {"query": "Instruction: y Query: ", "corpus": ""}
 
@@ -92,7 +92,7 @@ def test_bad_source_lists_are_one_input_error(data, entries, message):
     filled = [{k: v.format(sts=data["sts"]) if isinstance(v, str) else v for k, v in e.items()}
               if isinstance(e, dict) else e for e in entries]
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        build_validation_sets(filled)
+        build_eval_sets(filled)
 
 
 def test_evaluate_instruction_must_name_a_set(data):

@@ -135,14 +135,14 @@ def fuse_request(args: argparse.Namespace) -> int:
     check_writable_folder(request["output"], "--output")  # before anything is read or merged
     from codiemb_pl.evaluation.tables import format_metrics_table
     from codiemb_pl.workflows.fusion import fuse
-    from codiemb_pl.data.eval_builders import build_validation_sets
+    from codiemb_pl.data.eval_builders import build_eval_sets
 
-    sets = build_validation_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
+    sets = build_eval_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
                                  instruction_template=request.get("instruction_template"),
                                  passage_prefix=request.get("passage_prefix"))
     result = fuse(request["base"], request["models"], request["method"], request["output"],
                   params=request.get("parameters") or {}, template=request.get("template"),
-                  seed=int(request.get("seed") or 0), validation_sets=sets, mixed_lora=args.mixed_lora)
+                  seed=int(request.get("seed") or 0), eval_sets=sets, mixed_lora=args.mixed_lora)
     print(f"[codiemb] fused {len(request['models'])} checkpoint(s) with {request['method']} into {result.output}",
           flush=True)
     if sets:

@@ -20,12 +20,12 @@ from codiemb_pl.data.cache.dataset import ArrowTrainingDataset, item_seed  # noq
 from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.cache.entries import default_cache_dir
 from codiemb_pl.data.collate import PaddingRule, TokenCollator, tokenize_texts
-from codiemb_pl.data.eval_builders import build_validation_sets
+from codiemb_pl.data.eval_builders import build_eval_sets
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.texts import read_texts
-from codiemb_pl.data.eval_sets import ValidationSet, plan_validation_chunks
+from codiemb_pl.data.eval_sets import EvalSet, plan_eval_chunks
 
 class ResumableDataLoader(DataLoader):
     """The training DataLoader: its batch sampler's position is its state (Lightning's `_Stateful`), and each
@@ -68,10 +68,10 @@ def restart_training_iterator(trainer: Optional["pl.Trainer"]) -> None:
         iter(fetcher)
 
 
-class ValidationTexts(Dataset):
-    """This rank's validation chunks; each item is a whole tokenised chunk."""
+class EvalTexts(Dataset):
+    """This rank's chunks of evaluation sets (validation, test or predict); each item is a whole tokenised chunk."""
 
-    def __init__(self, sets: list[ValidationSet], chunks, tokenize, limits: dict[str, int]):
+    def __init__(self, sets: list[EvalSet], chunks, tokenize, limits: dict[str, int]):
         self.sets, self.chunks, self.tokenize, self.limits = sets, chunks, tokenize, limits
 
     def __len__(self) -> int:
@@ -141,10 +141,10 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.padding: Optional[PaddingRule] = None  # how the tokenizer pads, read once
         self.length_cap = length_cap
         self.train_dataset: Optional[ArrowTrainingDataset] = None
-        self.val_sets: list[ValidationSet] = []
+        self.val_sets: list[EvalSet] = []
         self.test_sources = list(test or [])
-        self.test_sets: list[ValidationSet] = []
-        self.predict_sets: list[ValidationSet] = []  # the one set of `predict` texts (field "text")
+        self.test_sets: list[EvalSet] = []
+        self.predict_sets: list[EvalSet] = []  # the one set of `predict` texts (field "text")
         self.sampler: Optional[TaskBatchSampler] = None
         self.train_loader: Optional[ResumableDataLoader] = None  # built in this run (see load_state_dict)
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
@@ -176,9 +176,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             max_length = min(max_length, self.length_cap)
         return tokenize_texts(self.load_tokenizer(), texts, max_length, prefixes, self.padding_rule())
 
-    def evaluation_sets(self, sources: list[SourceConfig], where: str) -> list[ValidationSet]:
+    def evaluation_sets(self, sources: list[SourceConfig], where: str) -> list[EvalSet]:
         """`data.val` / `data.test` sets with this module's instruction template and passage prefix."""
-        return build_validation_sets(sources, where=where, instruction_template=self.hparams.instruction_template,
+        return build_eval_sets(sources, where=where, instruction_template=self.hparams.instruction_template,
                                      passage_prefix=self.hparams.passage_prefix)
 
     def setup(self, stage: str) -> None:
@@ -201,7 +201,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
             if not self.hparams.predict:
                 raise InputError("data.predict", "no file of texts to embed", "pass --data.predict FILE")
             texts = read_texts(self.hparams.predict, self.hparams.predict_column)
-            self.predict_sets = [ValidationSet(name="predict", task="predict", texts={"text": texts},
+            self.predict_sets = [EvalSet(name="predict", task="predict", texts={"text": texts},
                                                prefixes={"text": self.prefix_for(self.hparams.predict_instruction)})]
 
     def training_cache_dir(self) -> Path:
@@ -267,18 +267,18 @@ class CoDiEmbDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         return self.encoding_dataloader(self.predict_sets)
 
-    def encoding_dataloader(self, sets: list[ValidationSet]) -> DataLoader | list:
+    def encoding_dataloader(self, sets: list[EvalSet]) -> DataLoader | list:
         """This rank's length-sorted chunks of every text of `sets` (validation, test or predict)."""
         if not sets:
             return []
         trainer = self.trainer
         world_size = trainer.world_size if trainer else 1
         rank = trainer.global_rank if trainer else 0
-        chunks = plan_validation_chunks(sets, self.hparams.val_batch_size, world_size, rank)
+        chunks = plan_eval_chunks(sets, self.hparams.val_batch_size, world_size, rank)
         limits = {"text1": self.hparams.max_sts_length, "text2": self.hparams.max_sts_length,
                   "query": self.hparams.max_query_length, "corpus": self.hparams.max_passage_length,
                   "text": self.hparams.max_passage_length}
-        dataset = ValidationTexts(sets, chunks, self.tokenize, limits)
+        dataset = EvalTexts(sets, chunks, self.tokenize, limits)
         return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=self.hparams.num_workers)
 
     # -- resume bookkeeping ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Validation and evaluation sets from source configs, built one way for training's validation,
+"""Evaluation sets (`EvalSet`) from source configs, built one way for training's validation and test,
 `codiemb evaluate`, `codiemb fuse` recipes and `codiemb boom`.
 
 A source with an `instruction` gets the prefix `instruction_template.format(instruction=...)` on its
@@ -14,7 +14,7 @@ from typing import Any
 
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.errors import InputError
 
 SOURCE_EXAMPLE = "e.g. {name: stsb, task: sts, path: data/stsb_dev.jsonl}"
@@ -33,18 +33,18 @@ def as_source_config(entry: SourceConfig | Mapping[str, Any], where: str) -> Sou
                          ) from None
 
 
-def build_validation_set(source: SourceConfig, instruction_template: str = INSTRUCTION_TEMPLATE,
-                         passage_prefix: str = "") -> ValidationSet:
+def build_eval_set(source: SourceConfig, instruction_template: str = INSTRUCTION_TEMPLATE,
+                         passage_prefix: str = "") -> EvalSet:
     """One set: STS pairs, or a BEIR split (judged queries, the whole corpus, qrels)."""
     prefix = instruction_prefix(source.instruction, instruction_template)
     if source.task == "sts":
-        return ValidationSet.from_sts(source.name, load_sts_pairs(source), prefix)
-    return ValidationSet.from_ir(source.name, load_ir_corpus(source), prefix, passage_prefix or "")
+        return EvalSet.from_sts(source.name, load_sts_pairs(source), prefix)
+    return EvalSet.from_ir(source.name, load_ir_corpus(source), prefix, passage_prefix or "")
 
 
-def build_validation_sets(source_configs: Iterable[SourceConfig | Mapping[str, Any]], *,
+def build_eval_sets(source_configs: Iterable[SourceConfig | Mapping[str, Any]], *,
                           instruction_template: str | None = INSTRUCTION_TEMPLATE, passage_prefix: str | None = "",
-                          where: str = "evaluate") -> list[ValidationSet]:
+                          where: str = "evaluate") -> list[EvalSet]:
     """Every set of `source_configs` (`SourceConfig`s or mappings), in order; `where` names the list in errors.
 
     `None` template / prefix mean the defaults (`INSTRUCTION_TEMPLATE`, no passage prefix), as an unset
@@ -56,5 +56,5 @@ def build_validation_sets(source_configs: Iterable[SourceConfig | Mapping[str, A
         if source.name in seen:
             raise InputError(f"{where} {source.name}", "two sets share this name", "give every set its own NAME")
         seen.add(source.name)
-    return [build_validation_set(source, instruction_template or INSTRUCTION_TEMPLATE, passage_prefix or "")
+    return [build_eval_set(source, instruction_template or INSTRUCTION_TEMPLATE, passage_prefix or "")
             for source in sources]

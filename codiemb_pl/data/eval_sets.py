@@ -1,6 +1,7 @@
-"""Validation sets as flat lists of texts, sharded across ranks and re-assembled for scoring.
+"""Evaluation sets (`EvalSet`: what validation, test, predict, `codiemb evaluate`, fusion and BOOM scoring
+encode) as flat lists of texts, sharded across ranks and re-assembled for scoring.
 
-A validation set is either STS pairs (two text fields) or a BEIR-style retrieval set (queries and the
+An evaluation set is either STS pairs (two text fields) or a BEIR-style retrieval set (queries and the
 full corpus). Every text is encoded once; batches hold texts of one field, sorted by length so that
 dynamic padding wastes little. Rank `r` takes batches `r, r+W, r+2W, ...` (the last rank's list is
 padded by repeating its final batch so every rank runs the same number of steps); the module scatters
@@ -18,8 +19,8 @@ from codiemb_pl.data.records import IRCorpus, STSRecord
 
 
 @dataclass
-class ValidationSet:
-    """One named validation set and the texts of each of its fields, in a fixed order."""
+class EvalSet:
+    """One named evaluation set and the texts of each of its fields, in a fixed order."""
 
     name: str
     task: str  # "ir" or "sts"
@@ -31,14 +32,14 @@ class ValidationSet:
     qrels: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
-    def from_sts(cls, name: str, pairs: list[STSRecord], prefix: str = "") -> "ValidationSet":
+    def from_sts(cls, name: str, pairs: list[STSRecord], prefix: str = "") -> "EvalSet":
         return cls(name=name, task="sts",
                    texts={"text1": [p.text1 for p in pairs], "text2": [p.text2 for p in pairs]},
                    prefixes={"text1": prefix, "text2": prefix},
                    gold=[p.score for p in pairs])
 
     @classmethod
-    def from_ir(cls, name: str, corpus: IRCorpus, query_prefix: str = "", passage_prefix: str = "") -> "ValidationSet":
+    def from_ir(cls, name: str, corpus: IRCorpus, query_prefix: str = "", passage_prefix: str = "") -> "EvalSet":
         query_ids = sorted(corpus.queries)
         doc_ids = sorted(corpus.corpus)
         return cls(name=name, task="ir",
@@ -57,7 +58,7 @@ class TextChunk:
     rows: tuple[int, ...]
 
 
-def plan_validation_chunks(sets: list[ValidationSet], batch_size: int, world_size: int = 1,
+def plan_eval_chunks(sets: list[EvalSet], batch_size: int, world_size: int = 1,
                            rank: int = 0) -> list[TextChunk]:
     """Cut every field into length-sorted chunks and return this rank's share (equal count on every rank)."""
     chunks: list[TextChunk] = []
@@ -76,7 +77,7 @@ def plan_validation_chunks(sets: list[ValidationSet], batch_size: int, world_siz
 class EmbeddingBuffers:
     """Per-(set, field) accumulation of embeddings that can be summed across ranks."""
 
-    def __init__(self, sets: list[ValidationSet], dim: int, device: torch.device | str = "cpu"):
+    def __init__(self, sets: list[EvalSet], dim: int, device: torch.device | str = "cpu"):
         self.sets = sets
         self.sums = {(i, f): torch.zeros(len(t), dim, device=device) for i, s in enumerate(sets) for f, t in s.texts.items()}
         self.counts = {key: torch.zeros(len(value), device=device) for key, value in self.sums.items()}
@@ -102,6 +103,6 @@ class EmbeddingBuffers:
         counts = self.counts[key]
         if bool((counts == 0).any()):
             missing = int((counts == 0).sum())
-            raise RuntimeError(f"validation set {self.sets[set_index].name!r} field {field_name!r}: "
+            raise RuntimeError(f"evaluation set {self.sets[set_index].name!r} field {field_name!r}: "
                                f"{missing} texts were never encoded")
         return self.sums[key] / counts.unsqueeze(1)

@@ -1,4 +1,4 @@
-"""Score an encoder on validation sets: the one place where embeddings become the reported metrics.
+"""Score an encoder on evaluation sets (`data.eval_sets.EvalSet`): the one place where embeddings become the reported metrics.
 
 Used by the LightningModule (embeddings gathered during `validate`), by fusion (each merged candidate)
 and by `codiemb evaluate` (`workflows.evaluation`). Headline metrics follow MTEB: `cosine_spearman` (STS),
@@ -11,7 +11,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.evaluation.retrieval import RETRIEVAL_METRIC_NAMES, retrieval_metrics
 from codiemb_pl.evaluation.sts import STS_METRIC_NAMES, sts_metrics
 
@@ -19,7 +19,7 @@ HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
 SET_METRIC_NAMES = {"ir": RETRIEVAL_METRIC_NAMES, "sts": STS_METRIC_NAMES}
 
 
-def score_set(vset: ValidationSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str, float]:
+def score_set(vset: EvalSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Metrics of one set from its per-field embeddings (`text1`/`text2` or `query`/`corpus`)."""
     if vset.task == "sts":
         gold = torch.tensor(vset.gold, dtype=torch.float32)
@@ -57,7 +57,7 @@ def metric_names(tasks: Mapping[str, str], prefix: str = "val/") -> list[str]:
                       for metric in SET_METRIC_NAMES.get(task, ())]
 
 
-def set_embeddings(encoder, vset: ValidationSet, batch_size: int = 64,
+def set_embeddings(encoder, vset: EvalSet, batch_size: int = 64,
                    show_progress: bool = False) -> dict[str, torch.Tensor]:
     """Embeddings of every text field of `vset` (`text1`/`text2` or `query`/`corpus`) by a `TextEncoder`,
     each field with its prefix (left out of pooling as in validation, see `TextEncoder.encode(prefix=...)`)."""
@@ -66,8 +66,8 @@ def set_embeddings(encoder, vset: ValidationSet, batch_size: int = 64,
             for name, texts in vset.texts.items()}
 
 
-def evaluate_encoder(encoder, sets: list[ValidationSet], batch_size: int = 64, show_progress: bool = False,
-                     extra_metrics: Callable[[ValidationSet, dict[str, torch.Tensor]], Mapping[str, float]]
+def evaluate_encoder(encoder, sets: list[EvalSet], batch_size: int = 64, show_progress: bool = False,
+                     extra_metrics: Callable[[EvalSet, dict[str, torch.Tensor]], Mapping[str, float]]
                      | None = None) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-set metrics of a `TextEncoder` (`score_set`, plus `extra_metrics(vset, embeddings)` when given)
     and the `ir_avg` / `sts_avg` / `avg` summary."""

@@ -737,11 +737,11 @@ def fuse_sweep(plan: SweepPlan, log: Callable[[str], None] = print, show_progres
     from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
     from codiemb_pl.fusion.writer import save_state_dict
     from codiemb_pl.workflows.fusion import FusionInputs, run_fusion
-    from codiemb_pl.data.eval_builders import build_validation_sets
+    from codiemb_pl.data.eval_builders import build_eval_sets
 
     members = collect_members(plan)
     data = plan.resolved.get("data") or {}
-    sets = build_validation_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
+    sets = build_eval_sets(data.get("val") or [], instruction_template=data.get("instruction_template"),
                                  passage_prefix=data.get("passage_prefix"), where="data.val") if plan.evaluate else []
     fusion_dir = plan.output / "fusion"
     base_file = fusion_dir / "base.safetensors"

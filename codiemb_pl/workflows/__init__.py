@@ -1,7 +1,7 @@
 """The library layer beneath the `codiemb` commands, for commands, benchmarks, notebooks and scripts alike.
 
 - `encoders.load_encoder`: a `TextEncoder` from a model folder, hub id, `pkg://` model or Lightning `.ckpt`.
-- `validation.build_validation_sets`: validation / evaluation sets from source configs (instruction
+- `data.eval_builders.build_eval_sets`: evaluation sets from source configs (instruction
   prefixes, passage prefix), as training validates.
 - `evaluation.evaluate`: what `codiemb evaluate` does (score the sets, optional embedding geometry).
 - `fusion`: `run_fusion` (the CheckpointFusion callback's leaderboard) and `fuse` (`codiemb fuse`).

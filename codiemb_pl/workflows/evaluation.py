@@ -21,13 +21,13 @@ import torch
 
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.geometry import embedding_geometry, token_wise_similarity
 from codiemb_pl.evaluation.suite import evaluate_encoder, set_embeddings
 from codiemb_pl.workflows.encoders import load_encoder, on_device
-from codiemb_pl.data.eval_builders import build_validation_sets
+from codiemb_pl.data.eval_builders import build_eval_sets
 
 __all__ = ["evaluate", "evaluate_sets", "load_sets", "parse_named", "set_embeddings", "set_geometry"]
 
@@ -48,7 +48,7 @@ def parse_named(value: str, flag: str, shape: str = "NAME=PATH",
 
 def load_sets(sts: Sequence[str], ir: Sequence[str], sts_range: Sequence[float] | None = None, split: str = "test",
               instructions: Sequence[str] = (), instruction_template: str = INSTRUCTION_TEMPLATE,
-              passage_prefix: str = "") -> list[ValidationSet]:
+              passage_prefix: str = "") -> list[EvalSet]:
     """Read and check every `NAME=FILE` STS set and `NAME=DIR` BEIR set (before any model is loaded).
 
     `instructions` are `NAME=TEXT` (the set NAME's instruction, made a prefix by `instruction_template` as
@@ -70,7 +70,7 @@ def load_sets(sts: Sequence[str], ir: Sequence[str], sts_range: Sequence[float] 
                             instruction=given.get(name)) if task == "sts" else
                SourceConfig(name=name, task="ir", path=path, split=split, instruction=given.get(name))
                for name, path, task in named]
-    return build_validation_sets(sources, instruction_template=instruction_template, passage_prefix=passage_prefix,
+    return build_eval_sets(sources, instruction_template=instruction_template, passage_prefix=passage_prefix,
                                  where=EVALUATE)
 
 
@@ -87,7 +87,7 @@ def token_states(encoder: TextEncoder, texts: list[str], batch_size: int) -> lis
     return out
 
 
-def set_geometry(encoder: TextEncoder, vset: ValidationSet, embeddings: Mapping[str, torch.Tensor],
+def set_geometry(encoder: TextEncoder, vset: EvalSet, embeddings: Mapping[str, torch.Tensor],
                  batch_size: int) -> dict[str, float]:
     """Geometry of one set: all its embeddings; positives = STS pairs with gold ≥ 0.8 or judged (query, doc)."""
     if vset.task == "sts":
@@ -113,30 +113,30 @@ def set_geometry(encoder: TextEncoder, vset: ValidationSet, embeddings: Mapping[
     return metrics
 
 
-def evaluate_sets(encoder: TextEncoder, sets: list[ValidationSet], batch_size: int = 64, geometry: bool = False,
+def evaluate_sets(encoder: TextEncoder, sets: list[EvalSet], batch_size: int = 64, geometry: bool = False,
                   show_progress: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Per-set metrics (`score_set`, plus geometry on request) and the `ir_avg` / `sts_avg` / `avg` summary."""
     extra = (lambda vset, embeddings: set_geometry(encoder, vset, embeddings, batch_size)) if geometry else None
     return evaluate_encoder(encoder, sets, batch_size, show_progress, extra_metrics=extra)
 
 
-def evaluate(model: str | Path | TextEncoder, sets: Sequence[ValidationSet | SourceConfig | Mapping[str, Any]], *,
+def evaluate(model: str | Path | TextEncoder, sets: Sequence[EvalSet | SourceConfig | Mapping[str, Any]], *,
              base: str | None = None, device: str | torch.device | None = None, batch_size: int = 64,
              max_seq_length: int | None = None, geometry: bool = False, show_progress: bool = False
              ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Score `model` (a `TextEncoder`, or anything `load_encoder` reads) on `sets`.
 
-    `sets` are `ValidationSet`s or source configs (`SourceConfig`s or mappings, built with
-    `build_validation_sets`: read and checked before the model is loaded). Returns `({set: {metric:
+    `sets` are `EvalSet`s or source configs (`SourceConfig`s or mappings, built with
+    `build_eval_sets`: read and checked before the model is loaded). Returns `({set: {metric:
     value}}, {"ir_avg", "sts_avg", "avg"})`.
     """
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be at least 1", "e.g. --batch-size 64")
-    ready = [entry for entry in sets if isinstance(entry, ValidationSet)]
+    ready = [entry for entry in sets if isinstance(entry, EvalSet)]
     if len(ready) != len(sets):
         if ready:
-            raise InputError(EVALUATE, "sets mix ValidationSets and source configs", "pass one kind")
-        ready = build_validation_sets(sets, where=EVALUATE)
+            raise InputError(EVALUATE, "sets mix EvalSets and source configs", "pass one kind")
+        ready = build_eval_sets(sets, where=EVALUATE)
     encoder = on_device(model, device) if isinstance(model, TextEncoder) else \
         load_encoder(model, base, device, max_seq_length)
     return evaluate_sets(encoder, ready, batch_size, geometry, show_progress)

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
-from codiemb_pl.data.eval_sets import ValidationSet
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
 from codiemb_pl.fusion.engine import Merge
@@ -476,7 +476,7 @@ class FuseResult:
 
 def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: str, output: str | os.PathLike, *,
          params: Mapping[str, Any] | None = None, template: str | None = None, seed: int = 0,
-         validation_sets: Sequence[ValidationSet] = (), eval_batch_size: int = 64,
+         eval_sets: Sequence[EvalSet] = (), eval_batch_size: int = 64,
          mixed_lora: bool = False, log: Callable[[str], None] = print) -> FuseResult:
     """Merge `models` ([{path, weight}]) against `base` with `method` into the folder `output`.
 
@@ -484,7 +484,7 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     far from it to be fine-tuned copies, are refused before anything is written (untrained tensors that
     only some inputs carry are left out). The folder takes the prompts and `include_prompt` of the members
     (`prompts.members_prompt_settings`: the first member folder that declares prompts; a line when members
-    differ), else the template's. With `validation_sets` the merged folder is scored before it
+    differ), else the template's. With `eval_sets` the merged folder is scored before it
     is moved into place; the scores go into its model card (README.md) and the result.
     """
     params = dict(params or {})
@@ -503,12 +503,12 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
         keep_member_prompts(opened, staging, log)
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
         fields, scores = _prompt_fields(staging), None
-        if validation_sets:   # the encoder and the suite are imported only to score (they cost memory)
+        if eval_sets:   # the encoder and the suite are imported only to score (they cost memory)
             from codiemb_pl.model.encoder import TextEncoder
             from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
 
             encoder = TextEncoder.load(staging)
-            result.per_set, result.summary = evaluate_encoder(encoder, list(validation_sets), batch_size=eval_batch_size)
+            result.per_set, result.summary = evaluate_encoder(encoder, list(eval_sets), batch_size=eval_batch_size)
             scores = flat_metrics(result.per_set, result.summary)
             fields = {"pooling": encoder.pooling, "normalize": encoder.normalize,
                       "max_seq_length": encoder.max_seq_length, "embedding_dim": encoder.embedding_dim, **fields}

@@ -3,7 +3,7 @@
 A source's records table is keyed by the source's fingerprint: its resolved location and file state
 (path, size, mtime of each file; a hub dataset's own fingerprint), format, split, subset, columns,
 score range and the cache schema version. It holds every row of the source in file order; `max_samples`
-and `seed` select rows when the table is opened (the same rows `load_training_records` keeps).
+and `seed` select rows when the table is opened (`sources.subsample_positions`).
 
 IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_text_ids`,
 `negative_text_ids` (list<int64>: `text_id` of each text, for the cross-device duplicate mask).
