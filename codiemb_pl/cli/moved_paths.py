@@ -30,7 +30,7 @@ MOVED_MODULES: dict[str, str] = {
     "config_errors": "cli.config_errors", "held_logs": "cli.held_logs", "run_folder": "cli.run_folder",
     "embeddings_file": "cli.predict_output", "mining": "workflows.mine", "workflows.sweep": "sweeps.sweep",
     "workflows.boom": "sweeps.boom", "workflows.validation": "data.eval_builders", "data.validation": "data.eval_sets",
-    "data.cache": "data.cache.entries", "data.arrow_records": "data.cache.records", "data.arrow_jsonl": "data.readers",
+    "data.cache": "data.cache.entries", "data.arrow_records": "data.cache.records", "data.arrow_jsonl": "data.cache.columns",
     "data.arrow_tokens": "data.cache.tokens", "data.token_ids": "data.cache.token_ids",
     "data.arrow_dataset": "data.cache.dataset",
 }

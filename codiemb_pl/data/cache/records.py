@@ -10,12 +10,10 @@ IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_t
 STS table: `text1`, `text2` (string), `score` (float64, as in the file); `meta.json` holds the score
 range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
 
-JSON-lines sources are parsed in column batches (`readers.read_json_columns`) and checked here column by
-column; whenever a file or batch is anything but plainly valid (a string that is not valid UTF-8, an unexpected
-type, two alias columns for one field, a missing, null or blank text, a non-numeric score) the column path gives
-up (`NotColumnar`) and the source streams row by row from the reader (`sources.iter_ir_records`,
-`iter_raw_sts_pairs`), which accepts exactly what the row validators accept and names the first bad row. Any
-other format goes row by row too. The STS range check is one vectorised pass over the score column. Nothing
+JSON-lines sources are parsed in column batches (`readers.read_json_columns`) and checked column by column
+(`columns.py`); whenever a file or batch is anything but plainly valid the column path gives up (`NotColumnar`)
+and the source streams row by row from the reader (`sources.iter_ir_records`, `iter_raw_sts_pairs`), which
+accepts exactly what the row validators accept and names the first bad row. Any other format goes row by row too. The STS range check is one vectorised pass over the score column. Nothing
 is written under the final name unless the whole source is valid.
 """
 
@@ -32,12 +30,12 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from codiemb_pl.data.cache.columns import ir_columns, sts_columns
 from codiemb_pl.data.cache.entries import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
-from codiemb_pl.data.readers import DEFAULT_HF_SPLIT, NotColumnar, load_hf_split, read_json_columns, read_rows
+from codiemb_pl.data.readers import DEFAULT_HF_SPLIT, NotColumnar, load_hf_split, read_rows
 from codiemb_pl.data.records import IRRecord, STSRecord
-from codiemb_pl.data.sources import (IR_FIELD_ALIASES, STS_FIELD_ALIASES, SourceConfig, check_score_in_range,
-                                     column_candidates, detect_format, iter_ir_records, iter_raw_sts_pairs,
-                                     score_range_of, subsample_positions)
+from codiemb_pl.data.sources import (SourceConfig, check_score_in_range, detect_format, iter_ir_records,
+                                     iter_raw_sts_pairs, score_range_of, subsample_positions)
 
 RECORDS_FILE = "records.arrow"
 BATCH_ROWS = 4096
@@ -99,84 +97,13 @@ def _row_batches(cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
             yield _sts_record_batch([p[1] for p in chunk], [p[2] for p in chunk], [p[3] for p in chunk])
 
 
-# ------------------------------------------------------------------ JSON lines, checked column by column
-
-def _column_of(field: str, aliases: dict, columns: Optional[dict], names: list[str], required: bool) -> Optional[str]:
-    present = [name for name in column_candidates(field, aliases, columns) if name in names]
-    if len(present) > 1 or (required and not present):  # rows may pick different aliases / miss the field
-        raise NotColumnar(field)
-    return present[0] if present else None
-
-
-def _json_batches(cfg: SourceConfig, aliases: dict, required: tuple[str, ...]
-                  ) -> Iterator[tuple[dict[str, Optional[str]], pa.RecordBatch]]:
-    """(our field -> its column, batch) of every block of a JSON-lines source, or `NotColumnar`."""
-    location, fmt = detect_format(cfg)
-    if fmt != "jsonl":
-        raise NotColumnar("not JSON lines")
-    names, batches = read_json_columns(Path(location))
-    fields = {field: _column_of(field, aliases, cfg.columns, names, field in required) for field in aliases}
-    for batch in batches:
-        yield fields, batch
-
-
-def _texts(array: pa.Array) -> list[str]:
-    """A string column whose every value is a non-blank text (as `sources._single_text` requires)."""
-    if not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)) or array.null_count:
-        raise NotColumnar("not all texts")
-    values = array.to_pylist()
-    if not all(value.strip() for value in values):
-        raise NotColumnar("blank text")
-    return values
-
-
-def _text_lists(array: Optional[pa.Array], rows: int, required: bool) -> list[list[str]]:
-    """A text or list-of-texts column as lists (`sources._text_list`): a blank or null text gives [] (an
-    error when `required`); a list must hold non-blank texts only."""
-    if array is None or pa.types.is_null(array.type):
-        if required:
-            raise NotColumnar("no texts")
-        return [[] for _ in range(rows)]
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
-        lists = [[value] if value is not None and value.strip() else [] for value in array.to_pylist()]
-    elif pa.types.is_list(array.type) and pa.types.is_string(array.type.value_type):
-        lists = [value if value is not None else [] for value in array.to_pylist()]
-        if not all(item is not None and item.strip() for value in lists for item in value):
-            raise NotColumnar("blank or null text in a list")
-    else:
-        raise NotColumnar("neither text nor list of texts")
-    if required and not all(lists):
-        raise NotColumnar("empty list")
-    return lists
-
-
-def _ir_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[list[str]], list[list[str]]]]:
-    """(queries, positives, negatives) of each block of an IR JSON-lines source, all valid, or `NotColumnar`."""
-    for fields, batch in _json_batches(cfg, IR_FIELD_ALIASES, ("query", "positives")):
-        column = (lambda field: batch.column(fields[field]) if fields[field] else None)
-        yield (_texts(column("query")), _text_lists(column("positives"), batch.num_rows, True),
-               _text_lists(column("negatives"), batch.num_rows, False))
-
-
-def _sts_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[str], list[float]]]:
-    """(text1, text2, raw scores) of each block of an STS JSON-lines source, all valid, or `NotColumnar`."""
-    for fields, batch in _json_batches(cfg, STS_FIELD_ALIASES, ("text1", "text2", "score")):
-        scores = batch.column(fields["score"])
-        if not (pa.types.is_integer(scores.type) or pa.types.is_floating(scores.type)) or scores.null_count:
-            raise NotColumnar("non-numeric score")
-        values = [float(score) for score in scores.to_pylist()]
-        if not all(abs(score) < float("inf") for score in values):  # NaN and infinities fail this
-            raise NotColumnar("non-finite score")
-        yield _texts(batch.column(fields["text1"])), _texts(batch.column(fields["text2"])), values
-
-
 def _write_rows(cfg: SourceConfig, path: Path) -> int:
     """Write the source's records: column-batched for plainly valid JSON lines, else row by row."""
     schema = IR_SCHEMA if cfg.task == "ir" else STS_SCHEMA
     try:
         if cfg.task == "ir":
-            return write_arrow(path, schema, (_ir_record_batch(*columns) for columns in _ir_columns(cfg)))
-        return write_arrow(path, schema, (_sts_record_batch(*columns) for columns in _sts_columns(cfg)))
+            return write_arrow(path, schema, (_ir_record_batch(*columns) for columns in ir_columns(cfg)))
+        return write_arrow(path, schema, (_sts_record_batch(*columns) for columns in sts_columns(cfg)))
     except NotColumnar:
         return write_arrow(path, schema, _row_batches(cfg))
 
