@@ -96,3 +96,14 @@ def test_checkpoint_key_styles_and_bad_inputs(tiny_model_dir):
         self_positioning_merge(state, [state], PROBE_SOURCES, steps=1)
     with pytest.raises(InputError, match="no tensor for encoder parameter"):
         self_positioning_merge(str(tiny_model_dir), [{"x": torch.zeros(1)}], PROBE_SOURCES, steps=1)
+
+
+def test_probe_limits_from_a_fusion_config_mapping():
+    """`limits` as a fusion config writes it (a mapping) fills in the probe defaults; an unknown key is one line."""
+    from codiemb_pl.workflows.probe import PROBE_LIMITS, as_token_limits
+
+    assert as_token_limits(None) == PROBE_LIMITS == TokenLimits(query=64, passage=256, sts=128)
+    assert as_token_limits({"query": 16}) == TokenLimits(query=16, passage=256, sts=128)
+    assert as_token_limits(LIMITS) is LIMITS
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['passages'\]"):
+        as_token_limits({"passages": 16})
