@@ -343,12 +343,12 @@ class Suite:
     def train_sources(self, unit: dict[str, Any], folder: Optional[Path] = None) -> list[dict[str, Any]]:
         """`data.train` entries of a training unit; a BOOM member's seeded subset of them is written to
         `folder/data` (`workflows.boom`)."""
-        from codiemb_pl.sweeps.boom import source_dict
+        from codiemb_pl.sweeps.subsets import source_dict
 
         sources = [self.train_source_config(entry["name"]) for entry in unit["data"]]
         subset = unit.get("subset")
         if subset:
-            from codiemb_pl.sweeps.boom import write_subset_sources
+            from codiemb_pl.sweeps.subsets import write_subset_sources
 
             if folder is None:
                 raise ValueError("a BOOM member's subset needs its unit folder")
@@ -498,7 +498,7 @@ class Suite:
         from codiemb_pl.fusion.soup import greedy_soup
         from codiemb_pl.fusion.writer import save_state_dict
         from codiemb_pl.workflows.evaluation import evaluate_sets
-        from codiemb_pl.sweeps.sweep import load_weights
+        from codiemb_pl.workflows.encoders import load_weights
 
         encoder = TextEncoder(str(members[0]), max_seq_length=self.budgets.eval.max_length)
         dev = self.dev_sets()

@@ -17,7 +17,8 @@ from codiemb_pl.data.records import IRRecord
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.sweeps.boom import plan_runs, subset_indices, write_subset_sources
+from codiemb_pl.sweeps.boom import plan_runs
+from codiemb_pl.sweeps.subsets import subset_indices, write_subset_sources
 from codiemb_pl.fusion.methods import multi_slerp, slerp
 from reference_text_path import load_training_records
 
@@ -166,7 +167,8 @@ def test_incremental_update_from_yaml_merges_update_with_deployed(tiny_model_dir
     boom_yaml.write_text(yaml.safe_dump({"boom": {
         "config": str(TINY_CONFIG), "incremental": True, "deployed": str(deployed), "base": str(tiny_model_dir),
         "new_data": [{"name": "fresh", "task": "ir", "path": str(new_data)}], "old_fraction": 0.25, "seed": 4,
-        "output": str(output), "evaluate": False, "overrides": fit_args(tiny_model_dir)}}))
+        "output": str(output), "evaluate": False,   # the sweep files' override dialect: a mapping
+        "overrides": {"model.model_name_or_path": str(tiny_model_dir), "trainer.max_steps": 2}}}))
     assert main(["boom", "--config", str(boom_yaml)]) == 0
     assert "merged model" in capsys.readouterr().out
 
@@ -190,6 +192,21 @@ def test_incremental_update_from_yaml_merges_update_with_deployed(tiny_model_dir
     manifest = json.loads((output / "merged" / "merge.json").read_text())
     assert manifest["models"] == [str(deployed), str(update_folder / "model")] and manifest["weights"] == [0.5, 0.5]
     assert manifest["base"] == str(tiny_model_dir) and manifest["incremental"] and manifest["old_fraction"] == 0.25
+
+
+def test_a_token_list_of_overrides_is_refused_with_its_mapping_form(tmp_path, capsys):
+    """One override dialect: a `boom:` section's `overrides` is a mapping of dotted keys, as in sweep files; the
+    old token list is one line that shows the mapping to write instead, and nothing is written."""
+    boom_yaml = tmp_path / "boom.yaml"
+    boom_yaml.write_text(yaml.safe_dump({"boom": {
+        "config": str(TINY_CONFIG), "fractions": [1.0], "output": str(tmp_path / "out"),
+        "overrides": ["--trainer.max_steps", "2", "--data.policy=balanced", "--data.val", "[]", "--model.lr", "1e-3"]}}))
+    assert main(["boom", "--config", str(boom_yaml)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{boom_yaml}: boom.overrides: is a list of command-line tokens" in err[0], err
+    assert ("write overrides: {trainer.max_steps: 2, data.policy: balanced, data.val: [], model.lr: 0.001}"
+            in err[0]), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_output_is_one_line_error(capsys):
@@ -230,7 +247,7 @@ def test_example_yaml_plans_quickstart_runs_on_their_subsets(tmp_path, capsys, m
 
 
 def test_new_data_sources_from_inline_yaml_or_file(tmp_path):
-    from codiemb_pl.commands.boom import parse_sources
+    from codiemb_pl.sweeps.boom import parse_sources
 
     inline = "[{name: fresh, task: sts, path: data/new.jsonl, score_range: [0, 5]}]"
     listed = tmp_path / "new.yaml"

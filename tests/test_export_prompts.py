@@ -203,8 +203,7 @@ def test_sweep_export_keeps_the_members_prompt_settings(tiny_model_dir, tmp_path
     (True for cls pooling), so `encode_query` of the exported folder reproduces training."""
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_pl.workflows.fusion import Candidate, FusionInputs, Leaderboard
-    from codiemb_pl.sweeps.sweep import SweepPlan, SweepRun, export_candidate
+    from codiemb_pl.workflows.fusion import Candidate, FusionInputs, Leaderboard, export_candidate
 
     run_model = tmp_path / "out" / "runs" / "a" / "model"
     member = TextEncoder(str(tiny_model_dir), pooling="cls", include_prompt=False)
@@ -212,13 +211,12 @@ def test_sweep_export_keeps_the_members_prompt_settings(tiny_model_dir, tmp_path
                                                                              instruction=IR_INSTRUCTION)],
                                                  prefix_for=instruction_prefix))
     member.save(run_model)
-    plan = SweepPlan("sweep.yaml", "base.yaml", tmp_path / "out", [], {}, [SweepRun("a", {})], ["final"], [],
-                     "val/avg", 0, 8, {}, base_model=str(tiny_model_dir))
     candidate = Candidate("a", "checkpoint", weights_path=str(run_model / "model.safetensors"), metrics={"val/avg": 0.5})
     inputs = FusionInputs(run_model / "model.safetensors", [("a", run_model / "model.safetensors")],
                           model_folder=str(tiny_model_dir))
     scoring = TextEncoder(str(run_model), include_prompt=False)   # as fuse_sweep builds it
-    folder = export_candidate(plan, Leaderboard([candidate]), inputs, scoring, candidate, log=lambda _: None)
+    folder = export_candidate(Leaderboard([candidate]), inputs, scoring, candidate, tmp_path / "out" / "model",
+                              merge_facts={}, prompt_folders=[("a", run_model)], log=lambda _: None)
     assert json.loads((folder / "1_Pooling" / "config.json").read_text())["include_prompt"] is True
     model = SentenceTransformer(str(folder), device="cpu")
     expected = training_embedding(folder, QUERIES, instruction_prefix(IR_INSTRUCTION))

@@ -23,7 +23,10 @@ from safetensors.torch import load_file
 
 from codiemb_pl.cli.main import main
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.sweeps.sweep import expand_runs, fuse_sweep, plan_sweep, train_runs
+from codiemb_pl.sweeps.config import plan_sweep
+from codiemb_pl.sweeps.leaderboard import fuse_sweep
+from codiemb_pl.sweeps.runs import train_runs
+from codiemb_pl.sweeps.schema import expand_runs
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -339,7 +342,7 @@ def test_an_edited_base_config_refuses_its_finished_runs(tiny_model_dir, tmp_pat
     """sweep_run.json keeps the run's resolved config: the same command over an edited base config (as
     `codiemb boom` reruns over a rewritten OUTPUT/fit.yaml) is refused, not silently reused."""
     from codiemb_pl.errors import InputError
-    from codiemb_pl.sweeps.sweep import RUN_RECORD
+    from codiemb_pl.sweeps.records import RUN_RECORD
 
     base = tmp_path / "base.yaml"
     base.write_text(TINY_CONFIG.read_text().replace("REPLACED_BY_TEST", str(tiny_model_dir)))
@@ -370,16 +373,16 @@ def perturbed_copy(model_dir, folder: Path, seed: int) -> Path:
 
 
 def test_fusion_keys_for_fixed_members_another_base_and_a_named_export(tmp_path):
-    from codiemb_pl.sweeps.sweep import _fusion_options
+    from codiemb_pl.sweeps.fusion_section import fusion_options
 
-    options = _fusion_options({"base": str(tmp_path), "members": [{"name": "old", "path": str(tmp_path)}],
-                               "methods": [{"method": "multi_slerp", "weights": [1, 3]}], "export": "multi_slerp",
-                               "export_folder": "merged", "evaluate": False}, "s.yaml")
-    assert (options["base"], options["members"], options["export"], options["export_folder"], options["evaluate"]) == (
+    options = fusion_options({"base": str(tmp_path), "members": [{"name": "old", "path": str(tmp_path)}],
+                              "methods": [{"method": "multi_slerp", "weights": [1, 3]}], "export": "multi_slerp",
+                              "export_folder": "merged", "evaluate": False}, "s.yaml")
+    assert (options.base, options.members, options.export, options.export_folder, options.evaluate) == (
         str(tmp_path), [("old", str(tmp_path))], "multi_slerp", "merged", False)
-    assert options["methods"][0].weights == [1.0, 3.0]
-    defaults = _fusion_options(None, "s.yaml")
-    assert (defaults["base"], defaults["members"], defaults["export"], defaults["export_folder"], defaults["evaluate"]) \
+    assert options.methods[0].weights == [1.0, 3.0]
+    defaults = fusion_options(None, "s.yaml")
+    assert (defaults.base, defaults.members, defaults.export, defaults.export_folder, defaults.evaluate) \
         == (None, [], None, "model", True)
 
 

@@ -34,17 +34,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from codiemb_pl.storage.atomic import atomic_write_text
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
 from codiemb_pl.fusion.writer import save_state_dict
-from codiemb_pl.model.lora import load_merged_weights, merged_weights
-from codiemb_pl.model.card import encoder_card_fields
+from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.training.sharding import consolidated_weights, is_fsdp2_sharded
-from codiemb_pl.storage.weight_checks import load_safetensors
-from codiemb_pl.workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, parse_methods, run_fusion,
-                                winner_card)
+from codiemb_pl.workflows.encoders import load_weights
+from codiemb_pl.workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, fuse_and_export,
+                                         parse_methods, write_leaderboard)
 from codiemb_pl.callbacks.export import add_training_prompts
 from codiemb_pl.callbacks.monitoring import log_leaderboard
 
@@ -71,10 +68,6 @@ def write_encoder_weights(trainer: pl.Trainer, pl_module: pl.LightningModule, pa
     with consolidated_weights(pl_module.encoder.model):
         if trainer.is_global_zero:
             save_encoder_weights(pl_module, path)
-
-
-def load_encoder_weights(encoder: TextEncoder, path: Path) -> None:
-    load_merged_weights(encoder.model, load_safetensors(path))
 
 
 def unsharded_encoder(pl_module: pl.LightningModule, device) -> TextEncoder:
@@ -229,7 +222,8 @@ class CheckpointFusion(pl.Callback):
     def fuse(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
              encoder: Optional[TextEncoder] = None) -> Optional[Leaderboard]:
         """Merge, score and export on this process with `encoder` (default: the module's own, whose weights are
-        restored afterwards; under FSDP2 an `unsharded_encoder`, left holding the last weights it scored)."""
+        restored afterwards; under FSDP2 an `unsharded_encoder`, left holding the last weights it scored), through
+        `workflows.fusion.fuse_and_export`, the path sweeps and BOOM take too."""
         datamodule = trainer.datamodule
         val_sets = list(getattr(datamodule, "val_sets", []) or [])
         snapshots = [(step, labels) for step, labels in sorted(self.snapshots.items())
@@ -243,12 +237,6 @@ class CheckpointFusion(pl.Callback):
         if own:
             save_encoder_weights(pl_module, current)
             encoder = pl_module.encoder
-
-        def evaluate(path: Path) -> dict[str, float]:
-            load_encoder_weights(encoder, path)
-            per_set, summary = evaluate_encoder(encoder, val_sets, batch_size=self.eval_batch_size)
-            return flat_metrics(per_set, summary)
-
         hparams = dict(getattr(pl_module, "hparams", {}))
         inputs = FusionInputs(
             base=self.base_path(trainer),
@@ -259,32 +247,31 @@ class CheckpointFusion(pl.Callback):
                               "max_seq_length": encoder.max_seq_length},
             seed=int(hparams.get("seed", 0) or 0))
         try:
-            board = run_fusion(inputs, self.methods, evaluate, root / "candidates", self.metric, log=rank_zero_info)
-            self.leaderboard = board
+            outcome = fuse_and_export(inputs, self.methods, encoder, sets=val_sets, eval_batch_size=self.eval_batch_size,
+                                      metric=self.metric, workdir=root / "candidates",
+                                      heading=f"fusion leaderboard (ranked by {self.metric})",
+                                      export_folder=root / "model" if self.export else None,
+                                      log=rank_zero_info, show=lambda text: print(text, flush=True))
+            board = self.leaderboard = outcome.board
             self._report(trainer, board, root)
-            winner = board.winner()
-            if self.export and winner is not None:
-                load_encoder_weights(encoder, Path(winner.weights_path))
-                encoder.save(root / "model", model_card=winner_card(board, inputs, model_path=str(root / "model"),
-                                                                    **encoder_card_fields(encoder)))
+            if outcome.exported is not None:
+                winner = outcome.chosen
                 untrained = ", the base model itself: see the note above" if winner.kind == "base" else ""
                 rank_zero_info(f"[codiemb] fusion: exported {winner.name} ({self.metric} "
-                               f"{winner.metrics[self.metric]:.4f}{untrained}) to {(root / 'model').resolve()}")
+                               f"{winner.metrics[self.metric]:.4f}{untrained}) to {outcome.exported.resolve()}")
         finally:
             if own:
-                load_encoder_weights(encoder, current)
+                load_weights(encoder, current)
                 current.unlink(missing_ok=True)
         return board
 
     def _report(self, trainer: pl.Trainer, board: Leaderboard, root: Path) -> None:
-        print(f"\nfusion leaderboard (ranked by {board.metric})\n{board.to_text()}", flush=True)
-        atomic_write_text(root / "leaderboard.json", board.to_json())
-        atomic_write_text(root / "leaderboard.md", f"# Fusion leaderboard (by `{board.metric}`)\n\n" + board.to_markdown())
+        """The leaderboard files, each candidate's metrics to every logger, and a W&B table."""
+        write_leaderboard(root, board, "Fusion leaderboard")
         for logger in trainer.loggers:
             for candidate in board.candidates:
                 metrics = {f"fusion/{candidate.name}/{key}": value for key, value in candidate.metrics.items()}
                 if metrics:
                     logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        log_leaderboard(trainer.loggers, [{"rank": rank, "candidate": c.name, "kind": c.kind, **c.metrics}
-                                          for rank, c in enumerate(board.ranked(), 1)])
+        log_leaderboard(trainer.loggers, board.table_rows())

@@ -1,6 +1,8 @@
 """LightningCLI for `codiemb fit | validate | test | predict` (imported only when one of those runs).
 
 `codiemb_pl.cli.main.main` (the console entry) dispatches here; project commands and `--help` never import Lightning.
+`build_cli(args)` constructs (and so runs) the CLI as `codiemb` does; `build_fit_parser()` gives the `fit`
+parser alone, built exactly as the CLI builds it, for `cli.fit` (resolve a fit config without running it).
 """
 
 from __future__ import annotations
@@ -107,12 +109,7 @@ class CoDiEmbCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check the choice-valued settings before the model is loaded or anything is written."""
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
-        pooling = config.get("model.pooling")
-        if pooling is not None:
-            check_pooling_mode(pooling, where="model.pooling")
-        policy = config.get("data.policy")
-        if policy is not None and policy not in POLICIES:
-            raise InputError("data.policy", f"unknown sampler policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
+        check_choices(config)
         if config.get("trainer") is not None:  # unset logger / checkpoint folders follow trainer.default_root_dir
             from codiemb_pl.cli.run_folder import fill_unset_folders
 
@@ -191,13 +188,62 @@ class CoDiEmbCLI(LightningCLI):
             print("\nvalidation metrics (start = before training)\n" + table, flush=True)
 
 
+def check_choices(config: Any) -> None:
+    """The choice-valued settings of a parsed config (`model.pooling`, `data.policy`): one `InputError` for an
+    unknown choice. (jsonargparse types them as strings, so the parse itself lets any name through.)"""
+    pooling = config.get("model.pooling")
+    if pooling is not None:
+        check_pooling_mode(pooling, where="model.pooling")
+    policy = config.get("data.policy")
+    if policy is not None and policy not in POLICIES:
+        raise InputError("data.policy", f"unknown sampler policy {policy!r}", f"use one of: {', '.join(POLICIES)}")
+
+
+def cli_settings() -> dict[str, Any]:
+    """How `codiemb` constructs its LightningCLI (`build_cli` and `build_fit_parser` alike), as fresh objects."""
+    return {"model_class": CoDiEmbModule, "datamodule_class": CoDiEmbDataModule, "trainer_class": DurableTrainer,
+            "save_config_kwargs": {"overwrite": True}, "trainer_defaults": {"use_distributed_sampler": False}}
+
+
+def build_cli(args: Any) -> CoDiEmbCLI:
+    """Construct, and so run, the CLI on `args` (a command line after `codiemb`, or `{"subcommand": ..., NAME:
+    config}`); exceptions (`InputError`, `TrainingInterrupted`, crashes) propagate."""
+    with warnings.catch_warnings():  # `main(args)` in-process is this CLI's design, not a mistake to warn about
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return CoDiEmbCLI(args=args, **cli_settings())
+
+
+class _ParserReady(Exception):
+    """Stops `_FitParserOnly` once its parser is built (LightningCLI's constructor would go on to parse and run)."""
+
+    def __init__(self, parser):
+        super().__init__("parser built")
+        self.parser = parser
+
+
+class _FitParserOnly(CoDiEmbCLI):
+    """CoDiEmbCLI that builds the `fit` subcommand parser (as `LightningCLI._add_subcommands` does for each
+    subcommand: core arguments, CoDiEmbCLI's links, `fit`'s own arguments such as `ckpt_path`) and stops."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]):
+        self._subcommand_method_arguments = {}
+        raise _ParserReady(self._prepare_subcommand_parser(self.trainer_class, "fit", **subparser_kwargs.get("fit", {})))
+
+
+def build_fit_parser():
+    """`codiemb fit`'s parser (jsonargparse, LightningCLI's `fit` subcommand parser of this CLI), without parsing
+    or running anything: what `--print_config` dumps, parsed by the object itself (`cli.fit.FitConfigParser`)."""
+    try:
+        _FitParserOnly(args=[], **cli_settings())
+    except _ParserReady as ready:
+        return ready.parser
+    raise RuntimeError("LightningCLI did not build its parser through setup_parser")  # pragma: no cover
+
+
 def run_lightning_cli(args: Optional[list[str]]) -> int:
     """Run a LightningCLI subcommand (fit / validate / test / predict); returns the exit code."""
     try:
-        with warnings.catch_warnings():  # `main(args)` in-process is this CLI's design, not a mistake to warn about
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            CoDiEmbCLI(CoDiEmbModule, CoDiEmbDataModule, trainer_class=DurableTrainer, args=args,
-                       save_config_kwargs={"overwrite": True}, trainer_defaults={"use_distributed_sampler": False})
+        build_cli(args)
     except TrainingInterrupted as interruption:
         print(f"codiemb: interrupted: {interruption}", file=sys.stderr)
     return 0

@@ -91,6 +91,27 @@ def check_no_moved_paths(args: Iterable[str]) -> None:
                 raise _moved("command line", found[1], found[2])
 
 
+def check_no_moved_values(config: Any, where: str) -> None:
+    """Raise one `InputError` if a string inside `config` (a config mapping: dicts, lists, strings) names a moved
+    class or module path; `where` names the config, followed by the dotted key."""
+    for key, text in _strings(config, ""):
+        found = find_moved_path(text)
+        if found is not None:
+            raise _moved(f"{where}: {key}" if key else where, found[1], found[2])
+
+
+def _strings(value: Any, key: str):
+    """(dotted key, string) of every string inside `value`."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _strings(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _strings(item, f"{key}[{index}]")
+    elif isinstance(value, str):
+        yield key, value
+
+
 def normalise_paths(value: Any) -> Any:
     """`value` (a resolved config: dicts, lists, strings) with every moved dotted path replaced by its new one."""
     if isinstance(value, dict):

@@ -7,35 +7,31 @@
     codiemb boom ... --fuse-only           # merge runs trained elsewhere
 
 The options may instead sit in a YAML file under a `boom:` key (command-line flags win); its `config`
-names the fit config(s), and any other top-level keys of that file are a fit config piece too.
-`--new-data` is a YAML/JSON list of sources (as under `data.train`) or a file holding one.
-With `--evaluate` (default when the fit config has `data.val`) the base model, every run (or the
-deployed and update models) and the merge are scored on the validation sets and tabulated.
-The work is `workflows.boom` (plans the runs and writes their data) + `workflows.sweep` (everything else).
+names the fit config(s), its `overrides` is a mapping of dotted fit config keys (as a sweep file's), and any
+other top-level keys of that file are a fit config piece too. `--new-data` is a YAML/JSON list of sources (as
+under `data.train`) or a file holding one. With `--evaluate` (default when the fit config has `data.val`) the
+base model, every run (or the deployed and update models) and the merge are scored and tabulated.
+This module parses and prints; the work is `sweeps.boom.plan_from_options` (the plan, the runs' data) and
+`sweeps.sweep.execute_sweep` (training, scoring, the merge), under OUTPUT's run lock.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from codiemb_pl.storage.atomic import atomic_write_text
-from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
 from codiemb_pl.cli.main import register_command
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
-from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
-from codiemb_pl.storage.output_paths import check_writable_folder
 
 BOOM_KEY = "boom"
 # YAML `boom:` keys and their types; the command-line flags of the same name (dashes) override them.
 YAML_OPTIONS = {"config": (str, list), "fractions": list, "seeds": list, "output": str, "evaluate": bool,
                 "incremental": bool, "deployed": str, "base": str, "new_data": (str, list),
-                "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": list,
+                "old_fraction": (int, float), "update_weight": (int, float), "seed": int, "overrides": (dict, list),
                 "trust_checkpoint": bool}
 
 
@@ -96,7 +92,7 @@ def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str | dict], 
                                  f"known keys: {', '.join(YAML_OPTIONS)}")
         named = section.get("config", [])
         fit_configs += [named] if isinstance(named, str) else list(named)
-        overrides = [str(item) for item in section.get("overrides", [])] + overrides
+        overrides = yaml_overrides(section.get("overrides"), f"{path}: {BOOM_KEY}.overrides") + overrides
         options.update({k: v for k, v in section.items() if k not in ("config", "overrides")})
         if content:  # the rest of the file is a fit config piece of its own
             fit_configs.append(content)
@@ -111,28 +107,15 @@ def collect_options(argv: list[str]) -> tuple[dict[str, Any], list[str | dict], 
     return options, fit_configs, overrides
 
 
-def write_fit_pieces(output: str | Path, fit_configs: list[str | dict]) -> list[str]:
-    """The fit config paths, each config piece written to OUTPUT/fit-piece-N.yaml."""
-    check_writable_folder(output, "--output")
-    paths = []
-    for index, item in enumerate(fit_configs):
-        if isinstance(item, dict):
-            piece = Path(output) / f"fit-piece-{index}.yaml"
-            atomic_write_text(piece, yaml.safe_dump(item, sort_keys=False))
-            item = str(piece)
-        paths.append(item)
-    return paths
+def yaml_overrides(entries: Any, where: str) -> list[str]:
+    """A `boom:` section's `overrides` (a mapping of dotted fit config keys, the sweep files' dialect) as fit
+    arguments; a list of command-line tokens is refused with the mapping form of what it says."""
+    from codiemb_pl.sweeps.overrides import check_overrides, mapping_form, override_args
 
-
-def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
-    """SourceConfigs from a list of dicts, a YAML/JSON text of one, or a file holding one."""
-    if isinstance(spec, str):
-        spec = _read_yaml(spec) if Path(spec).is_file() else yaml.safe_load(spec)
-    if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
-        raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
-    from codiemb_pl.data.eval_builders import as_source_config
-
-    return [as_source_config(item, f"{where}[{index}]") for index, item in enumerate(spec)]
+    if isinstance(entries, list):
+        raise InputError(where, "is a list of command-line tokens; overrides are a mapping of dotted config keys, "
+                                "as in sweep files", f"write overrides: {mapping_form(entries, where)}")
+    return override_args(check_overrides(entries, where))
 
 
 @register_command("boom")
@@ -140,57 +123,35 @@ def boom_command(argv: list[str]) -> int:
     """Run BOOM (or an incremental update) as a sweep, print where the merge is and, optionally, the metric
     table; or, with --print-commands, only the runs' `codiemb fit` lines."""
     options, fit_configs, overrides = collect_options(argv)  # before the heavy imports: `--help` stays fast
+    from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
     from codiemb_pl.storage.run_lock import run_lock
 
     with run_lock(options["output"], "boom", tree=True, folder_option="--output"), \
             trusted_checkpoints(bool(options.get("trust_checkpoint"))):   # the deployed model, members, resumes
-        return run_boom_command(options, write_fit_pieces(options["output"], fit_configs), overrides)
+        return run_boom_command(options, fit_configs, overrides)
 
 
-def run_boom_command(options: dict[str, Any], fit_configs: list[str], overrides: list[str]) -> int:
-    """`boom_command`'s work, under the output folder's run lock."""
+def run_boom_command(options: dict[str, Any], fit_configs: list[str | dict], overrides: list[str]) -> int:
+    """`boom_command`'s work, under the output folder's run lock: plan, then print the commands, or run the
+    sweep and print what it did."""
     from codiemb_pl.evaluation.tables import comparison_table
-    from codiemb_pl.sweeps.boom import plan_boom, plan_incremental, plan_runs, run_boom, run_incremental
-    from codiemb_pl.sweeps.sweep import print_commands, resolve_fit_config
+    from codiemb_pl.sweeps.boom import plan_from_options, write_evaluation
+    from codiemb_pl.sweeps.runs import print_commands
+    from codiemb_pl.sweeps.sweep import execute_sweep
 
-    resolved = resolve_fit_config(fit_configs, overrides)
-    output = Path(options["output"])
-    policy = (resolved.get("data") or {}).get("policy")
-    if policy != "proportional":
-        print(f"[codiemb boom] note: data.policy is {policy!r}; BOOM's runs use batch-level shuffling "
-              "(`proportional`)", flush=True)
-    evaluate, only_print = options.get("evaluate"), options.get("print_commands")
-    execution = {"fuse_only": bool(options.get("fuse_only")), "log": lambda line: print(line, flush=True)}
-    if options.get("incremental"):
-        if not options.get("deployed") or not options.get("new_data"):
-            raise InputError("codiemb boom --incremental", "needs --deployed DIR and --new-data SOURCES",
-                             "name the deployed model folder and the new sub-datasets")
-        inputs = (resolved, options["deployed"], options.get("base") or resolved["model"]["model_name_or_path"],
-                  parse_sources(options["new_data"], "--new-data"), output)
-        settings = {"old_fraction": float(options.get("old_fraction", 0.1)), "seed": int(options.get("seed", 0)),
-                    "update_weight": float(options.get("update_weight", 0.5)), "evaluate": evaluate}
-        if only_print:
-            print_commands(plan_incremental(*inputs, **settings)[0])
-            return 0
-        result = run_incremental(*inputs, **settings, **execution)
-    else:
-        if not options.get("fractions"):
-            raise InputError("codiemb boom", "no fractions", "pass --fractions 0.4 0.6 0.8 1.0")
-        runs = plan_runs(options["fractions"], options.get("seeds"))
-        if only_print:
-            print_commands(plan_boom(resolved, runs, output, evaluate=evaluate))
-            return 0
-        result = run_boom(resolved, runs, output, evaluate=evaluate, **execution)
-    if not execution["fuse_only"]:
-        statuses = [outcome.status for outcome in result["outcomes"]]
-        print(f"[codiemb boom] trained {statuses.count('trained')} run(s), reused {statuses.count('skipped')}",
-              flush=True)
-    if result["merged"] is None:   # a run failed (exit code 1) or the sweep was interrupted (0): see above
-        return result["code"]
-    print(f"[codiemb boom] merged model (Multi-SLERP): {Path(result['merged']).resolve()}", flush=True)
-    plan = result["plan"]
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    plan = plan_from_options(options, fit_configs, overrides, log)
+    if options.get("print_commands"):
+        print_commands(plan)
+        return 0
+    fuse_only = bool(options.get("fuse_only"))
+    result = execute_sweep(plan, fuse_only=fuse_only, log=log)
+    if not fuse_only:
+        statuses = [outcome.status for outcome in result.outcomes]
+        log(f"[codiemb boom] trained {statuses.count('trained')} run(s), reused {statuses.count('skipped')}")
+    if result.exported is None:   # a run failed (exit code 1) or the sweep was interrupted (0): see above
+        return result.code
+    log(f"[codiemb boom] merged model (Multi-SLERP): {Path(result.exported).resolve()}")
     if plan.evaluate:   # base, members, then the merge, as the leaderboard lists them
-        rows = [("merged" if c.name == plan.export else c.name, c.metrics) for c in result["board"].candidates]
-        atomic_write_text(output / "evaluation.json", json.dumps(dict(rows), indent=2) + "\n")
-        print("\nvalidation metrics\n" + comparison_table(rows), flush=True)
+        log("\nvalidation metrics\n" + comparison_table(write_evaluation(plan, result.board)))
     return 0

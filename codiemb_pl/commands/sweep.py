@@ -7,8 +7,8 @@
 Runs go to DIR/runs/NAME (finished ones are skipped, an interrupted one resumes from its last.ckpt, a
 crashed one is reported and the others continue); the leaderboard of base, members and merges goes to
 DIR/leaderboard.json / .md and the winner to DIR/model. The sweep file format and the work are in
-`codiemb_pl.sweeps.sweep`; this module parses and holds DIR's run lock (`codiemb_pl.storage.run_lock`) while
-the sweep trains and fuses.
+`codiemb_pl.sweeps` (`sweep.py` walks them); this module parses and holds DIR's run lock
+(`codiemb_pl.storage.run_lock`) while the sweep trains and fuses (its in-process fits nest under it).
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def sweep_command(argv: list[str]) -> int:
     """Plan (everything checked first), then print the commands, or train and fuse."""
     from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
     from codiemb_pl.storage.run_lock import run_lock
-    from codiemb_pl.sweeps.sweep import plan_sweep, print_commands, run_sweep
+    from codiemb_pl.sweeps.config import plan_sweep
+    from codiemb_pl.sweeps.runs import print_commands
+    from codiemb_pl.sweeps.sweep import run_sweep
 
     args, fit_overrides = build_parser().parse_known_args(argv)
     plan = plan_sweep(args.sweep, config=args.config, output=args.output, extra_args=fit_overrides)

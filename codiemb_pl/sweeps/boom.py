@@ -8,18 +8,19 @@ Incremental update: an update model θ_u is fit from the deployed model θ_d on 
 seeded `old_fraction` sample of the old data, then θ* = θ0 + SLERP(θ_d − θ0, θ_u − θ0; t = w)
 (Multi-SLERP with weights (1 − w, w)); θ0 is the deployed model's own base.
 
-This module only plans: which runs (fractions, seeds), each run's subset files (`OUTPUT/runs/NAME/data`),
-and the sweep that trains and merges them. It writes `OUTPUT/fit.yaml` (the resolved fit config every
-run starts from) and `OUTPUT/sweep.yaml` (one run per bagging run: `seed_everything`, `data.seed` and
-`data.train` pointing at its subset files; fusion: `multi_slerp`, exported to `OUTPUT/merged`), then
-`workflows.sweep` does the rest: training (finished runs skipped, `last.ckpt` resumed, crashes reported),
-`--print-commands`, scoring on `data.val`, the leaderboard and the export with its `merge.json`.
+This module only plans: which runs (fractions, seeds), each run's subset files (`OUTPUT/runs/NAME/data`,
+`sweeps.subsets`), and the sweep that trains and merges them. It writes `OUTPUT/fit.yaml` (the resolved fit
+config every run starts from) and `OUTPUT/sweep.yaml` (one run per bagging run: `seed_everything`, `data.seed`
+and `data.train` pointing at its subset files; fusion: `multi_slerp`, exported to `OUTPUT/merged`) and hands the
+sweep's plan over: `sweeps.sweep.execute_sweep` does the rest (training, finished runs skipped, `last.ckpt`
+resumed, crashes reported; scoring on `data.val`, the leaderboard and the export with its `merge.json`).
+`plan_from_options` is `codiemb boom`'s whole plan (its options, fit configs and overrides in); BOOM's
+`evaluation.json` (`write_evaluation`) is the leaderboard's scores by candidate, the merge named `merged`.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,15 +28,16 @@ from typing import Any
 
 import yaml
 
-from codiemb_pl.storage.atomic import atomic_write_text
-from codiemb_pl.data.cache.records import opened_records, record_count
+from codiemb_pl.cli.fit import resolve_fit_config
+from codiemb_pl.data.cache.records import record_count
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.keys import key_seed
-from codiemb_pl.sweeps.sweep import (CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, MERGE_MANIFEST,
-                                        SweepPlan, execute_sweep, merge_record, plan_sweep)
-# importable from here as before BOOM became a sweep (they live in workflows.sweep)
-from codiemb_pl.sweeps.sweep import is_finished_export, resolve_fit_config, transformer_state  # noqa: F401
+from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.storage.output_paths import check_writable_folder
+from codiemb_pl.sweeps.config import CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, SweepPlan, plan_sweep
+from codiemb_pl.sweeps.subsets import source_dict, write_subset_sources
+from codiemb_pl.sweeps.sweep import execute_sweep
+from codiemb_pl.workflows.fusion import MERGE_MANIFEST, merge_record
 
 FIT_CONFIG_NAME = "fit.yaml"        # OUTPUT/fit.yaml: the resolved config every run starts from
 SWEEP_FILE_NAME = "sweep.yaml"      # OUTPUT/sweep.yaml: the sweep BOOM runs (`codiemb sweep --sweep` reads it)
@@ -76,45 +78,6 @@ def plan_runs(fractions: Sequence[float], seeds: Sequence[int] | None = None) ->
         raise InputError("boom.seeds", f"runs {duplicates} appear twice (same fraction and seed)",
                          "give those runs different seeds")
     return runs
-
-
-def subset_size(total: int, fraction: float) -> int:
-    """max(1, round(fraction·total)), never more than total."""
-    return min(total, max(1, round(fraction * total)))
-
-
-def subset_indices(total: int, fraction: float, seed: int, source_name: str) -> list[int]:
-    """Sorted indices of a seeded random subset of `subset_size(total, fraction)` items of one sub-dataset."""
-    rng = random.Random(key_seed(seed, source_name))
-    return sorted(rng.sample(range(total), subset_size(total, fraction)))
-
-
-def write_subset_sources(sources: Sequence[SourceConfig], fraction: float, seed: int,
-                         folder: str | Path) -> list[SourceConfig]:
-    """Write each source's seeded subset to `folder/<name>.jsonl`; return sources reading those files.
-
-    The subset is drawn from the records the source yields (after its own `max_samples`), read from its
-    records table (`RecordTable.json_rows`); name, task, instruction and batch size are kept; STS files hold
-    normalised scores (`score_range: [0, 1]`).
-    """
-    folder = Path(folder)
-    subset_sources = []
-    for source in sources:
-        path = folder / f"{source.name}.jsonl"
-        with opened_records(source) as records:
-            chosen = records.json_rows(subset_indices(len(records), fraction, seed, source.name))
-            atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in chosen))
-        subset_sources.append(SourceConfig(name=source.name, task=source.task, path=str(path.resolve()),
-                                           format="jsonl", score_range=[0.0, 1.0] if source.task == "sts" else None,
-                                           instruction=source.instruction, batch_size=source.batch_size))
-    return subset_sources
-
-
-def source_dict(source: SourceConfig) -> dict[str, Any]:
-    """The non-default fields of a SourceConfig, as a fit config lists them."""
-    fields = ("name", "task", "path", "format", "split", "columns", "score_range", "instruction", "batch_size",
-              "max_samples", "seed", "subset")
-    return {name: getattr(source, name) for name in fields if getattr(source, name) not in (None, "auto")}
 
 
 def _class_name(entry: Any) -> str:
@@ -251,6 +214,69 @@ def run_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_s
     result = _result(plan, fuse_only, log)
     return {**result, "deployed": deployed, "update": result["runs"][UPDATE_RUN],
             "trained": UPDATE_RUN in result["trained"], "old_samples": counts}
+
+
+def write_fit_pieces(output: str | Path, fit_configs: Sequence[str | Mapping[str, Any]]) -> list[str]:
+    """The fit config paths, each config piece (the rest of a YAML beside its `boom:` section) written to
+    OUTPUT/fit-piece-N.yaml, so the parser reads it as a file (and its errors name the file and line)."""
+    check_writable_folder(output, "--output")
+    paths = []
+    for index, item in enumerate(fit_configs):
+        if isinstance(item, Mapping):
+            piece = Path(output) / f"fit-piece-{index}.yaml"
+            atomic_write_text(piece, yaml.safe_dump(dict(item), sort_keys=False))
+            item = str(piece)
+        paths.append(str(item))
+    return paths
+
+
+def parse_sources(spec: str | list, where: str) -> list[SourceConfig]:
+    """SourceConfigs from a list of dicts, a YAML/JSON text of one, or a file holding one (`--new-data`)."""
+    from codiemb_pl.data.eval_builders import as_source_config
+
+    if isinstance(spec, str):
+        try:
+            spec = yaml.safe_load(Path(spec).read_text(encoding="utf-8")) if Path(spec).is_file() else yaml.safe_load(spec)
+        except yaml.YAMLError as error:
+            raise InputError(where, f"is not valid YAML ({' '.join(str(error).split())})", "fix the list") from None
+    if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
+        raise InputError(where, "must be a list of sources", 'e.g. [{name: new, task: ir, path: data/new.jsonl}]')
+    return [as_source_config(item, f"{where}[{index}]") for index, item in enumerate(spec)]
+
+
+def plan_from_options(options: Mapping[str, Any], fit_configs: Sequence[str | Mapping[str, Any]],
+                      overrides: Sequence[str], log: Callable[[str], None] = print) -> SweepPlan:
+    """`codiemb boom`'s plan from its options (`commands/boom.py`: flags and a `boom:` section): the fit configs
+    (paths; pieces written by `write_fit_pieces`) resolved with the overrides (`--section.key value` tokens),
+    then BOOM's bagged runs (`fractions`, `seeds`) or the incremental update (`deployed`, `new_data`, `base`,
+    `old_fraction`, `update_weight`, `seed`) planned and their data written (`plan_boom` / `plan_incremental`)."""
+    output = Path(options["output"])
+    args = [item for path in write_fit_pieces(output, fit_configs) for item in ("--config", path)]
+    resolved = resolve_fit_config([*args, *overrides])
+    policy = (resolved.get("data") or {}).get("policy")
+    if policy != "proportional":
+        log(f"[codiemb boom] note: data.policy is {policy!r}; BOOM's runs use batch-level shuffling (`proportional`)")
+    evaluate = options.get("evaluate")
+    if options.get("incremental"):
+        if not options.get("deployed") or not options.get("new_data"):
+            raise InputError("codiemb boom --incremental", "needs --deployed DIR and --new-data SOURCES",
+                             "name the deployed model folder and the new sub-datasets")
+        plan, _ = plan_incremental(
+            resolved, options["deployed"], options.get("base") or resolved["model"]["model_name_or_path"],
+            parse_sources(options["new_data"], "--new-data"), output, old_fraction=float(options.get("old_fraction", 0.1)),
+            seed=int(options.get("seed", 0)), update_weight=float(options.get("update_weight", 0.5)), evaluate=evaluate)
+        return plan
+    if not options.get("fractions"):
+        raise InputError("codiemb boom", "no fractions", "pass --fractions 0.4 0.6 0.8 1.0")
+    return plan_boom(resolved, plan_runs(options["fractions"], options.get("seeds")), output, evaluate=evaluate)
+
+
+def write_evaluation(plan: SweepPlan, board: Any) -> list[tuple[str, dict[str, float]]]:
+    """BOOM's OUTPUT/evaluation.json, {candidate: metrics} of the base, the members and the merge (named `merged`)
+    in the leaderboard's candidate order, written atomically; returns those (name, metrics) rows."""
+    rows = [("merged" if c.name == plan.export else c.name, c.metrics) for c in board.candidates]
+    atomic_write_text(plan.output / "evaluation.json", json.dumps(dict(rows), indent=2) + "\n")
+    return rows
 
 
 def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, *,

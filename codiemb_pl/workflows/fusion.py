@@ -230,6 +230,10 @@ class Leaderboard:
         notes += [f"Skipped {name}: {why}." for name, why in self.skipped.items()]
         return notes
 
+    def table_rows(self) -> list[dict[str, Any]]:
+        """One row per candidate, ranked: `rank`, `candidate`, `kind` and its metrics (a W&B table's rows)."""
+        return [{"rank": rank, "candidate": c.name, "kind": c.kind, **c.metrics} for rank, c in enumerate(self.ranked(), 1)]
+
     def metric_names(self) -> list[str]:
         names = sorted({m for c in self.candidates for m in c.metrics})
         leading = [m for m in (self.metric, "val/ir_avg", "val/sts_avg") if m in names]
@@ -399,6 +403,121 @@ def winner_card(board: Leaderboard, inputs: FusionInputs, candidate: Candidate |
         base_model=inputs.model_folder, method=method, inputs=merged, weights=winner.weights,
         params=winner.params, scores=winner.metrics or None, scores_source=source,
         leaderboard=board.to_markdown() if winner.metrics else "", **encoder_fields)
+
+
+# ----------------------------------------------------------------------------------------------------
+# score, merge, choose, export: one path for CheckpointFusion, sweeps and BOOM
+# ----------------------------------------------------------------------------------------------------
+
+MERGE_MANIFEST = "merge.json"   # beside an exported merge: how it was made (sweeps, BOOM)
+
+
+@dataclass
+class FusionOutcome:
+    """What `fuse_and_export` did: the leaderboard, the candidate chosen for export (None: nothing had a score)
+    and the folder it was exported to (None: nothing exported)."""
+
+    board: Leaderboard
+    chosen: Candidate | None = None
+    exported: Path | None = None
+
+
+def fuse_and_export(inputs: FusionInputs, methods: Sequence[MethodSpec], encoder: Any, *,
+                    sets: Sequence[EvalSet], eval_batch_size: int, metric: str, workdir: str | os.PathLike,
+                    heading: str, export_folder: str | os.PathLike | None, export: str | None = None,
+                    merge_facts: Mapping[str, Any] | None = None, prompt_folders: Sequence[tuple[str, Path]] = (),
+                    log: Callable[[str], None] = print, show: Callable[[str], None] | None = None,
+                    prefix: str = "[codiemb] fusion:", show_progress: bool = True) -> FusionOutcome:
+    """Score θ0 and the members with `encoder` on `sets` (none: nothing scored), merge them with every method
+    (`run_fusion`, candidates in `workdir`), show the leaderboard under `heading`, choose the candidate (`export`
+    by name, else the winner) and export it to `export_folder` (None: no export) with its model card, the
+    members' prompt settings (`prompt_folders`: (name, exported folder), when given) and `merge.json`
+    (`merge_record` + `merge_facts`, when given). `encoder` is left holding the last weights it took."""
+    def evaluate(path: Path) -> dict[str, float]:
+        if not sets:
+            return {}
+        from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+        from codiemb_pl.workflows.encoders import load_weights
+
+        load_weights(encoder, path)
+        per_set, summary = evaluate_encoder(encoder, list(sets), batch_size=eval_batch_size)
+        return flat_metrics(per_set, summary)
+
+    board = run_fusion(inputs, methods, evaluate, workdir, metric, log=log, show_progress=show_progress)
+    (show or log)(f"\n{heading}\n{board.to_text()}")
+    outcome = FusionOutcome(board, chosen_candidate(board, export, log, prefix))
+    if outcome.chosen is not None and export_folder is not None:
+        outcome.exported = export_candidate(board, inputs, encoder, outcome.chosen, Path(export_folder),
+                                            merge_facts=merge_facts, prompt_folders=prompt_folders,
+                                            log=log, prefix=prefix)
+    return outcome
+
+
+def chosen_candidate(board: Leaderboard, export: str | None, log: Callable[[str], None] = print,
+                     prefix: str = "[codiemb] fusion:") -> Candidate | None:
+    """The candidate named `export`, else the winner (None: nothing scored). A named merge that was skipped
+    because it would give the only member back (`Leaderboard.skipped`) is that member."""
+    if export is None:
+        return board.winner()
+    if export in board.skipped:
+        member = next(c for c in board.candidates if c.kind == "checkpoint")
+        log(f"{prefix} fusion.export {export} was skipped ({board.skipped[export]}): exporting the member "
+            f"{member.name} itself")
+        return member
+    return next(c for c in board.candidates if c.name == export)
+
+
+def export_candidate(board: Leaderboard, inputs: FusionInputs, encoder: Any, candidate: Candidate, folder: Path, *,
+                     merge_facts: Mapping[str, Any] | None = None, prompt_folders: Sequence[tuple[str, Path]] = (),
+                     log: Callable[[str], None] = print, prefix: str = "[codiemb] fusion:") -> Path:
+    """`candidate` as a sentence-transformers folder (written atomically) with its model card (`winner_card`);
+    with `prompt_folders`, the prompt settings of the first member folder that declares some
+    (`prompts.members_prompt_settings`: scoring ran with include_prompt False, the export takes the members'
+    setting); with `merge_facts`, `merge.json` (`merge_record`: method, θ0, members, weights, scores, facts)."""
+    from codiemb_pl.model.card import encoder_card_fields
+    from codiemb_pl.model.prompts import apply_prompt_settings
+    from codiemb_pl.workflows.encoders import load_weights
+
+    load_weights(encoder, candidate.weights_path)
+    if prompt_folders:
+        settings, notes = members_prompt_settings(
+            [(name, folder_prompt_settings(path) if Path(path).is_dir() else None) for name, path in prompt_folders])
+        if settings is not None:
+            apply_prompt_settings(encoder, settings)
+        for note in notes:
+            log(f"{prefix} {note}")
+    card = winner_card(board, inputs, candidate=candidate, model_path=str(folder), **encoder_card_fields(encoder))
+    if merge_facts is None:
+        encoder.save(folder, model_card=card)
+        return folder
+    models = {"fused": [path for _, path in inputs.checkpoints], "checkpoint": [candidate.weights_path]}
+    record = merge_record(candidate.method or candidate.kind, inputs.model_folder, models.get(candidate.kind, []),
+                          candidate.weights, name=candidate.name, params=candidate.params, metric=board.metric,
+                          metrics=candidate.metrics, **merge_facts)
+    with atomic_directory(folder) as staging:
+        encoder.save(staging, model_card=card)
+        atomic_write_text(staging / MERGE_MANIFEST, json.dumps(record, indent=2, default=str) + "\n")
+    return folder
+
+
+def merge_record(method: str, base: str, models: Sequence[str | os.PathLike], weights: Sequence[float] | None = None,
+                 **facts: Any) -> dict[str, Any]:
+    """What an exported folder's merge.json says: the method, θ0, the members' paths, their weights, `facts`."""
+    from codiemb_pl.paths import resolve_location
+
+    return {"method": method, "base": str(base),
+            "models": [str(Path(resolve_location(str(path))).resolve()) for path in models],
+            "weights": None if weights is None else list(weights), **facts}
+
+
+def write_leaderboard(folder: str | os.PathLike, board: Leaderboard, title: str,
+                      extra: Mapping[str, Any] | None = None) -> None:
+    """`leaderboard.json` (the board, plus `extra` facts) and `leaderboard.md` (under `# TITLE (by `metric`)`),
+    each written atomically."""
+    record = board.to_json() if not extra else json.dumps({**json.loads(board.to_json()), **extra}, indent=2,
+                                                          default=str) + "\n"
+    atomic_write_text(Path(folder) / "leaderboard.md", f"# {title} (by `{board.metric}`)\n\n" + board.to_markdown())
+    atomic_write_text(Path(folder) / "leaderboard.json", record)
 
 
 # ----------------------------------------------------------------------------------------------------
