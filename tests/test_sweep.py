@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shlex
 import shutil
@@ -283,6 +284,13 @@ BAD_SWEEPS = [  # (sweep file content, words the one error line must hold)
      ["fusion.methods[0]", "slerp merges exactly 2 checkpoints, got 3"]),
     ({"runs": [{"name": "a"}], "fusion": {"methods": [{"method": "self_positioning", "params": {"step": 5}}]}},
      ["fusion.methods[0]", "unknown parameter(s) ['step']", "steps"]),
+    # the file's keys and types (jsonargparse dataclasses): the key, what it must be, the nearest valid key
+    ({"runs": [{"name": "a"}], "fusion": {"metrc": "val/avg"}},
+     ["fusion.metrc", "unknown fusion key", "did you mean fusion.metric?"]),
+    ({"runs": [{"name": "a"}], "outputs": "x"}, ["outputs", "unknown sweep key", "did you mean output?"]),
+    ({"runs": [{"name": "a"}], "fusion": {"evaluate": 3}}, ["fusion.evaluate", "must be true or false, got 3"]),
+    ({"runs": 5}, ["runs", "must be a list of runs, got 5", "e.g. runs: [{name: a"]),
+    ({"runs": [{"name": "a"}], "fusion": {"seed": "zero"}}, ["fusion.seed", "must be an integer, got 'zero'"]),
     ({"runs": [{"name": "a", "trainer.callbacks": [{"class_path": "codiemb_pl.callbacks.CheckpointFusion",
                                                      "init_args": {"metric": "val/sts_average"}}]}]},
      ["run 'a'", "CheckpointFusion.metric", "did you mean val/sts_avg?"]),
@@ -446,3 +454,135 @@ def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, 
     with trusted_checkpoints(), pytest.raises(InputError, match=r"member\.ckpt: the checkpoint has no encoder"):
         fuse_sweep(plan, log=lambda line: None, show_progress=False)
     assert marker.exists()
+
+
+# -- issue 21: one parser per sweep, one fuse_and_export, resume across versions ------------------------------
+
+def test_planning_builds_one_fit_parser_and_no_cli(tiny_model_dir, tmp_path, monkeypatch):
+    """Every run's config is resolved by one `codiemb fit` parser, built once per sweep; no CLI is constructed
+    (before: one whole `codiemb fit --print_config` per run, plus one or two for the base config)."""
+    import codiemb_pl.cli.fit as fit_api
+
+    builds, clis = [], []
+    build = fit_api.build_fit_parser
+    monkeypatch.setattr(fit_api, "build_fit_parser", lambda: builds.append(1) or build())
+    monkeypatch.setattr(fit_api, "build_cli", lambda *args: clis.append(args))
+    sweep = write_sweep(tmp_path, {"grid": {"model.lr": [1.0e-4, 2.0e-4, 3.0e-4]}, "fusion": {"methods": ["uniform_soup"]}})
+    plan = plan_sweep(sweep, config=str(TINY_CONFIG), output=str(tmp_path / "out"),
+                      extra_args=["--model.model_name_or_path", str(tiny_model_dir)])
+    assert len(plan.runs) == 3 and len(builds) == 1 and not clis
+    assert [config["model"]["lr"] for config in plan.run_configs.values()] == [1.0e-4, 2.0e-4, 3.0e-4]
+
+
+def test_a_run_recorded_before_the_move_resumes_from_its_last_ckpt(planned, sweep_setup):
+    """A sweep_run.json written before `data.verify_cache` existed still matches (the key is at its default): the
+    run resumes from its last.ckpt instead of training again from the start. (Old class paths: the test below.)"""
+    from codiemb_pl.sweeps.records import RUN_RECORD
+
+    folder, _, _ = sweep_setup
+    run_a = folder / "out" / "runs" / "a"
+    record = json.loads((run_a / RUN_RECORD).read_text())
+    del record["config"]["data"]["verify_cache"]                  # added this week, at its default in this run
+    (run_a / RUN_RECORD).write_text(json.dumps(record))
+    plan = copy.deepcopy(planned)
+    assert record["config"] != plan.run_configs["a"] and plan.same_settings(plan.runs[0], record)
+    before = load_file(run_a / "model" / "model.safetensors")
+    shutil.rmtree(run_a / "model")
+    lines = []
+    train_runs(plan, log=lines.append)
+    printed = "\n".join(lines)
+    assert f"a: resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in printed and "run 1/2 a: trained" in printed
+    after = load_file(run_a / "model" / "model.safetensors")
+    assert all(torch.equal(after[key], value) for key, value in before.items())
+
+
+def test_a_finished_run_recorded_before_the_move_is_reused_and_a_changed_value_is_not(tiny_model_dir, tmp_path):
+    """A finished run whose record has 0.1's class paths (command and config) and lacks `data.verify_cache` is
+    reused; the same record against a base config that sets `verify_cache: true` is a different configuration."""
+    from codiemb_pl.errors import InputError
+    from codiemb_pl.sweeps.records import RUN_RECORD
+
+    base = tmp_path / "base.yaml"
+    base.write_text(TINY_CONFIG.read_text().replace("REPLACED_BY_TEST", str(tiny_model_dir)))
+    sweep = write_sweep(tmp_path, {"runs": [{"name": "a", "trainer.logger": {
+        "class_path": "codiemb_pl.training.loggers.CSVLogger"}}], "fusion": {"methods": ["uniform_soup"]}})
+    plan = plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))
+    (run,) = plan.runs
+    export = plan.run_folder(run) / "model"
+    export.mkdir(parents=True)
+    (export / "modules.json").write_text("[]")
+    (export / "model.safetensors").write_bytes(b"")
+    old = json.loads(json.dumps(plan.run_configs["a"]).replace("codiemb_pl.training.loggers.CSVLogger",
+                                                                "codiemb_pl.run_folder.CSVLogger"))
+    del old["data"]["verify_cache"]
+    command = [token.replace("codiemb_pl.training.loggers.CSVLogger", "codiemb_pl.run_folder.CSVLogger")
+               for token in plan.fit_args(run)]
+    assert old != plan.run_configs["a"] and command != plan.fit_args(run)
+    (plan.run_folder(run) / RUN_RECORD).write_text(json.dumps({"name": "a", "command": command, "config": old}))
+    replanned = plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))
+    lines = []
+    assert [o.status for o in train_runs(replanned, log=lines.append)] == ["skipped"]
+    base.write_text(base.read_text().replace("data:\n", "data:\n  verify_cache: true\n"))
+    with pytest.raises(InputError, match="finished run made with a different configuration"):
+        plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))
+
+
+def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planned, sweep_setup, tiny_model_dir,
+                                                                           tmp_path):
+    """One `fuse_and_export`: the runs' exports a and b fused by a sweep, by BOOM (the same exports as its two
+    bagged runs, --fuse-only) and by CheckpointFusion (as two snapshots of one run) give the same scores for base,
+    members and merges, the same winner export (sweep, CheckpointFusion) and the same Multi-SLERP (sweep, BOOM)."""
+    from types import SimpleNamespace
+
+    from codiemb_pl.callbacks.fusion import CheckpointFusion
+    from codiemb_pl.data.eval_builders import build_validation_sets
+    from codiemb_pl.fusion.writer import save_state_dict
+    from codiemb_pl.model.encoder import TextEncoder
+    from codiemb_pl.sweeps.boom import BoomRun, run_boom
+    from codiemb_pl.workflows.encoders import transformer_state
+    from codiemb_pl.workflows.fusion import parse_methods
+
+    exports = {name: sweep_setup[0] / "out" / "runs" / name / "model" for name in ("a", "b")}
+    plan = copy.deepcopy(planned)
+    plan.output, plan.methods = tmp_path / "sweep", parse_methods(["uniform_soup", "multi_slerp"])
+    for name, folder in exports.items():
+        shutil.copytree(folder, plan.output / "runs" / name / "model")
+    sweep_board = fuse_sweep(plan, log=lambda line: None, show_progress=False).board
+
+    boom_output = tmp_path / "boom"
+    for name, folder in zip(("f0.5_s0", "f1_s0"), exports.values()):
+        shutil.copytree(folder, boom_output / "runs" / name / "model")
+    boom = run_boom(plan.resolved, [BoomRun(0.5, 0), BoomRun(1.0, 0)], boom_output, evaluate=True, fuse_only=True,
+                    log=lambda line: None)
+
+    data = plan.resolved["data"]
+    sets = build_validation_sets(data["val"], instruction_template=data.get("instruction_template"),
+                                 passage_prefix=data.get("passage_prefix"), where="data.val")
+    fusion = CheckpointFusion(dirpath=str(tmp_path / "fusion"), methods=["uniform_soup", "multi_slerp"],
+                              eval_batch_size=plan.eval_batch_size)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(val_sets=sets, train_sources=[]), loggers=[], global_step=2,
+                              default_root_dir=str(tmp_path))
+    save_state_dict(transformer_state(str(tiny_model_dir)), fusion.base_path(trainer))
+    for step, name in ((1, "a"), (2, "b")):
+        shutil.copy(exports[name] / "model.safetensors", fusion.snapshot_path(trainer, step))
+        fusion.snapshots[step] = [name]
+    callback_board = fusion.fuse(trainer, SimpleNamespace(hparams={}),
+                                 TextEncoder(str(exports["a"]), include_prompt=False))
+
+    renamed = {"f0.5_s0": "a", "f1_s0": "b"}
+    scores = [{renamed.get(c.name, c.name): c.metrics for c in board.candidates}
+              for board in (sweep_board, callback_board, boom["board"])]
+    assert set(scores[0]) == set(scores[1]) == {"base", "a", "b", "uniform_soup", "multi_slerp"}
+    assert set(scores[2]) == {"base", "a", "b", "multi_slerp"}
+    for other in scores[1:]:
+        for name, metrics in other.items():
+            assert metrics.keys() == scores[0][name].keys() and metrics["val/avg"] == pytest.approx(
+                scores[0][name]["val/avg"], abs=1e-6) and math.isfinite(metrics["val/avg"]), name
+    assert sweep_board.winner().name == callback_board.winner().name
+    sweep_export, callback_export = (load_file(folder / "model.safetensors")
+                                     for folder in (plan.output / "model", tmp_path / "fusion" / "model"))
+    assert sweep_export.keys() == callback_export.keys()
+    assert all(torch.equal(sweep_export[key], callback_export[key]) for key in sweep_export)
+    slerp = load_file(next(c for c in sweep_board.candidates if c.name == "multi_slerp").weights_path)
+    merged = load_file(Path(boom["merged"]) / "model.safetensors")
+    assert all(torch.allclose(merged[key], slerp[key], atol=1e-6) for key in slerp)
