@@ -39,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
 @register_command("sweep")
 def sweep_command(argv: list[str]) -> int:
     """Plan (everything checked first), then print the commands, or train and fuse."""
+    args, fit_overrides = build_parser().parse_known_args(argv)   # before the heavy imports: `--help` stays fast
     from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
     from codiemb_pl.storage.run_lock import run_lock
     from codiemb_pl.sweeps.config import plan_sweep
     from codiemb_pl.sweeps.runs import print_commands
     from codiemb_pl.sweeps.sweep import run_sweep
 
-    args, fit_overrides = build_parser().parse_known_args(argv)
     plan = plan_sweep(args.sweep, config=args.config, output=args.output, extra_args=fit_overrides)
     if args.print_commands:
         print_commands(plan)
