@@ -535,7 +535,7 @@ def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planne
     from types import SimpleNamespace
 
     from codiemb_pl.callbacks.fusion import CheckpointFusion
-    from codiemb_pl.data.eval_builders import build_validation_sets
+    from codiemb_pl.data.eval_builders import build_eval_sets
     from codiemb_pl.fusion.writer import save_state_dict
     from codiemb_pl.model.encoder import TextEncoder
     from codiemb_pl.sweeps.boom import BoomRun, run_boom
@@ -556,7 +556,7 @@ def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planne
                     log=lambda line: None)
 
     data = plan.resolved["data"]
-    sets = build_validation_sets(data["val"], instruction_template=data.get("instruction_template"),
+    sets = build_eval_sets(data["val"], instruction_template=data.get("instruction_template"),
                                  passage_prefix=data.get("passage_prefix"), where="data.val")
     fusion = CheckpointFusion(dirpath=str(tmp_path / "fusion"), methods=["uniform_soup", "multi_slerp"],
                               eval_batch_size=plan.eval_batch_size)
