@@ -228,7 +228,12 @@ def test_example_yaml_plans_quickstart_runs_on_their_subsets(tmp_path, capsys, m
     assert configs == ["configs/quickstart.yaml"] and overrides[-2:] == ["--trainer.max_steps", "5"]
 
     monkeypatch.chdir(repo)   # the YAML names configs/quickstart.yaml relative to the repository
+    import codiemb_pl.cli.fit as fit_api
+
+    builds, build = [], fit_api.build_fit_parser   # BOOM resolves its fit config and both runs with one parser
+    monkeypatch.setattr(fit_api, "build_fit_parser", lambda: builds.append(1) or build())
     assert main(["boom", *argv, "--fractions", "0.5", "1.0", "--seeds", "11", "--print-commands"]) == 0
+    assert len(builds) == 1
     lines = capsys.readouterr().out.strip().splitlines()[-2:]
     for line, name in zip(lines, ("f0.5_s11", "f1_s11")):
         run = tmp_path / "runs" / name

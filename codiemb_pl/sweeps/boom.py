@@ -24,11 +24,11 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
-from codiemb_pl.cli.fit import resolve_fit_config
+from codiemb_pl.cli.fit import FitConfigParser, resolve_fit_config
 from codiemb_pl.data.cache.records import record_count
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
@@ -121,8 +121,10 @@ def _evaluate(resolved: Mapping[str, Any], evaluate: bool | None) -> bool:
 
 
 def plan_boom_sweep(fit_config: Mapping[str, Any], output: Path, runs: Sequence[Mapping[str, Any]],
-                    fusion: Mapping[str, Any], manifest: Mapping[str, Any]) -> SweepPlan:
-    """Write OUTPUT/fit.yaml and OUTPUT/sweep.yaml, then plan that sweep (`workflows.sweep.plan_sweep`)."""
+                    fusion: Mapping[str, Any], manifest: Mapping[str, Any],
+                    parser: Optional[FitConfigParser] = None) -> SweepPlan:
+    """Write OUTPUT/fit.yaml and OUTPUT/sweep.yaml, then plan that sweep (`sweeps.config.plan_sweep`, with
+    `parser` when given: BOOM resolves its fit config and every run with one parser)."""
     config_path, sweep_path = output / FIT_CONFIG_NAME, output / SWEEP_FILE_NAME
     atomic_write_text(config_path, yaml.safe_dump(dict(fit_config), sort_keys=False))
     sweep = {"config": str(config_path), "output": str(output), "runs": [dict(run) for run in runs],
@@ -131,7 +133,7 @@ def plan_boom_sweep(fit_config: Mapping[str, Any], output: Path, runs: Sequence[
              "manifest": dict(manifest)}
     atomic_write_text(sweep_path, "# written by `codiemb boom`: the sweep it runs (codiemb sweep --sweep THIS "
                       "--print-commands / --fuse-only work on it)\n" + yaml.safe_dump(sweep, sort_keys=False))
-    return plan_sweep(sweep_path)
+    return plan_sweep(sweep_path, parser=parser)
 
 
 def _sources(resolved: Mapping[str, Any]) -> list[SourceConfig]:
@@ -142,7 +144,7 @@ def _sources(resolved: Mapping[str, Any]) -> list[SourceConfig]:
 
 
 def plan_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str | Path, *,
-              evaluate: bool | None = None) -> SweepPlan:
+              evaluate: bool | None = None, parser: Optional[FitConfigParser] = None) -> SweepPlan:
     """Write each run's subset files (OUTPUT/runs/NAME/data) and BOOM's sweep; returns the checked plan."""
     output = Path(output).resolve()
     sources = _sources(resolved)
@@ -151,7 +153,7 @@ def plan_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str 
                for run in runs]
     return plan_boom_sweep(boom_fit_config(resolved), output, entries,
                            {"methods": [MERGE_METHOD], "evaluate": _evaluate(resolved, evaluate)},
-                           {"runs": [{"name": r.name, "fraction": r.fraction, "seed": r.seed} for r in runs]})
+                           {"runs": [{"name": r.name, "fraction": r.fraction, "seed": r.seed} for r in runs]}, parser)
 
 
 def _result(plan: SweepPlan, fuse_only: bool, log: Callable[[str], None]) -> dict[str, Any]:
@@ -175,7 +177,8 @@ def run_boom(resolved: Mapping[str, Any], runs: Sequence[BoomRun], output: str |
 
 def plan_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_sources: Sequence[SourceConfig],
                      output: str | Path, *, old_fraction: float = 0.1, seed: int = 0, update_weight: float = 0.5,
-                     evaluate: bool | None = None) -> tuple[SweepPlan, dict[str, int]]:
+                     evaluate: bool | None = None, parser: Optional[FitConfigParser] = None
+                     ) -> tuple[SweepPlan, dict[str, int]]:
     """The update run (from `deployed`, on the new data + a seeded `old_fraction` of the config's data, written
     to OUTPUT/runs/update/old_data) and its merge with the deployed model against `base` (weights 1 − w, w).
     Returns the plan and {old sample source: records}."""
@@ -196,7 +199,7 @@ def plan_incremental(resolved: Mapping[str, Any], deployed: str, base: str, new_
     plan = plan_boom_sweep(boom_fit_config(resolved, model_name_or_path=deployed), output,
                            [run_overrides(UPDATE_RUN, list(new_sources) + old_sample, seed)], fusion,
                            {"incremental": True, "old_fraction": old_fraction, "seed": seed,
-                            "update_weight": update_weight})
+                            "update_weight": update_weight}, parser)
     return plan, {s.name: record_count(s) for s in old_sample}
 
 
@@ -252,7 +255,8 @@ def plan_from_options(options: Mapping[str, Any], fit_configs: Sequence[str | Ma
     `old_fraction`, `update_weight`, `seed`) planned and their data written (`plan_boom` / `plan_incremental`)."""
     output = Path(options["output"])
     args = [item for path in write_fit_pieces(output, fit_configs) for item in ("--config", path)]
-    resolved = resolve_fit_config([*args, *overrides])
+    parser = FitConfigParser()   # one parser for the fit config and every run of BOOM's sweep
+    resolved = resolve_fit_config([*args, *overrides], parser)
     policy = (resolved.get("data") or {}).get("policy")
     if policy != "proportional":
         log(f"[codiemb boom] note: data.policy is {policy!r}; BOOM's runs use batch-level shuffling (`proportional`)")
@@ -264,11 +268,13 @@ def plan_from_options(options: Mapping[str, Any], fit_configs: Sequence[str | Ma
         plan, _ = plan_incremental(
             resolved, options["deployed"], options.get("base") or resolved["model"]["model_name_or_path"],
             parse_sources(options["new_data"], "--new-data"), output, old_fraction=float(options.get("old_fraction", 0.1)),
-            seed=int(options.get("seed", 0)), update_weight=float(options.get("update_weight", 0.5)), evaluate=evaluate)
+            seed=int(options.get("seed", 0)), update_weight=float(options.get("update_weight", 0.5)), evaluate=evaluate,
+            parser=parser)
         return plan
     if not options.get("fractions"):
         raise InputError("codiemb boom", "no fractions", "pass --fractions 0.4 0.6 0.8 1.0")
-    return plan_boom(resolved, plan_runs(options["fractions"], options.get("seeds")), output, evaluate=evaluate)
+    return plan_boom(resolved, plan_runs(options["fractions"], options.get("seeds")), output, evaluate=evaluate,
+                     parser=parser)
 
 
 def write_evaluation(plan: SweepPlan, board: Any) -> list[tuple[str, dict[str, float]]]:

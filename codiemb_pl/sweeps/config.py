@@ -170,8 +170,9 @@ def check_record(plan: SweepPlan, run: SweepRun, where: str) -> None:
 
 
 def plan_sweep(sweep_file: str | Path, config: Optional[str] = None, output: Optional[str] = None,
-               extra_args: Sequence[str] = ()) -> SweepPlan:
-    """Read and check a sweep (every run resolved through the fit parser); writes nothing. InputError on bad input."""
+               extra_args: Sequence[str] = (), parser: Optional[FitConfigParser] = None) -> SweepPlan:
+    """Read and check a sweep (every run resolved through `parser`, default a new one: one parser build per
+    sweep); writes nothing. InputError on bad input."""
     where = str(sweep_file)
     content = read_sweep_file(sweep_file)
     base_config = config or content.config
@@ -187,7 +188,7 @@ def plan_sweep(sweep_file: str | Path, config: Optional[str] = None, output: Opt
     runs = expand_runs(content, where)
     options: FusionOptions = fusion_options(content.fusion, where, len(runs))
     check_fusion_names(runs, options, where)
-    parser, args = FitConfigParser(), list(extra_args)
+    parser, args = parser or FitConfigParser(), list(extra_args)
     resolved = resolve_run_config(parser, base_config, args + override_args(common), f"{where}: overrides")
     if not callbacks_of(resolved, EXPORT_CALLBACK):   # the export is a run's final output: add one when absent
         args += ["--trainer.callbacks+", EXPORT_CALLBACK]
