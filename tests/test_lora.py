@@ -13,7 +13,8 @@ from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
 from codiemb_pl.training.module import CoDiEmbModule
-from saved_for_backward import saved_for_backward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # a benchmark helper
+from saved_for_backward import saved_for_backward  # noqa: E402
 from ddp_driver.launch import run_codiemb
 from decoder_models import build_tiny_decoder
 
