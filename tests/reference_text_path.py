@@ -23,8 +23,8 @@ from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.collate import pick_fixed_count
 from codiemb_pl.data.records import IRRecord, STSRecord
 from codiemb_pl.data.sources import SourceConfig, iter_ir_records, load_sts_pairs, subsample_positions
-from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
-from codiemb_pl.data.text_bound import bound_for_tokenizer
+from codiemb_pl.model.pooling import leading_special_tokens, prefix_pooling_mask, prefix_token_count
+from codiemb_pl.model.text_bound import bound_for_tokenizer
 
 
 def load_training_records(cfg: SourceConfig) -> Union[list[IRRecord], list[STSRecord]]:

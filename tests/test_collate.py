@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from codiemb_pl.data.cache.records import text_id
 from codiemb_pl.data.collate import PaddingRule, TokenCollator, TokenizedItem, pick_fixed_count, tokenize_texts
 from codiemb_pl.data.records import IRCorpus, STSRecord
-from codiemb_pl.data.tokenize import leading_special_tokens
+from codiemb_pl.model.pooling import leading_special_tokens
 from codiemb_pl.data.eval_sets import EmbeddingBuffers, EvalSet, plan_eval_chunks
 from conftest import minilm_path
 

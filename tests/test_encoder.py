@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.model.pooling import cls_pool, exclude_leading_tokens, last_token_pool, mean_pool, pool
+from codiemb_pl.model.pooling import cls_pool, last_token_pool, mean_pool, pool, prefix_pooling_mask
 from conftest import minilm_path
 
 SENTENCES = [
@@ -55,11 +55,6 @@ def test_last_token_pool_handles_right_and_left_padding():
     assert torch.equal(last_token_pool(STATES, LEFT_PADDED), torch.tensor([[5.0, 6.0], [50.0, 60.0]]))
 
 
-def test_exclude_leading_tokens_skips_left_padding():
-    assert torch.equal(exclude_leading_tokens(RIGHT_PADDED, 1), torch.tensor([[0, 1, 0], [0, 1, 1]]))
-    assert torch.equal(exclude_leading_tokens(LEFT_PADDED, 1), torch.tensor([[0, 0, 1], [0, 0, 0]]))
-
-
 def test_unknown_pooling_mode_lists_valid_ones(tiny_model_dir):
     with pytest.raises(InputError, match="mean, cls, last"):
         pool(STATES, RIGHT_PADDED, "max")
@@ -89,7 +84,7 @@ def test_forward_is_normalised_and_middle_layer_matches_manual_recomputation(tin
 
 def test_pooling_mask_feature_narrows_pooling(tiny_encoder):
     features = tiny_encoder.tokenize(["one two three four"])
-    narrowed = dict(features, pooling_mask=exclude_leading_tokens(features["attention_mask"], 2))
+    narrowed = dict(features, pooling_mask=prefix_pooling_mask(features["attention_mask"], [1], leading=1))
     with torch.no_grad():
         token_states = tiny_encoder.model(**features).last_hidden_state
         expected = F.normalize(token_states[:, 2:].mean(dim=1), dim=-1)

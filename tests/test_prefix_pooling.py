@@ -1,4 +1,4 @@
-"""One rule for instruction prefixes left out of pooling (`data.tokenize.prefix_pooling_mask`), shared by the
+"""One rule for instruction prefixes left out of pooling (`model.pooling.prefix_pooling_mask`), shared by the
 training/validation collate and `TextEncoder.encode`."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 from codiemb_pl.data.collate import tokenize_texts
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
-from codiemb_pl.data.tokenize import prefix_pooling_mask
+from codiemb_pl.model.pooling import prefix_pooling_mask
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 
@@ -31,18 +31,14 @@ def test_mask_right_padding_leaves_out_the_leading_token_and_the_prefix():
     assert torch.equal(attention, torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]))
 
 
-def test_mask_left_padding_and_the_variant_that_pools_the_leading_token():
+def test_mask_left_padding_leaves_out_the_leading_token_and_the_prefix():
     attention = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     assert prefix_pooling_mask(attention, [1, 2], leading=1).tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1]]
-    assert prefix_pooling_mask(attention, [1, 2], leading=1, pool_leading=True).tolist() == \
-        [[0, 0, 1, 0, 1, 1], [1, 0, 0, 1, 1, 1]]
 
 
 def test_mask_keeps_the_last_real_token_when_truncated_inside_the_prefix():
     attention = torch.tensor([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
     assert prefix_pooling_mask(attention, [9, 9], leading=1).tolist() == [[0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]
-    assert prefix_pooling_mask(attention, [9, 9], leading=1, pool_leading=True).tolist() == \
-        [[1, 0, 0, 1, 0], [0, 1, 0, 0, 1]]
 
 
 @pytest.fixture(scope="module")

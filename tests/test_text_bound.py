@@ -1,4 +1,4 @@
-"""Texts beyond a bound are cut before tokenisation (`data/text_bound.py`), and the token ids stay those of
+"""Texts beyond a bound are cut before tokenisation (`model/text_bound.py`), and the token ids stay those of
 the whole text: on real tokenizers (WordPiece MiniLM, right and left truncation; the tiny Qwen2 / Llama
 decoder tokenizers with their appended EOS; byte-level BPE and Unigram tokenizers trained here on the demo
 text), with texts built so the cut and the last kept token fall on long words, whitespace runs, accents,
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from codiemb_pl.data import text_bound
-from codiemb_pl.data.text_bound import MARGIN_CHARS, bound_for_tokenizer, char_bound
+from codiemb_pl.model import text_bound
+from codiemb_pl.model.text_bound import MARGIN_CHARS, bound_for_tokenizer, char_bound
 from conftest import minilm_path
 
 DEMO = Path(__file__).resolve().parents[1] / "codiemb_pl" / "demo" / "ir_train.jsonl"

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from codiemb_pl.data.cache.token_ids import text_token_ids
-from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
+from codiemb_pl.model.pooling import leading_special_tokens, prefix_pooling_mask, prefix_token_count
 
 
 def pick_fixed_count(items: Sequence[str], count: int, rng: random.Random) -> list[str]:
@@ -98,7 +98,7 @@ class PaddingRule:
             encoded["token_type_ids"] = torch.zeros_like(input_ids)
         encoded["attention_mask"] = attention_mask
         if prefix_tokens is not None and any(prefix_tokens):
-            encoded["pooling_mask"] = prefix_pooling_mask(attention_mask, prefix_tokens, self.leading, pool_leading=False)
+            encoded["pooling_mask"] = prefix_pooling_mask(attention_mask, prefix_tokens, self.leading)
         return encoded
 
 

@@ -1,7 +1,7 @@
 """How a sub-dataset's `instruction` becomes the prefix of its queries and STS sentences: the one template.
 
 Torch-free, so argument parsers can show the default without importing the model stack. How a prefix is
-tokenised and left out of pooling is `data.tokenize`.
+tokenised and left out of pooling is `model.pooling.prefix_pooling_mask`.
 """
 
 from __future__ import annotations

@@ -35,9 +35,9 @@ from codiemb_pl.model.decoder import is_decoder_backbone, prepare_tokenizer
 from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.data.text_bound import bound_for_tokenizer
-from codiemb_pl.data.tokenize import leading_special_tokens, prefix_pooling_mask, prefix_token_count
-from codiemb_pl.model.pooling import POOLING_MODES, check_pooling_mode, pool
+from codiemb_pl.model.text_bound import bound_for_tokenizer
+from codiemb_pl.model.pooling import (POOLING_MODES, check_pooling_mode, leading_special_tokens, pool,
+                                      prefix_pooling_mask, prefix_token_count)
 from codiemb_pl.storage.weight_checks import check_finite_state, check_model_folder, weights_location
 
 #: Feature keys passed on to the transformer; anything else in `features` is ignored by the model.
@@ -163,7 +163,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, Tensor]:
         """Tokenise with padding to the longest text in the batch and truncation to `max_length`
-        (default `self.max_seq_length`); texts beyond `data.text_bound.char_bound(max_length)` characters are cut
+        (default `self.max_seq_length`); texts beyond `model.text_bound.char_bound(max_length)` characters are cut
         first, to a piece that gives the same ids."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if self.do_lower_case:
@@ -210,7 +210,7 @@ class TextEncoder(nn.Module):
         `self.prompts`) is prepended to every text; with neither, `default_prompt_name` applies if set.
         `prefix` (an instruction prefix, instead of a prompt) is prepended too. When `include_prompt` is
         False, their tokens and the leading special tokens (`[CLS]`) are attended to but left out of
-        pooling (`data.tokenize.prefix_pooling_mask`): sentence-transformers' rule for prompts, and the
+        pooling (`model.pooling.prefix_pooling_mask`): sentence-transformers' rule for prompts, and the
         rule training and validation apply to instruction prefixes (so evaluation scores what validation
         scored, and an exported instruction prompt reproduces the training embedding).
         """

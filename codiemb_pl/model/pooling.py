@@ -1,13 +1,23 @@
 """Pooling token states `H[b, t, d]` into one vector per text, guided by a 0/1 mask `M[b, t]`.
 
-The mask is normally the attention mask; a caller may pass a narrower one (e.g. with instruction
-tokens zeroed, SPEC §1) so that tokens are attended to but not pooled. Both right and left padding
-work because positions are found from the mask, never assumed.
+The mask is normally the attention mask; a caller may pass a narrower one so that tokens are attended to
+but not pooled. Both right and left padding work because positions are found from the mask, never assumed.
+
+Instruction prefixes (SPEC §1: "with mean pooling the prefix tokens are excluded from the mean but still
+attended to"): for a text `prefix + text`, the tokens of `prefix` (counted by tokenising the prefix alone,
+`prefix_token_count`) and the tokenizer's leading special tokens before them (`[CLS]`,
+`leading_special_tokens`) get `pooling_mask = 0` (`prefix_pooling_mask`); `attention_mask` keeps them. This
+is sentence-transformers' `Pooling(include_prompt=False)` rule for a prompt, so a training instruction
+exported as a prompt (`callbacks.export.training_prompts`) gives `SentenceTransformer(folder).encode(q,
+prompt_name=...)` exactly the training embedding. Training batches (`data.collate`, the token cache),
+validation and every evaluation path (`TextEncoder.encode(prefix=...)` and `encode(prompt=...)`) use this
+one rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -71,13 +81,36 @@ def pool(token_embeddings: Tensor, mask: Tensor, mode: str) -> Tensor:
     return POOLING_FUNCTIONS[check_pooling_mode(mode)](token_embeddings, mask)
 
 
-def exclude_leading_tokens(mask: Tensor, count: int) -> Tensor:
-    """Copy of `mask` with each row's first `count` real tokens set to 0 (e.g. an instruction prefix).
+def leading_special_tokens(tokenizer) -> int:
+    """How many special tokens the tokenizer puts before the text (1 for BERT's [CLS], 0 for most decoders)."""
+    with_special = tokenizer("a")["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(without) + 1):
+        if with_special[start:start + len(without)] == without:
+            return start
+    return 0
 
-    Padding on the left is skipped: the zeroed span starts at each row's first `M[i,t] = 1`.
+
+@lru_cache(maxsize=4096)
+def prefix_token_count(tokenizer, prefix: str) -> int:
+    """Tokens `prefix` occupies on its own (no special tokens)."""
+    return len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
+
+
+def prefix_pooling_mask(attention_mask: Tensor, prefix_tokens: Sequence[int], leading: int) -> Tensor:
+    """Copy of `attention_mask` `[b, t]` with each row's prefix tokens (and the leading special tokens before
+    them) set to 0, i.e. left out of pooling.
+
+    Row i's real tokens start at `s_i` (its first `M[i,t] = 1`, so left padding works) and number `r_i`;
+    its prefix covers positions `[s_i + leading, s_i + leading + prefix_tokens[i])`. Zeroed:
+    `[s_i, min(s_i + leading + prefix_tokens[i], s_i + r_i - 1))` (sentence-transformers' rule), so a text
+    truncated inside its prefix keeps its last real token. Rows with `prefix_tokens[i] = 0` are unchanged.
     """
-    if count <= 0:
-        return mask.clone()
+    mask = attention_mask.clone()
+    counts = torch.as_tensor(list(prefix_tokens), dtype=torch.long, device=mask.device).unsqueeze(1)
+    first = mask.to(torch.int32).argmax(dim=1, keepdim=True).long()
+    real = mask.sum(dim=1, keepdim=True).long()
+    stop = torch.minimum(first + leading + counts, first + real - 1)
+    stop = torch.where(counts > 0, stop, first)
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
-    first_index = mask.to(torch.int32).argmax(dim=1, keepdim=True)
-    return torch.where(positions < first_index + count, torch.zeros_like(mask), mask)
+    return mask.masked_fill((positions >= first) & (positions < stop), 0)

@@ -23,7 +23,7 @@ from codiemb_pl.data.cache.tokens import open_tokens
 from codiemb_pl.data.cache.entries import MappedTable
 from codiemb_pl.data.collate import TokenizedItem
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.tokenize import prefix_token_count
+from codiemb_pl.model.pooling import prefix_token_count
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

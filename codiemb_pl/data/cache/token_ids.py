@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from codiemb_pl.errors import InputError
-from codiemb_pl.data.text_bound import bound_for_backend, bound_for_tokenizer
+from codiemb_pl.model.text_bound import bound_for_backend, bound_for_tokenizer
 
 TOKEN_LIST = pa.list_(pa.int32())
 IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
