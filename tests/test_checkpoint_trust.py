@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.storage.checkpoint_loading import (load_checkpoint_file, trusted_checkpoints, vet_checkpoint_location,
-                                           verify_zip_records)
+                                                   verify_zip_records)
 from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
 from codiemb_pl.model.lora import LoraSettings
@@ -172,9 +173,11 @@ def test_own_checkpoints_load_without_opt_in(runs, api_lora_checkpoint, tiny_mod
     """Full and LoRA `last.ckpt` of `codiemb fit`, and a LoRA checkpoint holding the Python API's settings
     objects: read weights-only, fused, evaluated and validated with no flag."""
     for path in (runs["full"], runs["lora"], api_lora_checkpoint):
-        checkpoint = load_checkpoint_file(path, mmap=True)
+        checkpoint = load_lightning_checkpoint(path, mmap=True)
         assert checkpoint["global_step"] == 2 and checkpoint["state_dict"]
-    assert isinstance(load_checkpoint_file(api_lora_checkpoint)["hyper_parameters"]["lora"], LoraSettings)
+    assert isinstance(load_lightning_checkpoint(api_lora_checkpoint)["hyper_parameters"]["lora"], LoraSettings)
+    with pytest.raises(InputError, match=r"names codiemb_pl\.[\w.]+(Settings|Config), a function or class"):
+        load_checkpoint_file(api_lora_checkpoint)   # the classes are the caller's to allow
     assert main(["fuse", "--base", str(tiny_model_dir), "--model", str(runs["full"]), "--model", str(runs["lora"]),
                  "--model", str(api_lora_checkpoint), "--method", "uniform_soup", "--mixed-lora",
                  "--output", str(tmp_path / "fused")]) == 0

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
-from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.model.card import build_model_card, encoder_card_fields
 from codiemb_pl.model.prompts import include_prompt_for, instruction_prompts
 from codiemb_pl.training.sharding import consolidated_weights
@@ -46,7 +46,7 @@ class ExportEncoder(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
         if self.from_best and best and os.path.exists(best):
-            checkpoint = load_checkpoint_file(best)   # the rule of every checkpoint load (checkpoint_loading)
+            checkpoint = load_lightning_checkpoint(best)   # the rule of every checkpoint load (checkpoint_loading)
             pl_module.load_state_dict(checkpoint["state_dict"], strict=pl_module.strict_loading)  # LoRA: adapters only
             self.exported_from = best
             self.exported_step = checkpoint.get("global_step")

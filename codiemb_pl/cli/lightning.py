@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from codiemb_pl.callbacks.interruption import GracefulInterruption, TrainingInterrupted
 from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
-from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.evaluation.tables import comparison_table
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sampler import POLICIES
@@ -91,7 +91,7 @@ class CoDiEmbCLI(LightningCLI):
         path = config.get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():
             return
-        checkpoint = load_checkpoint_file(path, trust=trusted_by(config.get("weights_only")), mmap=True)
+        checkpoint = load_lightning_checkpoint(path, trust=trusted_by(config.get("weights_only")), mmap=True)
         hparams = dict(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
         hparams.pop("_instantiator", None)
         if not hparams:

@@ -20,8 +20,11 @@ NaN or inf stops the merge with the file and the tensor named, before anything i
     file.ckpt (Lightning, CoDiEmbModule)            -> `state_dict` memory-mapped, `encoder.model.` stripped
 
 A `.ckpt` (or `pytorch_model.bin`) is a pickle, read by `checkpoint_loading.load_checkpoint_file`
-(CRCs checked, weights-only unpickling with the project's allow-list unless trusted), memory-mapped:
-tensor bytes are read when touched. `as_source` turns a state dict, a location or a source into a source.
+(CRCs checked, weights-only unpickling unless trusted), memory-mapped: tensor bytes are read when touched.
+A codiemb_pl `.ckpt` may also hold the settings objects of `LIGHTNING_CHECKPOINT_CLASSES`; every reader of
+those files in the package (resume, checkpoint IO, the export, the CLI's `--ckpt_path`, and this module)
+opens them with `load_lightning_checkpoint`. `as_source` turns a state dict, a location or a source into a
+source.
 """
 
 from __future__ import annotations
@@ -42,8 +45,21 @@ from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
+from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
+from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.data.sources import SourceConfig
 
 LIGHTNING_PREFIX = "encoder.model."
+"""Where a `CoDiEmbModule` checkpoint's `state_dict` keeps the transformer's weights."""
+LIGHTNING_CHECKPOINT_CLASSES: tuple[type, ...] = (LoraSettings, STSLossConfig, SourceConfig)
+"""The non-tensor classes a codiemb_pl Lightning checkpoint may hold (found by saving real ones: LightningCLI
+runs store plain dicts; the Python API stores these settings objects in `hyper_parameters`)."""
+
+
+def load_lightning_checkpoint(path: str | os.PathLike, **options: Any) -> Any:
+    """A codiemb_pl `.ckpt` read by `checkpoint_loading.load_checkpoint_file(path, **options)` with
+    `LIGHTNING_CHECKPOINT_CLASSES` allowed."""
+    return load_checkpoint_file(path, allowed_classes=LIGHTNING_CHECKPOINT_CLASSES, **options)
 
 
 def row_ranges(shape: Sequence[int], max_elements: int | None) -> list[tuple[int, int]]:
@@ -263,7 +279,7 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor
 
     The tensors are memory-mapped (read on first touch); the file is read under `checkpoint_loading`'s rule.
     """
-    checkpoint = load_checkpoint_file(path, mmap=True)
+    checkpoint = load_lightning_checkpoint(path, mmap=True)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     weights = {key[len(LIGHTNING_PREFIX):]: value for key, value in (state or {}).items()
                if key.startswith(LIGHTNING_PREFIX)}
@@ -271,11 +287,25 @@ def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor
         raise InputError(str(path), f"the checkpoint has no {LIGHTNING_PREFIX}* weights",
                          "give a checkpoint of codiemb_pl's CoDiEmbModule")
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    if any(".lora_A." in key for key in weights):  # a LoRA run (model.lora): its base with s·B·A merged in
-        from codiemb_pl.model.lora import merge_adapter_checkpoint
-
+    if is_adapter_state(weights):  # a LoRA run (model.lora): its base with s·B·A merged in
         weights = merge_adapter_checkpoint(weights, hparams, str(path))
     return weights, hparams
+
+
+def merge_adapter_checkpoint(adapters: Mapping[str, Tensor], hparams: Mapping[str, Any],
+                             where: str) -> dict[str, Tensor]:
+    """The full weights of a LoRA run's checkpoint: its base model (`hparams.model_name_or_path`, read
+    whole) with `s·B·A` merged in, `s = lora.alpha / lora.r` from the checkpoint's `hparams.lora`."""
+    settings = hparams.get("lora")
+    base_name = hparams.get("model_name_or_path")
+    if settings is None or not base_name:
+        raise InputError(where, "holds LoRA adapters but no model.lora / model_name_or_path hyper-parameters",
+                         "give a checkpoint written by `codiemb fit` with model.lora set")
+    settings = check_lora_settings(settings if isinstance(settings, LoraSettings) else LoraSettings(**dict(settings)),
+                                   where=f"{where}: model.lora")
+    source = open_checkpoint(base_name).source
+    base = {key: source.get(key) for key in source.keys()}
+    return merge_adapters(base, adapters, settings.alpha / settings.r, where)
 
 
 def _open_lightning(path: Path) -> OpenedCheckpoint:

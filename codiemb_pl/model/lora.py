@@ -247,24 +247,6 @@ def merge_adapters(base: Mapping[str, Tensor], adapters: Mapping[str, Tensor], s
     return merged
 
 
-def merge_adapter_checkpoint(adapters: Mapping[str, Tensor], hparams: Mapping[str, Any],
-                             where: str) -> dict[str, Tensor]:
-    """The full weights of a LoRA run's checkpoint: its base model (`hparams.model_name_or_path`, read
-    whole) with `s·B·A` merged in, `s = lora.alpha / lora.r` from the checkpoint's `hparams.lora`."""
-    from codiemb_pl.fusion.sources import open_checkpoint
-
-    settings = hparams.get("lora")
-    base_name = hparams.get("model_name_or_path")
-    if settings is None or not base_name:
-        raise InputError(where, "holds LoRA adapters but no model.lora / model_name_or_path hyper-parameters",
-                         "give a checkpoint written by `codiemb fit` with model.lora set")
-    settings = check_lora_settings(settings if isinstance(settings, LoraSettings) else LoraSettings(**dict(settings)),
-                                   where=f"{where}: model.lora")
-    source = open_checkpoint(base_name).source
-    base = {key: source.get(key) for key in source.keys()}
-    return merge_adapters(base, adapters, settings.alpha / settings.r, where)
-
-
 def check_lora_mix(paths: Sequence[str], adapter_flags: Sequence[bool], allow_mixed: bool) -> None:
     """Refuse merging LoRA checkpoints with full ones unless `allow_mixed` (both are then merged in weight space)."""
     if allow_mixed or len(set(adapter_flags)) < 2:

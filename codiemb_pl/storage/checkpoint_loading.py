@@ -5,10 +5,11 @@ file names. Every such file the project opens goes through `load_checkpoint_file
 
 1. every zip record is read once through its CRC-32 (`verify_zip_records`; torch's reader checks none,
    so a flipped byte in the weights would load as is); a truncated or garbled file is one `InputError`;
-2. the pickle is read with `torch.load(weights_only=True)`: tensors and plain containers only, plus
-   `allowed_globals()`, exactly the classes this project's own checkpoints hold (its settings
-   dataclasses, which the Python API stores in the hyper-parameters, and `pathlib` paths). Anything
-   else stops with one `InputError` naming the file and the refused global.
+2. the pickle is read with `torch.load(weights_only=True)`: tensors, plain containers and `pathlib` paths
+   only, plus the classes the caller names (`allowed_classes`: a codiemb_pl Lightning checkpoint holds the
+   settings dataclasses the Python API stores in its hyper-parameters, which `fusion.sources`
+   (`LIGHTNING_CHECKPOINT_CLASSES`, `load_lightning_checkpoint`) names for every reader of `.ckpt` files).
+   Anything else stops with one `InputError` naming the file and the refused global.
 
 Trust is the explicit opt-in for files from a known source: `load_checkpoint_file(path, trust=True)`,
 or `trusted_checkpoints()` around a whole command (`--trust-checkpoint`; `fit/validate/test/predict`:
@@ -21,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import pathlib
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +39,14 @@ _trusted = contextvars.ContextVar("codiemb_trusted_checkpoints", default=False)
 _verified: dict[tuple[str, int, int], None] = {}   # (path, size, mtime_ns) of files whose CRCs passed
 
 
-def allowed_globals() -> list[type]:
-    """The non-tensor classes a codiemb_pl checkpoint may hold (found by saving real ones: LightningCLI runs
-    store plain dicts; the Python API stores these settings objects in `hyper_parameters`)."""
-    import pathlib
+PATH_CLASSES = (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath)
+"""Allowed in every weights-only load: paths stored in hyper-parameters."""
 
-    from codiemb_pl.data.sources import SourceConfig
-    from codiemb_pl.model.lora import LoraSettings
-    from codiemb_pl.losses.sts import STSLossConfig
 
-    return [LoraSettings, STSLossConfig, SourceConfig,
-            pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+def allowed_globals(allowed_classes: Iterable[type] = ()) -> list[type]:
+    """What a weights-only unpickle may build beyond tensors and plain containers: `pathlib` paths and the
+    caller's `allowed_classes`."""
+    return [*allowed_classes, *PATH_CLASSES]
 
 
 def checkpoints_trusted() -> bool:
@@ -86,9 +85,10 @@ def verify_zip_records(path: str | os.PathLike) -> None:
 
 
 def load_checkpoint_file(path: str | os.PathLike, *, trust: bool | None = None, map_location: Any = "cpu",
-                         mmap: bool = False, check_records: bool = True) -> Any:
+                         mmap: bool = False, check_records: bool = True, allowed_classes: Iterable[type] = ()) -> Any:
     """`torch.load(path)` under this module's rule (CRC check, then a weights-only unpickle with
-    `allowed_globals()`, or a full one when trusted); every failure is one `InputError` naming the file.
+    `allowed_globals(allowed_classes)`, or a full one when trusted); every failure is one `InputError` naming
+    the file.
 
     `trust=None` follows the enclosing `trusted_checkpoints()` block (untrusted outside one).
     `check_records=False` skips the CRC pass, for a caller that only looks inside candidates (memory-mapped)
@@ -111,7 +111,7 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool | None = None, 
     try:
         if trust:
             return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(allowed_globals(allowed_classes)):
             return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         if trust:
@@ -125,7 +125,8 @@ def load_checkpoint_file(path: str | os.PathLike, *, trust: bool | None = None, 
                          "re-save or re-download it") from exc
 
 
-def vet_checkpoint_location(path: str | os.PathLike, trust: bool | None = None) -> None:
+def vet_checkpoint_location(path: str | os.PathLike, trust: bool | None = None,
+                            allowed_classes: Iterable[type] = ()) -> None:
     """Check what a loader outside this module (a Lightning strategy that reads checkpoints itself) is about
     to unpickle, under the same rule: a file as `load_checkpoint_file` reads it (memory-mapped, so only its
     pickle is parsed); a checkpoint folder file by file, `torch.distributed.checkpoint`'s `.metadata` with
@@ -133,13 +134,13 @@ def vet_checkpoint_location(path: str | os.PathLike, trust: bool | None = None) 
     path = Path(path)
     trust = checkpoints_trusted() if trust is None else trust
     if not path.is_dir():
-        load_checkpoint_file(path, trust=trust, mmap=True)
+        load_checkpoint_file(path, trust=trust, mmap=True, allowed_classes=allowed_classes)
         return
     for file in sorted(item for item in path.rglob("*") if item.is_file()):
         if file.name == DISTRIBUTED_METADATA_NAME and not trust:
             read_distributed_metadata(file)
         elif file.suffix in PICKLED_SUFFIXES:   # `.distcp` shards: raw tensor bytes, weights-only byte items
-            load_checkpoint_file(file, trust=trust, mmap=True)
+            load_checkpoint_file(file, trust=trust, mmap=True, allowed_classes=allowed_classes)
 
 
 DISTRIBUTED_METADATA_NAME = ".metadata"

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from codiemb_pl.errors import InputError
+from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
 
 # safetensors dtype names <-> torch dtypes (read by `fusion.sources`, written by `fusion.writer`).
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -141,11 +142,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     if not safetensors_files and not pickled_files and config.is_file() and not list(folder.glob("*.index.json")):
         raise InputError(str(folder), "holds config.json but no weights (model.safetensors or pytorch_model.bin)",
                          "copy the weight files into the folder or re-download the model")
-    if pickled_files:
-        from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
-
-        for file in pickled_files:
-            load_checkpoint_file(file, mmap=True)   # vetted only: transformers reads it again (weights-only)
+    for file in pickled_files:
+        load_checkpoint_file(file, mmap=True)   # vetted only: transformers reads it again (weights-only)
 
 
 def weights_location(folder: str | os.PathLike) -> str:

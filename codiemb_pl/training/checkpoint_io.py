@@ -20,8 +20,8 @@ size, `seal_checkpoint_folder`) and renames the folder into place. `checkpoint_f
 reader's check.
 
 Loads. `DurableCheckpointIO.load_checkpoint` reads a checkpoint file with
-`checkpoint_loading.load_checkpoint_file` (CRCs checked, weights-only unpickling with the project's
-allow-list, one `InputError` line naming the file and the refused type). The opt-in is Lightning's own
+`fusion.sources.load_lightning_checkpoint` (`checkpoint_loading`'s rule: CRCs checked, weights-only unpickling
+with the project's settings classes allowed, one `InputError` line naming the file and the refused type). The opt-in is Lightning's own
 `--weights_only false` (config key `weights_only: false` of the subcommand), or an enclosing
 `checkpoint_loading.trusted_checkpoints()` block (a sweep with `--trust-checkpoint`). `install_safe_loading`
 (the CLI calls it for every subcommand) installs the CheckpointIO; a strategy that reads checkpoints
@@ -49,8 +49,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.strategies import Strategy
 
 from codiemb_pl.storage.atomic import atomic_file, fsync_tree
-from codiemb_pl.storage.checkpoint_loading import (allowed_globals, checkpoints_trusted, load_checkpoint_file, refused_checkpoint,
-                                 vet_checkpoint_location)
+from codiemb_pl.fusion.sources import LIGHTNING_CHECKPOINT_CLASSES, load_lightning_checkpoint
+from codiemb_pl.storage.checkpoint_loading import (allowed_globals, checkpoints_trusted, refused_checkpoint,
+                                                   vet_checkpoint_location)
 
 FOLDER_MARKER = "codiemb-complete.json"
 """Written last into a checkpoint folder: `{"global_step", "epoch", "weights_only", "files": {path: bytes}}`."""
@@ -75,8 +76,8 @@ class DurableCheckpointIO(TorchCheckpointIO):
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
         trust = trusted_by(weights_only)
         if is_local_path(path):
-            return load_checkpoint_file(str(path).removeprefix("file://"), trust=trust, map_location=map_location)
-        with torch.serialization.safe_globals(allowed_globals()):   # remote stores: Lightning's fsspec read
+            return load_lightning_checkpoint(str(path).removeprefix("file://"), trust=trust, map_location=map_location)
+        with torch.serialization.safe_globals(allowed_globals(LIGHTNING_CHECKPOINT_CLASSES)):   # remote stores: Lightning's fsspec read
             try:
                 return super().load_checkpoint(path, map_location=map_location, weights_only=not trust)
             except pickle.UnpicklingError as exc:
@@ -138,8 +139,8 @@ def install_safe_loading(strategy: Strategy) -> None:
     def vetted_load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         trust = trusted_by(weights_only)
         if is_local_path(checkpoint_path):
-            vet_checkpoint_location(str(checkpoint_path).removeprefix("file://"), trust)
-        with torch.serialization.safe_globals(allowed_globals()):
+            vet_checkpoint_location(str(checkpoint_path).removeprefix("file://"), trust, LIGHTNING_CHECKPOINT_CLASSES)
+        with torch.serialization.safe_globals(allowed_globals(LIGHTNING_CHECKPOINT_CLASSES)):
             try:
                 return original(checkpoint_path, weights_only=not trust)
             except pickle.UnpicklingError as exc:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from codiemb_pl.training.checkpoint_io import checkpoint_folder_problem, read_folder_marker
-from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file, verify_zip_records
+from codiemb_pl.fusion.sources import load_lightning_checkpoint
+from codiemb_pl.storage.checkpoint_loading import verify_zip_records
 from codiemb_pl.errors import InputError
 
 LAST_NAME = re.compile(r"^last(-v?\d+)?$")
@@ -66,7 +67,7 @@ def inspect_checkpoint(path: Path) -> CheckpointCandidate:
     if path.stat().st_size == 0:
         return CheckpointCandidate(path, None, "is empty", modified)
     try:
-        checkpoint = load_checkpoint_file(path, trust=False, mmap=True, check_records=False)
+        checkpoint = load_lightning_checkpoint(path, trust=False, mmap=True, check_records=False)
     except InputError as error:   # refused (an object outside the allow-list) or unreadable: the line says which
         if "could run code" in error.problem:
             return CheckpointCandidate(path, None, f"{error.problem} (pass --ckpt_path with it and --weights_only "
