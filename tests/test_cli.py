@@ -163,7 +163,7 @@ def test_test_on_a_checkpoint_logs_exactly_what_validate_logs_for_the_same_sets(
 
 
 def test_a_command_registered_in_process_is_dispatched_and_listed(capsys):
-    from codiemb_pl.cli.main import EXTRA_COMMANDS, register_command
+    from codiemb_pl.commands import EXTRA_COMMANDS, register_command
 
     @register_command("echo-args")
     def echo_args(argv: list[str]) -> int:

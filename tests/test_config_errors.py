@@ -120,8 +120,6 @@ def test_bad_value_in_the_second_data_train_entry_names_that_entry(tiny_model_di
 def test_a_config_naming_a_class_path_that_moved_gets_one_line_naming_the_new_one(tmp_path, capsys):
     """The 0.2 re-layout moved class paths (CHANGELOG.md): an old one in a config file or on the command line is
     one line with the file and line and the new path, before anything is parsed or written."""
-    from codiemb_pl.cli import main
-
     config = tmp_path / "run.yaml"
     config.write_text("trainer:\n  max_steps: 1\n  logger:\n    class_path: codiemb_pl.run_folder.CSVLogger\n",
                       encoding="utf-8")

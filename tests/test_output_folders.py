@@ -109,12 +109,12 @@ def test_fit_checks_every_output_folder_of_the_trainer(tiny_model_dir, tmp_path)
     """`check_fit_outputs` names the run root first when nothing ran before it (a trainer built in a script)."""
     from lightning.pytorch import Trainer
 
-    from codiemb_pl.storage.output_paths import check_fit_outputs, fit_output_folders
+    from codiemb_pl.cli.run_folder import FitOutput, check_fit_outputs, fit_outputs
 
     root = unwritable("under_a_file", tmp_path)
     trainer = Trainer(default_root_dir=str(root), logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False)
-    assert fit_output_folders(trainer)[0] == ("trainer.default_root_dir", root)
+    assert fit_outputs(trainer)[0] == FitOutput("trainer.default_root_dir", root, temporaries=None)
     with pytest.raises(InputError, match=f"trainer.default_root_dir {root}: cannot be written"):
         check_fit_outputs(trainer)
 

@@ -28,11 +28,10 @@ from codiemb_pl.cli.predict_output import check_output_path, write_embeddings
 from codiemb_pl.errors import InputError
 from codiemb_pl.cli.held_logs import HeldLogs
 from codiemb_pl.training.module import CoDiEmbModule
-from codiemb_pl.storage.output_paths import check_fit_outputs
 from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
 from codiemb_pl.model.pooling import check_pooling_mode
 from codiemb_pl.training.resume import resolve_last_checkpoint
-from codiemb_pl.cli.run_folder import checkpoint_folders, remove_stale_temporaries_of_run
+from codiemb_pl.cli.run_folder import check_fit_outputs, checkpoint_folders, remove_stale_temporaries_of_run
 from codiemb_pl.training.trainer import DurableTrainer
 
 

@@ -5,8 +5,9 @@ calling `main([...])` in-process). Bad input (`InputError`) ends with one clear 
 set `CODIEMB_DEBUG=1` or pass `--debug` for the traceback.
 
 This module imports nothing heavy: `codiemb --help`, a project command's `--help` and argument errors
-stay fast. Lightning is imported (`lightning_cli.py`) only for a LightningCLI subcommand, and a project
-command's module only when that command runs (`commands.discover` finds them without importing them).
+stay fast. Lightning is imported (`cli.lightning`) only for a LightningCLI subcommand, and a project
+command's module only when that command runs (`commands.discover` finds them without importing them;
+`commands.load` imports the one that runs, which registers itself in `commands.EXTRA_COMMANDS`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ import os
 import sys
 from typing import Callable, Optional
 
+from codiemb_pl.commands import EXTRA_COMMANDS, discover, load
 from codiemb_pl.errors import InputError
-
-EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
-"""Project commands registered in this process (`register_command`), by name."""
 
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train the encoder on data.train, validating on data.val",
@@ -29,18 +28,8 @@ LIGHTNING_COMMANDS: dict[str, str] = {
 }
 
 
-def register_command(name: str):
-    """Register a project command (`codiemb NAME ...`) handled outside LightningCLI."""
-    def decorate(fn: Callable[[list[str]], int]):
-        EXTRA_COMMANDS[name] = fn
-        return fn
-    return decorate
-
-
 def overview() -> str:
     """`codiemb --help`: every command with its one-line summary."""
-    from codiemb_pl.commands import discover
-
     project = {name: info.summary for name, info in discover().items()}
     project.update({name: fn.__doc__.strip().splitlines()[0] if fn.__doc__ else ""
                     for name, fn in EXTRA_COMMANDS.items() if name not in project})
@@ -56,16 +45,12 @@ def overview() -> str:
 
 
 def command_names() -> list[str]:
-    from codiemb_pl.commands import discover
-
     return [*LIGHTNING_COMMANDS, *sorted(set(discover()) | set(EXTRA_COMMANDS))]
 
 
 def project_command(name: str) -> Optional[Callable[[list[str]], int]]:
     """The function of project command `name` (its module imported on demand), or None."""
     if name not in EXTRA_COMMANDS:
-        from codiemb_pl.commands import discover, load
-
         if name not in discover():
             return None
         load(name)

@@ -11,10 +11,12 @@ With root `R` (`--trainer.default_root_dir`, default the working directory):
 `last.ckpt` of the run it resumes. A folder given explicitly is used as given (relative paths are
 relative to the working directory, as everywhere in Lightning).
 
-`checkpoint_folders(trainer)` lists where the run's checkpoints are (where `--ckpt_path last` looks), and
-`remove_stale_temporaries_of_run(trainer)` deletes, at the start of `fit`, the hidden temporary entries a
-killed run left where this run writes (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the
-fusion folders, and those of the export's own name beside it.
+`fit_outputs(trainer)` is the one list of where a fit writes; from it `check_fit_outputs` refuses an
+unwritable folder before training (`output_paths.check_writable_folder`), and
+`remove_stale_temporaries_of_run` deletes, at the start of `fit`, the hidden temporary entries a killed run
+left (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the fusion folders, and those of the
+export's own name beside it. `checkpoint_folders(trainer)` lists where the run's checkpoints are (where
+`--ckpt_path last` looks).
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from codiemb_pl.callbacks.export import ExportEncoder
+from codiemb_pl.callbacks.fusion import CheckpointFusion
+from codiemb_pl.callbacks.interruption import checkpoint_location, last_checkpoint_owner
 from codiemb_pl.storage.atomic import remove_stale_temporaries
+from codiemb_pl.storage.output_paths import FOLDER_FIX, check_writable_folder
+
+INSIDE = "inside"
+BESIDE = "beside"
 
 
 def fill_unset_folders(trainer_config: Any) -> None:
@@ -61,39 +70,65 @@ def _is_subclass(class_path: Optional[str], base: type) -> bool:
         return False
 
 
+class FitOutput(NamedTuple):
+    """A place `fit` writes: `path`, named in messages by the setting `option`, and where a killed run's hidden
+    temporaries of it lie: `INSIDE` the folder (the run alone writes there), `BESIDE` it (only the entry
+    `path.name` of its parent is the run's), or None (a folder shared with others: the run root, a logger's)."""
+
+    option: str
+    path: Path
+    temporaries: Optional[str] = None
+
+
 def checkpoint_folders(trainer: Any) -> list[Path]:
     """The folders of the run's checkpoints: each ModelCheckpoint's `dirpath`, and the folder of the interruption
     checkpoint (`<default_root_dir>/checkpoints` when no ModelCheckpoint has a folder), without repeats."""
-    from codiemb_pl.callbacks.interruption import checkpoint_location, last_checkpoint_owner
-
     folders = [Path(callback.dirpath) for callback in trainer.checkpoint_callbacks
                if isinstance(callback, ModelCheckpoint) and callback.dirpath]
     folders.append(checkpoint_location(trainer, last_checkpoint_owner(trainer))[0])
     return list(dict.fromkeys(folders))
 
 
-def temporary_locations(trainer: Any) -> list[tuple[Path, Optional[set[str]]]]:
-    """(folder, final names or None for any) where this run writes through temporaries: the checkpoint
-    folders, each ExportEncoder output (and adapter folder) beside it, and CheckpointFusion's folders."""
-    from codiemb_pl.callbacks.export import ExportEncoder
-    from codiemb_pl.callbacks.fusion import CheckpointFusion
-
-    locations: list[tuple[Path, Optional[set[str]]]] = [(folder, None) for folder in checkpoint_folders(trainer)]
+def fit_outputs(trainer: Any) -> list[FitOutput]:
+    """Everything `fit` writes into: the run root, each logger's save_dir, the checkpoint folders, the export
+    (and adapter) folder, the fusion folder with its snapshots and candidates."""
+    outputs = [FitOutput("trainer.default_root_dir", Path(trainer.default_root_dir))]
+    for logger in trainer.loggers:
+        save_dir = getattr(logger, "save_dir", None)
+        if save_dir:
+            outputs.append(FitOutput(f"{type(logger).__name__} save_dir", Path(save_dir)))
+    given = {Path(callback.dirpath) for callback in trainer.checkpoint_callbacks
+             if isinstance(callback, ModelCheckpoint) and callback.dirpath}
+    outputs += [FitOutput("ModelCheckpoint dirpath" if folder in given else "trainer.default_root_dir", folder, INSIDE)
+                for folder in checkpoint_folders(trainer)]
     for callback in trainer.callbacks:
         if isinstance(callback, ExportEncoder):
-            for output in filter(None, [callback.output_dir(trainer), callback.adapter_dirpath]):
-                locations.append((Path(output).parent, {Path(output).name}))
+            outputs.append(FitOutput("ExportEncoder dirpath", callback.output_dir(trainer), BESIDE))
+            if callback.adapter_dirpath:
+                outputs.append(FitOutput("ExportEncoder adapter_dirpath", Path(callback.adapter_dirpath), BESIDE))
         elif isinstance(callback, CheckpointFusion):
             root = callback.root(trainer)
-            locations += [(root, None), (root / "snapshots", None), (root / "candidates", None)]
-    return locations
+            outputs += [FitOutput("CheckpointFusion dirpath", folder, INSIDE)
+                        for folder in (root, root / "snapshots", root / "candidates")]
+    return outputs
+
+
+def check_fit_outputs(trainer: Any) -> None:
+    """Refuse a fit whose output folders cannot be written, before any data is read or training starts."""
+    for output in fit_outputs(trainer):
+        check_writable_folder(output.path, output.option, f"{FOLDER_FIX}: set --trainer.default_root_dir (every "
+                                                          "unset folder follows it) or this folder's own option")
 
 
 def remove_stale_temporaries_of_run(trainer: Any) -> str:
     """Delete the temporaries a killed run left where this one writes (call on global rank 0 before `fit`,
     with the run folder to itself); returns the line saying what went, empty when nothing did."""
-    removed = [path for folder, names in temporary_locations(trainer)
-               for path in remove_stale_temporaries(folder, names)]
+    removed = []
+    for output in fit_outputs(trainer):
+        if output.temporaries == INSIDE:
+            removed += remove_stale_temporaries(output.path, None)
+        elif output.temporaries == BESIDE:
+            removed += remove_stale_temporaries(output.path.parent, {output.path.name})
     if not removed:
         return ""
     return (f"[codiemb] removed {len(removed)} temporary file(s)/folder(s) an interrupted run left: "

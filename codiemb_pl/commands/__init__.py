@@ -1,9 +1,10 @@
 """Project commands beside LightningCLI's (`codiemb fuse`, `codiemb evaluate`, ...).
 
-Each module in this package registers its command with `codiemb_pl.cli.main.register_command` when imported.
-`discover()` finds the commands without importing anything (it reads each module's source for its
-`@register_command("NAME")` line and the first line of its docstring), so `codiemb --help` and the
-dispatch stay fast; `load(name)` imports the one module that defines `name`; `import_all()` imports them all.
+Each module in this package registers its command with `register_command` (into `EXTRA_COMMANDS`, which
+`codiemb_pl.cli.main` dispatches to) when imported. `discover()` finds the commands without importing
+anything (it reads each module's source for its `@register_command("NAME")` line and the first line of its
+docstring), so `codiemb --help` and the dispatch stay fast; `load(name)` imports the one module that defines
+`name` (the lazy dispatch); `import_all()` imports them all.
 """
 
 from __future__ import annotations
@@ -12,8 +13,20 @@ import ast
 import functools
 import importlib
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], int]] = {}
+"""Project commands registered in this process (`register_command`), by name."""
+
+
+def register_command(name: str):
+    """Register a project command (`codiemb NAME ...`) handled outside LightningCLI."""
+    def decorate(fn: Callable[[list[str]], int]):
+        EXTRA_COMMANDS[name] = fn
+        return fn
+    return decorate
 
 
 @dataclass(frozen=True)

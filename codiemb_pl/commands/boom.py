@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands import register_command
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 from codiemb_pl.errors import InputError
 

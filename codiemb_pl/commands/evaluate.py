@@ -22,7 +22,7 @@ from typing import Any
 
 from codiemb_pl.storage.atomic import atomic_write_text
 from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
-from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands import register_command
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
 from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.output_paths import check_writable_file

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
-from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands import register_command
 from codiemb_pl.errors import InputError
 from codiemb_pl.storage.output_paths import check_writable_folder
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands import register_command
 from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.output_paths import check_writable_file
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from codiemb_pl.cli.main import register_command
+from codiemb_pl.commands import register_command
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb sweep"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from codiemb_pl.errors import InputError
 
@@ -57,35 +57,3 @@ def check_writable_file(path: str | os.PathLike, option: str, fix: str = FOLDER_
     if reason is not None:
         raise InputError(f"{option} {path}", f"cannot be written ({reason})", fix)
     return target
-
-
-def fit_output_folders(trainer: Any) -> list[tuple[str, Path]]:
-    """(option, folder) of everything `fit` writes into: the run root, each logger's save_dir, each
-    ModelCheckpoint's dirpath, the export (and adapter) folder, the fusion folder."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from codiemb_pl.callbacks.export import ExportEncoder
-    from codiemb_pl.callbacks.fusion import CheckpointFusion
-
-    folders = [("trainer.default_root_dir", Path(trainer.default_root_dir))]
-    for logger in trainer.loggers:
-        save_dir = getattr(logger, "save_dir", None)
-        if save_dir:
-            folders.append((f"{type(logger).__name__} save_dir", Path(save_dir)))
-    for callback in trainer.callbacks:
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            folders.append(("ModelCheckpoint dirpath", Path(callback.dirpath)))
-        elif isinstance(callback, ExportEncoder):
-            folders.append(("ExportEncoder dirpath", callback.output_dir(trainer)))
-            if callback.adapter_dirpath:
-                folders.append(("ExportEncoder adapter_dirpath", Path(callback.adapter_dirpath)))
-        elif isinstance(callback, CheckpointFusion):
-            folders.append(("CheckpointFusion dirpath", callback.root(trainer)))
-    return folders
-
-
-def check_fit_outputs(trainer: Any) -> None:
-    """Refuse a fit whose output folders cannot be written, before any data is read or training starts."""
-    for option, folder in fit_output_folders(trainer):
-        check_writable_folder(folder, option, f"{FOLDER_FIX}: set --trainer.default_root_dir (every unset folder "
-                                             "follows it) or this folder's own option")
