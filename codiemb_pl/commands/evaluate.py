@@ -20,14 +20,14 @@ import math
 import sys
 from typing import Any
 
+from codiemb_pl.commands import register_command
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
+from codiemb_pl.evaluation.tables import format_metrics_table
+from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.atomic import atomic_write_text
 from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
-from codiemb_pl.commands import register_command
-from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
-from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.output_paths import check_writable_file
-from codiemb_pl.evaluation.tables import format_metrics_table
-from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 COMMAND = "codiemb evaluate"
 

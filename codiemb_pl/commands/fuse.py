@@ -35,11 +35,11 @@ from typing import Any
 
 import yaml
 
-from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
 from codiemb_pl.commands import register_command
-from codiemb_pl.errors import InputError
-from codiemb_pl.storage.output_paths import check_writable_folder
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
+from codiemb_pl.errors import InputError
+from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
+from codiemb_pl.storage.output_paths import check_writable_folder
 
 COMMAND = "codiemb fuse"
 RECIPE_KEYS = ("base", "models", "method", "parameters", "output", "template", "seed", "evaluate",
@@ -107,7 +107,7 @@ def resolve_request(args: argparse.Namespace) -> dict[str, Any]:
                              "e.g. {path: runs/x/model, weight: 1.0}")
         models.append(model)
     request["models"] = models
-    from codiemb_pl.fusion.methods import MERGE_METHODS   # imports torch: after the arguments are read
+    from codiemb_pl.fusion.methods import MERGE_METHODS  # imports torch: after the arguments are read
 
     if request["method"] not in MERGE_METHODS:
         raise InputError(f"{where}: method", f"unknown or data-dependent merge method {request['method']!r}",
@@ -133,9 +133,9 @@ def fuse_request(args: argparse.Namespace) -> int:
     """Merge, print where the result went and, with evaluation sets, its scores."""
     request = resolve_request(args)
     check_writable_folder(request["output"], "--output")  # before anything is read or merged
+    from codiemb_pl.data.eval_builders import build_eval_sets
     from codiemb_pl.evaluation.tables import format_metrics_table
     from codiemb_pl.workflows.fusion import fuse
-    from codiemb_pl.data.eval_builders import build_eval_sets
 
     sets = build_eval_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
                                  instruction_template=request.get("instruction_template"),

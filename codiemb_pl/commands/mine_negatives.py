@@ -16,9 +16,9 @@ import argparse
 import sys
 
 from codiemb_pl.commands import register_command
+from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.output_paths import check_writable_file
-from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 def mine_negatives_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
     check_writable_file(args.output, "--output")
-    from codiemb_pl.workflows.mine import MiningSettings, format_histogram, load_mining_inputs, mine_hard_negatives, write_ir_jsonl
+    from codiemb_pl.workflows.mine import (
+        MiningSettings,
+        format_histogram,
+        load_mining_inputs,
+        mine_hard_negatives,
+        write_ir_jsonl,
+    )
 
     settings = MiningSettings(rank_range=tuple(args.range), margin=None if args.no_margin else args.margin,
                               num_negatives=args.num_negatives)

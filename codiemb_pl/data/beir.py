@@ -14,9 +14,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from codiemb_pl.errors import InputError
 from codiemb_pl.data.readers import Row, read_json_records, utf8_error
 from codiemb_pl.data.records import IRCorpus, IRRecord
+from codiemb_pl.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -14,18 +14,19 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from codiemb_pl.errors import InputError
-from codiemb_pl.paths import resolve_location
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
-from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.cache.entries import default_cache_dir
+from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.collate import PaddingRule, TokenCollator, tokenize_texts
 from codiemb_pl.data.eval_builders import build_eval_sets
+from codiemb_pl.data.eval_sets import EvalSet, plan_eval_chunks
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.texts import read_texts
-from codiemb_pl.data.eval_sets import EvalSet, plan_eval_chunks
+from codiemb_pl.errors import InputError
+from codiemb_pl.paths import resolve_location
+
 
 class ResumableDataLoader(DataLoader):
     """The training DataLoader: its batch sampler's position is its state (Lightning's `_Stateful`), and each
@@ -155,7 +156,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
 
     def load_tokenizer(self):
         if self.tokenizer is None:
-            from codiemb_pl.model.decoder import load_backbone_tokenizer  # pad token; decoders: left padding, EOS appended
+            # pad token; decoders: left padding, EOS appended
+            from codiemb_pl.model.decoder import load_backbone_tokenizer
 
             if not self.tokenizer_name:
                 raise InputError("data.tokenizer", "no tokenizer given",

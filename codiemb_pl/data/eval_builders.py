@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
-from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from codiemb_pl.data.eval_sets import EvalSet
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from codiemb_pl.errors import InputError
 
 SOURCE_EXAMPLE = "e.g. {name: stsb, task: sts, path: data/stsb_dev.jsonl}"

@@ -13,12 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
 
+from codiemb_pl.data.beir import is_beir_folder, load_beir_corpus, load_beir_training_records, missing_beir_parts
+from codiemb_pl.data.readers import (
+    EXTENSION_FORMATS,
+    TEXT_CELL_FORMATS,
+    Row,
+    format_from_extension,
+    looks_like_hub_id,
+    read_rows,
+)
+from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.data.beir import is_beir_folder, load_beir_corpus, load_beir_training_records, missing_beir_parts
-from codiemb_pl.data.readers import (EXTENSION_FORMATS, TEXT_CELL_FORMATS, Row, format_from_extension, looks_like_hub_id,
-                      read_rows)
-from codiemb_pl.data.records import IRCorpus, IRRecord, STSRecord
 
 TaskName = Literal["ir", "sts"]
 SourceFormat = Literal["auto", "jsonl", "csv", "tsv", "parquet", "hf", "beir"]

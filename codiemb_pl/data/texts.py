@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from codiemb_pl.data.readers import EXTENSION_FORMATS, format_from_extension, read_rows, utf8_error
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.data.readers import EXTENSION_FORMATS, format_from_extension, read_rows, utf8_error
 
 TEXT_EXTENSIONS = (".txt",)
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = [
     "token_wise_similarity",

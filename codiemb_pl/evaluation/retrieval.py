@@ -28,8 +28,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = [
     "rank_corpus",

@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = ["average_ranks", "pearson", "spearman", "paired_cosine", "sts_metrics"]
 

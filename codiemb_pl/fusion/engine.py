@@ -32,8 +32,15 @@ from torch import Tensor
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_compatible
 from codiemb_pl.fusion.keys import is_buffer_key, key_seed, layer_of
-from codiemb_pl.fusion.methods import (STATISTIC_PARAMETERS, DeltaNorms, TrimThresholds, check_method_params,
-                                       compute_dtype, get_merge_method, merge_needs)
+from codiemb_pl.fusion.methods import (
+    STATISTIC_PARAMETERS,
+    DeltaNorms,
+    TrimThresholds,
+    check_method_params,
+    compute_dtype,
+    get_merge_method,
+    merge_needs,
+)
 from codiemb_pl.fusion.sources import TensorSource, as_source, row_ranges
 from codiemb_pl.fusion.writer import write_safetensors
 

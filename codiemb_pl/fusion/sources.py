@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
-from codiemb_pl.errors import InputError
-from codiemb_pl.paths import resolve_location
-from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
-from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
-from codiemb_pl.losses.sts import STSLossConfig
 from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.errors import InputError
+from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
+from codiemb_pl.paths import resolve_location
+from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
 
 LIGHTNING_PREFIX = "encoder.model."
 """Where a `CoDiEmbModule` checkpoint's `state_dict` keeps the transformer's weights."""

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from codiemb_pl.storage.atomic import atomic_file
 from codiemb_pl.errors import InputError
+from codiemb_pl.storage.atomic import atomic_file
 from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}

@@ -36,8 +36,10 @@ def is_decoder_backbone(config: PretrainedConfig | dict[str, Any]) -> bool:
     masked-LM mapping and are encoders even though they can also be run causally); remote-code models
     (e.g. MiniCPM) are decoders when they declare a `...ForCausalLM` architecture or auto class.
     """
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     values = _config_dict(config)
     model_type = values.get("model_type") or ""

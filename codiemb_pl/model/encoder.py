@@ -14,12 +14,11 @@ no prompts, prompts included in pooling).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import importlib.metadata
 import inspect
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from codiemb_pl.storage.atomic import atomic_directory
+from codiemb_pl.errors import InputError
 from codiemb_pl.model.decoder import is_decoder_backbone, prepare_tokenizer
 from codiemb_pl.model.lora import merged_weights
-from codiemb_pl.errors import InputError
-from codiemb_pl.paths import resolve_location
+from codiemb_pl.model.pooling import (
+    POOLING_MODES,
+    check_pooling_mode,
+    leading_special_tokens,
+    pool,
+    prefix_pooling_mask,
+    prefix_token_count,
+)
 from codiemb_pl.model.text_bound import bound_for_tokenizer
-from codiemb_pl.model.pooling import (POOLING_MODES, check_pooling_mode, leading_special_tokens, pool,
-                                      prefix_pooling_mask, prefix_token_count)
+from codiemb_pl.paths import resolve_location
+from codiemb_pl.storage.atomic import atomic_directory
 from codiemb_pl.storage.weight_checks import check_finite_state, check_model_folder, weights_location
 
 #: Feature keys passed on to the transformer; anything else in `features` is ignored by the model.

@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from codiemb_pl.storage.atomic import atomic_directory
 from codiemb_pl.errors import InputError
+from codiemb_pl.storage.atomic import atomic_directory
 
 ADAPTER_NAME = "default"
 # set by `sharding.consolidated_weights` under FSDP2: the full (gathered) state dict that replaces the sharded one

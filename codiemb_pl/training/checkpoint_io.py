@@ -48,10 +48,14 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.strategies import Strategy
 
-from codiemb_pl.storage.atomic import atomic_file, fsync_tree
 from codiemb_pl.fusion.sources import LIGHTNING_CHECKPOINT_CLASSES, load_lightning_checkpoint
-from codiemb_pl.storage.checkpoint_loading import (allowed_globals, checkpoints_trusted, refused_checkpoint,
-                                                   vet_checkpoint_location)
+from codiemb_pl.storage.atomic import atomic_file, fsync_tree
+from codiemb_pl.storage.checkpoint_loading import (
+    allowed_globals,
+    checkpoints_trusted,
+    refused_checkpoint,
+    vet_checkpoint_location,
+)
 
 FOLDER_MARKER = "codiemb-complete.json"
 """Written last into a checkpoint folder: `{"global_step", "epoch", "weights_only", "files": {path: bytes}}`."""

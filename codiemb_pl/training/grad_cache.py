@@ -30,8 +30,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from codiemb_pl.model.bucketing import trim_features
 from codiemb_pl.losses.gather import rank_and_world
+from codiemb_pl.model.bucketing import trim_features
 
 AUTOCAST_DEVICES = ("cpu", "cuda")
 

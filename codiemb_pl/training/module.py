@@ -16,17 +16,29 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from codiemb_pl.model.bucketing import encode_in_length_buckets
+from codiemb_pl.data.cache.records import distinct_negative_counts
 from codiemb_pl.data.eval_sets import EmbeddingBuffers
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
-from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
-from codiemb_pl.losses.objectives import IRObjective, Objective, build_sts_objective, describe_objectives, text_group_sizes
-from codiemb_pl.losses.sts import STSLossConfig
-from codiemb_pl.data.cache.records import distinct_negative_counts
 from codiemb_pl.evaluation.tables import format_metrics_table, hard_negative_report
-from codiemb_pl.model.lora import LoraSettings, add_lora_adapters, check_adapter_checkpoint, is_lora_model, trainable_state_dict
+from codiemb_pl.losses.objectives import (
+    IRObjective,
+    Objective,
+    build_sts_objective,
+    describe_objectives,
+    text_group_sizes,
+)
+from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.model.bucketing import encode_in_length_buckets
+from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.model.lora import (
+    LoraSettings,
+    add_lora_adapters,
+    check_adapter_checkpoint,
+    is_lora_model,
+    trainable_state_dict,
+)
+from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
 from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
 
 RNG_STATES_KEY = "codiemb_rng_states"

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from codiemb_pl.training.checkpoint_io import checkpoint_folder_problem, read_folder_marker
+from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.storage.checkpoint_loading import verify_zip_records
-from codiemb_pl.errors import InputError
+from codiemb_pl.training.checkpoint_io import checkpoint_folder_problem, read_folder_marker
 
 LAST_NAME = re.compile(r"^last(-v?\d+)?$")
 """Stems of Lightning's `last` checkpoints (`last.ckpt`, `last-v1.ckpt`)."""

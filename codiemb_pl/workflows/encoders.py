@@ -13,18 +13,17 @@ in `CheckpointFusion`, sweeps and BOOM, a checkpoint's encoder here, the benchma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from collections.abc import Mapping
-
-from codiemb_pl.model.device import resolve_device
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.keys import is_untrained_key
 from codiemb_pl.fusion.sources import open_checkpoint, read_lightning_checkpoint
+from codiemb_pl.model.device import resolve_device
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import is_lora_model, load_merged_weights
 from codiemb_pl.storage.weight_checks import check_finite_state
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
+from codiemb_pl.data.eval_builders import build_eval_sets
 from codiemb_pl.data.eval_sets import EvalSet
-from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
+from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.geometry import embedding_geometry, token_wise_similarity
 from codiemb_pl.evaluation.suite import evaluate_encoder, set_embeddings
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.workflows.encoders import load_encoder, on_device
-from codiemb_pl.data.eval_builders import build_eval_sets
 
 __all__ = ["evaluate", "evaluate_sets", "load_sets", "parse_named", "set_embeddings", "set_geometry"]
 

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
 from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
@@ -40,10 +39,11 @@ from codiemb_pl.fusion.engine import Merge
 from codiemb_pl.fusion.methods import MERGE_METHODS, DeltaNorms, check_method_params, merge_needs
 from codiemb_pl.fusion.soup import greedy_soup
 from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transformer_folder
-from codiemb_pl.model.lora import check_lora_mix
 from codiemb_pl.fusion.writer import save_state_dict
 from codiemb_pl.model.card import build_fused_model_card
+from codiemb_pl.model.lora import check_lora_mix
 from codiemb_pl.model.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
+from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
 from codiemb_pl.storage.weight_checks import load_safetensors
 
 DEFAULT_METRIC = "val/avg"
@@ -546,7 +546,7 @@ def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) 
     if (folder / "modules.json").is_file() and not base.encoder_settings:
         shutil.copytree(folder, staging, ignore=_ignore_weights, dirs_exist_ok=True)
         return transformer_folder(staging)
-    from codiemb_pl.model.encoder import TextEncoder   # only here: loading transformers costs memory
+    from codiemb_pl.model.encoder import TextEncoder  # only here: loading transformers costs memory
 
     encoder = TextEncoder(str(folder), **base.encoder_settings)   # adds the sentence-transformers files
     encoder.save(staging / ".template")
@@ -623,8 +623,8 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
         fields, scores = _prompt_fields(staging), None
         if eval_sets:   # the encoder and the suite are imported only to score (they cost memory)
-            from codiemb_pl.model.encoder import TextEncoder
             from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+            from codiemb_pl.model.encoder import TextEncoder
 
             encoder = TextEncoder.load(staging)
             result.per_set, result.summary = evaluate_encoder(encoder, list(eval_sets), batch_size=eval_batch_size)

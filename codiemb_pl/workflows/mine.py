@@ -21,13 +21,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from codiemb_pl.storage.atomic import atomic_write_text
 from codiemb_pl.data.beir import CORPUS_FILE, document_text, is_beir_folder, load_beir_corpus, read_beir_corpus
 from codiemb_pl.data.cache.records import opened_records
 from codiemb_pl.data.readers import read_json_records, utf8_error
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.retrieval import rank_corpus
+from codiemb_pl.storage.atomic import atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,13 @@ from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.collate import PaddingRule, TokenCollator
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefix
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
-from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
 from codiemb_pl.fusion.keys import key_seed
+from codiemb_pl.fusion.self_positioning import SelfPositioning, fit_self_positioning
 from codiemb_pl.fusion.sources import TensorSource, as_source
 from codiemb_pl.losses.objectives import CoDiEmbSTSObjective, IRObjective, Objective
 from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.model.encoder import TextEncoder
 
 PROBE_POSITIVES = 1
 PROBE_NEGATIVES = 3

@@ -17,10 +17,10 @@ from typing import Optional
 import pyarrow as pa
 from torch.utils.data import Dataset
 
+from codiemb_pl.data.cache.entries import MappedTable
 from codiemb_pl.data.cache.records import RecordTable, open_records
 from codiemb_pl.data.cache.token_ids import TokenLimits, reference_encoder, token_batch
 from codiemb_pl.data.cache.tokens import open_tokens
-from codiemb_pl.data.cache.entries import MappedTable
 from codiemb_pl.data.collate import TokenizedItem
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.model.pooling import prefix_token_count

@@ -31,11 +31,26 @@ import numpy as np
 import pyarrow as pa
 
 from codiemb_pl.data.cache.columns import ir_columns, sts_columns
-from codiemb_pl.data.cache.entries import MappedTable, cached_entry, file_state, fingerprint, open_arrow, read_meta, write_arrow
+from codiemb_pl.data.cache.entries import (
+    MappedTable,
+    cached_entry,
+    file_state,
+    fingerprint,
+    open_arrow,
+    read_meta,
+    write_arrow,
+)
 from codiemb_pl.data.readers import DEFAULT_HF_SPLIT, NotColumnar, load_hf_split, read_rows
 from codiemb_pl.data.records import IRRecord, STSRecord
-from codiemb_pl.data.sources import (SourceConfig, check_score_in_range, detect_format, iter_ir_records,
-                                     iter_raw_sts_pairs, score_range_of, subsample_positions)
+from codiemb_pl.data.sources import (
+    SourceConfig,
+    check_score_in_range,
+    detect_format,
+    iter_ir_records,
+    iter_raw_sts_pairs,
+    score_range_of,
+    subsample_positions,
+)
 
 RECORDS_FILE = "records.arrow"
 BATCH_ROWS = 4096

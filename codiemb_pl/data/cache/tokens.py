@@ -23,11 +23,11 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from codiemb_pl.data.cache.records import RecordTable, row_location
 from codiemb_pl.data.cache.entries import MappedTable, cached_entry, fingerprint, read_meta, write_arrow
+from codiemb_pl.data.cache.records import RecordTable, row_location
 from codiemb_pl.data.cache.token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits, token_batches
-from codiemb_pl.model.text_bound import char_bound
 from codiemb_pl.model.pooling import prefix_token_count
+from codiemb_pl.model.text_bound import char_bound
 
 logger = logging.getLogger(__name__)
 
