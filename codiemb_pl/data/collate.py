@@ -71,7 +71,7 @@ class PaddingRule:
     """The one padding rule of every batch the data layer builds (training, the probe, validation / test /
     predict encoding): how the tokenizer pads, read from it. Pad id, side (left for decoder backbones, which
     `model.decoder.prepare_tokenizer` sets; right otherwise), whether it returns `token_type_ids` (0 for one
-    text), and how many special tokens precede the text (`tokenize.leading_special_tokens`)."""
+    text), and how many special tokens precede the text (`model.pooling.leading_special_tokens`)."""
 
     pad_token_id: int
     left: bool

@@ -3,8 +3,9 @@
 
 A source with an `instruction` gets the prefix `instruction_template.format(instruction=...)` on its
 queries (IR) or on both sentences (STS); IR documents get `passage_prefix`. Prefix tokens are left out
-of pooling when the set is encoded (`model.pooling.prefix_pooling_mask`). Sets are read and checked completely before any
-model is loaded, so bad data fails early; set names must be unique (they key the metrics).
+of pooling when the set is encoded (`model.pooling.prefix_pooling_mask`). Sets are read and checked
+completely before any model is loaded, so bad data fails early; set names must be unique (they key the
+metrics).
 """
 
 from __future__ import annotations

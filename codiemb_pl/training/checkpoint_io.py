@@ -20,10 +20,10 @@ size, `seal_checkpoint_folder`) and renames the folder into place. `checkpoint_f
 reader's check.
 
 Loads. `DurableCheckpointIO.load_checkpoint` reads a checkpoint file with
-`fusion.sources.load_lightning_checkpoint` (`checkpoint_loading`'s rule: CRCs checked, weights-only unpickling
-with the project's settings classes allowed, one `InputError` line naming the file and the refused type). The opt-in is Lightning's own
-`--weights_only false` (config key `weights_only: false` of the subcommand), or an enclosing
-`checkpoint_loading.trusted_checkpoints()` block (a sweep with `--trust-checkpoint`). `install_safe_loading`
+`fusion.sources.load_lightning_checkpoint` (`checkpoint_loading`'s rule: CRCs checked, weights-only
+unpickling with the project's settings classes allowed, one `InputError` line naming the file and the
+refused type). The opt-in is Lightning's own `--weights_only false` (config key `weights_only: false` of the
+subcommand), or an enclosing `checkpoint_loading.trusted_checkpoints()` block (a sweep with `--trust-checkpoint`). `install_safe_loading`
 (the CLI calls it for every subcommand) installs the CheckpointIO; a strategy that reads checkpoints
 without it (`ModelParallelStrategy` and so `sharding.FSDP2Strategy`, `FSDPStrategy`, `DeepSpeedStrategy`),
 or a CheckpointIO the user chose, gets every checkpoint vetted first
@@ -81,7 +81,8 @@ class DurableCheckpointIO(TorchCheckpointIO):
         trust = trusted_by(weights_only)
         if is_local_path(path):
             return load_lightning_checkpoint(str(path).removeprefix("file://"), trust=trust, map_location=map_location)
-        with torch.serialization.safe_globals(allowed_globals(LIGHTNING_CHECKPOINT_CLASSES)):   # remote stores: Lightning's fsspec read
+        # remote stores: Lightning's fsspec read
+        with torch.serialization.safe_globals(allowed_globals(LIGHTNING_CHECKPOINT_CLASSES)):
             try:
                 return super().load_checkpoint(path, map_location=map_location, weights_only=not trust)
             except pickle.UnpicklingError as exc:

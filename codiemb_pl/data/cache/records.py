@@ -13,8 +13,9 @@ range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
 JSON-lines sources are parsed in column batches (`readers.read_json_columns`) and checked column by column
 (`columns.py`); whenever a file or batch is anything but plainly valid the column path gives up (`NotColumnar`)
 and the source streams row by row from the reader (`sources.iter_ir_records`, `iter_raw_sts_pairs`), which
-accepts exactly what the row validators accept and names the first bad row. Any other format goes row by row too. The STS range check is one vectorised pass over the score column. Nothing
-is written under the final name unless the whole source is valid.
+accepts exactly what the row validators accept and names the first bad row. Any other format goes row by row
+too. The STS range check is one vectorised pass over the score column. Nothing is written under the final
+name unless the whole source is valid.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class RecordTable:
 
 def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False, verify: bool = False) -> RecordTable:
     """The source's records table from the cache (built first when missing, stale or damaged; `verify`: check
-    the files' CRC-32, see `cache.py`)."""
+    the files' CRC-32, see `entries.py`)."""
     key = source_fingerprint(cfg)
     folder, _ = cached_entry(Path(cache_dir) / f"records-{key}", lambda staging: build_records(cfg, staging),
                              rebuild=rebuild, verify=verify)

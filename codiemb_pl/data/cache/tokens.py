@@ -6,7 +6,7 @@ max_length=L)["input_ids"]` (special tokens included), with the source's instruc
 
 IR table: `query` (list<int32>), `positives`, `negatives` (list<list<int32>>, aligned with the records
 table's lists). STS table: `text1`, `text2` (list<int32>). `meta.json` holds `prefix_tokens`, the
-prefix's own token count that the pooling mask leaves out (`tokenize.prefix_pooling_mask`). The ids are
+prefix's own token count that the pooling mask leaves out (`model.pooling.prefix_pooling_mask`). The ids are
 computed in batches by the tokenizer's backend, over several processes (`token_ids.py`). Texts longer than
 `text_bound.char_bound(L)` characters are cut before tokenisation (same ids); a build that meets any says so
 once per source: how many, and the file and line of the first.
