@@ -20,15 +20,15 @@ size, `seal_checkpoint_folder`) and renames the folder into place. `checkpoint_f
 reader's check.
 
 Loads. `DurableCheckpointIO.load_checkpoint` reads a checkpoint file with
-`fusion.sources.load_lightning_checkpoint` (`checkpoint_loading`'s rule: CRCs checked, weights-only
-unpickling with the project's settings classes allowed, one `InputError` line naming the file and the
-refused type). The opt-in is Lightning's own `--weights_only false` (config key `weights_only: false` of the
-subcommand), or an enclosing `checkpoint_loading.trusted_checkpoints()` block (a sweep with
-`--trust-checkpoint`). `install_safe_loading` (the CLI calls it for every subcommand) installs the CheckpointIO; a strategy that reads checkpoints
-without it (`ModelParallelStrategy` and so `sharding.FSDP2Strategy`, `FSDPStrategy`, `DeepSpeedStrategy`),
-or a CheckpointIO the user chose, gets every checkpoint vetted first
-(`checkpoint_loading.vet_checkpoint_location`: a file, or a sharded folder file by file) and the
-allow-list active while its own loader runs.
+`fusion.sources.load_lightning_checkpoint` (`checkpoint_loading`'s rule: CRCs checked, weights-only unpickling
+with the project's settings classes allowed, one `InputError` line naming the file and the refused type). The
+opt-in is Lightning's own `--weights_only false` (config key `weights_only: false` of the subcommand), or an
+enclosing `checkpoint_loading.trusted_checkpoints()` block (a sweep with `--trust-checkpoint`).
+`install_safe_loading` (the CLI calls it for every subcommand) installs the CheckpointIO; a strategy that
+reads checkpoints without it (`ModelParallelStrategy` and so `sharding.FSDP2Strategy`, `FSDPStrategy`,
+`DeepSpeedStrategy`), or a CheckpointIO the user chose, gets every checkpoint vetted first
+(`checkpoint_loading.vet_checkpoint_location`: a file, or a sharded folder file by file) and the allow-list
+active while its own loader runs.
 """
 
 from __future__ import annotations
