@@ -40,6 +40,8 @@ LAYERS: list[list[str]] = [
 of the longest name that is it or one of its packages. A module may import its own layer and those below."""
 
 MAX_ROOT_MODULES = 8
+LIGHTNING_HOMES = ("training", "callbacks", "cli", "sweeps", "data.datamodule")
+"""The only places (names relative to `codiemb_pl`, a folder or a module) that may import Lightning."""
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,27 @@ def test_every_module_has_a_layer():
 
 def test_the_layers_are_the_ones_the_architecture_page_states():
     assert stated_layers() == LAYERS
+
+
+def lightning_importers() -> list[str]:
+    """`file:line module` of every import of Lightning (module-level or lazy) in the package."""
+    found = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names):
+                found.append((name, f"{path.relative_to(REPO_ROOT)}:{node.lineno}"))
+    return sorted(found)
+
+
+def test_lightning_is_imported_only_in_its_layers():
+    outside = [f"{where} {name}" for name, where in lightning_importers()
+               if not any(name == f"{PACKAGE}.{home}" or name.startswith(f"{PACKAGE}.{home}.") for home in LIGHTNING_HOMES)
+               or name == f"{PACKAGE}.cli.main"]
+    assert not outside, "Lightning imported outside training/, callbacks/, cli/, sweeps/, data/datamodule.py:\n" + \
+        "\n".join(outside)
+    assert any(name == f"{PACKAGE}.training.module" for name, _ in lightning_importers())   # the walk sees imports
 
 
 def test_the_package_root_keeps_few_modules():
