@@ -32,15 +32,16 @@ MOVED_MODULES: dict[str, str] = {
     "workflows.boom": "sweeps.boom", "workflows.validation": "data.eval_builders", "data.validation": "data.eval_sets",
     "data.cache": "data.cache.entries", "data.arrow_records": "data.cache.records", "data.arrow_jsonl": "data.cache.columns",
     "data.arrow_tokens": "data.cache.tokens", "data.token_ids": "data.cache.token_ids",
-    "data.arrow_dataset": "data.cache.dataset", "data.text_bound": "model.text_bound",
+    "data.arrow_dataset": "data.cache.dataset", "data.text_bound": "model.text_bound", "data.tokenize": "model.pooling",
 }
-"""Old module (under `codiemb_pl.`) -> new module. `codiemb_pl.cli` stayed (a package now, same `main`)."""
+"""Old module (under `codiemb_pl.`) -> new module. `codiemb_pl.cli` stayed (a package now; the entry is `cli.main`)."""
 
 MOVED_NAMES: dict[str, str] = {
     "run_folder.CSVLogger": "training.loggers.CSVLogger",
     "lora.merge_adapter_checkpoint": "fusion.sources.merge_adapter_checkpoint",
     "output_paths.fit_output_folders": "cli.run_folder.fit_outputs",
     "output_paths.check_fit_outputs": "cli.run_folder.check_fit_outputs",
+    "data.tokenize.tokenize_with_prefixes": "data.collate.tokenize_texts",
 }
 """Old `module.Name` -> new `module.Name`, for names that did not follow their old module."""
 
