@@ -24,8 +24,8 @@ from codiemb_pl.cli.fit import FitConfigParser
 from codiemb_pl.cli.run_folder import _is_subclass
 from codiemb_pl.errors import InputError
 from codiemb_pl.sweeps.fusion_section import FusionOptions, check_fusion_names, fusion_options
-from codiemb_pl.sweeps.records import is_finished_export, read_record, same_settings
 from codiemb_pl.sweeps.overrides import check_overrides, override_args
+from codiemb_pl.sweeps.records import is_finished_export, read_record, same_settings
 from codiemb_pl.sweeps.schema import EXPORT_FOLDER, FINAL, SweepRun, expand_runs, member_label, read_sweep_file
 from codiemb_pl.workflows.fusion import MethodSpec, check_metric
 

@@ -17,8 +17,17 @@ from typing import Any, Optional
 
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
-from codiemb_pl.sweeps.schema import (DEFAULT_METHODS, FINAL, RESERVED_FOLDERS, RUN_NAME, SNAPSHOT_CHOICE,
-                                      FusionSection, SweepRun, member_label, typed)
+from codiemb_pl.sweeps.schema import (
+    DEFAULT_METHODS,
+    FINAL,
+    RESERVED_FOLDERS,
+    RUN_NAME,
+    SNAPSHOT_CHOICE,
+    FusionSection,
+    SweepRun,
+    member_label,
+    typed,
+)
 from codiemb_pl.workflows.fusion import MethodSpec, parse_methods
 
 
