@@ -19,7 +19,7 @@ Everything goes through the library: training through `codiemb fit` (in-process,
 run in the workdir), hard negatives through `codiemb mine-negatives` (once, cached), merges through
 `codiemb fuse`, Self Positioning through `workflows.probe.self_positioning_merge`, greedy soup through
 `fusion.soup.greedy_soup` (selected on held-out dev sets, never the test sets), BOOM through
-`workflows.boom`, scores through `evaluation.suite.set_embeddings` + `score_set` (what `codiemb evaluate`
+`sweeps.boom`, scores through `evaluation.suite.set_embeddings` + `score_set` (what `codiemb evaluate`
 runs); the per-item values behind the metrics (per-query nDCG@10, per-pair cosine) are kept so the paired
 bootstrap per seed (`paired_comparison.paired_bootstrap_sets`) needs no second encoding.
 
@@ -342,7 +342,7 @@ class Suite:
 
     def train_sources(self, unit: dict[str, Any], folder: Optional[Path] = None) -> list[dict[str, Any]]:
         """`data.train` entries of a training unit; a BOOM member's seeded subset of them is written to
-        `folder/data` (`workflows.boom`)."""
+        `folder/data` (`sweeps.boom`)."""
         from codiemb_pl.sweeps.subsets import source_dict
 
         sources = [self.train_source_config(entry["name"]) for entry in unit["data"]]
@@ -525,7 +525,7 @@ class Suite:
                 "chosen": [spec.members[order[i]] for i in result.chosen], "dev_avg_of_soups": result.scores}
 
     def build_boom(self, spec: RunSpec, seed: int, output: Path) -> tuple[Path, dict[str, Any]]:
-        """BOOM through its public entry point (`workflows.boom.run_boom`): bagged runs of the batch-shuffling
+        """BOOM through its public entry point (`sweeps.boom.run_boom`): bagged runs of the batch-shuffling
         baseline's config, merged with Multi-SLERP."""
         from codiemb_pl.sweeps.boom import BoomRun, run_boom
 
@@ -921,7 +921,7 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
         "",
         f"- model `{suite.model}`; training seeds {seeds} (`seed_everything` and `data.seed`); every capped "
         f"training source is the same seeded subset (seed {DATA_SEED}) at every seed; BOOM's bagged runs at seed s "
-        "are seeded 10·s + 1, 10·s + 2, ... (`workflows.boom.run_boom`, all its runs trained by it).",
+        "are seeded 10·s + 1, 10·s + 2, ... (`sweeps.boom.run_boom`, all its runs trained by it).",
         f"- training data ({sizes}): SciFact train with hard negatives mined by the base model (ranks "
         f"{budgets.mining.rank_range[0]}–{budgets.mining.rank_range[1]}, margin {budgets.mining.margin}, "
         f"{budgets.mining.num_negatives} per query, judged positives excluded) + SNLI triplets (IR); STS-B train "

@@ -25,9 +25,9 @@ from pathlib import Path
 
 # What a `codiemb fuse` process imports (without `evaluate` it loads no transformers model).
 BASELINE = ("import torch, safetensors, yaml; import codiemb_pl.cli.main, codiemb_pl.commands.fuse; "
-            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion, codiemb_pl.data.eval_builders")
+            "import codiemb_pl.fusion.engine, codiemb_pl.workflows.fusion.fuse, codiemb_pl.data.eval_builders")
 WHOLE_TENSORS = ("import sys; from codiemb_pl.fusion.engine import merge_to_safetensors; "
-                 "import codiemb_pl.cli.main, codiemb_pl.commands.fuse, codiemb_pl.workflows.fusion, "
+                 "import codiemb_pl.cli.main, codiemb_pl.commands.fuse, codiemb_pl.workflows.fusion.fuse, "
                  "codiemb_pl.data.eval_builders, yaml; "
                  "merge_to_safetensors(sys.argv[1], sys.argv[4:], sys.argv[2], {}, sys.argv[3], max_elements=None)")
 

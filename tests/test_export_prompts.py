@@ -164,7 +164,7 @@ def test_codiemb_fuse_keeps_the_members_prompts_and_pooling(exported, tiny_model
     member that declares other prompts is named in one line."""
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_pl.workflows.fusion import fuse
+    from codiemb_pl.workflows.fusion.fuse import fuse
 
     other = tmp_path / "other"
     shutil.copytree(exported, other)
@@ -203,7 +203,9 @@ def test_sweep_export_keeps_the_members_prompt_settings(tiny_model_dir, tmp_path
     (True for cls pooling), so `encode_query` of the exported folder reproduces training."""
     from sentence_transformers import SentenceTransformer
 
-    from codiemb_pl.workflows.fusion import Candidate, FusionInputs, Leaderboard, export_candidate
+    from codiemb_pl.workflows.fusion.export import export_candidate
+    from codiemb_pl.workflows.fusion.leaderboard import Candidate, Leaderboard
+    from codiemb_pl.workflows.fusion.scoring import FusionInputs
 
     run_model = tmp_path / "out" / "runs" / "a" / "model"
     member = TextEncoder(str(tiny_model_dir), pooling="cls", include_prompt=False)

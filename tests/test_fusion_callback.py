@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from codiemb_pl.cli.main import main
 from codiemb_pl.model.encoder import TextEncoder
-from codiemb_pl.workflows.fusion import FusionInputs, parse_methods, run_fusion
+from codiemb_pl.workflows.fusion.scoring import FusionInputs, run_fusion
+from codiemb_pl.workflows.fusion.settings import parse_methods
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 METHODS = '[{"method": "uniform_soup"}, {"method": "ties", "params": {"density": 0.5}}, {"method": "delta_guided"}]'
@@ -228,7 +229,7 @@ def test_one_checkpoint_skips_the_merges_that_give_it_back(tmp_path):
 
 
 def test_a_winning_base_model_is_said_plainly(tmp_path):
-    from codiemb_pl.workflows.fusion import winner_card
+    from codiemb_pl.workflows.fusion.export import winner_card
 
     paths = []
     for seed in range(3):

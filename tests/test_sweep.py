@@ -399,7 +399,7 @@ def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planne
     """What `codiemb boom --incremental` runs on: θ* = θ0' + MultiSLERP(fixed − θ0', a − θ0', b − θ0'; weights)
     exported by name to OUTPUT/merged with merge.json and the manifest, nothing scored."""
     from codiemb_pl.fusion.methods import multi_slerp
-    from codiemb_pl.workflows.fusion import parse_methods
+    from codiemb_pl.workflows.fusion.settings import parse_methods
 
     folder, _, _ = sweep_setup
     out = folder / "out"
@@ -441,7 +441,7 @@ def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, 
     unpickles it (this hand-made file then holds no weights)."""
     from codiemb_pl.storage.checkpoint_loading import trusted_checkpoints
     from codiemb_pl.errors import InputError
-    from codiemb_pl.workflows.fusion import parse_methods
+    from codiemb_pl.workflows.fusion.settings import parse_methods
     from malicious_checkpoints import crafted_zip_checkpoint
 
     marker = tmp_path / "code_ran"
@@ -540,7 +540,7 @@ def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planne
     from codiemb_pl.model.encoder import TextEncoder
     from codiemb_pl.sweeps.boom import BoomRun, run_boom
     from codiemb_pl.workflows.encoders import transformer_state
-    from codiemb_pl.workflows.fusion import parse_methods
+    from codiemb_pl.workflows.fusion.settings import parse_methods
 
     exports = {name: sweep_setup[0] / "out" / "runs" / name / "model" for name in ("a", "b")}
     plan = copy.deepcopy(planned)

@@ -42,15 +42,10 @@ from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.training.sharding import consolidated_weights, is_fsdp2_sharded
 from codiemb_pl.workflows.encoders import load_weights
-from codiemb_pl.workflows.fusion import (
-    DEFAULT_METRIC,
-    FusionInputs,
-    Leaderboard,
-    check_metric,
-    fuse_and_export,
-    parse_methods,
-    write_leaderboard,
-)
+from codiemb_pl.workflows.fusion.export import fuse_and_export
+from codiemb_pl.workflows.fusion.leaderboard import DEFAULT_METRIC, Leaderboard, write_leaderboard
+from codiemb_pl.workflows.fusion.scoring import FusionInputs
+from codiemb_pl.workflows.fusion.settings import check_metric, parse_methods
 
 MOMENTS = ("epoch", "last", "best_ir", "best_sts", "best")
 BEST_MONITORS = {"best_ir": "val/ir_avg", "best_sts": "val/sts_avg", "best": "val/avg"}
@@ -98,7 +93,7 @@ class CheckpointFusion(pl.Callback):
     Args:
         dirpath: output folder (snapshots/, candidates/, leaderboard.json/.md, model/); default
             `<trainer.default_root_dir>/fusion`.
-        methods: merge list, each `{method, params, weights, name}` (see `workflows.fusion`).
+        methods: merge list, each `{method, params, weights, name}` (see `workflows.fusion.settings`).
         collect: moments to snapshot: epoch, last, best_ir, best_sts, best.
         every_n_steps: also snapshot every k optimizer steps (0 = off).
         metric: validation metric that picks the winner (higher is better).
@@ -230,7 +225,7 @@ class CheckpointFusion(pl.Callback):
              encoder: Optional[TextEncoder] = None) -> Optional[Leaderboard]:
         """Merge, score and export on this process with `encoder` (default: the module's own, whose weights are
         restored afterwards; under FSDP2 an `unsharded_encoder`, left holding the last weights it scored), through
-        `workflows.fusion.fuse_and_export`, the path sweeps and BOOM take too."""
+        `workflows.fusion.export.fuse_and_export`, the path sweeps and BOOM take too."""
         datamodule = trainer.datamodule
         val_sets = list(getattr(datamodule, "val_sets", []) or [])
         snapshots = [(step, labels) for step, labels in sorted(self.snapshots.items())

@@ -24,7 +24,7 @@ base, or that are too far from it to be fine-tuned copies, are refused before an
 The output (written atomically) keeps the template's pooling, normalisation and prompts: the base
 folder's files, or for a `.ckpt`/`.safetensors` base the model it names (`--template` overrides); its
 README.md is a model card (method, inputs, weights, parameters, scores). This module only parses:
-the work is `codiemb_pl.workflows.fusion.fuse`.
+the work is `codiemb_pl.workflows.fusion.fuse.fuse`.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def fuse_request(args: argparse.Namespace) -> int:
     check_writable_folder(request["output"], "--output")  # before anything is read or merged
     from codiemb_pl.data.eval_builders import build_eval_sets
     from codiemb_pl.evaluation.tables import format_metrics_table
-    from codiemb_pl.workflows.fusion import fuse
+    from codiemb_pl.workflows.fusion.fuse import fuse
 
     sets = build_eval_sets(request.get("evaluate") or [],   # read before merging: bad data fails early
                                  instruction_template=request.get("instruction_template"),

@@ -37,7 +37,7 @@ from codiemb_pl.storage.output_paths import check_writable_folder
 from codiemb_pl.sweeps.config import CHECKPOINT_CALLBACK, EXPORT_CALLBACK, FUSION_CALLBACK, SweepPlan, plan_sweep
 from codiemb_pl.sweeps.subsets import source_dict, write_subset_sources
 from codiemb_pl.sweeps.sweep import execute_sweep
-from codiemb_pl.workflows.fusion import MERGE_MANIFEST, merge_record
+from codiemb_pl.workflows.fusion.export import MERGE_MANIFEST, merge_record
 
 FIT_CONFIG_NAME = "fit.yaml"        # OUTPUT/fit.yaml: the resolved config every run starts from
 SWEEP_FILE_NAME = "sweep.yaml"      # OUTPUT/sweep.yaml: the sweep BOOM runs (`codiemb sweep --sweep` reads it)
@@ -288,9 +288,9 @@ def write_evaluation(plan: SweepPlan, board: Any) -> list[tuple[str, dict[str, f
 def merge_exports(base: str, exports: Sequence[str | Path], output: str | Path, *,
                   weights: Sequence[float] | None = None, manifest: Mapping[str, Any] | None = None) -> Path:
     """θ0 + MultiSLERP(θ_k − θ0) of already exported models into a sentence-transformers folder: the one merge
-    of `codiemb fuse` (`workflows.fusion.fuse`, template = the first export), plus `merge.json`
+    of `codiemb fuse` (`workflows.fusion.fuse.fuse`, template = the first export), plus `merge.json`
     (`merge_record` + `manifest`). For members trained elsewhere (the benchmarks); `run_boom` trains its own."""
-    from codiemb_pl.workflows.fusion import fuse
+    from codiemb_pl.workflows.fusion.fuse import fuse
 
     if not exports:
         raise InputError("boom.merge", "no exported models to merge", "train at least one run")

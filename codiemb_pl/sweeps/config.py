@@ -27,7 +27,7 @@ from codiemb_pl.sweeps.fusion_section import FusionOptions, check_fusion_names, 
 from codiemb_pl.sweeps.overrides import check_overrides, override_args
 from codiemb_pl.sweeps.records import is_finished_export, read_record, same_settings
 from codiemb_pl.sweeps.schema import EXPORT_FOLDER, FINAL, SweepRun, expand_runs, member_label, read_sweep_file
-from codiemb_pl.workflows.fusion import MethodSpec, check_metric
+from codiemb_pl.workflows.fusion.settings import MethodSpec, check_metric
 
 EXPORT_CALLBACK = "codiemb_pl.callbacks.ExportEncoder"
 FUSION_CALLBACK = "codiemb_pl.callbacks.CheckpointFusion"

@@ -3,7 +3,7 @@ and the snapshots the runs keep are checked once the configs are resolved, `swee
 
 `fusion_options(section, where, runs)` -> `FusionOptions`: the member checkpoints of every run (`final` or a
 CheckpointFusion snapshot: last, best_ir, best_sts, best, epochN, stepN), the fixed members (`{name, path}`,
-existing), the merge methods (`workflows.fusion.parse_methods`, tried with the member count), the winner's
+existing), the merge methods (`workflows.fusion.settings.parse_methods`, tried with the member count), the winner's
 metric, seed, scoring batch size, θ0 (`base`), what to export and where, and whether to score at all.
 `check_fusion_names` then checks that member labels are unique and that `export` names a candidate.
 """
@@ -28,7 +28,7 @@ from codiemb_pl.sweeps.schema import (
     member_label,
     typed,
 )
-from codiemb_pl.workflows.fusion import MethodSpec, parse_methods
+from codiemb_pl.workflows.fusion.settings import MethodSpec, parse_methods
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A sweep's cross-run leaderboard: the members (fixed ones, then each run's chosen checkpoints), merged and
-scored against θ0 through `workflows.fusion.fuse_and_export` (the path `CheckpointFusion` takes within one run),
+scored against θ0 through `workflows.fusion.export.fuse_and_export` (the path `CheckpointFusion` takes within one run),
 then written to `OUTPUT/leaderboard.json` / `.md` (with the runs, their overrides and commands, the manifest and
 the exported folder) and, when the base config has a WandbLogger, logged as a `sweep/leaderboard` W&B table.
 
@@ -22,7 +22,9 @@ from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.sweeps.config import SweepPlan
 from codiemb_pl.sweeps.schema import FINAL
-from codiemb_pl.workflows.fusion import FusionInputs, FusionOutcome, fuse_and_export, write_leaderboard
+from codiemb_pl.workflows.fusion.export import FusionOutcome, fuse_and_export
+from codiemb_pl.workflows.fusion.leaderboard import write_leaderboard
+from codiemb_pl.workflows.fusion.scoring import FusionInputs
 
 
 def snapshot_path(folder: Path, choice: str) -> Path:

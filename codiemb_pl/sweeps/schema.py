@@ -74,7 +74,7 @@ class FusionSection:
     checkpoints: Union[str, list[str]] = _key(kind="a non-empty list", example="[final, best_ir, best_sts]",
                                               factory=lambda: [FINAL])
     methods: Any = _key(kind="a list of merge methods", example="methods: [multi_slerp]")
-    metric: str = _key("val/avg", kind="a metric name", example="val/avg")   # workflows.fusion.DEFAULT_METRIC
+    metric: str = _key("val/avg", kind="a metric name", example="val/avg")   # workflows.fusion.leaderboard.DEFAULT_METRIC
     seed: Optional[int] = _key(kind="an integer", example="seed: 0")
     eval_batch_size: Optional[int] = _key(kind="an integer", example="eval_batch_size: 64")
     base: Optional[str] = _key(kind="a model folder", example="base: runs/base_model")

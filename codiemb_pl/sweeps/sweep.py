@@ -6,7 +6,7 @@
 
 A sweep walks: schema (`sweeps/schema.py`, `fusion_section.py`: the file checked) -> config (`config.py`: every
 run's config resolved through `codiemb fit`'s parser, built once, and checked) -> runs (`runs.py`: `run_fit` in
-process; skipped / resumed / crashed, `records.py`) -> members -> `workflows.fusion.fuse_and_export` ->
+process; skipped / resumed / crashed, `records.py`) -> members -> `workflows.fusion.export.fuse_and_export` ->
 leaderboard (`leaderboard.py`). Nothing goes through printed text. A sweep file (YAML) names the runs as
 config overrides (dotted keys, as `codiemb fit --print_config` shows them) and how to fuse them:
 
