@@ -49,7 +49,7 @@ def fill_unset_folders(trainer_config: Any) -> None:
             init_args["save_dir"] = root
     for callback in trainer_config.get("callbacks") or []:
         init_args = _init_args(callback)
-        if init_args is not None and _is_subclass(callback.get("class_path"), ModelCheckpoint) \
+        if init_args is not None and is_subclass_path(callback.get("class_path"), ModelCheckpoint) \
                 and init_args.get("dirpath") is None:
             init_args["dirpath"] = os.path.join(root, "checkpoints")
 
@@ -62,7 +62,9 @@ def _init_args(entry: Any) -> Optional[Any]:
     return getter("init_args")
 
 
-def _is_subclass(class_path: Optional[str], base: type) -> bool:
+def is_subclass_path(class_path: Optional[str], base: type) -> bool:
+    """Whether the class a config's `class_path` names is `base` or a subclass of it (False when it does not
+    import)."""
     module_name, _, class_name = (class_path or "").rpartition(".")
     try:
         return issubclass(getattr(importlib.import_module(module_name), class_name), base)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from codiemb_pl.cli.fit import FitConfigParser
-from codiemb_pl.cli.run_folder import _is_subclass
+from codiemb_pl.cli.run_folder import is_subclass_path
 from codiemb_pl.errors import InputError
 from codiemb_pl.sweeps.fusion_section import FusionOptions, check_fusion_names, fusion_options
 from codiemb_pl.sweeps.overrides import check_overrides, override_args
@@ -117,7 +117,7 @@ def callbacks_of(resolved: Mapping[str, Any], class_path: str) -> list[dict[str,
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name)
     entries = (resolved.get("trainer") or {}).get("callbacks") or []
-    return [entry for entry in entries if isinstance(entry, dict) and _is_subclass(entry.get("class_path"), cls)]
+    return [entry for entry in entries if isinstance(entry, dict) and is_subclass_path(entry.get("class_path"), cls)]
 
 
 def validation_tasks(resolved: Mapping[str, Any]) -> dict[str, str]:
