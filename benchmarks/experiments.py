@@ -1,6 +1,6 @@
 """The experiment suite, v2 (issue 16): one command, resumable, every run cached by its config, 3 seeds.
 
-    python benchmarks/experiments.py                          # the full suite (see RESULTS.md for its time)
+    python benchmarks/experiments.py                          # the full suite (see results/suite.md for its time)
     python benchmarks/experiments.py --estimate-only          # the plan, what is cached, a time estimate
     python benchmarks/experiments.py --only base codiemb      # some rows (their dependencies are built too)
     python benchmarks/experiments.py --extra-sts sick=data/sick_test.jsonl --extra-ir nfcorpus=data/nfcorpus
@@ -27,10 +27,14 @@ bootstrap per seed (`paired_comparison.paired_bootstrap_sets`) needs no second e
 cpu_seconds}}, ...} and is rewritten atomically after every run; a later invocation skips every finished
 (run, set) pair and re-scores only the sets a run lacks. Trained models, merges and per-item values live in
 `--workdir` (gitignored, default benchmarks/suite_runs/); they are rebuilt only when a result needs them.
-`--report` gets the suite section (between `<!-- suite-v2:begin -->` and `<!-- suite-v2:end -->`; the rest
-of the file is kept): the table (mean ± sd over seeds), target checks, the paired bootstrap per seed,
-configs and seeds, and `results.png` beside it. A hand-written analysis between the
-`<!-- analysis-v2:begin -->` / `<!-- analysis-v2:end -->` markers of an existing report is kept.
+`--report` (default benchmarks/results/suite.md, a page of the documentation site) gets the suite section
+(between `<!-- suite-v2:begin -->` and `<!-- suite-v2:end -->`; the rest of the file is kept), led by the table
+(mean ± sd over seeds) and its reading, then the target checks, the paired bootstrap per seed, the runs and the
+setup. What is data rather than reading goes into the folder named like the report without `.md`
+(`results/suite/`), linked from the page, never pasted into it: `configs.json` (the budgets, every run's config
+key per seed and the resolved configs of the first seed) and `results.png`; the default `--results` file,
+`runs.json`, lives there too. A hand-written analysis between the `<!-- analysis-v2:begin -->` /
+`<!-- analysis-v2:end -->` markers of an existing report is kept.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ SUITE_BEGIN, SUITE_END = "<!-- suite-v2:begin -->", "<!-- suite-v2:end -->"
 ANALYSIS_BEGIN, ANALYSIS_END = "<!-- analysis-v2:begin -->", "<!-- analysis-v2:end -->"
 QUICK_DIR = REPO_ROOT / "runs" / "experiments-quick"
 WORKDIR = BENCHMARKS / "suite_runs"
+RESULTS_DIR = BENCHMARKS / "results"   # the report pages of the documentation site (docs/results links here)
 COMPARISONS = (   # (A, B) pairs of the paired bootstrap per seed; "best_cross_member" is resolved on the means
     ("codiemb", "naive_joint"),
     ("cross_delta_fusion", "best_cross_member"),
@@ -836,10 +841,17 @@ MRPC_DECISION = (
     "comparison needs.")
 
 
+def report_data_folder(report: Path) -> Path:
+    """The folder beside a report page that holds its data (`results/suite.md` -> `results/suite/`)."""
+    return report.with_suffix("")
+
+
 def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional[float] = None) -> Path:
-    """The suite-v2 section of RESULTS.md (table, targets, bootstrap, configs and seeds) and the bar chart."""
+    """The suite-v2 section of the report page (table and reading first, then targets, bootstrap, runs, setup),
+    with its data beside it: `configs.json` (budgets, run keys, configs) and the bar chart `results.png`."""
     report = Path(suite.args.report)
-    plot = report.with_name("results.png") if not quick else report.with_suffix(".png")
+    data_folder = report_data_folder(report)
+    plot, configs_file = data_folder / "results.png", data_folder / "configs.json"
     tasks = {c["name"]: c["task"] for c in suite.set_configs}
     specs = list(suite.specs.values())
     seeds = list(suite.budgets.seeds)
@@ -892,7 +904,14 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
         "",
         *lines,
         "",
-        f"![results]({plot.name})",
+        f"![results]({data_folder.name}/{plot.name})",
+        "",
+        "## Reading (suite v2)",
+        "",
+        ("Missed targets:\n\n" + "\n".join(missed) + "\n") if missed else "No measured target is missed.\n",
+        ANALYSIS_BEGIN,
+        analysis,
+        ANALYSIS_END,
         "",
         "## Targets (suite v2)",
         "",
@@ -905,13 +924,6 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
         "`best_cross_member` is the member with the best overall mean.",
         "",
         *bootstrap_lines(comparisons),
-        "",
-        "## Analysis (suite v2)",
-        "",
-        ("Missed targets:\n\n" + "\n".join(missed) + "\n") if missed else "No measured target is missed.\n",
-        ANALYSIS_BEGIN,
-        analysis,
-        ANALYSIS_END,
         "",
         "## Runs (suite v2)",
         "",
@@ -939,26 +951,20 @@ def write_report(suite: Suite, command: str, quick: bool, wall_minutes: Optional
         f"- snapshots for `codiemb_*` merges: every ⌊steps / {budgets.fusion.snapshots}⌋ optimizer steps of `codiemb` "
         "plus its last step, merged against θ0; `cross_*` and `specialists_delta_fusion` merge final weights "
         "of the same seed against θ0 (the base model).",
-        "",
-        "Budgets (identical for every run of the invocation):",
-        "",
-        "```json",
-        json.dumps(asdict(budgets), indent=1),
-        "```",
-        "",
-        "<details><summary>run keys per seed, and the configs of the first seed</summary>",
-        "",
-        "```json",
-        json.dumps({"keys": keys, "configs": {spec.name: run_config(spec, suite.model, budgets, suite.specs,
-                                                                    None if spec.kind == "base" else seeds[0])
-                                              for spec in specs}}, indent=1),
-        "```",
-        "",
-        "</details>",
+        f"- budgets (identical for every run of the invocation), the run key of every row per seed and the resolved "
+        f"configs of the first seed: [`{data_folder.name}/{configs_file.name}`]({data_folder.name}/{configs_file.name})"
+        + (f"; every run's config, metrics and timings: [`{data_folder.name}/{Path(suite.args.results).name}`]"
+           f"({data_folder.name}/{Path(suite.args.results).name})"
+           if Path(suite.args.results).resolve().parent == data_folder.resolve() else
+           f"; every run's config, metrics and timings: `{suite.args.results}`") + ".",
         "",
         SUITE_END,
     ]
-    report.parent.mkdir(parents=True, exist_ok=True)
+    data_folder.mkdir(parents=True, exist_ok=True)
+    configs = {"budgets": asdict(budgets), "keys": keys,
+               "configs": {spec.name: run_config(spec, suite.model, budgets, suite.specs,
+                                                 None if spec.kind == "base" else seeds[0]) for spec in specs}}
+    atomic_write_text(configs_file, json.dumps(configs, indent=1) + "\n")
     atomic_write_text(report, replace_section(existing, "\n".join(section)))
     write_plot(plot, [s.name for s in specs], list(tasks) + ["avg"], stats)
     return report
@@ -983,8 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sts-train-samples", type=int, help="override the STS-B train cap (0: all 5749 pairs)")
     parser.add_argument("--sp-steps", type=int, help="override Self Positioning's steps")
     parser.add_argument("--workdir", help="models, merges, per-item values (default benchmarks/suite_runs)")
-    parser.add_argument("--results", help="results JSON (default benchmarks/results.json; quick: under runs/)")
-    parser.add_argument("--report", help="markdown report (default benchmarks/RESULTS.md; quick: under runs/)")
+    parser.add_argument("--results", help="results JSON (default benchmarks/results/suite/runs.json; quick: under runs/)")
+    parser.add_argument("--report", help="markdown report page (default benchmarks/results/suite.md, its data in "
+                                         "results/suite/; quick: under runs/)")
     parser.add_argument("--estimate-only", action="store_true", help="print the plan and its time estimate, stop")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the cached results")
     return parser
@@ -992,12 +999,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    defaults = ((QUICK_DIR / "work", QUICK_DIR / "results.json", QUICK_DIR / "RESULTS.md") if args.quick else
-                (WORKDIR, BENCHMARKS / "results.json", BENCHMARKS / "RESULTS.md"))
+    defaults = ((QUICK_DIR / "work", QUICK_DIR / "suite" / "runs.json", QUICK_DIR / "suite.md") if args.quick else
+                (WORKDIR, RESULTS_DIR / "suite" / "runs.json", RESULTS_DIR / "suite.md"))
     args.workdir = args.workdir or str(defaults[0])
     args.results = args.results or str(defaults[1])
     args.report = args.report or str(defaults[2])
-    if not args.quick and Path(args.results).resolve() == (QUICK_DIR / "results.json").resolve():
+    if not args.quick and Path(args.results).resolve() == (QUICK_DIR / "suite" / "runs.json").resolve():
         raise SystemExit("the quick results file is for --quick only")
     return args
 
