@@ -308,7 +308,16 @@ def test_report_section_has_table_targets_bootstrap_and_plot(quick_suite):
     assert "codiemb ≥ naive_joint on stsb_test at every seed: not measured yet" in report
     assert "| cross_delta_fusion vs cross_uniform_soup | 42 | overall |" in report
     assert experiments.ANALYSIS_BEGIN in report and "MRPC" in report
-    assert (folder / "RESULTS.png").stat().st_size > 1000
+    # data beside the page, linked, never pasted: the plot and the resolved configs in RESULTS/
+    data_folder = folder / "RESULTS"
+    assert (data_folder / "results.png").stat().st_size > 1000
+    assert "![results](RESULTS/results.png)" in report and "(RESULTS/configs.json)" in report
+    assert "```json" not in report
+    section = report.split(experiments.SUITE_BEGIN, 1)[1].split(experiments.SUITE_END, 1)[0]
+    assert section.index("## Reading (suite v2)") < section.index("## Targets (suite v2)")   # table, then its reading
+    configs = json.loads((data_folder / "configs.json").read_text("utf-8"))
+    assert configs["budgets"]["seeds"] == [42] and set(configs["configs"]) == set(configs["keys"]) >= set(RUNS)
+    assert configs["keys"]["cross_delta_fusion"]["42"] in json.loads((folder / "results.json").read_text("utf-8"))["runs"]
 
 
 def test_an_interrupted_fit_stops_the_suite_and_resumes_from_its_last_checkpoint(tmp_path, monkeypatch,

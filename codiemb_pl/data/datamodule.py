@@ -104,7 +104,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         temperature_alpha: exponent of the `temperature` policy (p_i ∝ n_i^alpha).
         n_positives: positives per query (P); shorter lists are re-sampled.
         n_negatives: hard negatives per query (N); 0 = in-batch negatives only.
-        max_query_length / max_passage_length / max_sts_length: token limits per text group.
+        max_query_length: token limit of IR queries (instruction prefix included).
+        max_passage_length: token limit of IR passages (positives and hard negatives).
+        max_sts_length: token limit of each STS sentence (instruction prefix included).
         instruction_template: how a sub-dataset's `instruction` becomes a prefix of queries and STS sentences.
         passage_prefix: prefix for IR passages (default none).
         val_batch_size: texts per validation encoding batch.

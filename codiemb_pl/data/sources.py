@@ -52,10 +52,20 @@ BEIR_EVALUATION_SPLIT = "test"
 class SourceConfig:
     """One sub-dataset: where it lives, which task it trains, and how to read it.
 
-    `columns` maps our field (IR: query/positives/negatives; STS: text1/text2/score) to the source's
-    column. `score_range` is the STS scale `[lo, hi]` (default: `[0, 1]` when every score lies in it,
-    else `[0, 5]`). `split` defaults to "train" (BEIR evaluation: "test"); `subset` is the Hugging Face
-    configuration name. `max_samples` keeps the first n records, after a shuffle when `seed` is set.
+    Attributes:
+        name: the sub-dataset's name (logs, metrics `val/<name>/...`, the export's prompt names).
+        task: `ir` (query, positives, negatives) or `sts` (two texts and a score).
+        path: a file, a folder (BEIR, Hugging Face `save_to_disk`), a hub id (`format: hf`) or `pkg://...`.
+        format: auto (by extension or folder layout), jsonl, csv, tsv, parquet, hf or beir.
+        split: the split to read: default "train" (BEIR evaluation: "test").
+        columns: maps our field (IR: query/positives/negatives; STS: text1/text2/score) to the source's column.
+        score_range: the STS scale `[lo, hi]`, normalised to [0, 1] (default `[0, 1]` when every score lies
+            in it, else `[0, 5]`).
+        instruction: the instruction put before queries and STS sentences (`data.instruction_template`).
+        batch_size: this sub-dataset's own per-device batch (default `data.ir_batch_size` / `sts_batch_size`).
+        max_samples: keep the first n records (after a shuffle when `seed` is set).
+        seed: shuffles the records before `max_samples` takes its subset.
+        subset: the Hugging Face configuration name (`format: hf`).
     """
 
     name: str

@@ -116,7 +116,20 @@ def cosent_loss(pred: Tensor, target: Tensor, scale: float = 20.0) -> Tensor:
 
 @dataclass
 class STSLossConfig:
-    """Weights (per component) and hyper-parameters of the combined STS loss; reference defaults."""
+    """Weights (per component) and hyper-parameters of the combined STS loss; reference defaults.
+
+    Attributes:
+        pearson: weight of the Pearson loss 1 − ρ(p, y).
+        rank_kl: weight of the rank-KL loss.
+        pro: weight of the PRO (preference ranking) loss.
+        mid_nce: weight of MidNCE, the InfoNCE on middle-layer embeddings.
+        cosent: weight of CoSENT (0 in CoDiEmb's combination).
+        rank_kl_temperature: τ_r of the rank-KL softmaxes.
+        pro_temperature: τ_p of PRO's logits.
+        mid_nce_temperature: τ of MidNCE.
+        mid_nce_threshold: minimum normalised score of a pair MidNCE treats as a positive.
+        cosent_scale: CoSENT's scale (1 / its temperature).
+    """
 
     pearson: float = 2.0
     rank_kl: float = 5.0

@@ -30,9 +30,15 @@ CONSOLIDATED_STATE_ATTRIBUTE = "_codiemb_consolidated_state"
 
 @dataclass
 class LoraSettings:
-    """`model.lora`: rank `r`, scale numerator `alpha` (s = alpha / r), dropout on the adapter input, and
-    the adapted modules: `all-linear` (every linear layer of the backbone) or a list of module names
-    (e.g. `[q_proj, k_proj, v_proj, o_proj]`)."""
+    """`model.lora`: which weights get adapters, and their size (each adapted W becomes W0 + (alpha/r)·B·A).
+
+    Attributes:
+        r: the adapters' rank.
+        alpha: scale numerator: the update is scaled by alpha / r.
+        dropout: dropout on the adapter input (recomputed in backward, so it keeps no extra activations).
+        target_modules: `all-linear` (every linear layer of the backbone) or a list of module names
+            (e.g. `[q_proj, k_proj, v_proj, o_proj]`).
+    """
 
     r: int = 16
     alpha: float = 32.0

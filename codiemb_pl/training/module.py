@@ -71,7 +71,11 @@ class CoDiEmbModule(pl.LightningModule):
         gather_sts: compute the STS losses over the gathered global STS batch instead of per device.
         sts_infonce_threshold: minimum normalised score of a pair used by the `infonce` STS objective.
         sts_infonce_temperature: τ of the `infonce` STS objective (None: `ir_temperature`, as before it existed).
-        lr, weight_decay, betas, warmup_ratio: AdamW and the linear warm-up/decay schedule.
+        lr: AdamW's peak learning rate, reached after the warm-up.
+        weight_decay: AdamW's decoupled weight decay (CoDiEmb: 0).
+        betas: AdamW's (beta1, beta2).
+        warmup_ratio: share of the optimizer steps spent warming the learning rate up linearly from 0; it then
+            decays linearly to 0 at the last step.
         length_buckets: encode each text group in this many length-sorted chunks (less padding).
         gradient_checkpointing: trade compute for memory in the transformer.
         grad_cache_chunk_size: gradient cache (`grad_cache.py`): embed each micro-batch in chunks of this many
