@@ -39,7 +39,7 @@ FLOWS = {
         ("codiemb fit", "cli/ · training/", "sampler steps, validation on data.val"),
         ("checkpoints", "checkpoints/", "last.ckpt (resume), epoch / best checkpoints"),
         ("snapshots", "fusion/snapshots/", "θ0 and encoder-only safetensors (CheckpointFusion)"),
-        ("fusion", "fusion/ · workflows/fusion.py", "merge, score every candidate, leaderboard"),
+        ("fusion", "fusion/ · workflows/fusion/", "merge, score every candidate, leaderboard"),
         ("export", "model/ · fusion/model/", "sentence-transformers folders with model cards"),
     ],
 }
