@@ -2,7 +2,7 @@
 # GPU check of codiemb_pl for a lent GPU machine (one H100 or H200, 16 cores, no network): about 2.5 min of
 # work, capped by --deadline-s (default 240 s); one results file, $OUT/gpu_check.json (each step's status,
 # seconds, detail, data and log tail, and a text table that is also printed). Steps and exit status:
-# benchmarks/gpu_check.py's docstring. Usage (README, "Benchmarks and results"):
+# benchmarks/gpu_check.py's docstring. Usage (docs/benchmarks.md, "GPU check"):
 #
 #   python benchmarks/gpu_check_prepare.py          # here, once (PyPI, ~1 min): builds .gpucheck/ (~17 MiB)
 #   bash benchmarks/gpu_check.sh --dry-run          # here, no GPU: the plan, the inputs, imports, pytest ids

@@ -1,4 +1,4 @@
-"""Geometry of suite v2's trained and merged weights (the numbers behind RESULTS.md's suite-v2 analysis).
+"""Geometry of suite v2's trained and merged weights (the numbers behind the suite-v2 reading in results/suite.md).
 
     python benchmarks/task_vector_geometry.py [--workdir benchmarks/suite_runs]
 

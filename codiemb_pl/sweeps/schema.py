@@ -151,7 +151,7 @@ def typed(cls: type, content: Mapping[str, Any], where: str, prefix: str = "") -
             meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == bad.group(1))
             raise InputError(f"{where}: {prefix}{bad.group(1)}", f"must be {meta['kind']}, got "
                              f"{content.get(bad.group(1))!r}", f"e.g. {meta['example']}") from None
-        raise InputError(where, message, "see the sweep file format (README, Sweeps)") from None
+        raise InputError(where, message, "see the sweep file format (docs/sweeps.md; every key: the file-format reference of the docs site)") from None
     values = namespace.as_dict()   # plain data again (a `class_path` mapping under `Any` comes back a namespace)
     return cls(**{f.name: values.get(f.name) for f in dataclasses.fields(cls)})
 
