@@ -14,9 +14,18 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-for path in (REPO_ROOT, REPO_ROOT / "scripts"):
-    if str(path) not in sys.path:
+
+
+def _import_paths() -> None:
+    """This checkout's package and `scripts/` first on sys.path (MkDocs restores sys.path after loading a hook, so
+    `on_config` repeats it): the pages describe this checkout's code, whatever else is installed."""
+    for path in (REPO_ROOT / "scripts", REPO_ROOT):
+        if str(path) in sys.path:
+            sys.path.remove(str(path))
         sys.path.insert(0, str(path))
+
+
+_import_paths()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,6 +59,11 @@ GENERATED = {
     "reference/sampler-plan.svg": diagrams.sampler_plan_svg,
     **{f"diagrams/{name}": (lambda steps=steps: diagrams.flow_svg(steps)) for name, steps in diagrams.FLOWS.items()},
 }
+
+
+def on_config(config):
+    _import_paths()
+    return config
 
 
 def on_files(files, config):
