@@ -29,7 +29,6 @@ source.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from abc import ABC, abstractmethod
@@ -45,6 +44,7 @@ from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.losses.sts import STSLossConfig
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
+from codiemb_pl.model.st_folder import read_json_file, transformer_folder
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
 from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
@@ -236,29 +236,8 @@ class OpenedCheckpoint:
 
 
 def _read_config(folder: str | os.PathLike | None) -> dict[str, Any] | None:
-    if folder is None:
-        return None
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(str(path), f"is not valid JSON ({exc})", "repair or re-export the model folder") from exc
-
-
-def transformer_folder(folder: Path) -> Path:
-    """The folder holding the transformer weights: the root, or modules.json's Transformer path."""
-    modules_file = folder / "modules.json"
-    if modules_file.is_file():
-        try:
-            modules = json.loads(modules_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(str(modules_file), f"is not valid JSON ({exc})", "repair the model folder") from exc
-        for module in modules:
-            if str(module.get("type", "")).endswith("Transformer"):
-                return folder / (module.get("path") or "")
-    return folder
+    """The config.json of `folder` (`st_folder.read_json_file`), None without a folder or the file."""
+    return None if folder is None else read_json_file(Path(folder) / "config.json")
 
 
 def _open_folder(folder: Path) -> OpenedCheckpoint:

@@ -3,7 +3,8 @@
 The same object is trained (its `forward` takes tokenised features), used for evaluation (`encode`)
 and exported as a sentence-transformers folder (`save`) that `SentenceTransformer(path)` loads and
 encodes identically. It reads that layout back (`TextEncoder.load`) as well as plain Hugging Face
-folders, hub ids and `pkg://` models.
+folders, hub ids and `pkg://` models: the folder's settings through `model.st_folder`, the transformer
+and tokenizer through `model.hf_loading`.
 
 Settings precedence: an explicit constructor argument (anything not `None`) wins; otherwise the value
 stored in a sentence-transformers folder is used; otherwise the defaults (`pooling="mean"`, or `"last"`
@@ -17,9 +18,6 @@ from __future__ import annotations
 import importlib.metadata
 import inspect
 import json
-import re
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from codiemb_pl.errors import InputError
-from codiemb_pl.model.decoder import is_decoder_backbone, prepare_tokenizer
+from codiemb_pl.model.decoder import is_decoder_backbone
+from codiemb_pl.model.hf_loading import (
+    check_has_model_config,
+    load_tokenizer,
+    load_transformer,
+    locate_model,
+    quiet_transformers,
+    resolve_dtype,
+)
 from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.model.pooling import (
     POOLING_MODES,
@@ -40,10 +46,11 @@ from codiemb_pl.model.pooling import (
     prefix_pooling_mask,
     prefix_token_count,
 )
+from codiemb_pl.model.st_folder import ST_POOLING_FLAGS, SentenceTransformersSettings, read_settings
 from codiemb_pl.model.text_bound import bound_for_tokenizer
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.atomic import atomic_directory
-from codiemb_pl.storage.weight_checks import check_finite_state, check_model_folder, weights_location
+from codiemb_pl.storage.weight_checks import check_finite_state, weights_location
 
 #: Feature keys passed on to the transformer; anything else in `features` is ignored by the model.
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -52,55 +59,10 @@ POOLING_MASK_KEY = "pooling_mask"
 DEFAULT_MAX_SEQ_LENGTH = 512
 DEVICE_BATCHES_PER_COPY = 32  # encode(): batches kept on the accelerator before one copy to the CPU
 
-_DTYPES: dict[str, torch.dtype | str] = {
-    "auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-    "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-# Our pooling names <-> sentence-transformers' Pooling flags and (v5+) `pooling_mode` names.
-_ST_FLAG_TO_MODE = {
-    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken",
-}
+# sentence-transformers' pooling modes (`model.st_folder`) <-> our pooling names.
 _ST_MODE_TO_OURS = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 _OURS_TO_ST_MODE = {ours: st for st, ours in _ST_MODE_TO_OURS.items()}
 _ST_MODULE_CLASS = "sentence_transformers.models.{}"  # legacy names: every sentence-transformers version reads them
-_HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-@dataclass
-class _ModelSource:
-    """Where the transformer lives: a local folder or a hub id, plus a subfolder (old ST layouts)."""
-
-    location: str
-    is_local: bool
-    subfolder: str = ""
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.location) / self.subfolder
-
-    @property
-    def hf_kwargs(self) -> dict[str, Any]:
-        return {"subfolder": self.subfolder} if self.subfolder and not self.is_local else {}
-
-    @property
-    def hf_location(self) -> str:
-        return str(self.folder) if self.is_local else self.location
-
-
-@dataclass
-class _SentenceTransformersSettings:
-    """What a sentence-transformers folder says about pooling, normalisation, length and prompts."""
-
-    transformer_subfolder: str = ""
-    pooling_modes: tuple[str, ...] = ("mean",)
-    include_prompt: bool = True
-    normalize: bool = False
-    max_seq_length: int | None = None
-    do_lower_case: bool = False
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
 
 
 class TextEncoder(nn.Module):
@@ -123,15 +85,16 @@ class TextEncoder(nn.Module):
         super().__init__()
         if pooling is not None:
             check_pooling_mode(pooling, where="TextEncoder(pooling=...)")
-        torch_dtype = _resolve_dtype(dtype)
-        source = _locate(resolve_location(str(model_name_or_path)))
-        settings = _read_sentence_transformers_settings(source)
+        torch_dtype = resolve_dtype(dtype)
+        source = locate_model(resolve_location(str(model_name_or_path)))
+        settings = read_settings(source.location, source.is_local)
         if settings is not None:
+            _check_supported_modules(settings, source.location)
             source.subfolder = settings.transformer_subfolder
-        _check_has_model_config(source)
+        check_has_model_config(source)
 
         self.name_or_path = source.location
-        self.pooling: str = pooling if pooling is not None else _pooling_from_settings(settings, source)
+        self.pooling: str = pooling if pooling is not None else _pooling_from_settings(settings, source.location)
         self.normalize: bool = normalize if normalize is not None else (settings.normalize if settings else True)
         self.include_prompt: bool = include_prompt if include_prompt is not None else (
             settings.include_prompt if settings else True)
@@ -140,10 +103,10 @@ class TextEncoder(nn.Module):
         self.default_prompt_name: str | None = settings.default_prompt_name if settings and prompts is None else None
         self.do_lower_case: bool = settings.do_lower_case if settings else False
 
-        self.model: PreTrainedModel = _load_transformer(source, trust_remote_code, torch_dtype)
+        self.model: PreTrainedModel = load_transformer(source, trust_remote_code, torch_dtype)
         check_finite_state(self.model.state_dict(),   # NaN / inf weights: one line naming the file and tensor
                            weights_location(source.folder) if source.is_local else source.location)
-        self.tokenizer = _load_tokenizer(source, trust_remote_code, self.model.config)
+        self.tokenizer = load_tokenizer(source, trust_remote_code, self.model.config)
         if pooling is None and settings is None and is_decoder_backbone(self.model.config):
             self.pooling = "last"  # a causal model's appended EOS is the one token that has seen the whole text
         config = self.model.config
@@ -296,7 +259,7 @@ class TextEncoder(nn.Module):
             model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
             weights = {key: value for key, value in weights.items() if not key.startswith("pooler.")}
             check_finite_state(weights, str(path))   # NaN / inf (diverged or damaged): refused, never repaired
-            with _quiet_transformers():  # no "Writing model shards" progress bar in the middle of a run
+            with quiet_transformers():  # no "Writing model shards" progress bar in the middle of a run
                 model.save_pretrained(folder, state_dict=weights)
             self.tokenizer.save_pretrained(folder)
             modules = [
@@ -336,114 +299,13 @@ class TextEncoder(nn.Module):
         """sentence-transformers' Pooling config with the legacy `pooling_mode_*` flags every version reads."""
         active_mode = _OURS_TO_ST_MODE[self.pooling]
         config: dict[str, Any] = {"word_embedding_dimension": self.embedding_dim}
-        config.update({flag: mode == active_mode for flag, mode in _ST_FLAG_TO_MODE.items()})
+        config.update({flag: mode == active_mode for flag, mode in ST_POOLING_FLAGS.items()})
         config["include_prompt"] = self.include_prompt
         return config
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers: locating and loading
-
-
-def _locate(location: str) -> _ModelSource:
-    """Classify `location` as a local folder or a hub id; anything else is an `InputError`."""
-    path = Path(location).expanduser()
-    if path.is_dir():
-        return _ModelSource(str(path), is_local=True)
-    if path.exists():
-        raise InputError(location, "is a file, not a model folder", "point to the folder that holds config.json")
-    if _HUB_ID_PATTERN.match(location) and not location.startswith((".", "~")):
-        return _ModelSource(location, is_local=False)
-    raise InputError(location, "no such model folder",
-                     "check the path, or give a hub id like 'org/name' or pkg://module")
-
-
-def _check_has_model_config(source: _ModelSource) -> None:
-    if source.is_local and not (source.folder / "config.json").is_file():
-        raise InputError(str(source.folder), "folder has no config.json, so it is not a Hugging Face model",
-                         "point to a model folder (config.json + weights) or a sentence-transformers export")
-
-
-def _resolve_dtype(dtype: str | None) -> torch.dtype | str:
-    if dtype is None:
-        return torch.float32
-    if dtype not in _DTYPES:
-        raise InputError("TextEncoder(dtype=...)", f"unknown dtype {dtype!r}", f"use one of: {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _model_class_accepts(config: PretrainedConfig, source: _ModelSource, trust_remote_code: bool,
-                         argument: str) -> bool:
-    """Whether the class AutoModel would build for `config` takes `argument` in its constructor."""
-    try:
-        model_class = AutoModel._model_mapping[type(config)]
-    except (KeyError, AttributeError):
-        model_class = None
-        auto_map = getattr(config, "auto_map", None) or {}
-        if trust_remote_code and "AutoModel" in auto_map:
-            try:
-                from transformers.dynamic_module_utils import get_class_from_dynamic_module
-
-                model_class = get_class_from_dynamic_module(auto_map["AutoModel"], source.hf_location,
-                                                            **source.hf_kwargs)
-            except Exception:  # unknown remote code layout: simply load without the argument
-                model_class = None
-    if model_class is None:
-        return False
-    return argument in inspect.signature(model_class.__init__).parameters
-
-
-@contextmanager
-def _quiet_transformers():
-    """Lower transformers' log level to errors and hide its progress bars for the duration of the block."""
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _load_transformer(source: _ModelSource, trust_remote_code: bool, dtype: torch.dtype | str) -> PreTrainedModel:
-    """AutoModel without the unused BERT-style pooler (DDP would flag its parameters as unused). A local
-    folder's config.json and weight files are checked first (`weight_checks.check_model_folder`)."""
-    from safetensors import SafetensorError
-
-    if source.is_local:
-        check_model_folder(source.folder)
-    try:
-        config = AutoConfig.from_pretrained(source.hf_location, trust_remote_code=trust_remote_code, **source.hf_kwargs)
-        extra: dict[str, Any] = {}
-        if _model_class_accepts(config, source, trust_remote_code, "add_pooling_layer"):
-            extra["add_pooling_layer"] = False
-        with _quiet_transformers():  # the load report would list the pooler we drop on purpose
-            return AutoModel.from_pretrained(source.hf_location, config=config, dtype=dtype,
-                                             trust_remote_code=trust_remote_code, **source.hf_kwargs, **extra)
-    except OSError as exc:
-        raise InputError(source.location, f"could not load the model ({exc})",
-                         "give a local folder, pkg://module, or a hub id that is cached (HF_HUB_OFFLINE=1) "
-                         "or reachable") from exc
-    except SafetensorError as exc:   # a hub download the folder checks did not see
-        raise InputError(source.location, f"could not read the model's weights ({exc})",
-                         "re-download the model; a damaged file is not repaired") from exc
-
-
-def _load_tokenizer(source: _ModelSource, trust_remote_code: bool, config: PretrainedConfig | None = None):
-    """AutoTokenizer prepared for the backbone (`decoder.prepare_tokenizer`): without a pad token it pads
-    with EOS; a decoder's tokenizer pads on the left and appends EOS."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.hf_location, trust_remote_code=trust_remote_code,
-                                                  **source.hf_kwargs)
-    except OSError as exc:
-        raise InputError(source.location, f"could not load the tokenizer ({exc})",
-                         "save the tokenizer files next to config.json") from exc
-    return prepare_tokenizer(tokenizer, config, where=source.location)
+# Helpers
 
 
 def _config_value(config: PretrainedConfig, names: tuple[str, ...]) -> int | None:
@@ -476,83 +338,22 @@ def _check_prompts(prompts: dict[str, str]) -> dict[str, str]:
     return dict(prompts)
 
 
-# --------------------------------------------------------------------------------------------------
-# Helpers: the sentence-transformers layout
+def _check_supported_modules(settings: SentenceTransformersSettings, location: str) -> None:
+    """A sentence-transformers folder whose modules are more than Transformer, Pooling and Normalize is refused."""
+    if settings.other_module_types:
+        raise InputError(f"{location}/modules.json", f"module type {settings.other_module_types[0]!r} is not supported",
+                         "TextEncoder handles Transformer, Pooling and Normalize only; load the bare transformer "
+                         "folder instead if dropping that module is intended")
 
 
-def _read_json(source: _ModelSource, relative_path: str) -> Any | None:
-    """JSON content of `relative_path` in the folder or hub repo, or `None` when the file is absent."""
-    if source.is_local:
-        file_path = Path(source.location) / relative_path
-        if not file_path.is_file():
-            return None
-    else:
-        try:
-            from transformers.utils import cached_file
-
-            found = cached_file(source.location, relative_path, _raise_exceptions_for_missing_entries=False,
-                                _raise_exceptions_for_connection_errors=False)
-        except Exception:  # unreachable or gated repo: treat as "not a sentence-transformers repo"
-            found = None
-        if found is None:
-            return None
-        file_path = Path(found)
-    try:
-        return json.loads(file_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(str(file_path), f"is not valid JSON ({exc})", "repair or re-export the model folder") from exc
-
-
-def _read_sentence_transformers_settings(source: _ModelSource) -> _SentenceTransformersSettings | None:
-    """Parse modules.json and the module configs; `None` when the location is not a sentence-transformers model."""
-    modules = _read_json(source, "modules.json")
-    if modules is None:
-        return None
-    settings = _SentenceTransformersSettings()
-    pooling_path = None
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind == "Transformer":
-            settings.transformer_subfolder = module.get("path", "") or ""
-        elif kind == "Pooling":
-            pooling_path = module.get("path", "")
-        elif kind == "Normalize":
-            settings.normalize = True
-        else:
-            raise InputError(f"{source.location}/modules.json", f"module type {module.get('type')!r} is not supported",
-                             "TextEncoder handles Transformer, Pooling and Normalize only; load the bare transformer "
-                             "folder instead if dropping that module is intended")
-    if pooling_path is not None:
-        pooling_config = _read_json(source, f"{pooling_path}/config.json" if pooling_path else "config.json") or {}
-        settings.pooling_modes = _st_pooling_modes(pooling_config)
-        settings.include_prompt = bool(pooling_config.get("include_prompt", True))
-    subfolder = settings.transformer_subfolder
-    transformer_config = _read_json(source, f"{subfolder}/sentence_bert_config.json" if subfolder
-                                    else "sentence_bert_config.json") or {}
-    settings.max_seq_length = transformer_config.get("max_seq_length")
-    settings.do_lower_case = bool(transformer_config.get("do_lower_case", False))
-    model_config = _read_json(source, "config_sentence_transformers.json") or {}
-    settings.prompts = {str(k): str(v or "") for k, v in (model_config.get("prompts") or {}).items()}
-    settings.default_prompt_name = model_config.get("default_prompt_name")
-    return settings
-
-
-def _st_pooling_modes(pooling_config: dict[str, Any]) -> tuple[str, ...]:
-    """Pooling modes from either the v5+ `pooling_mode` key or the legacy `pooling_mode_*` flags."""
-    if "pooling_mode" in pooling_config:
-        modes = pooling_config["pooling_mode"]
-        return (modes,) if isinstance(modes, str) else tuple(modes)
-    active = tuple(mode for flag, mode in _ST_FLAG_TO_MODE.items() if pooling_config.get(flag))
-    return active or ("mean",)
-
-
-def _pooling_from_settings(settings: _SentenceTransformersSettings | None, source: _ModelSource) -> str:
+def _pooling_from_settings(settings: SentenceTransformersSettings | None, location: str) -> str:
+    """Our pooling name for the folder's single supported pooling mode (mean without a sentence-transformers folder)."""
     if settings is None:
         return "mean"
     modes = settings.pooling_modes
     if len(modes) == 1 and modes[0] in _ST_MODE_TO_OURS:
         return _ST_MODE_TO_OURS[modes[0]]
-    raise InputError(f"{source.location}/1_Pooling/config.json", f"pooling {'+'.join(modes)} is not supported",
+    raise InputError(f"{location}/1_Pooling/config.json", f"pooling {'+'.join(modes)} is not supported",
                      f"pass pooling= one of {', '.join(POOLING_MODES)} to override it")
 
 

@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from codiemb_pl.model.st_folder import module_kind, read_json_file, read_modules, read_settings
+from codiemb_pl.storage.atomic import atomic_write_text
+
 QUERY, DOCUMENT = "query", "document"
 
 
@@ -72,29 +75,12 @@ class PromptSettings:
 
 def folder_prompt_settings(location: str | Path) -> Optional[PromptSettings]:
     """The prompt settings a local sentence-transformers folder declares (config_sentence_transformers.json and
-    its Pooling module's config.json), read as JSON without importing transformers; None for anything else
-    (a `.safetensors`, a `.ckpt`, a plain Hugging Face folder)."""
-    folder = Path(location)
-    modules = _read_json(folder / "modules.json")
-    if not isinstance(modules, list):
+    its Pooling module's config.json, read by `st_folder.read_settings` without importing transformers); None
+    for anything else (a `.safetensors`, a `.ckpt`, a plain Hugging Face folder)."""
+    settings = read_settings(Path(location))
+    if settings is None:
         return None
-    config = _read_json(folder / "config_sentence_transformers.json") or {}
-    pooling = next((_read_json(folder / (module.get("path") or "") / "config.json") or {} for module in modules
-                    if str(module.get("type", "")).endswith("Pooling")), {})
-    return PromptSettings({str(k): str(v or "") for k, v in (config.get("prompts") or {}).items()},
-                          config.get("default_prompt_name"), bool(pooling.get("include_prompt", True)))
-
-
-def _read_json(path: Path) -> Any:
-    """JSON content of `path`, None when absent; a broken file is one InputError naming it."""
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        from codiemb_pl.errors import InputError
-
-        raise InputError(str(path), f"is not valid JSON ({error})", "repair or re-export the model folder") from None
+    return PromptSettings(settings.prompts, settings.default_prompt_name, settings.include_prompt)
 
 
 def members_prompt_settings(members: Sequence[tuple[str, Optional[PromptSettings]]]
@@ -125,16 +111,14 @@ def apply_prompt_settings(encoder: Any, settings: PromptSettings) -> None:
 def write_prompt_settings(folder: str | Path, settings: PromptSettings) -> None:
     """Put `settings` into a sentence-transformers folder being written (config_sentence_transformers.json and
     the Pooling module's config.json), keeping every other entry."""
-    from codiemb_pl.storage.atomic import atomic_write_text
-
     folder = Path(folder)
     config_file = folder / "config_sentence_transformers.json"
-    config = _read_json(config_file) or {}
+    config = read_json_file(config_file) or {}
     config.update({"prompts": dict(settings.prompts), "default_prompt_name": settings.default_prompt_name})
     atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
-    for module in _read_json(folder / "modules.json") or []:
-        if str(module.get("type", "")).endswith("Pooling"):
+    for module in read_modules(folder) or []:
+        if module_kind(module) == "Pooling":
             pooling_file = folder / (module.get("path") or "") / "config.json"
-            pooling = _read_json(pooling_file) or {}
+            pooling = read_json_file(pooling_file) or {}
             pooling["include_prompt"] = settings.include_prompt
             atomic_write_text(pooling_file, json.dumps(pooling, indent=2) + "\n")

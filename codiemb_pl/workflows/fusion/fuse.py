@@ -18,10 +18,11 @@ from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.compatibility import check_same_architecture, check_shares_base, drop_unshared_untrained_keys
 from codiemb_pl.fusion.engine import Merge
-from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint, transformer_folder
+from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint
 from codiemb_pl.model.card import build_fused_model_card
 from codiemb_pl.model.lora import check_lora_mix
 from codiemb_pl.model.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
+from codiemb_pl.model.st_folder import transformer_folder
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
