@@ -7,13 +7,16 @@ exported to its own folder without scoring, with merge.json and the manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
 import shlex
 import shutil
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -77,29 +80,73 @@ def planned(sweep_setup):
     return plan_sweep(argv[4], config=argv[2], output=argv[6], extra_args=argv[7:])
 
 
-def test_crashed_run_is_reported_then_resumed_with_the_finished_run_skipped(sweep_setup, capsys):
+@dataclass
+class SweepAttempt:
+    """What one `codiemb sweep` call returned and printed (stdout)."""
+
+    code: int
+    out: str
+
+
+def sweep_printing(argv: list[str]) -> SweepAttempt:
+    """`main(argv)` with its stdout captured (capsys is per test; this runs once per module)."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(argv)
+    return SweepAttempt(code, stdout.getvalue())
+
+
+@dataclass
+class FinishedSweep:
+    """The module's sweep run once, as a user would, and what each attempt left behind."""
+
+    folder: Path
+    late_ir: Path
+    first: SweepAttempt          # b cannot read its data yet
+    a_export_after_first: bool   # runs/a/model/model.safetensors after the first attempt
+    board_after_first: bool      # leaderboard.json after the first attempt
+    winner_after_first: bool     # OUTPUT/model after the first attempt
+    second: SweepAttempt         # the same command once the data is there
+    a_mtime_before_second: int
+    a_mtime_after_second: int
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(sweep_setup) -> FinishedSweep:
+    """Runs the sweep for the whole module: the first attempt crashes in run b (its IR file does not exist yet),
+    then the data appears and the same command resumes it (a skipped, b trained, every merge scored and the
+    winner exported). The crashed-run test asserts what each attempt printed and left; the other tests read the
+    finished output, whichever of them run."""
     folder, late_ir, argv = sweep_setup
     out = folder / "out"
-    assert main(argv) == 1                      # b cannot read its data: reported, a still trained
-    printed = capsys.readouterr()
-    assert "run 1/2 a: trained" in printed.out
-    assert "run 2/2 b: failed: " in printed.out and str(late_ir) in printed.out
-    assert "Fix them and rerun the same command" in printed.out
-    assert (out / "runs" / "a" / "model" / "model.safetensors").is_file()
-    assert not (out / "leaderboard.json").exists() and not (out / "model").exists()
-
-    shutil.copy(resolve_location("pkg://codiemb_pl/demo/ir_train.jsonl"), late_ir)
     a_weights = out / "runs" / "a" / "model" / "model.safetensors"
-    before = a_weights.stat().st_mtime_ns
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    first = sweep_printing(argv)
+    after_first = (a_weights.is_file(), (out / "leaderboard.json").exists(), (out / "model").exists())
+    shutil.copy(resolve_location("pkg://codiemb_pl/demo/ir_train.jsonl"), late_ir)
+    before = a_weights.stat().st_mtime_ns if a_weights.is_file() else -1
+    second = sweep_printing(argv)
+    after = a_weights.stat().st_mtime_ns if a_weights.is_file() else -2
+    return FinishedSweep(folder, late_ir, first, *after_first, second, before, after)
+
+
+def test_crashed_run_is_reported_then_resumed_with_the_finished_run_skipped(finished_sweep):
+    sweep = finished_sweep
+    assert sweep.first.code == 1                # b cannot read its data: reported, a still trained
+    assert "run 1/2 a: trained" in sweep.first.out
+    assert "run 2/2 b: failed: " in sweep.first.out and str(sweep.late_ir) in sweep.first.out
+    assert "Fix them and rerun the same command" in sweep.first.out
+    assert sweep.a_export_after_first
+    assert not sweep.board_after_first and not sweep.winner_after_first
+
+    assert sweep.second.code == 0
+    printed = sweep.second.out
     assert "run 1/2 a: skipped" in printed and "run 2/2 b: trained" in printed
-    assert a_weights.stat().st_mtime_ns == before
+    assert sweep.a_mtime_after_second == sweep.a_mtime_before_second
     assert "sweep leaderboard (2 runs, ranked by val/avg)" in printed
 
 
-def test_leaderboard_ranks_members_and_every_merge_and_the_winner_is_exported(sweep_setup, tiny_model_dir):
-    folder, _, _ = sweep_setup
+def test_leaderboard_ranks_members_and_every_merge_and_the_winner_is_exported(finished_sweep, tiny_model_dir):
+    folder = finished_sweep.folder
     out = folder / "out"
     record = json.loads((out / "leaderboard.json").read_text())
     ranking = record["ranking"]
@@ -137,7 +184,7 @@ def test_leaderboard_ranks_members_and_every_merge_and_the_winner_is_exported(sw
     assert (out / "leaderboard.md").read_text().startswith("# Sweep leaderboard")
 
 
-def test_fuse_only_fuses_without_training(sweep_setup, capsys):
+def test_fuse_only_fuses_without_training(finished_sweep, sweep_setup, capsys):
     folder, late_ir, argv = sweep_setup
     out = folder / "out"
     exports = sorted((out / "runs").glob("*/model/model.safetensors"))
@@ -152,8 +199,8 @@ def test_fuse_only_fuses_without_training(sweep_setup, capsys):
     assert (out / "leaderboard.json").stat().st_mtime_ns > board_before
 
 
-def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(planned, sweep_setup):
-    folder, _, _ = sweep_setup
+def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(planned, finished_sweep):
+    folder = finished_sweep.folder
     run_a = folder / "out" / "runs" / "a"
     assert (run_a / "checkpoints" / "last.ckpt").is_file()
     before = load_file(run_a / "model" / "model.safetensors")
@@ -333,7 +380,7 @@ def test_example_sweep_files_plan(sweep, monkeypatch, tmp_path):
         assert {config["seed_everything"] for config in plan.run_configs.values()} == {42}
 
 
-def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, tmp_path):
+def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, finished_sweep, tmp_path):
     """With a WandbLogger in the base config, the sweep's leaderboard is a `sweep/leaderboard` W&B table."""
     plan = copy.deepcopy(planned)
     plan.methods = plan.methods[1:2]   # uniform_soup only: the table, not the merges, is under test
@@ -394,15 +441,14 @@ def test_fusion_keys_for_fixed_members_another_base_and_a_named_export(tmp_path)
         == (None, [], None, "model", True)
 
 
-def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planned, sweep_setup, tiny_model_dir,
+def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planned, finished_sweep, tiny_model_dir,
                                                                            tmp_path):
     """What `codiemb boom --incremental` runs on: θ* = θ0' + MultiSLERP(fixed − θ0', a − θ0', b − θ0'; weights)
     exported by name to OUTPUT/merged with merge.json and the manifest, nothing scored."""
     from codiemb_pl.fusion.methods import multi_slerp
     from codiemb_pl.workflows.fusion.settings import parse_methods
 
-    folder, _, _ = sweep_setup
-    out = folder / "out"
+    out = finished_sweep.folder / "out"
     theta0, fixed = perturbed_copy(tiny_model_dir, tmp_path / "theta0", 1), perturbed_copy(tiny_model_dir, tmp_path / "fixed", 2)
     plan = copy.deepcopy(planned)
     plan.base_model, plan.members, plan.manifest = str(theta0), [("fixed", str(fixed))], {"purpose": "test"}
@@ -435,7 +481,7 @@ def test_fixed_member_own_base_and_a_named_merge_exported_without_scoring(planne
     assert record["sweep"]["base_model"] == str(theta0) and record["sweep"]["members"][0]["name"] == "fixed"
 
 
-def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, sweep_setup, tmp_path):
+def test_a_member_whose_checkpoint_runs_code_is_refused_unless_trusted(planned, finished_sweep, tmp_path):
     """`fusion.members` are opened under `checkpoint_loading`'s rule: a pickle that would run code is one
     line naming the file and nothing runs; `--trust-checkpoint` (the sweep's `trusted_checkpoints` block)
     unpickles it (this hand-made file then holds no weights)."""
@@ -474,13 +520,12 @@ def test_planning_builds_one_fit_parser_and_no_cli(tiny_model_dir, tmp_path, mon
     assert [config["model"]["lr"] for config in plan.run_configs.values()] == [1.0e-4, 2.0e-4, 3.0e-4]
 
 
-def test_a_run_recorded_before_the_move_resumes_from_its_last_ckpt(planned, sweep_setup):
+def test_a_run_recorded_before_the_move_resumes_from_its_last_ckpt(planned, finished_sweep):
     """A sweep_run.json written before `data.verify_cache` existed still matches (the key is at its default): the
     run resumes from its last.ckpt instead of training again from the start. (Old class paths: the test below.)"""
     from codiemb_pl.sweeps.records import RUN_RECORD
 
-    folder, _, _ = sweep_setup
-    run_a = folder / "out" / "runs" / "a"
+    run_a = finished_sweep.folder / "out" / "runs" / "a"
     record = json.loads((run_a / RUN_RECORD).read_text())
     del record["config"]["data"]["verify_cache"]                  # added this week, at its default in this run
     (run_a / RUN_RECORD).write_text(json.dumps(record))
@@ -527,7 +572,7 @@ def test_a_finished_run_recorded_before_the_move_is_reused_and_a_changed_value_i
         plan_sweep(sweep, config=str(base), output=str(tmp_path / "out"))
 
 
-def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planned, sweep_setup, tiny_model_dir,
+def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planned, finished_sweep, tiny_model_dir,
                                                                            tmp_path):
     """One `fuse_and_export`: the runs' exports a and b fused by a sweep, by BOOM (the same exports as its two
     bagged runs, --fuse-only) and by CheckpointFusion (as two snapshots of one run) give the same scores for base,
@@ -542,7 +587,7 @@ def test_checkpoint_fusion_the_sweep_and_boom_fuse_the_same_members_alike(planne
     from codiemb_pl.workflows.encoders import transformer_state
     from codiemb_pl.workflows.fusion.settings import parse_methods
 
-    exports = {name: sweep_setup[0] / "out" / "runs" / name / "model" for name in ("a", "b")}
+    exports = {name: finished_sweep.folder / "out" / "runs" / name / "model" for name in ("a", "b")}
     plan = copy.deepcopy(planned)
     plan.output, plan.methods = tmp_path / "sweep", parse_methods(["uniform_soup", "multi_slerp"])
     for name, folder in exports.items():
