@@ -266,6 +266,29 @@ def test_metrics_agree_with_brute_force_on_random_rankings():
         assert 0.0 <= per_query[f"q{i}"]["map_at_100"] <= per_query[f"q{i}"]["recall_at_100"] <= 1.0
 
 
+def test_metrics_match_pytrec_eval_with_graded_zero_and_deep_judgements():
+    """Against the independent scorer (trec_eval's C code, as MTEB calls it), per query: graded relevance 0-3,
+    a query judged only 0, relevant documents below rank 100 (Recall@100 and MAP@100 < their full values)."""
+    from pytrec_reference import deciding_near_ties, pytrec_eval_metrics
+
+    rng = random.Random(11)
+    generator = torch.Generator().manual_seed(11)
+    queries, corpus = torch.randn(24, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    query_ids, doc_ids = [f"q{i}" for i in range(24)], [f"doc{i:03d}" for i in range(300)]
+    qrels = {query_id: {doc_ids[j]: rng.choice([0, 1, 1, 2, 3]) for j in rng.sample(range(300), rng.randint(1, 40))}
+             for query_id in query_ids[:22]}                        # q22, q23 unjudged: not scored
+    qrels["q0"] = {doc_id: 0 for doc_id in qrels["q0"]}             # judged, none relevant: scored, all 0
+    assert not deciding_near_ties(queries, corpus, query_ids, doc_ids, qrels)   # no tie rule decides anything
+    ours = per_query_retrieval_metrics(queries, corpus, query_ids, doc_ids, qrels)
+    reference = pytrec_eval_metrics(queries, corpus, query_ids, doc_ids, qrels)
+    assert set(ours) == set(reference) == set(query_ids[:22])
+    for query_id, values in reference.items():
+        assert ours[query_id] == pytest.approx(values, abs=1e-12), query_id
+    assert ours["q0"] == {name: 0.0 for name in ours["q0"]}
+    assert sum(values["recall_at_100"] < 1 for values in ours.values()) >= 5   # deep relevant documents occur
+    assert sum(0 < values["ndcg_at_10"] < 1 for values in ours.values()) >= 5
+
+
 def test_all_permutations_of_three_documents_ideal_order_scores_one():
     for order in itertools.permutations([2, 1, 0]):
         metrics = query_metrics(list(order), [2, 1, 0])
