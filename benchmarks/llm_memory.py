@@ -93,8 +93,8 @@ def run_mode(mode: str, steps: int, threads: int) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModel
 
-    from codiemb_pl.model.lora import LoraSettings, add_lora_adapters, lora_summary
     from codiemb_pl.losses.ir import multi_positive_info_nce
+    from codiemb_pl.model.lora import LoraSettings, add_lora_adapters, lora_summary
     from codiemb_pl.model.pooling import last_token_pool
 
     torch.set_num_threads(threads)

@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from codiemb_pl.workflows.evaluation import load_sets, set_embeddings  # noqa: E402
 from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
-from codiemb_pl.model.device import add_device_argument, resolve_device  # noqa: E402
-from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.evaluation.retrieval import per_query_retrieval_metrics  # noqa: E402
 from codiemb_pl.evaluation.sts import paired_cosine, spearman  # noqa: E402
+from codiemb_pl.model.device import add_device_argument, resolve_device  # noqa: E402
+from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
+from codiemb_pl.workflows.evaluation import load_sets, set_embeddings  # noqa: E402
 
 IR_METRIC = "ndcg_at_10"
 HEADLINE = {"ir": IR_METRIC, "sts": "cosine_spearman"}

@@ -46,13 +46,13 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
-from codiemb_pl.data.records import IRCorpus  # noqa: E402
 from codiemb_pl.data.cache.records import opened_records  # noqa: E402
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus  # noqa: E402
 from codiemb_pl.data.eval_sets import EvalSet  # noqa: E402
+from codiemb_pl.data.records import IRCorpus  # noqa: E402
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus  # noqa: E402
 from codiemb_pl.model.encoder import TextEncoder  # noqa: E402
 from codiemb_pl.paths import resolve_location  # noqa: E402
+from codiemb_pl.workflows.evaluation import evaluate_sets  # noqa: E402
 
 PARTS = ("train", "encode", "eval")
 TEMPERATURE = 0.05          # = 1 / MNRL's default scale of 20
@@ -129,8 +129,11 @@ def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_
                  workdir: Path, device: str = "cpu", precision: str = "32-true", num_workers: int = 0) -> float:
     """Pairs/s of `SentenceTransformerTrainer` + `MultipleNegativesRankingLoss` on the same pairs."""
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
 

@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from codiemb_pl.data.cache import records as arrow_records
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset
+from codiemb_pl.data.cache.entries import BUILD_LOG, LAUNCH_STARTED_ENV, cached_entry
 from codiemb_pl.data.cache.records import open_records
 from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.cache.tokens import open_tokens
-from codiemb_pl.data.cache.entries import BUILD_LOG, LAUNCH_STARTED_ENV, cached_entry
 from codiemb_pl.data.collate import PaddingRule, TokenCollator
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from codiemb_pl.cli.main import main
 from codiemb_pl.data.records import IRRecord
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
+from codiemb_pl.fusion.methods import multi_slerp, slerp
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.sweeps.boom import plan_runs
 from codiemb_pl.sweeps.subsets import subset_indices, write_subset_sources
-from codiemb_pl.fusion.methods import multi_slerp, slerp
 from reference_text_path import load_training_records
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"

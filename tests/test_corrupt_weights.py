@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from codiemb_pl.cli.main import main
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.writer import save_state_dict
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.storage.weight_checks import check_safetensors_file, read_safetensors_header
 
 DEMO = Path(__file__).resolve().parents[1] / "codiemb_pl" / "demo"

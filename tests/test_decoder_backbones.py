@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from codiemb_pl.cli.main import main
+from codiemb_pl.errors import InputError
 from codiemb_pl.model.decoder import is_decoder_backbone, load_backbone_tokenizer
 from codiemb_pl.model.encoder import TextEncoder
-from codiemb_pl.errors import InputError
 from codiemb_pl.model.pooling import last_token_pool
 from decoder_models import build_tiny_decoder
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from codiemb_pl.model.device import resolve_device
 from codiemb_pl.errors import InputError
+from codiemb_pl.model.device import resolve_device
 
 
 @pytest.fixture

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_bert
 from codiemb_pl.cli.main import main
-from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from codiemb_pl.data.eval_sets import EvalSet
-from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.data.sources import SourceConfig, load_ir_corpus, load_sts_pairs
 from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES
 from codiemb_pl.evaluation.suite import evaluate_encoder
+from codiemb_pl.model.encoder import TextEncoder
+from conftest import build_tiny_bert
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 STS_NAMES = {"cosine_spearman", "cosine_pearson"}

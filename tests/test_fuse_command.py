@@ -11,10 +11,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from codiemb_pl.cli.main import main
+from codiemb_pl.fusion.engine import Merge as ChunkedMerge
+from codiemb_pl.fusion.engine import merge_state_dicts
+from codiemb_pl.fusion.sources import MappingSource as MappedStateDictSource
+from codiemb_pl.fusion.sources import open_checkpoint
 from codiemb_pl.model.encoder import TextEncoder
-from codiemb_pl.fusion.engine import Merge as ChunkedMerge, merge_state_dicts
-from codiemb_pl.fusion.sources import MappingSource as MappedStateDictSource, open_checkpoint
-
 from conftest import build_tiny_bert
 
 
@@ -188,8 +189,8 @@ def test_untrained_keys_only_some_inputs_carry_are_left_out():
 
 
 def test_fused_output_has_a_model_card_with_method_inputs_weights_parameters_and_scores(family, tmp_path):
-    from codiemb_pl.data.sources import SourceConfig, load_sts_pairs
     from codiemb_pl.data.eval_sets import EvalSet
+    from codiemb_pl.data.sources import SourceConfig, load_sts_pairs
     from codiemb_pl.evaluation.suite import evaluate_encoder
 
     source = {"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "score_range": [0, 5],

@@ -7,9 +7,17 @@ import math
 import pytest
 import torch
 
-from codiemb_pl.evaluation.geometry import (GEOMETRY_METRIC_NAMES, alignment, anisotropy, condition_number,
-                                            embedding_geometry, numerical_rank, svd_entropy, token_wise_similarity,
-                                            uniformity)
+from codiemb_pl.evaluation.geometry import (
+    GEOMETRY_METRIC_NAMES,
+    alignment,
+    anisotropy,
+    condition_number,
+    embedding_geometry,
+    numerical_rank,
+    svd_entropy,
+    token_wise_similarity,
+    uniformity,
+)
 
 
 def test_token_wise_similarity_averages_pairwise_cosines_per_sentence_ignoring_padding():

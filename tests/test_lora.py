@@ -13,10 +13,11 @@ from codiemb_pl.cli.main import main
 from codiemb_pl.errors import InputError
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, lora_summary, merged_weights, save_adapter
 from codiemb_pl.training.module import CoDiEmbModule
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # a benchmark helper
-from saved_for_backward import saved_for_backward  # noqa: E402
 from ddp_driver.launch import run_codiemb
 from decoder_models import build_tiny_decoder
+from saved_for_backward import saved_for_backward  # noqa: E402
 
 TEXTS = ["a short one", "a somewhat longer sentence about retrieval", "mid length text"]
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -252,8 +253,9 @@ def write_lora_checkpoint(decoder_dir: Path, path: Path, seed: int) -> CoDiEmbMo
 
 
 def test_a_lora_checkpoint_reads_as_its_base_plus_scale_b_a(decoder_dir, tmp_path):
-    from codiemb_pl.fusion.sources import read_lightning_checkpoint
     from safetensors.torch import load_file
+
+    from codiemb_pl.fusion.sources import read_lightning_checkpoint
 
     module = write_lora_checkpoint(decoder_dir, tmp_path / "a.ckpt", seed=1)
     weights, _ = read_lightning_checkpoint(tmp_path / "a.ckpt")

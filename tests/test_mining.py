@@ -11,9 +11,15 @@ import torch
 from codiemb_pl.cli.main import main
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
+from codiemb_pl.workflows.mine import (
+    MiningQuery,
+    MiningSettings,
+    format_histogram,
+    load_mining_inputs,
+    mine_hard_negatives,
+    select_negatives,
+)
 from reference_text_path import load_training_records
-from codiemb_pl.workflows.mine import (MiningQuery, MiningSettings, format_histogram, load_mining_inputs,
-                               mine_hard_negatives, select_negatives)
 
 
 class TableEncoder:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from codiemb_pl.evaluation.suite import summary_metrics
+from codiemb_pl.evaluation.tables import comparison_table, format_metrics_table
 from codiemb_pl.model.bucketing import encode_in_length_buckets
 from codiemb_pl.model.encoder import TextEncoder
-from codiemb_pl.evaluation.suite import summary_metrics
 from codiemb_pl.training.module import linear_warmup_decay
-from codiemb_pl.evaluation.tables import comparison_table, format_metrics_table
 
 
 def test_linear_warmup_decay_by_hand():

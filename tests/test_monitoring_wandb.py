@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
-import time
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from codiemb_pl.callbacks.monitoring import (batch_sizes_by_task, global_grad_norm, log_leaderboard,
-                                             log_weight_histograms)
+from codiemb_pl.callbacks.monitoring import (
+    batch_sizes_by_task,
+    global_grad_norm,
+    log_leaderboard,
+    log_weight_histograms,
+)
 from codiemb_pl.cli.main import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

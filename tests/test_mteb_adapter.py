@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.data.records import IRCorpus, STSRecord
 from codiemb_pl.data.sources import SourceConfig, load_ir_corpus
-from codiemb_pl.data.eval_sets import EvalSet
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.evaluation.mteb_adapter import MTEBEncoder, select_prompt
 from codiemb_pl.evaluation.suite import evaluate_encoder
+from codiemb_pl.model.encoder import TextEncoder
 
 PROMPTS = {"query": "query: ", "document": "passage: "}
 

@@ -8,9 +8,9 @@ import torch
 
 from codiemb_pl.data.cache.token_ids import TokenLimits
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.methods import slerp
+from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.workflows.probe import build_probe_batches, encoder_view, probe_loss_fn, self_positioning_merge
 
 PROBE_SOURCES = [

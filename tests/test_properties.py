@@ -14,8 +14,15 @@ from hypothesis import strategies as st
 
 from codiemb_pl.fusion.methods import MERGE_METHODS
 from codiemb_pl.losses.ir import multi_positive_info_nce
-from codiemb_pl.losses.sts import (STSLossConfig, cosent_loss, mid_nce_loss, pearson_loss, pro_loss, rank_kl_loss,
-                                   sts_loss)
+from codiemb_pl.losses.sts import (
+    STSLossConfig,
+    cosent_loss,
+    mid_nce_loss,
+    pearson_loss,
+    pro_loss,
+    rank_kl_loss,
+    sts_loss,
+)
 
 PROPERTY_SETTINGS = settings(max_examples=60, deadline=None)
 TEMPERATURES = st.sampled_from([0.01, 0.02, 0.05, 1.0])

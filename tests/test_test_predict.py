@@ -41,9 +41,9 @@ def reference_encoder(tiny_model_dir: Path):
 
 # -- test ----------------------------------------------------------------------------------------------------
 def test_test_scores_the_test_sets_like_the_evaluation_suite(tiny_model_dir, tmp_path):
+    from codiemb_pl.data.eval_builders import build_eval_sets
     from codiemb_pl.data.sources import SourceConfig
     from codiemb_pl.evaluation.suite import evaluate_encoder
-    from codiemb_pl.data.eval_builders import build_eval_sets
 
     code = run("test", tiny_model_dir, tmp_path, "--data.test", TEST_SETS,
                "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path))

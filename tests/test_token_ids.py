@@ -11,13 +11,18 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 
 import decoder_models
-
 from codiemb_pl.data.cache.records import open_records
+from codiemb_pl.data.cache.token_ids import (
+    PROCESSES_ENV,
+    TokenLimits,
+    choose_encoder,
+    list_array,
+    process_count,
+    token_batches,
+)
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.cache.token_ids import (PROCESSES_ENV, TokenLimits, choose_encoder, list_array, process_count,
-                                       token_batches)
-from codiemb_pl.model.decoder import load_backbone_tokenizer
 from codiemb_pl.errors import InputError
+from codiemb_pl.model.decoder import load_backbone_tokenizer
 from conftest import minilm_path
 from test_data_sources import write_jsonl
 

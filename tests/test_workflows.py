@@ -14,12 +14,12 @@ import pytest
 
 from codiemb_pl.cli.main import main
 from codiemb_pl.data.cache.records import opened_records
-from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.model.encoder import TextEncoder
-from codiemb_pl.errors import InputError
-from codiemb_pl.workflows.mine import load_mining_inputs
-from codiemb_pl.workflows.evaluation import evaluate, load_sets
 from codiemb_pl.data.eval_builders import build_eval_sets
+from codiemb_pl.data.sources import SourceConfig
+from codiemb_pl.errors import InputError
+from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.workflows.evaluation import evaluate, load_sets
+from codiemb_pl.workflows.mine import load_mining_inputs
 from test_evaluate_command import data  # noqa: F401  (the fixture: an STS file and a BEIR folder)
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
