@@ -80,7 +80,7 @@ def unsharded_encoder(pl_module: pl.LightningModule, device) -> TextEncoder:
     _, weights = merged_weights(source.model)
     encoder = TextEncoder(source.name_or_path, pooling=source.pooling, normalize=source.normalize,
                           max_seq_length=source.max_seq_length, prompts=dict(source.prompts),
-                          include_prompt=source.include_prompt,
+                          include_prompt=source.include_prompt, num_layers=source.kept_layers,
                           trust_remote_code=bool(dict(getattr(pl_module, "hparams", {})).get("trust_remote_code")))
     encoder.default_prompt_name, encoder.do_lower_case = source.default_prompt_name, source.do_lower_case
     encoder.model.load_state_dict({key: value.detach() for key, value in weights.items()}, strict=True)
@@ -246,7 +246,8 @@ class CheckpointFusion(pl.Callback):
             model_folder=str(encoder.name_or_path),
             probe_sources=list(getattr(datamodule, "train_sources", []) or []),
             encoder_settings={"pooling": encoder.pooling, "normalize": encoder.normalize,
-                              "max_seq_length": encoder.max_seq_length},
+                              "max_seq_length": encoder.max_seq_length,
+                              **({"num_layers": encoder.kept_layers} if encoder.kept_layers is not None else {})},
             seed=int(hparams.get("seed", 0) or 0))
         try:
             outcome = fuse_and_export(inputs, self.methods, encoder, sets=val_sets, eval_batch_size=self.eval_batch_size,

@@ -10,6 +10,7 @@ pooling leaves them out while attention still sees them.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -48,8 +49,10 @@ def choose_passages(positive_count: int, negative_count: int, n_positives: int, 
 class TokenizedItem:
     """A record as token ids (read from the token cache), handed to `TokenCollator`.
 
-    IR: `query`, `positives`, `negatives` (lists of token-id lists) and the `text_id`s of the passages;
-    STS: `text1`, `text2` and the normalised `score`. `prefix_tokens` counts the instruction prefix's tokens.
+    IR: `query`, `positives`, `negatives` (lists of token-id lists), the `text_id`s of the passages and the
+    record's `teacher_scores` (positives, then negatives; None: none); STS: `text1`, `text2`, the normalised `score`
+    (None: a pair with a teacher score only) and `teacher_score`. `prefix_tokens` counts the instruction prefix's
+    tokens. `texts`: the record's texts (IR: query, positives, negatives; STS: text1, text2) when asked for.
     """
 
     dataset: str
@@ -64,6 +67,9 @@ class TokenizedItem:
     text1: list[int] | None = None
     text2: list[int] | None = None
     score: float | None = None
+    teacher_scores: list[float] | None = None
+    teacher_score: float | None = None
+    texts: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,17 +147,29 @@ class TokenCollator:
     def collate_ir(self, items: list[TokenizedItem]) -> dict[str, Any]:
         positives, negatives, negative_mask, positive_ids, negative_ids = [], [], [], [], []
         any_negatives = self.n_negatives > 0 and any(item.negatives for item in items)
+        any_teacher = any(item.teacher_scores is not None for item in items)
+        teacher_rows: list[list[float]] = []
+        texts: dict[str, list[str]] = {"query": [], "positives": [], "negatives": []}
         for item in items:
             pos_at, neg_at = choose_passages(len(item.positives), len(item.negatives), self.n_positives,
                                              self.n_negatives, item.seed, any_negatives)
             positives += [item.positives[i] for i in pos_at]
             positive_ids.append([item.positive_text_ids[i] for i in pos_at])
+            padding = self.n_negatives - len(neg_at) if any_negatives else 0
             if any_negatives:
-                padding = self.n_negatives - len(neg_at)
                 # padding slots repeat the first positive so every row has text; they are masked out.
                 negatives += [item.negatives[i] for i in neg_at] + [item.positives[pos_at[0]]] * padding
                 negative_mask.append([True] * len(neg_at) + [False] * padding)
                 negative_ids.append([item.negative_text_ids[i] for i in neg_at] + [positive_ids[-1][0]] * padding)
+            if any_teacher:  # the chosen candidates' scores travel with them (padding slots: 0, masked out)
+                teacher_rows.append(chosen_teacher_scores(item, pos_at, neg_at, padding, any_negatives))
+            if item.texts is not None:
+                passages = item.texts[1:]
+                texts["query"].append(item.texts[0])
+                texts["positives"] += [passages[i] for i in pos_at]
+                if any_negatives:
+                    texts["negatives"] += [passages[len(item.positives) + i] for i in neg_at] + \
+                        [passages[pos_at[0]]] * padding
         batch: dict[str, Any] = {
             "task": "ir", "dataset": items[0].dataset,
             "query": self.padding.pad([item.query for item in items], [item.prefix_tokens for item in items]),
@@ -163,11 +181,40 @@ class TokenCollator:
             batch["negatives"] = self.padding.pad(negatives)
             batch["negative_mask"] = torch.tensor(negative_mask, dtype=torch.bool)
             batch["negative_ids"] = torch.tensor(negative_ids, dtype=torch.long)
+        if any_teacher:
+            batch["teacher_scores"] = torch.tensor(teacher_rows, dtype=torch.float32)
+        if all(item.texts is not None for item in items):
+            batch["texts"] = {name: group for name, group in texts.items() if group}
         return batch
 
     def collate_sts(self, items: list[TokenizedItem]) -> dict[str, Any]:
+        """Pairs with gold `scores`; a pair without one takes its teacher score there (SPEC §10: y = y_T), and
+        `gold_mask` marks which pairs have gold; `teacher_scores` (NaN: none) when any pair has one."""
         prefixes = [item.prefix_tokens for item in items]
-        return {"task": "sts", "dataset": items[0].dataset,
-                "text1": self.padding.pad([item.text1 for item in items], prefixes),
-                "text2": self.padding.pad([item.text2 for item in items], prefixes),
-                "scores": torch.tensor([item.score for item in items], dtype=torch.float32)}
+        batch: dict[str, Any] = {
+            "task": "sts", "dataset": items[0].dataset,
+            "text1": self.padding.pad([item.text1 for item in items], prefixes),
+            "text2": self.padding.pad([item.text2 for item in items], prefixes),
+            "scores": torch.tensor([item.teacher_score if item.score is None else item.score for item in items],
+                                   dtype=torch.float32)}
+        if any(item.teacher_score is not None for item in items):
+            batch["teacher_scores"] = torch.tensor([math.nan if item.teacher_score is None else item.teacher_score
+                                                    for item in items], dtype=torch.float32)
+        if any(item.score is None for item in items):
+            batch["gold_mask"] = torch.tensor([item.score is not None for item in items], dtype=torch.bool)
+        if all(item.texts is not None for item in items):
+            batch["texts"] = {"text1": [item.texts[0] for item in items], "text2": [item.texts[1] for item in items]}
+        return batch
+
+
+def chosen_teacher_scores(item: TokenizedItem, positions: list[int], negative_positions: list[int], padding: int,
+                          with_negatives: bool) -> list[float]:
+    """The record's teacher scores of the chosen positives, then of the chosen negatives and `padding` zeros (when the
+    batch has negative slots); NaN for every slot when the record has none."""
+    width = len(positions) + (len(negative_positions) + padding if with_negatives else 0)
+    if item.teacher_scores is None:
+        return [math.nan] * width
+    scores = [item.teacher_scores[i] for i in positions]
+    if with_negatives:
+        scores += [item.teacher_scores[len(item.positives) + i] for i in negative_positions] + [0.0] * padding
+    return scores

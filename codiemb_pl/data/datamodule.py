@@ -151,6 +151,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.sampler: Optional[TaskBatchSampler] = None
         self.train_loader: Optional[ResumableDataLoader] = None  # built in this run (see load_state_dict)
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
+        self.carry_texts = False  # training batches carry their texts (`batch["texts"]`): set by a module whose
+        #                           online teacher reads them (`CoDiEmbModule.setup`), before the loader is built
 
     # -- set-up ---------------------------------------------------------------------------------------
     def prefix_for(self, instruction: Optional[str]) -> str:
@@ -240,6 +242,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.sampler = self.build_sampler(world_size, rank, accumulate)
         tokenizer = self.load_tokenizer()
         self.train_dataset.tokenize(tokenizer, self.token_limits())  # once per cache entry; later runs open it
+        self.train_dataset.with_texts = self.carry_texts
         collator = TokenCollator(self.padding_rule(), n_positives=self.hparams.n_positives,
                                  n_negatives=self.hparams.n_negatives)
         # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a

@@ -8,20 +8,24 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class IRRecord:
-    """One query with its positive passages (at least one) and optional hard negatives."""
+    """One query with its positive passages (at least one) and optional hard negatives; `teacher_scores`: a
+    teacher's score of each positive, then each negative (SPEC §10), or None."""
 
     query: str
     positives: tuple[str, ...]
     negatives: tuple[str, ...] = ()
+    teacher_scores: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
 class STSRecord:
-    """One scored text pair; `score` is already normalised to [0, 1]."""
+    """One scored text pair; `score` is already normalised to [0, 1] (None: a training pair with a teacher score
+    only); `teacher_score`: a teacher's similarity in [0, 1], or None."""
 
     text1: str
     text2: str
-    score: float
+    score: float | None
+    teacher_score: float | None = None
 
 
 @dataclass(frozen=True)

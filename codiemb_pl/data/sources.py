@@ -36,11 +36,13 @@ IR_FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "query": ("query", "anchor", "question"),
     "positives": ("positives", "positive", "pos", "document"),
     "negatives": ("negatives", "negative", "neg", "hard_negatives"),
+    "teacher_scores": ("teacher_scores",),
 }
 STS_FIELD_ALIASES: dict[str, tuple[str, ...]] = {
     "text1": ("text1", "sentence1", "s1", "text_a"),
     "text2": ("text2", "sentence2", "s2", "text_b"),
     "score": ("score", "label", "similarity", "relevance"),
+    "teacher_score": ("teacher_score",),
 }
 UNIT_SCORE_RANGE = (0.0, 1.0)
 DEFAULT_SCORE_RANGE = (0.0, 5.0)
@@ -139,9 +141,10 @@ def iter_ir_records(cfg: SourceConfig) -> Iterator[IRRecord]:
     yield from _validated_rows(cfg, location, fmt, lambda row: _ir_record(row, cfg.columns, decode_json=decode_json))
 
 
-def iter_raw_sts_pairs(cfg: SourceConfig) -> Iterator[tuple[str, str, str, float]]:
-    """(where, text1, text2, raw score) of every row of an STS source, validated one row at a time; the
-    score range is checked and applied once all scores are known (`score_range_of`)."""
+def iter_raw_sts_pairs(cfg: SourceConfig) -> Iterator[tuple[str, str, str, Optional[float], Optional[float]]]:
+    """(where, text1, text2, raw score, teacher score) of every row of an STS source, validated one row at a
+    time; the score range is checked and applied once all scores are known (`score_range_of`). A pair may lack
+    a gold score (None) when it has a teacher score (in [0, 1]; None when absent)."""
     if cfg.task != "sts":
         raise InputError(f"source {cfg.name!r}", f"is an {cfg.task!r} source, not STS", "set task: sts")
     location, fmt = detect_format(cfg)
@@ -151,14 +154,19 @@ def iter_raw_sts_pairs(cfg: SourceConfig) -> Iterator[tuple[str, str, str, float
 
 
 def load_sts_pairs(cfg: SourceConfig) -> list[STSRecord]:
-    """Validated STS pairs with scores normalised to [0, 1] by the source's score range."""
+    """Validated STS pairs with scores normalised to [0, 1] by the source's score range (evaluation sets: every
+    pair needs a gold score)."""
     raw_pairs = list(iter_raw_sts_pairs(cfg))
-    scores = [score for _, _, _, score in raw_pairs]
+    for where, _, _, score, _ in raw_pairs:
+        if score is None:
+            raise InputError(where, "pair has a teacher_score but no gold score",
+                             "evaluation sets need a gold score for every pair")
+    scores = [pair[3] for pair in raw_pairs]
     low, high = score_range_of(cfg, min(scores), max(scores))
     records = []
-    for where, text1, text2, score in raw_pairs:
+    for where, text1, text2, score, teacher_score in raw_pairs:
         check_score_in_range(score, low, high, where)
-        records.append(STSRecord(text1, text2, (score - low) / (high - low)))
+        records.append(STSRecord(text1, text2, (score - low) / (high - low), teacher_score))
     return _subsample(records, cfg)
 
 
@@ -258,16 +266,57 @@ def _ir_record(row: Row, columns: Optional[dict[str, str]], decode_json: bool) -
     if not positives:
         raise InputError(row.where, "IR record has no positives", "give every query at least one positive passage")
     negatives = _text_list(value("negatives", False), row.where, "negatives", decode_json)
-    return IRRecord(query=query, positives=positives, negatives=negatives)
+    teacher_scores = _teacher_scores(value("teacher_scores", False), row.where, len(positives), len(negatives),
+                                     decode_json)
+    return IRRecord(query=query, positives=positives, negatives=negatives, teacher_scores=teacher_scores)
 
 
-def _raw_sts_pair(row: Row, columns: Optional[dict[str, str]]) -> tuple[str, str, str, float]:
-    """(where, text1, text2, raw score) of one row; the score is normalised once the range is known."""
-    def value(field: str) -> Any:
-        return _field_value(row, field, column_candidates(field, STS_FIELD_ALIASES, columns), required=True)
+def _raw_sts_pair(row: Row, columns: Optional[dict[str, str]]) -> tuple[str, str, str, Optional[float], Optional[float]]:
+    """(where, text1, text2, raw score, teacher score) of one row; the score is normalised once the range is
+    known. The gold score may be missing when a teacher score (in [0, 1]) is given."""
+    def value(field: str, required: bool = True) -> Any:
+        return _field_value(row, field, column_candidates(field, STS_FIELD_ALIASES, columns), required=required)
 
-    return (row.where, _single_text(value("text1"), row.where, "text1"),
-            _single_text(value("text2"), row.where, "text2"), _score(value("score"), row.where))
+    text1, text2 = _single_text(value("text1"), row.where, "text1"), _single_text(value("text2"), row.where, "text2")
+    teacher = value("teacher_score", False)
+    teacher_score = None if _blank(teacher) else _unit_teacher_score(teacher, row.where)
+    gold = value("score", teacher_score is None)
+    score = None if teacher_score is not None and _blank(gold) else _score(gold, row.where)
+    return row.where, text1, text2, score, teacher_score
+
+
+def _blank(value: Any) -> bool:
+    """A missing optional cell: None, or an empty CSV/TSV cell."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _teacher_scores(value: Any, where: str, positives: int, negatives: int,
+                    decode_json: bool) -> Optional[tuple[float, ...]]:
+    """A record's `teacher_scores`: one finite number per positive, then per negative, in their order (SPEC §10);
+    None when absent."""
+    if _blank(value):
+        return None
+    if isinstance(value, str) and decode_json:
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(value, (list, tuple)):
+        raise InputError(where, f"teacher_scores must be a list of numbers, got {type(value).__name__}",
+                         "write one score per positive, then per negative, e.g. [0.9, 0.2, 0.1]")
+    scores = tuple(_score(item, where, "teacher score") for item in value)
+    if len(scores) != positives + negatives:
+        raise InputError(where, f"teacher_scores has {len(scores)} scores for {positives} positives + {negatives} "
+                                f"negatives", "give one score per positive, then per negative, in their order")
+    return scores
+
+
+def _unit_teacher_score(value: Any, where: str) -> float:
+    number = _score(value, where, "teacher_score")
+    if not 0.0 <= number <= 1.0:
+        raise InputError(where, f"teacher_score {number} is outside [0, 1]",
+                         "map teacher scores to [0, 1]: cosines clipped at 0, logits through a sigmoid")
+    return number
 
 
 def _single_text(value: Any, where: str, field: str) -> str:
@@ -311,7 +360,7 @@ def _decode_json_list(cell: str) -> list:
     return [cell]
 
 
-def _score(value: Any, where: str) -> float:
+def _score(value: Any, where: str, what: str = "score") -> float:
     if isinstance(value, str):
         try:
             number = float(value.strip())
@@ -322,9 +371,9 @@ def _score(value: Any, where: str) -> float:
     else:
         number = None
     if number is None:
-        raise InputError(where, f"score {value!r} is not a number", "write the score as a number")
+        raise InputError(where, f"{what} {value!r} is not a number", f"write the {what} as a number")
     if not math.isfinite(number):
-        raise InputError(where, f"score is {number}", "give every pair a finite score")
+        raise InputError(where, f"{what} is {number}", f"give every {what} a finite value")
     return number
 
 

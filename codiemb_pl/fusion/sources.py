@@ -42,16 +42,20 @@ from torch import Tensor
 
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
+from codiemb_pl.losses.distillation import DistillationConfig
 from codiemb_pl.losses.sts import STSLossConfig
+from codiemb_pl.model.layers import select_layer_state
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
 from codiemb_pl.model.st_folder import read_json_file, transformer_folder
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
+from codiemb_pl.model.teacher import TeacherSettings
 from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
 
 LIGHTNING_PREFIX = "encoder.model."
 """Where a `CoDiEmbModule` checkpoint's `state_dict` keeps the transformer's weights."""
-LIGHTNING_CHECKPOINT_CLASSES: tuple[type, ...] = (LoraSettings, STSLossConfig, SourceConfig)
+LIGHTNING_CHECKPOINT_CLASSES: tuple[type, ...] = (LoraSettings, STSLossConfig, SourceConfig, DistillationConfig,
+                                                  TeacherSettings)
 """The non-tensor classes a codiemb_pl Lightning checkpoint may hold (found by saving real ones: LightningCLI
 runs store plain dicts; the Python API stores these settings objects in `hyper_parameters`)."""
 
@@ -284,6 +288,8 @@ def merge_adapter_checkpoint(adapters: Mapping[str, Tensor], hparams: Mapping[st
                                    where=f"{where}: model.lora")
     source = open_checkpoint(base_name).source
     base = {key: source.get(key) for key in source.keys()}
+    if hparams.get("num_layers") is not None:   # a student cut from its base's blocks (model.num_layers)
+        base = select_layer_state(base, hparams["num_layers"], where=f"{where}: model.num_layers")
     return merge_adapters(base, adapters, settings.alpha / settings.r, where)
 
 
@@ -293,7 +299,8 @@ def _open_lightning(path: Path) -> OpenedCheckpoint:
     model_folder = resolve_location(str(base_name)) if base_name else None
     if model_folder is not None and not Path(model_folder).is_dir():
         model_folder = None
-    settings = {name: hparams[name] for name in ("pooling", "normalize", "max_seq_length") if hparams.get(name) is not None}
+    settings = {name: hparams[name] for name in ("pooling", "normalize", "max_seq_length", "num_layers")
+                if hparams.get(name) is not None}
     return OpenedCheckpoint(str(path), MappingSource(weights, str(path)),
                             _read_config(model_folder), model_folder, settings, lora=hparams.get("lora") is not None)
 

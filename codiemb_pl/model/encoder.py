@@ -37,6 +37,7 @@ from codiemb_pl.model.hf_loading import (
     quiet_transformers,
     resolve_dtype,
 )
+from codiemb_pl.model.layers import select_layers
 from codiemb_pl.model.lora import merged_weights
 from codiemb_pl.model.pooling import (
     POOLING_MODES,
@@ -75,12 +76,15 @@ class TextEncoder(nn.Module):
 
     def __init__(self, model_name_or_path: str, pooling: str | None = None, normalize: bool | None = None,
                  max_seq_length: int | None = None, prompts: dict[str, str] | None = None,
-                 trust_remote_code: bool = False, dtype: str | None = None, include_prompt: bool | None = None):
+                 trust_remote_code: bool = False, dtype: str | None = None, include_prompt: bool | None = None,
+                 num_layers: int | list[int] | None = None):
         """Load `model_name_or_path` (folder, hub id or `pkg://...`); `None` settings come from the folder.
 
         `dtype`: `None` loads float32 (safe for training), `"auto"` keeps the checkpoint's dtype, or one of
         `float32|float16|bfloat16`. `include_prompt=False` excludes prompt tokens from pooling in `encode`
         (they are still attended to), as sentence-transformers' `Pooling(include_prompt=False)` does.
+        `num_layers`: keep the first k transformer blocks, or the blocks at a list of indices
+        (`model.layers.select_layers`; `kept_layers` records the original indices, None when all are kept).
         """
         super().__init__()
         if pooling is not None:
@@ -106,6 +110,7 @@ class TextEncoder(nn.Module):
         self.model: PreTrainedModel = load_transformer(source, trust_remote_code, torch_dtype)
         check_finite_state(self.model.state_dict(),   # NaN / inf weights: one line naming the file and tensor
                            weights_location(source.folder) if source.is_local else source.location)
+        self.kept_layers: list[int] | None = None if num_layers is None else select_layers(self.model, num_layers)
         self.tokenizer = load_tokenizer(source, trust_remote_code, self.model.config)
         if pooling is None and settings is None and is_decoder_backbone(self.model.config):
             self.pooling = "last"  # a causal model's appended EOS is the one token that has seen the whole text

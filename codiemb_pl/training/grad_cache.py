@@ -3,7 +3,8 @@
 For a loss L(E) of the embedding matrices E = f_θ(X) of all texts X of a micro-batch:
 
     1. E_c = f_θ(X_c) for each chunk c of at most `chunk_size` texts, without an autograd graph;
-    2. L and G = ∂L/∂E on the full matrices (IR candidates gathered across ranks exactly as without the cache);
+    2. L and G = ∂L/∂E on the full matrices (IR candidates gathered across ranks exactly as without the cache),
+       and ∂L/∂θ directly for parameters the score itself uses (the embedding-distillation projection);
     3. ∂L/∂θ = Σ_c (∂E_c/∂θ)ᵀ G_c: each chunk is embedded again, now with a graph, and back-propagated
        with its slice G_c of G, one chunk's graph alive at a time.
 
@@ -131,20 +132,22 @@ def grad_cached_objective(objective: Any, embed_fn: Callable[..., Any], batch: M
     with torch.enable_grad():
         loss, logs = objective.score(embeddings, batch)
     leaves = [tensor for group in embeddings.values() for tensor in _as_tuple(group)]
-    leaf_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    parameters = list(parameters)
+    # parameters the score uses itself (e.g. the embedding-distillation projection) get their gradient here
+    all_grads = torch.autograd.grad(loss, leaves + parameters, allow_unused=True)
+    leaf_grads, score_grads = all_grads[:len(leaves)], all_grads[len(leaves):]
     cached: dict[str, list[Optional[Tensor]]] = {}
     position = 0
     for group, value in embeddings.items():
         count = len(_as_tuple(value))
         cached[group] = list(leaf_grads[position:position + count])
         position += count
-    del embeddings, leaves, leaf_grads
-    parameters = list(parameters)
+    del embeddings, leaves, leaf_grads, all_grads
 
     def replay(grad_output: Tensor) -> list[Optional[Tensor]]:
         """Σ_c (∂E_c/∂θ)ᵀ (grad_output · G_c), one chunk's graph at a time; RNG left as it was found."""
         found = RandomState.capture()
-        totals: list[Optional[Tensor]] = [None] * len(parameters)
+        totals: list[Optional[Tensor]] = [None if g is None else g * grad_output.to(g.dtype) for g in score_grads]
         into_grad = backward_into_grad()
         try:
             for chunk in chunks:

@@ -5,22 +5,27 @@ the whole global batch (gathered from all ranks with gradient). STS batches: the
 `2·Pearson + 5·rank-KL + 0.5·PRO + 1·MidNCE` (weights configurable), CoSENT, or InfoNCE over the
 high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both.
 The losses live in `losses/objectives.py` (built once from the hyper-parameters, embed-then-score).
+With `distillation` (SPEC §10) each objective is a `losses.distilled.DistilledObjective`: teacher scores from the
+data or from an online teacher (`model/teacher.py`, run on every step's texts by `teacher_signal.py`), and
+embedding distillation through a learned projection when the widths differ.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from codiemb_pl.data.cache.records import distinct_negative_counts
+from codiemb_pl.data.cache.records import distinct_negative_counts, teacher_score_count
 from codiemb_pl.data.eval_sets import EmbeddingBuffers
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
 from codiemb_pl.evaluation.tables import format_metrics_table, hard_negative_report
+from codiemb_pl.losses.distillation import DistillationConfig
+from codiemb_pl.losses.distilled import DistilledObjective
 from codiemb_pl.losses.objectives import (
     IRObjective,
     Objective,
@@ -38,8 +43,10 @@ from codiemb_pl.model.lora import (
     is_lora_model,
     trainable_state_dict,
 )
+from codiemb_pl.model.teacher import load_teacher
 from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
 from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
+from codiemb_pl.training.teacher_signal import teacher_signal
 
 RNG_STATES_KEY = "codiemb_rng_states"
 VALIDATION_HISTORY_KEY = "codiemb_validation_history"   # [[label, {metric: float}], ...]: the card after a resume
@@ -84,6 +91,10 @@ class CoDiEmbModule(pl.LightningModule):
         lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
             full fine-tuning); checkpoints then hold the adapters only, the export merges them.
         trust_remote_code: run the model repository's own code (e.g. MiniCPM).
+        distillation: learn from a teacher (`losses.distillation.DistillationConfig`: IR score distillation,
+            STS target blending, embedding distillation; teacher scores from the data or an online `teacher`).
+        num_layers: keep only the first k transformer blocks of the backbone, or the blocks at a list of indices
+            (a smaller student started from a larger model's layers; `model.layers`).
     """
 
     def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
@@ -95,7 +106,8 @@ class CoDiEmbModule(pl.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.03, length_buckets: int = 1,
                  lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
                  gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None,
-                 grad_cache_chunk_size: int = 0):
+                 grad_cache_chunk_size: int = 0, distillation: Optional[DistillationConfig] = None,
+                 num_layers: Optional[Union[int, list[int]]] = None):
         super().__init__()
         self.save_hyperparameters()
         if grad_cache_chunk_size < 0:
@@ -110,17 +122,48 @@ class CoDiEmbModule(pl.LightningModule):
                                        else sts_infonce_temperature)}
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
                                    max_seq_length=max_seq_length, include_prompt=False,
-                                   trust_remote_code=trust_remote_code)
+                                   trust_remote_code=trust_remote_code, num_layers=num_layers)
         self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
         if gradient_checkpointing:  # non-reentrant: gradients reach the adapters although the embeddings are frozen
             self.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapters only (see on_save_checkpoint)
         if lora is not None:
             self.encoder.model = add_lora_adapters(self.encoder.model, lora)
+        self.distillation = DistillationConfig(**distillation) if isinstance(distillation, dict) else distillation
+        self.teacher = None   # a plain object, not a submodule: no optimizer, checkpoint or DDP wrapping sees it
+        self.embedding_projection: Optional[torch.nn.Linear] = None
+        if self.distillation is not None:
+            self.set_up_distillation(self.distillation)
         self.val_buffers: Optional[EmbeddingBuffers] = None
         self.last_validation: dict[str, float] = {}
         self.validation_history: list[tuple[str, dict[str, float]]] = []
         self.validation_label: Optional[str] = None  # overrides the history label of the next validation
+
+    def set_up_distillation(self, config: DistillationConfig) -> None:
+        """The teacher (loaded now, on the CPU until the first step), the projection W (student width -> teacher
+        width, learned, when embedding distillation compares embeddings of different widths) and the
+        distilled objectives."""
+        if config.teacher is not None:
+            self.teacher = load_teacher(config.teacher)
+            if config.embedding_weight > 0 and self.teacher.kind != "bi_encoder":
+                raise InputError("model.distillation.embedding_weight", "embedding distillation needs a bi-encoder "
+                                 f"teacher, {config.teacher.model} is a cross-encoder",
+                                 "set embedding_weight: 0, or a bi-encoder as model.distillation.teacher")
+            if config.embedding_weight > 0 and self.teacher.embedding_dim != self.encoder.embedding_dim:
+                self.embedding_projection = torch.nn.Linear(self.encoder.embedding_dim, self.teacher.embedding_dim,
+                                                            bias=False)
+            if not (config.embedding_weight or (config.online_scores and (config.ir_weight or config.sts_weight))):
+                rank_zero_warn("[codiemb] model.distillation.teacher is set but no weight uses it (ir_weight / "
+                               "sts_weight with scores_from auto|teacher, or embedding_weight): it will not run")
+        temperature = config.student_temperature or self.hparams.ir_temperature
+        self.objectives = {task: DistilledObjective(objective, config, temperature, self.embedding_projection)
+                           for task, objective in self.objectives.items()}
+
+    def setup(self, stage: str) -> None:
+        """An online teacher reads the texts of each batch: ask the data module to carry them."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.teacher is not None and hasattr(datamodule, "carry_texts"):
+            datamodule.carry_texts = True
 
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (configs/trainer/fsdp2.yaml): shard the backbone with FSDP2."""
@@ -152,7 +195,9 @@ class CoDiEmbModule(pl.LightningModule):
         return loss
 
     def objective_step(self, objective: Objective, batch: dict[str, Any]) -> torch.Tensor:
-        """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...`."""
+        """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...` (keys an
+        objective gives as `train/...` as they are)."""
+        batch = self.with_teacher_signal(objective.task, batch)
         chunk_size = self.hparams.grad_cache_chunk_size
         if chunk_size:
             left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
@@ -162,8 +207,23 @@ class CoDiEmbModule(pl.LightningModule):
             loss, logs = objective(self.embed, batch)
         size = objective.batch_size(batch)
         for name, value in logs.items():
-            self.log(f"train/{objective.task}/{name}", value, on_step=True, batch_size=size)
+            key = name if name.startswith("train/") else f"train/{objective.task}/{name}"
+            self.log(key, value, on_step=True, batch_size=size)
         return loss
+
+    def with_teacher_signal(self, task: str, batch: dict[str, Any]) -> dict[str, Any]:
+        """`batch` with the online teacher's scores / embeddings of its texts (`teacher_signal`), computed now,
+        for this step only; unchanged without a teacher or when no weight uses it for `task`."""
+        config = self.distillation
+        if self.teacher is None or config is None:
+            return batch
+        scores = config.online_scores and (config.ir_weight if task == "ir" else config.sts_weight) > 0
+        embeddings = config.embedding_weight > 0
+        if not (scores or embeddings):
+            return batch
+        self.teacher.to(self.device)
+        return {**batch, **teacher_signal(self.teacher, batch, scores=scores, embeddings=embeddings,
+                                          device=self.device)}
 
     # -- exact resume: per-rank RNG state (dropout) travels with the checkpoint -------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -223,6 +283,8 @@ class CoDiEmbModule(pl.LightningModule):
                            f"{per_device * world * accumulate}; the IR/STS split of each batch varies")
             return
         dataset = getattr(datamodule, "train_dataset", None)  # the Arrow records: distinct negatives per record
+        if self.distillation is not None and dataset is not None:
+            self.report_distillation(sources, dataset)
         for index, source in enumerate(sources):  # each sub-dataset may set its own batch size
             per_device = datamodule.batch_size_of(source)
             rank_zero_info(f"[codiemb] {source.name} ({source.task}): {per_device} per device x {world} devices x "
@@ -237,6 +299,30 @@ class CoDiEmbModule(pl.LightningModule):
                                                   hp.n_negatives)
                     if report:
                         rank_zero_info(report)
+
+    def report_distillation(self, sources: list, dataset: Any) -> None:
+        """Start-of-fit lines: where the teacher signal comes from, how many records of each source carry teacher
+        scores; one `InputError` when a weight asks for data scores that no source of its task has."""
+        config = self.distillation
+        counts = {source.name: (source.task, teacher_score_count(dataset.records[index]), len(dataset.records[index]))
+                  for index, source in enumerate(sources)}
+        for task, weight, field in (("ir", config.ir_weight, "teacher_scores"), ("sts", config.sts_weight,
+                                                                                 "teacher_score")):
+            if weight > 0 and not config.online_scores and any(t == task for t, _, _ in counts.values()) and \
+                    not any(n for t, n, _ in counts.values() if t == task):
+                raise InputError(f"model.distillation.{task}_weight", f"is {weight} but no {task.upper()} training "
+                                 f"source has {field} and no online teacher is set",
+                                 f"add {field} to the {task.upper()} data (codiemb mine-negatives --teacher writes "
+                                 "them) or set model.distillation.teacher")
+        source = f"online teacher {self.teacher.name}" if config.online_scores else "the data"
+        rank_zero_info(f"[codiemb] distillation: teacher scores from {source}; IR KD weight {config.ir_weight} "
+                       f"(τ_T {config.teacher_temperature}, τ_S {config.student_temperature or self.hparams.ir_temperature})"
+                       f", STS blend β {config.sts_weight}, embedding weight {config.embedding_weight}"
+                       + (f" ({config.embedding_loss}, projection {self.encoder.embedding_dim} -> "
+                          f"{self.teacher.embedding_dim})" if self.embedding_projection is not None else ""))
+        if not config.online_scores:
+            for name, (task, count, total) in counts.items():
+                rank_zero_info(f"[codiemb] {name}: {count} of {total} records carry teacher scores")
 
     # -- optimisation ---------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -331,5 +417,14 @@ class CoDiEmbModule(pl.LightningModule):
         return per_set, {vset.name: vset.task for vset in buffers.sets}
 
     def objectives_for_card(self) -> dict[str, dict[str, Any]]:
-        """The losses section of the model card: what each objective says about itself."""
-        return describe_objectives(self.objectives)
+        """The losses section of the model card: what each objective says about itself, and the distillation
+        (teacher, weights, temperatures)."""
+        described = describe_objectives(self.objectives)
+        config = self.distillation
+        if config is not None and (config.ir_weight or config.sts_weight or config.embedding_weight):
+            config = DistillationConfig(**{**vars(config), "student_temperature": config.student_temperature
+                                           or self.hparams.ir_temperature})
+            projection = None if self.embedding_projection is None else \
+                f"learned {self.encoder.embedding_dim} -> {self.teacher.embedding_dim}"
+            described["distillation"] = config.describe(self.teacher.name if self.teacher else None, projection)
+        return described

@@ -48,7 +48,7 @@ def load_checkpoint_encoder(path: str | Path, base: str | None = None,
                                     "(hyper_parameters.model_name_or_path)", "pass --base PATH")
     encoder = TextEncoder(architecture, pooling=hparams.get("pooling"), normalize=hparams.get("normalize"),
                           max_seq_length=max_seq_length if max_seq_length is not None else hparams.get("max_seq_length"),
-                          include_prompt=False)
+                          include_prompt=False, num_layers=hparams.get("num_layers"))
     check_finite_state(weights, str(path))   # NaN / inf: one line naming the checkpoint and tensor
     load_weights(encoder, weights, where=str(path), fix="pass --base with the model the checkpoint was trained from")
     return encoder

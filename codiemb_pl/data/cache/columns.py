@@ -69,21 +69,59 @@ def _text_lists(array: Optional[pa.Array], rows: int, required: bool) -> list[li
     return lists
 
 
-def ir_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[list[str]], list[list[str]]]]:
-    """(queries, positives, negatives) of each block of an IR JSON-lines source, all valid, or `NotColumnar`."""
+def _is_number_type(data_type: pa.DataType) -> bool:
+    return pa.types.is_integer(data_type) or pa.types.is_floating(data_type)
+
+
+def _finite(values: list) -> bool:
+    return all(abs(value) < float("inf") for value in values)  # NaN and infinities fail this
+
+
+def _teacher_score_lists(array: Optional[pa.Array], positives: list[list[str]], negatives: list[list[str]]
+                         ) -> list[Optional[list[float]]]:
+    """`teacher_scores` per row: null (none), or one finite number per positive and negative."""
+    if array is None or pa.types.is_null(array.type):
+        return [None] * len(positives)
+    if not (pa.types.is_list(array.type) and _is_number_type(array.type.value_type)):
+        raise NotColumnar("teacher_scores not lists of numbers")
+    rows = array.to_pylist()
+    for scores, pos, neg in zip(rows, positives, negatives):
+        if scores is not None and (len(scores) != len(pos) + len(neg) or None in scores or not _finite(scores)):
+            raise NotColumnar("teacher_scores do not fit")
+    return [None if scores is None else [float(score) for score in scores] for scores in rows]
+
+
+def ir_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[list[str]], list[list[str]],
+                                                    list[Optional[list[float]]]]]:
+    """(queries, positives, negatives, teacher scores) of each block of an IR JSON-lines source, all valid, or
+    `NotColumnar`."""
     for fields, batch in _json_batches(cfg, IR_FIELD_ALIASES, ("query", "positives")):
         column = (lambda field: batch.column(fields[field]) if fields[field] else None)
-        yield (_texts(column("query")), _text_lists(column("positives"), batch.num_rows, True),
-               _text_lists(column("negatives"), batch.num_rows, False))
+        positives = _text_lists(column("positives"), batch.num_rows, True)
+        negatives = _text_lists(column("negatives"), batch.num_rows, False)
+        yield (_texts(column("query")), positives, negatives,
+               _teacher_score_lists(column("teacher_scores"), positives, negatives))
 
 
-def sts_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[str], list[float]]]:
-    """(text1, text2, raw scores) of each block of an STS JSON-lines source, all valid, or `NotColumnar`."""
+def sts_columns(cfg: SourceConfig) -> Iterator[tuple[list[str], list[str], list[Optional[float]],
+                                                     list[Optional[float]]]]:
+    """(text1, text2, raw scores, teacher scores) of each block of an STS JSON-lines source, all valid, or
+    `NotColumnar`. A null score is valid only beside a teacher score (in [0, 1])."""
     for fields, batch in _json_batches(cfg, STS_FIELD_ALIASES, ("text1", "text2", "score")):
         scores = batch.column(fields["score"])
-        if not (pa.types.is_integer(scores.type) or pa.types.is_floating(scores.type)) or scores.null_count:
+        if not _is_number_type(scores.type):
             raise NotColumnar("non-numeric score")
-        values = [float(score) for score in scores.to_pylist()]
-        if not all(abs(score) < float("inf") for score in values):  # NaN and infinities fail this
+        teacher = [None] * batch.num_rows
+        if fields["teacher_score"] is not None and not pa.types.is_null(batch.column(fields["teacher_score"]).type):
+            column = batch.column(fields["teacher_score"])
+            if not _is_number_type(column.type):
+                raise NotColumnar("non-numeric teacher score")
+            teacher = [None if value is None else float(value) for value in column.to_pylist()]
+            if not all(value is None or 0.0 <= value <= 1.0 for value in teacher):  # NaN fails this too
+                raise NotColumnar("teacher score outside [0, 1]")
+        values = [None if score is None else float(score) for score in scores.to_pylist()]
+        if any(score is None and mentor is None for score, mentor in zip(values, teacher)):
+            raise NotColumnar("no score")
+        if not _finite([score for score in values if score is not None]):
             raise NotColumnar("non-finite score")
-        yield _texts(batch.column(fields["text1"])), _texts(batch.column(fields["text2"])), values
+        yield _texts(batch.column(fields["text1"])), _texts(batch.column(fields["text2"])), values, teacher

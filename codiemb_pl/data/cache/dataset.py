@@ -1,7 +1,8 @@
 """The training dataset over the cached Arrow tables: sub-datasets concatenated in config order, indexed by
 the sampler's `(global_index, epoch)` keys, each item read from the memory-mapped records and token tables.
 
-No texts are held as Python objects: an item is one row's token ids, read when the collate asks for it.
+No texts are held as Python objects: an item is one row's token ids, read when the collate asks for it (and,
+with `with_texts`, that row's texts, for an online teacher).
 The dataset pickles as file paths (`MappedTable`), so DataLoader workers map the same files.
 `tokenized_items` gives a few chosen records as the same items without a token cache (Self Positioning's probe).
 """
@@ -36,11 +37,12 @@ class ArrowTrainingDataset(Dataset):
     """Concatenated sub-datasets read from the Arrow cache; `tokenize` must run before items are read."""
 
     def __init__(self, sources: list[SourceConfig], prefixes: list[str], seed: int, cache_dir: Path, *,
-                 rebuild: bool = False, verify: bool = False):
+                 rebuild: bool = False, verify: bool = False, with_texts: bool = False):
         self.names = [source.name for source in sources]
         self.tasks = [source.task for source in sources]
         self.prefixes, self.seed = list(prefixes), seed
         self.cache_dir, self.rebuild, self.verify = Path(cache_dir), rebuild, verify
+        self.with_texts = with_texts   # items carry their texts (an online teacher reads them)
         self.records: list[RecordTable] = [open_records(source, self.cache_dir, rebuild=rebuild, verify=verify)
                                            for source in sources]
         self.tokens: Optional[list[MappedTable]] = None
@@ -77,22 +79,31 @@ class ArrowTrainingDataset(Dataset):
         source, local = self.locate(global_index)
         row = self.records[source].row(local)
         return read_item(self.records[source], self.tokens[source].column, row, row, dataset=self.names[source],
-                         prefix_tokens=self.prefix_tokens[source], seed=item_seed(self.seed, epoch, global_index))
+                         prefix_tokens=self.prefix_tokens[source], seed=item_seed(self.seed, epoch, global_index),
+                         with_texts=self.with_texts)
 
 
 def read_item(records: RecordTable, tokens: Callable[[str], pa.ChunkedArray | pa.Array], record_row: int,
-              token_row: int, *, dataset: str, prefix_tokens: int, seed: int) -> TokenizedItem:
-    """The item of table row `record_row` of `records`, its ids at row `token_row` of the token columns `tokens`."""
+              token_row: int, *, dataset: str, prefix_tokens: int, seed: int, with_texts: bool = False) -> TokenizedItem:
+    """The item of table row `record_row` of `records`, its ids at row `token_row` of the token columns `tokens`
+    (with its texts when `with_texts`)."""
     texts = records.mapped.column
     common = dict(dataset=dataset, task=records.meta["task"], prefix_tokens=prefix_tokens, seed=seed)
     if records.meta["task"] == "ir":
+        if with_texts:
+            common["texts"] = (texts("query")[record_row].as_py(), *texts("positives")[record_row].as_py(),
+                               *texts("negatives")[record_row].as_py())
         return TokenizedItem(**common, query=tokens("query")[token_row].as_py(),
                              positives=tokens("positives")[token_row].as_py(),
                              negatives=tokens("negatives")[token_row].as_py(),
                              positive_text_ids=texts("positive_text_ids")[record_row].as_py(),
-                             negative_text_ids=texts("negative_text_ids")[record_row].as_py())
+                             negative_text_ids=texts("negative_text_ids")[record_row].as_py(),
+                             teacher_scores=texts("teacher_scores")[record_row].as_py())
+    if with_texts:
+        common["texts"] = (texts("text1")[record_row].as_py(), texts("text2")[record_row].as_py())
     return TokenizedItem(**common, text1=tokens("text1")[token_row].as_py(), text2=tokens("text2")[token_row].as_py(),
-                         score=records.normalised_score(texts("score")[record_row].as_py()))
+                         score=records.normalised_score(texts("score")[record_row].as_py()),
+                         teacher_score=texts("teacher_score")[record_row].as_py())
 
 
 def tokenized_items(records: RecordTable, indices: Sequence[int], seeds: Sequence[int], tokenizer,

@@ -40,9 +40,10 @@ from codiemb_pl.storage.output_paths import check_writable_folder
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bump when the layout of a cache entry or the meaning of its columns changes: old entries are then ignored.
-2: `meta.json` records each file's size, rows, mtime and CRC-32, and its own SHA-256."""
+2: `meta.json` records each file's size, rows, mtime and CRC-32, and its own SHA-256.
+3: records tables carry teacher scores (IR `teacher_scores`, STS `teacher_score`; STS `score` may be null)."""
 META_FILE = "meta.json"
 BUILD_LOG = "builds.log"
 """One line per entry built (time, entry, process, rank, seconds), appended in the cache folder."""

@@ -6,9 +6,11 @@ score range and the cache schema version. It holds every row of the source in fi
 and `seed` select rows when the table is opened (`sources.subsample_positions`).
 
 IR table: `query` (string), `positives`, `negatives` (list<string>), `positive_text_ids`,
-`negative_text_ids` (list<int64>: `text_id` of each text, for the cross-device duplicate mask).
-STS table: `text1`, `text2` (string), `score` (float64, as in the file); `meta.json` holds the score
-range `[lo, hi]`, and a record's normalised score is `(score - lo) / (hi - lo)`.
+`negative_text_ids` (list<int64>: `text_id` of each text, for the cross-device duplicate mask),
+`teacher_scores` (list<float64>, null when the record has none: one per positive, then per negative).
+STS table: `text1`, `text2` (string), `score` (float64, as in the file; null for a pair with a teacher score
+only), `teacher_score` (float64 in [0, 1], or null); `meta.json` holds the score range `[lo, hi]`, and a
+record's normalised score is `(score - lo) / (hi - lo)`.
 
 JSON-lines sources are parsed in column batches (`readers.read_json_columns`) and checked column by column
 (`columns.py`); whenever a file or batch is anything but plainly valid the column path gives up (`NotColumnar`)
@@ -57,8 +59,9 @@ RECORDS_FILE = "records.arrow"
 BATCH_ROWS = 4096
 IR_SCHEMA = pa.schema([("query", pa.string()), ("positives", pa.list_(pa.string())),
                        ("negatives", pa.list_(pa.string())), ("positive_text_ids", pa.list_(pa.int64())),
-                       ("negative_text_ids", pa.list_(pa.int64()))])
-STS_SCHEMA = pa.schema([("text1", pa.string()), ("text2", pa.string()), ("score", pa.float64())])
+                       ("negative_text_ids", pa.list_(pa.int64())), ("teacher_scores", pa.list_(pa.float64()))])
+STS_SCHEMA = pa.schema([("text1", pa.string()), ("text2", pa.string()), ("score", pa.float64()),
+                        ("teacher_score", pa.float64())])
 
 
 def source_fingerprint(cfg: SourceConfig) -> str:
@@ -88,18 +91,21 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _ir_record_batch(queries: list[str], positives: list[list[str]], negatives: list[list[str]]) -> pa.RecordBatch:
+def _ir_record_batch(queries: list[str], positives: list[list[str]], negatives: list[list[str]],
+                     teacher_scores: Optional[list[Optional[list[float]]]] = None) -> pa.RecordBatch:
     return pa.record_batch([
         pa.array(queries, pa.string()), pa.array(positives, pa.list_(pa.string())),
         pa.array(negatives, pa.list_(pa.string())),
         pa.array([[text_id(t) for t in texts] for texts in positives], pa.list_(pa.int64())),
         pa.array([[text_id(t) for t in texts] for texts in negatives], pa.list_(pa.int64())),
+        pa.array(teacher_scores or [None] * len(queries), pa.list_(pa.float64())),
     ], schema=IR_SCHEMA)
 
 
-def _sts_record_batch(text1: list[str], text2: list[str], scores: list[float]) -> pa.RecordBatch:
-    return pa.record_batch([pa.array(text1, pa.string()), pa.array(text2, pa.string()), pa.array(scores, pa.float64())],
-                           schema=STS_SCHEMA)
+def _sts_record_batch(text1: list[str], text2: list[str], scores: list[Optional[float]],
+                      teacher_scores: Optional[list[Optional[float]]] = None) -> pa.RecordBatch:
+    return pa.record_batch([pa.array(text1, pa.string()), pa.array(text2, pa.string()), pa.array(scores, pa.float64()),
+                            pa.array(teacher_scores or [None] * len(text1), pa.float64())], schema=STS_SCHEMA)
 
 
 def _row_batches(cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
@@ -107,10 +113,12 @@ def _row_batches(cfg: SourceConfig) -> Iterator[pa.RecordBatch]:
     if cfg.task == "ir":
         for chunk in _chunks(iter_ir_records(cfg), BATCH_ROWS):
             yield _ir_record_batch([r.query for r in chunk], [list(r.positives) for r in chunk],
-                                   [list(r.negatives) for r in chunk])
+                                   [list(r.negatives) for r in chunk],
+                                   [None if r.teacher_scores is None else list(r.teacher_scores) for r in chunk])
     else:
         for chunk in _chunks(iter_raw_sts_pairs(cfg), BATCH_ROWS):
-            yield _sts_record_batch([p[1] for p in chunk], [p[2] for p in chunk], [p[3] for p in chunk])
+            yield _sts_record_batch([p[1] for p in chunk], [p[2] for p in chunk], [p[3] for p in chunk],
+                                    [p[4] for p in chunk])
 
 
 def _write_rows(cfg: SourceConfig, path: Path) -> int:
@@ -130,12 +138,14 @@ def build_records(cfg: SourceConfig, folder: Path) -> dict:
     rows = _write_rows(cfg, path)
     if cfg.task == "ir":
         return {"rows": rows, "task": "ir"}
-    scores = open_arrow(path).column("score").to_numpy()
-    low, high = score_range_of(cfg, float(scores.min()), float(scores.max()))
+    scores = open_arrow(path).column("score").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN
+    gold = scores[~np.isnan(scores)]
+    low, high = score_range_of(cfg, float(gold.min()), float(gold.max())) if len(gold) else \
+        score_range_of(cfg, 0.0, 1.0)
     outside = np.flatnonzero((scores < low) | (scores > high))
     if len(outside):  # name the first such row as the in-memory loader does: stream to it for its location
         first = int(outside[0])
-        for index, (where, _, _, score) in enumerate(iter_raw_sts_pairs(cfg)):
+        for index, (where, _, _, score, _) in enumerate(iter_raw_sts_pairs(cfg)):
             if index == first:
                 check_score_in_range(score, low, high, where)
     return {"rows": rows, "task": "sts", "score_range": [low, high]}
@@ -163,7 +173,9 @@ class RecordTable:
         """The table row of the run's `index`-th record."""
         return int(self.positions[index]) if self.positions is not None else index
 
-    def normalised_score(self, raw: float) -> float:
+    def normalised_score(self, raw: Optional[float]) -> Optional[float]:
+        if raw is None:
+            return None
         low, high = self.meta["score_range"]
         return (raw - low) / (high - low)
 
@@ -174,27 +186,34 @@ class RecordTable:
 
     def json_rows(self, indices: Iterable[int]) -> Iterator[dict]:
         """The run's `indices`-th records as JSON objects the readers read back to the same records, in order:
-        IR `{"query", "positives", "negatives"}`, STS `{"text1", "text2", "score"}` (the normalised score).
+        IR `{"query", "positives", "negatives"}`, STS `{"text1", "text2", "score"}` (the normalised score), with
+        `teacher_scores` / `teacher_score` where the record has them (a pair without a gold score has no `score`).
         Read `BATCH_ROWS` rows at a time, so a subset of any size streams."""
         rows = self.table_rows(indices)
         for start in range(0, len(rows), BATCH_ROWS):
             part = self.table.take(pa.array(rows[start:start + BATCH_ROWS]))
             if self.meta["task"] == "ir":
-                for query, positives, negatives in zip(*(part.column(name).to_pylist()
-                                                         for name in ("query", "positives", "negatives"))):
-                    yield {"query": query, "positives": positives, "negatives": negatives}
+                for query, positives, negatives, teacher in zip(*(part.column(name).to_pylist() for name in (
+                        "query", "positives", "negatives", "teacher_scores"))):
+                    row = {"query": query, "positives": positives, "negatives": negatives}
+                    yield row if teacher is None else {**row, "teacher_scores": teacher}
             else:
-                for text1, text2, score in zip(*(part.column(name).to_pylist() for name in ("text1", "text2", "score"))):
-                    yield {"text1": text1, "text2": text2, "score": self.normalised_score(score)}
+                for text1, text2, score, teacher in zip(*(part.column(name).to_pylist() for name in (
+                        "text1", "text2", "score", "teacher_score"))):
+                    row = {"text1": text1, "text2": text2}
+                    if score is not None:
+                        row["score"] = self.normalised_score(score)
+                    yield row if teacher is None else {**row, "teacher_score": teacher}
 
     def record(self, index: int) -> IRRecord | STSRecord:
         """The run's `index`-th record as a record object (for inspection and tests)."""
         row, column = self.row(index), self.mapped.column
         if self.meta["task"] == "ir":
+            teacher = column("teacher_scores")[row].as_py()
             return IRRecord(column("query")[row].as_py(), tuple(column("positives")[row].as_py()),
-                            tuple(column("negatives")[row].as_py()))
+                            tuple(column("negatives")[row].as_py()), None if teacher is None else tuple(teacher))
         return STSRecord(column("text1")[row].as_py(), column("text2")[row].as_py(),
-                         self.normalised_score(column("score")[row].as_py()))
+                         self.normalised_score(column("score")[row].as_py()), column("teacher_score")[row].as_py())
 
 
 def open_records(cfg: SourceConfig, cache_dir: Path, *, rebuild: bool = False, verify: bool = False) -> RecordTable:
@@ -253,3 +272,11 @@ def distinct_negative_counts(records: RecordTable) -> np.ndarray:
     distinct_rows = np.unique(np.stack([rows, flat]), axis=1)[0] if len(flat) else np.zeros(0, dtype=np.int64)
     counts = np.bincount(distinct_rows, minlength=len(lengths))
     return counts if records.positions is None else counts[records.positions]
+
+
+def teacher_score_count(records: RecordTable) -> int:
+    """How many of the run's records carry teacher scores (IR `teacher_scores`, STS `teacher_score`)."""
+    column = records.table["teacher_scores" if records.meta["task"] == "ir" else "teacher_score"]
+    if records.positions is not None:
+        column = column.take(pa.array(records.positions))
+    return len(column) - column.null_count
