@@ -325,6 +325,27 @@ def test_the_online_teacher_runs_on_every_steps_texts(student_dir, teacher_dir, 
     assert [group[0] for group in seen[0::3]] == ["what is tea", "another question"]   # no cache across steps
 
 
+def test_a_lora_decoder_student_learns_from_the_teacher_and_checkpoints_its_projection(teacher_dir, tmp_path):
+    """Decoder backbone (left padding, last-token pooling) cut to its first block, LoRA adapters: the KD and
+    embedding terms reach the adapters and the projection, and the adapters-only checkpoint keeps the projection."""
+    from decoder_models import build_tiny_decoder
+
+    from codiemb_pl.model.lora import LoraSettings
+
+    decoder = build_tiny_decoder(tmp_path / "qwen2", "qwen2", layers=2)
+    module = CoDiEmbModule(str(decoder), num_layers=1, lora=LoraSettings(r=2, alpha=4.0, dropout=0.0),
+                           distillation=DistillationConfig(ir_weight=1.0, embedding_weight=0.5,
+                                                           teacher=TeacherSettings(str(teacher_dir)))).train()
+    assert module.encoder.num_layers == 1 and module.encoder.tokenizer.padding_side == "left"
+    _, grads = module_grads(module, ir_batch(module))
+    assert "embedding_projection.weight" in grads and any(".lora_B." in name for name in grads)
+    assert all(".lora_" in name or name == "embedding_projection.weight" for name in grads)   # the base is frozen
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert "embedding_projection.weight" in checkpoint["state_dict"]
+    module.on_load_checkpoint(checkpoint)   # the adapters-only check accepts it
+
+
 # -- model.num_layers ---------------------------------------------------------------------------------------------
 def test_num_layers_keeps_the_chosen_blocks(tmp_path):
     from conftest import build_tiny_bert
@@ -372,16 +393,25 @@ def test_fit_logs_each_part_and_the_card_states_the_teacher(student_dir, teacher
                  "--model.model_name_or_path", str(student_dir), "--model.num_layers", "1",
                  "--model.distillation", json.dumps(distillation), "--data.train", json.dumps(train),
                  "--data.val", "[]", "--data.cache_dir", str(tmp_path / "cache"), "--trainer.max_steps", "4",
-                 "--trainer.default_root_dir", str(root), "--trainer.enable_checkpointing", "false",
-                 "--trainer.callbacks", "[]", "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder",
+                 "--trainer.default_root_dir", str(root), "--trainer.callbacks", "[]",
+                 "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.save_last",
+                 "true", "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder",
                  "--trainer.logger", '{"class_path": "codiemb_pl.training.loggers.CSVLogger"}']) == 0
     with open(next(root.rglob("metrics.csv"))) as handle:
         logged = {key for row in csv.DictReader(handle) for key, value in row.items() if value}
     assert {"train/ir/kd", "train/sts/kd", "train/emb/kd", "train/ir/loss", "train/sts/loss"} <= logged
     card = (root / "model" / "README.md").read_text()
-    assert "**distillation**" in card and str(teacher_dir) in card and "ir_weight = 0.5000" in card
+    assert "**distillation**: teacher scores = teacher_scores / teacher_score of the training data" in card
+    assert f"embedding teacher = {teacher_dir}" in card and "ir_weight = 0.5000, sts_weight = 0.5000" in card
     assert "teacher_temperature = 0.0200" in card and "learned 32 -> 48" in card
-    assert TextEncoder(str(root / "model")).num_layers == 1   # the cut student is what is exported
+    assert "| base model layers kept | `[0]` |" in card
+    exported = TextEncoder(str(root / "model"))
+    assert exported.num_layers == 1   # the cut student is what is exported, and what its checkpoint rebuilds
+    from codiemb_pl.workflows.encoders import load_encoder
+
+    from_checkpoint = load_encoder(root / "checkpoints" / "last.ckpt")
+    assert from_checkpoint.num_layers == 1
+    torch.testing.assert_close(from_checkpoint.encode(["a text", "two"]), exported.encode(["a text", "two"]))
 
 
 def test_ir_weight_without_teacher_scores_is_one_clear_error(student_dir, tmp_path):

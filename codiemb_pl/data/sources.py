@@ -373,7 +373,8 @@ def _score(value: Any, where: str, what: str = "score") -> float:
     if number is None:
         raise InputError(where, f"{what} {value!r} is not a number", f"write the {what} as a number")
     if not math.isfinite(number):
-        raise InputError(where, f"{what} is {number}", f"give every {what} a finite value")
+        raise InputError(where, f"{what} is {number}", "give every pair a finite score" if what == "score"
+                         else f"give every {what} a finite value")
     return number
 
 

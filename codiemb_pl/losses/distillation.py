@@ -162,15 +162,15 @@ class DistillationConfig:
         """Whether teacher scores come from the online teacher (else from the data)."""
         return self.teacher is not None and self.scores_from != "data"
 
-    def describe(self, teacher_name: Optional[str] = None, projection: Optional[str] = None) -> dict:
-        """The model card's distillation line: teacher, weights, temperatures."""
-        source = (f"{teacher_name or self.teacher.model} (online)" if self.online_scores
+    def describe(self, projection: Optional[str] = None, teacher_kind: Optional[str] = None) -> dict:
+        """The model card's distillation line: teacher (and its resolved kind), weights, temperatures."""
+        source = (f"{self.teacher.model} ({teacher_kind or self.teacher.kind}, online)" if self.online_scores
                   else "teacher_scores / teacher_score of the training data")
         settings = {"teacher scores": source, "ir_weight": self.ir_weight, "sts_weight": self.sts_weight,
                     "teacher_temperature": self.teacher_temperature,
                     "student_temperature": self.student_temperature}
         if self.embedding_weight:
             settings.update({"embedding_weight": self.embedding_weight, "embedding_loss": self.embedding_loss,
-                             "embedding teacher": teacher_name or self.teacher.model,
+                             "embedding teacher": self.teacher.model,
                              "projection": projection or "identity"})
         return settings

@@ -22,7 +22,7 @@ def encoder_card_fields(encoder: Any) -> dict[str, Any]:
     """The card fields a `TextEncoder` knows about itself (pooling, length, prompts, ...)."""
     return {"embedding_dim": encoder.embedding_dim, "max_seq_length": encoder.max_seq_length,
             "pooling": encoder.pooling, "normalize": encoder.normalize, "prompts": dict(encoder.prompts),
-            "default_prompt_name": encoder.default_prompt_name}
+            "default_prompt_name": encoder.default_prompt_name, "kept_layers": getattr(encoder, "kept_layers", None)}
 
 
 def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: str = "",
@@ -32,7 +32,8 @@ def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: st
                      embedding_dim: Optional[int] = None, max_seq_length: Optional[int] = None,
                      pooling: Optional[str] = None, normalize: Optional[bool] = None,
                      prompts: Optional[Mapping[str, str]] = None, default_prompt_name: Optional[str] = None,
-                     similarity_fn_name: str = "cosine", model_path: str = "path/to/this/folder") -> str:
+                     similarity_fn_name: str = "cosine", model_path: str = "path/to/this/folder",
+                     kept_layers: Optional[Sequence[int]] = None) -> str:
     """Markdown model card with a YAML header (library, base model, tags).
 
     Args:
@@ -42,11 +43,12 @@ def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: st
         fusion: `{"method": ..., "checkpoints": [...], "weights": [...] or {...}, "params": {...}}` when fused.
         validation_metrics: flat `val/...` metrics of the exported weights; `metrics_source` says which run
             or checkpoint they come from.
+        kept_layers: the base model's transformer blocks the model keeps (`model.num_layers`), None = all.
     """
     sections = [_front_matter(base_model), f"# {title}", "",
                 summary or _default_summary(base_model, fusion), "",
                 _model_section(base_model, embedding_dim, max_seq_length, pooling, normalize, similarity_fn_name,
-                               prompts, default_prompt_name)]
+                               prompts, default_prompt_name, kept_layers)]
     if training_data or sampler_policy:
         sections.append(_data_section(training_data, sampler_policy))
     if losses:
@@ -96,8 +98,10 @@ def _cell(value: Any) -> str:
 
 
 def _model_section(base_model: str, embedding_dim, max_seq_length, pooling, normalize, similarity_fn_name,
-                   prompts, default_prompt_name) -> str:
-    rows = [("base model", f"`{base_model}`"), ("embedding dimension", embedding_dim),
+                   prompts, default_prompt_name, kept_layers=None) -> str:
+    rows = [("base model", f"`{base_model}`"),
+            ("base model layers kept", None if kept_layers is None else list(kept_layers)),
+            ("embedding dimension", embedding_dim),
             ("maximum sequence length", max_seq_length), ("pooling", pooling),
             ("L2-normalised", normalize), ("similarity function", similarity_fn_name)]
     rows = [row for row in rows if row[1] is not None]

@@ -314,7 +314,7 @@ class CoDiEmbModule(pl.LightningModule):
                                  f"source has {field} and no online teacher is set",
                                  f"add {field} to the {task.upper()} data (codiemb mine-negatives --teacher writes "
                                  "them) or set model.distillation.teacher")
-        source = f"online teacher {self.teacher.name}" if config.online_scores else "the data"
+        source = f"online teacher {config.teacher.model} ({self.teacher.kind})" if config.online_scores else "the data"
         rank_zero_info(f"[codiemb] distillation: teacher scores from {source}; IR KD weight {config.ir_weight} "
                        f"(τ_T {config.teacher_temperature}, τ_S {config.student_temperature or self.hparams.ir_temperature})"
                        f", STS blend β {config.sts_weight}, embedding weight {config.embedding_weight}"
@@ -426,5 +426,5 @@ class CoDiEmbModule(pl.LightningModule):
                                            or self.hparams.ir_temperature})
             projection = None if self.embedding_projection is None else \
                 f"learned {self.encoder.embedding_dim} -> {self.teacher.embedding_dim}"
-            described["distillation"] = config.describe(self.teacher.name if self.teacher else None, projection)
+            described["distillation"] = config.describe(projection, self.teacher.kind if self.teacher else None)
         return described
