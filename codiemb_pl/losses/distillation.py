@@ -109,16 +109,23 @@ def text_weights(queries: int, group_sizes: dict[str, int], negative_mask: Optio
 
 @dataclass
 class DistillationConfig:
-    """`model.distillation`: learning from a teacher (module docstring; README "Distillation").
+    """Learning from a teacher: IR score distillation, STS target blending, embedding distillation (SPEC §10).
 
-    `ir_weight` λ_KD: L_IR = L_InfoNCE + λ_KD·L_KD. `sts_weight` β: the STS target (1−β)·gold + β·teacher.
-    `embedding_weight` λ_E and `embedding_loss` (mse | cosine): + λ_E·L_E in every step (needs an online
-    bi-encoder `teacher`). `teacher_temperature` τ_T suits the teacher's scores (cosines: about 0.02–0.05;
-    cross-encoder logits: about 1); `student_temperature` τ_S (None: `model.ir_temperature`).
-    `teacher`: a model run on every step's texts (online, never cached across steps); None: the
-    `teacher_scores` / `teacher_score` fields of the training data. `scores_from`: `auto` (the teacher when one
-    is set, else the data), `teacher`, or `data` (e.g. a cross-encoder's mined scores for KD and a bi-encoder
-    teacher for embedding distillation only).
+    Attributes:
+        ir_weight: λ_KD: the IR loss is InfoNCE + λ_KD · KL(p_teacher ‖ p_student) over each query's own
+            candidates (0: off).
+        sts_weight: β: the STS terms score against (1 − β)·gold + β·teacher (pairs without a gold score use the
+            teacher's).
+        embedding_weight: λ_E: + λ_E · L_E, the distance of the student's (projected) embeddings to the online
+            bi-encoder teacher's, in every step (0: off).
+        embedding_loss: mse (squared L2 distance) or cosine (1 − cosine similarity).
+        teacher_temperature: τ_T of the teacher's score softmax (bi-encoder cosines: about 0.02-0.05;
+            cross-encoder logits: about 1).
+        student_temperature: τ_S of the student's score softmax (None: model.ir_temperature).
+        teacher: a teacher model run without gradients on every step's texts (online); None: the teacher_scores
+            / teacher_score fields of the training data.
+        scores_from: auto (the online teacher when one is set, else the data), teacher, or data (the data's
+            scores for KD, the teacher for the embedding term only).
     """
 
     ir_weight: float = 0.0

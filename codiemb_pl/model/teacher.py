@@ -36,13 +36,20 @@ ROLES = ("query", "document")
 
 @dataclass
 class TeacherSettings:
-    """`model.distillation.teacher` (and mining's `--teacher`): which model teaches, and how it runs.
+    """A teacher model and how it runs (`model.distillation.teacher`; teacher-aware mining).
 
-    `model`: a bi-encoder folder / hub id / `pkg://` model, or a cross-encoder folder. `kind`: `auto` reads the
-    folder (`...ForSequenceClassification` = cross-encoder, anything else a bi-encoder). `batch_size`: texts (or
-    pairs) per forward pass. `dtype`: None = float32, or `auto|float32|float16|bfloat16`. `max_seq_length`: None =
-    the model's own. `query_prompt` / `document_prompt`: text put before queries (and both STS sentences) /
-    documents; None = the bi-encoder folder's own `query` / `document` prompt (none for a cross-encoder).
+    Attributes:
+        model: a bi-encoder (sentence-transformers or Hugging Face folder, hub id, pkg:// model) or a
+            cross-encoder folder (a ...ForSequenceClassification model with one output).
+        kind: auto (read from the folder: ...ForSequenceClassification is a cross-encoder), bi_encoder or
+            cross_encoder.
+        batch_size: texts (bi-encoder) or pairs (cross-encoder) per forward pass.
+        dtype: None (float32), auto (the checkpoint's), float32, float16 or bfloat16.
+        max_seq_length: maximum tokens per text (pair); None: the model's own limit.
+        query_prompt: text put before queries and both STS sentences; None: the bi-encoder folder's `query`
+            prompt (none for a cross-encoder).
+        document_prompt: text put before documents; None: the bi-encoder folder's `document` prompt.
+        trust_remote_code: run the model repository's own code.
     """
 
     model: str

@@ -3,7 +3,8 @@ callbacks, with type, default and docstring, read from the parser LightningCLI i
 
 `fit_keys(parser)` walks the actions of `codiemb fit`'s jsonargparse parser (`cli.lightning.build_fit_parser`: the
 signatures of `CoDiEmbModule.__init__` and `CoDiEmbDataModule.__init__` with their docstrings, as LightningCLI reads
-them); the settings classes those keys take (`SourceConfig`, `STSLossConfig`, `LoraSettings`) and the callbacks are
+them); the settings classes those keys take (`SourceConfig`, `STSLossConfig`, `LoraSettings`, `DistillationConfig`,
+`TeacherSettings`) and the callbacks are
 read from their signatures and docstrings the same way (`docstring_parser`, jsonargparse's own). `markdown()` is the
 page; `tests/test_docs_reference.py` checks its keys against `codiemb fit --print_config`.
 """
@@ -118,10 +119,13 @@ def class_keys(cls: type, prefix: str) -> list[Key]:
 def nested_classes() -> list[tuple[str, type]]:
     """The settings classes `model.*` / `data.*` keys take, with the key prefix they appear under."""
     from codiemb_pl.data.sources import SourceConfig
+    from codiemb_pl.losses.distillation import DistillationConfig
     from codiemb_pl.losses.sts import STSLossConfig
     from codiemb_pl.model.lora import LoraSettings
+    from codiemb_pl.model.teacher import TeacherSettings
 
-    return [("data.train[].", SourceConfig), ("model.sts_loss.", STSLossConfig), ("model.lora.", LoraSettings)]
+    return [("data.train[].", SourceConfig), ("model.sts_loss.", STSLossConfig), ("model.lora.", LoraSettings),
+            ("model.distillation.", DistillationConfig), ("model.distillation.teacher.", TeacherSettings)]
 
 
 def callback_classes() -> list[type]:
