@@ -248,6 +248,17 @@ def test_cross_encoder_teacher_scores_are_its_logits(cross_encoder_dir):
     assert ((sts > 0) & (sts < 1)).all()   # logits through a sigmoid
 
 
+def test_a_python_api_checkpoint_with_distillation_settings_loads_weights_only(tmp_path):
+    """The Python API stores the settings objects in the hyper-parameters: the safe loader allows them."""
+    from codiemb_pl.fusion.sources import load_lightning_checkpoint
+
+    settings = DistillationConfig(ir_weight=0.5, teacher=TeacherSettings("some/teacher", batch_size=8))
+    torch.save({"hyper_parameters": {"distillation": settings, "num_layers": [0, 2]}, "state_dict": {}},
+               tmp_path / "api.ckpt")
+    loaded = load_lightning_checkpoint(tmp_path / "api.ckpt")["hyper_parameters"]
+    assert loaded["distillation"] == settings and loaded["num_layers"] == [0, 2]
+
+
 def test_embedding_distillation_refuses_a_cross_encoder(student_dir, cross_encoder_dir):
     with pytest.raises(InputError, match="cross-encoder"):
         CoDiEmbModule(str(student_dir), distillation=DistillationConfig(
