@@ -371,6 +371,11 @@ def test_num_layers_keeps_the_chosen_blocks(tmp_path):
     for new, old in ((0, 1), (1, 3)):
         assert torch.equal(cut.model.encoder.layer[new].output.dense.weight, full.model.encoder.layer[old].output.dense.weight)
     assert TextEncoder(str(bert), num_layers=2).kept_layers == [0, 1]
+    from codiemb_pl.model.layers import select_layer_state   # the same cut on a base's weights (a LoRA .ckpt's base)
+
+    cut_state = select_layer_state(full.model.state_dict(), [1, 3])
+    assert cut_state.keys() == cut.model.state_dict().keys()
+    assert all(torch.equal(value, cut.model.state_dict()[key]) for key, value in cut_state.items())
     decoder = build_tiny_decoder(tmp_path / "qwen2", "qwen2", layers=3)
     student = TextEncoder(str(decoder), num_layers=[0, 2])
     assert [block.self_attn.layer_idx for block in student.model.layers] == [0, 1]
