@@ -46,8 +46,8 @@ from codiemb_pl.losses.distillation import DistillationConfig
 from codiemb_pl.losses.sts import STSLossConfig
 from codiemb_pl.model.layers import select_layer_state
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
-from codiemb_pl.model.teacher import TeacherSettings
 from codiemb_pl.model.st_folder import read_json_file, transformer_folder
+from codiemb_pl.model.teacher import TeacherSettings
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
 from codiemb_pl.storage.weight_checks import SAFETENSORS_DTYPES, check_finite, check_safetensors_file
