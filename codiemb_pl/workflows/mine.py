@@ -8,14 +8,19 @@ and, with a `margin`, its score is below `margin × (lowest positive score)`: a 
 as high as a positive is more likely an unjudged positive than a negative. The first `num_negatives`
 candidates in rank order (the hardest) become the query's negatives.
 
-The output is the IR JSON-lines format the trainer reads: `{"query", "positives", "negatives"}`.
+With a teacher (`workflows/teacher_mining.py`) every candidate in the range (not only the first
+`num_negatives`) goes to the teacher, which rescores, filters and records its scores; the first `num_negatives`
+candidates it keeps become the negatives.
+
+The output is the IR JSON-lines format the trainer reads: `{"query", "positives", "negatives"}`, plus
+`teacher_scores` (positives', then negatives' raw teacher scores) with a teacher.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,6 +33,7 @@ from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.retrieval import rank_corpus
 from codiemb_pl.storage.atomic import atomic_write_text
+from codiemb_pl.workflows.teacher_mining import TeacherFilterReport, TeacherFilterSettings, teacher_filtered_records
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,11 @@ class MiningSettings:
 
 @dataclass
 class MiningResult:
-    """Mined records (IR JSON-lines dicts, input order) and how many queries got how many negatives."""
+    """Mined records (IR JSON-lines dicts, input order) and how many queries got how many negatives; with a
+    teacher, what its filters removed."""
 
     records: list[dict] = field(default_factory=list)
+    teacher_report: Optional[TeacherFilterReport] = None
 
     @property
     def histogram(self) -> Counter:
@@ -88,8 +96,10 @@ def select_negatives(ranked_indices: Sequence[int], ranked_scores: Sequence[floa
 
 def mine_hard_negatives(encoder, queries: Sequence[MiningQuery], corpus: dict[str, str], settings: MiningSettings,
                         batch_size: int = 64, query_prompt: Optional[str] = None,
-                        show_progress: bool = False) -> MiningResult:
-    """Mine negatives for `queries` from `corpus` (doc id -> text) with a `TextEncoder`."""
+                        show_progress: bool = False, teacher=None,
+                        teacher_filter: TeacherFilterSettings = TeacherFilterSettings()) -> MiningResult:
+    """Mine negatives for `queries` from `corpus` (doc id -> text) with a `TextEncoder`; with a `teacher`
+    (`model.teacher.load_teacher`), rescore and filter every candidate in the range by `teacher_filter`."""
     if not corpus:
         raise InputError("corpus", "the corpus is empty", "give documents to mine negatives from")
     doc_ids = list(corpus)
@@ -115,15 +125,23 @@ def mine_hard_negatives(encoder, queries: Sequence[MiningQuery], corpus: dict[st
     scores, ranked = rank_corpus(query_emb, corpus_emb, top_k=settings.rank_range[1])
     query_unit = torch.nn.functional.normalize(query_emb, dim=-1)
     result = MiningResult()
+    pool_settings = settings if teacher is None else replace(settings, num_negatives=settings.rank_range[1])
+    pools = []
     for row, mining_query in enumerate(queries):
         excluded = {index for text in mining_query.positives for index in indices_of_text.get(text, ())}
         excluded.update(index_of_id[doc_id] for doc_id in mining_query.relevant_doc_ids if doc_id in index_of_id)
         positive_emb = torch.nn.functional.normalize(
             torch.stack([positive_embedding(text) for text in mining_query.positives]), dim=-1)
         lowest_positive = float((positive_emb @ query_unit[row]).min())
-        chosen = select_negatives(ranked[row].tolist(), scores[row].tolist(), excluded, lowest_positive, settings)
-        result.records.append({"query": mining_query.query, "positives": list(mining_query.positives),
-                               "negatives": [doc_texts[index] for index in chosen]})
+        chosen = select_negatives(ranked[row].tolist(), scores[row].tolist(), excluded, lowest_positive,
+                                  pool_settings)
+        pools.append((mining_query.query, mining_query.positives, [doc_texts[index] for index in chosen]))
+    if teacher is None:
+        result.records = [{"query": query, "positives": list(positives), "negatives": candidates}
+                          for query, positives, candidates in pools]
+        return result
+    records, result.teacher_report = teacher_filtered_records(teacher, pools, teacher_filter, settings.num_negatives)
+    result.records = [record for record in records if record is not None]
     return result
 
 
