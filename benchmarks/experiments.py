@@ -5,6 +5,7 @@
     python benchmarks/experiments.py --only base codiemb      # some rows (their dependencies are built too)
     python benchmarks/experiments.py --extra-sts sick=data/sick_test.jsonl --extra-ir nfcorpus=data/nfcorpus
     python benchmarks/experiments.py --quick [--model DIR]    # verification only: a few steps, subsampled data
+    python benchmarks/experiments.py --testbed                # the distillation test bed (benchmarks/testbed.py)
 
 Rows (`experiment_runs.suite_runs`), each trained / merged at every seed of `Budgets.seeds` (base once):
 base; IR only; STS only (CoDiEmb loss, CoSENT); naive joint (`mixed`); batch shuffling with one InfoNCE
@@ -994,11 +995,23 @@ def build_parser() -> argparse.ArgumentParser:
                                          "results/suite/; quick: under runs/)")
     parser.add_argument("--estimate-only", action="store_true", help="print the plan and its time estimate, stop")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the cached results")
+    parser.add_argument("--testbed", action="store_true",
+                        help="the distillation test bed instead of the suite (benchmarks/testbed.py; report "
+                             "results/testbed.md)")
+    parser.add_argument("--testbed-rows", nargs="+", metavar="NAME", help="test bed rows to do (default: all)")
     return parser
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    if args.testbed:
+        from testbed import testbed_paths
+
+        results, report = testbed_paths()
+        args.workdir = args.workdir or str(WORKDIR)
+        args.results, args.report = args.results or str(results), args.report or str(report)
+        return args
     defaults = ((QUICK_DIR / "work", QUICK_DIR / "suite" / "runs.json", QUICK_DIR / "suite.md") if args.quick else
                 (WORKDIR, RESULTS_DIR / "suite" / "runs.json", RESULTS_DIR / "suite.md"))
     args.workdir = args.workdir or str(defaults[0])
@@ -1013,6 +1026,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     budgets = scaled(QUICK if args.quick else FULL, args.epochs, args.sp_steps, args.sts_train_samples, args.seeds,
                      args.max_steps)
+    if args.testbed:
+        from testbed import run_testbed
+
+        return run_testbed(args, budgets)
     suite = Suite(args, budgets)
     for needed in ("ir/scifact", "sts/stsb", "train/snli_triplets.jsonl"):
         if not (suite.data / needed).exists():

@@ -1,0 +1,390 @@
+"""The distillation test bed (issue 23), shared by the next issues (Matryoshka, task conflicts add rows):
+
+    python benchmarks/experiments.py --testbed                       # every row, 3 seeds (≤ 1 hour, idle CPU)
+    python benchmarks/experiments.py --testbed --seeds 42 --max-steps 12 --testbed-rows student teacher
+
+A small student — the first `STUDENT_LAYERS` blocks of all-MiniLM-L6-v2, far enough below the full model to
+move by points — trained on the suite's data (SciFact train with mined hard negatives + SNLI triplets for IR,
+STS-B train for STS, the suite's seeded caps) for `TestbedBudget.max_steps` optimizer steps, then scored on the
+suite's test sets (STS-B test, SciFact test over its 1 000-document corpus), at every seed; mean ± sd and the
+suite's tie rule. The teacher is fixed before any student runs: the base all-MiniLM-L6-v2 (6 layers), not a
+fine-tune of it on the suite's data — the suite's own rows show one epoch of fine-tuning moves MiniLM by tenths
+(results/suite.md), so a fine-tuned teacher would cost a training run per invocation and change nothing
+the student can learn, and the base model is a fixed, published reference anyone can rerun.
+
+SciFact's hard negatives are mined by the base model and rescored by the teacher (`codiemb mine-negatives
+--teacher`, the same margin): every row trains on this one file (its `teacher_scores` are used by the rows that
+distil from the data and ignored by the others).
+
+Rows (`TESTBED_ROWS`; a later issue appends a `TestbedRow`): `fit` rows run `codiemb fit` with
+`model.num_layers` and the row's `model.distillation`; `peer` is sentence-transformers' own training of the same
+student on the same batches (`DistillKLDivLoss` on the teacher-scored SciFact records, MNRL on SNLI, CoSENT on
+STS-B); `teacher` scores the teacher without training. Runs are cached by config in the suite's workdir and
+`--results` (default results/testbed/runs.json); the page is results/testbed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from experiment_runs import DEFAULT_MODEL, TRAIN_SOURCES, Budgets, config_key, mining_config, unit_config
+from experiments import (RESULTS_DIR, Clock, Results, Suite, codiemb, compare, fmt, load_average, log, mean_sd, now,
+                         row_scores)
+
+from codiemb_pl.storage.atomic import atomic_write_text
+
+TESTBED_VERSION = 1
+TEACHER = DEFAULT_MODEL
+STUDENT_LAYERS = 3
+TEACHER_SETTINGS = {"model": TEACHER, "batch_size": 64, "max_seq_length": 128}
+TEMPERATURES = {"teacher_temperature": 0.05, "student_temperature": 0.05}
+
+
+@dataclass(frozen=True)
+class TestbedBudget:
+    """What every student run of the test bed shares (the suite's data caps, batch sizes and lengths)."""
+
+    max_steps: int = 36            # one pass over the suite's capped data: 6 SciFact + 18 SNLI + 12 STS-B batches
+    lr: float = 1e-4               # the distillation recipe's (configs/recipes/distill_minilm.yaml)
+    seeds: tuple[int, ...] = (42, 43, 44)
+
+
+@dataclass(frozen=True)
+class TestbedRow:
+    """One row: `fit` (codiemb fit of the student with `distillation`), `peer` or `teacher`."""
+
+    name: str
+    description: str
+    kind: str = "fit"
+    distillation: Optional[dict[str, Any]] = None
+    overrides: dict[str, Any] = field(default_factory=dict)   # extra model.* keys of a fit row
+
+
+TESTBED_ROWS: list[TestbedRow] = [
+    TestbedRow("student", "the student, CoDiEmb losses, no teacher"),
+    TestbedRow("score_kd_mined", "+ IR score distillation (λ_KD 1) from the mined `teacher_scores`",
+               {"ir_weight": 1.0, "scores_from": "data", **TEMPERATURES}),
+    TestbedRow("online_teacher", "+ IR score distillation (λ_KD 1) and STS targets blended with the teacher (β 0.5), "
+               "the teacher run on every step", {"ir_weight": 1.0, "sts_weight": 0.5, "teacher": TEACHER_SETTINGS,
+                                                 **TEMPERATURES}),
+    TestbedRow("embedding_kd", "+ embedding distillation (λ_E 1, MSE) to the online teacher's embeddings",
+               {"embedding_weight": 1.0, "scores_from": "data", "teacher": TEACHER_SETTINGS, **TEMPERATURES}),
+    TestbedRow("peer_st_distillkldiv", "the peer: sentence-transformers' DistillKLDivLoss (+ MNRL, CoSENT) on the "
+               "same student, batches and steps", kind="peer"),
+    TestbedRow("teacher", "the teacher: all-MiniLM-L6-v2 (6 layers), no training", kind="teacher"),
+]
+
+
+class Testbed(Suite):
+    """The suite's data and scoring with the test bed's student, teacher-mined negatives and rows."""
+
+    def __init__(self, args, budgets: Budgets, testbed: TestbedBudget):
+        super().__init__(args, budgets)
+        self.testbed = testbed
+        self.rows = {row.name: row for row in TESTBED_ROWS}
+
+    # -- data: SciFact mined by the base model, rescored by the teacher --------------------------------------
+    def mining_key(self) -> str:
+        return config_key({**mining_config(self.model, self.budgets), "teacher": TEACHER_SETTINGS})
+
+    def mined_path(self) -> Path:
+        return self.workdir / "mined" / f"scifact_train_teacher_{self.mining_key()}.jsonl"
+
+    def mined_negatives(self) -> Path:
+        path = self.mined_path()
+        if path.is_file():
+            return path
+        mining = self.budgets.mining
+        args = ["mine-negatives", str(self.data / "ir/scifact"), "--split", "train", "--model", self.model,
+                "--output", str(path), "--range", *map(str, mining.rank_range),
+                "--num-negatives", str(mining.num_negatives), "--no-progress", "--teacher", TEACHER,
+                "--teacher-batch-size", str(TEACHER_SETTINGS["batch_size"]),
+                "--teacher-max-seq-length", str(TEACHER_SETTINGS["max_seq_length"])]
+        args += ["--no-margin"] if mining.margin is None else ["--margin", str(mining.margin)]
+        if mining.max_seq_length:
+            args += ["--max-seq-length", str(mining.max_seq_length)]
+        log(f"mining hard negatives with the teacher: codiemb {' '.join(args)}")
+        clock, printed = Clock(), io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = codiemb(args)
+        print(printed.getvalue(), end="")
+        if code != 0:
+            raise SystemExit("codiemb mine-negatives failed (see above)")
+        summary = next((line for line in printed.getvalue().splitlines() if line.startswith("teacher ")), "")
+        atomic_write_text(path.with_suffix(".summary.json"), json.dumps(
+            {"command": "codiemb " + " ".join(args), "teacher_filters": summary, "seconds": clock.seconds()}) + "\n")
+        return path
+
+    def mining_summary(self) -> dict[str, Any]:
+        summary = self.mined_path().with_suffix(".summary.json")
+        return json.loads(summary.read_text("utf-8")) if summary.is_file() else {}
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+    def unit_of(self, row: TestbedRow, seed: int) -> dict[str, Any]:
+        train = {"tasks": ["ir", "sts"], "policy": "proportional", "sts_objective": "codiemb",
+                 "testbed": {"version": TESTBED_VERSION, **asdict(self.testbed), "seeds": None,
+                             "layers": STUDENT_LAYERS, "teacher_mining": self.mining_key(), "row": row.kind,
+                             "distillation": row.distillation, "overrides": row.overrides}}
+        return unit_config(self.model, self.budgets, train, seed)
+
+    def row_key(self, row: TestbedRow, seed: Optional[int]) -> str:
+        if row.kind == "teacher":
+            return config_key({"testbed": TESTBED_VERSION, "teacher": TEACHER})
+        return config_key(self.unit_of(row, seed))
+
+    def fit_config(self, unit: dict[str, Any], folder: Path) -> dict[str, Any]:
+        config = super().fit_config(unit, folder)
+        testbed = unit["testbed"]
+        config["trainer"]["max_epochs"] = -1
+        config["trainer"]["max_steps"] = testbed["max_steps"]
+        config["model"].update(num_layers=testbed["layers"], lr=testbed["lr"], **testbed["overrides"])
+        if testbed["distillation"]:
+            config["model"]["distillation"] = testbed["distillation"]
+        return config
+
+    def build_row(self, row: TestbedRow, seed: Optional[int]) -> tuple[Path, dict[str, Any]]:
+        if row.kind == "teacher":
+            return Path(self.model_folder), {}
+        unit = self.unit_of(row, seed)
+        if row.kind == "fit":
+            folder = self.train_unit(unit)
+        else:
+            folder = self.train_peer(unit)
+        cost = folder / "cost.json"
+        return folder / "model", {"unit": config_key(unit), "steps": self.testbed.max_steps,
+                                  "fit": json.loads(cost.read_text("utf-8")) if cost.is_file() else None}
+
+    def train_peer(self, unit: dict[str, Any]) -> Path:
+        """sentence-transformers' training of the student on the same sources, batch sizes and step count."""
+        folder = self.workdir / "train" / config_key(unit)
+        if (folder / "model" / "modules.json").is_file():
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        clock = Clock()
+        sources = {source.name: self.train_source_config(source.name) for source in TRAIN_SOURCES}
+        train_peer_student(self.model_folder, sources, self.budgets.train, self.testbed, unit["seed"],
+                           folder / "model")
+        wall, cpu = clock.seconds()
+        atomic_write_text(folder / "cost.json", json.dumps({"wall_seconds": wall, "cpu_seconds": cpu,
+                                                            "load_average": load_average()}) + "\n")
+        return folder
+
+    def run_row(self, row: TestbedRow, seed: Optional[int]) -> None:
+        key = self.row_key(row, seed)
+        missing = self.results.missing_sets(key, self.set_keys)
+        label = row.name if seed is None else f"{row.name} seed {seed}"
+        if not missing:
+            log(f"{label}: cached ({key})")
+            return
+        log(f"{label}: building ({key}); load {load_average()}")
+        clock = Clock()
+        model, info = self.build_row(row, seed)
+        built, built_cpu = clock.seconds()
+        scores = self.evaluate(model, missing, key)
+        entry = self.results.entries.setdefault(key, {"sets": {}})
+        entry.update(name=row.name, seed=seed, description=row.description, info=info, finished_at=now(),
+                     load_average=load_average(), build_seconds=built, build_cpu_seconds=built_cpu,
+                     config=None if row.kind == "teacher" else self.unit_of(row, seed))
+        for name, (metrics, seconds, cpu) in scores.items():
+            entry["sets"][name] = {"key": self.set_keys[name], "metrics": metrics, "seconds": seconds,
+                                   "cpu_seconds": cpu}
+        self.results.save()
+        log(f"{label}: " + ", ".join(f"{n} {m}" for n, (m, _, _) in scores.items()))
+
+    def row_per_seed(self, row: TestbedRow) -> dict[int, dict[str, Optional[float]]]:
+        tasks = {c["name"]: c["task"] for c in self.set_configs}
+        out = {}
+        for seed in ([None] if row.kind == "teacher" else self.testbed.seeds):
+            key = self.row_key(row, seed)
+            if not self.results.missing_sets(key, self.set_keys):
+                out[seed] = row_scores(self.results.entries[key], tasks)
+        return out
+
+
+# -- the peer: sentence-transformers' own losses on the same student and batches --------------------------------
+def peer_batches(sources: dict[str, Any], budget, steps: int, seed: int) -> list[tuple[str, list[dict]]]:
+    """`steps` batches (source name, records): every source's records shuffled and cut into batches of its task's
+    size, all batches shuffled together (the proportional policy's mix), cycled when the steps need more."""
+    from codiemb_pl.data.cache.records import opened_records
+
+    rng = random.Random(seed)
+    batches = []
+    for name, config in sources.items():
+        with opened_records(config) as records:
+            rows = list(records.json_rows(range(len(records))))
+        rng.shuffle(rows)
+        size = budget.ir_batch_size if config.task == "ir" else budget.sts_batch_size
+        batches += [(name, rows[start:start + size]) for start in range(0, len(rows) - size + 1, size)]
+    rng.shuffle(batches)
+    return [batches[step % len(batches)] for step in range(steps)]
+
+
+def train_peer_student(teacher_folder: str, sources: dict[str, Any], budget, testbed: TestbedBudget, seed: int,
+                       output: Path) -> None:
+    """Cut the teacher to `STUDENT_LAYERS` blocks as a SentenceTransformer and train it with ST's losses: SciFact
+    (teacher-scored) DistillKLDivLoss over (query, positive, negatives) + MNRL, SNLI MNRL, STS-B CoSENT."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import (CoSENTLoss, DistillKLDivLoss,
+                                                                   MultipleNegativesRankingLoss)
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
+    model = SentenceTransformer(teacher_folder, device="cpu")
+    backbone = model[0].auto_model
+    backbone.encoder.layer = backbone.encoder.layer[:STUDENT_LAYERS]
+    backbone.config.num_hidden_layers = STUDENT_LAYERS
+    model.max_seq_length = budget.max_passage_length
+    kd = DistillKLDivLoss(model, teacher_temperature=TEMPERATURES["teacher_temperature"],
+                          student_temperature=TEMPERATURES["student_temperature"])
+    mnrl, cosent = MultipleNegativesRankingLoss(model, scale=1 / budget.ir_temperature), CoSENTLoss(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=testbed.lr, weight_decay=0.0)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(budget.warmup_ratio * testbed.max_steps),
+                                                testbed.max_steps)
+    negatives = budget.n_negatives
+
+    def features(texts: list[str]) -> dict[str, torch.Tensor]:
+        return model.preprocess(texts)
+
+    model.train()
+    for name, rows in peer_batches(sources, budget, testbed.max_steps, seed):
+        if name == "scifact":
+            columns = [[r["query"] for r in rows], [r["positives"][0] for r in rows]]
+            columns += [[r["negatives"][i % len(r["negatives"])] for r in rows] for i in range(negatives)]
+            scores = torch.tensor([[r["teacher_scores"][0]] + [r["teacher_scores"][len(r["positives"]) + i %
+                                                                                   len(r["negatives"])]
+                                                               for i in range(negatives)] for r in rows])
+            feats = [features(column) for column in columns]
+            loss = kd(feats, scores) + mnrl(feats, None)
+        elif name == "snli":
+            columns = [[r["query"] for r in rows], [r["positives"][0] for r in rows],
+                       [r["negatives"][0] for r in rows]]
+            loss = mnrl([features(column) for column in columns], None)
+        else:
+            loss = cosent([features([r["text1"] for r in rows]), features([r["text2"] for r in rows])],
+                          torch.tensor([float(r["score"]) for r in rows]))
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    model.save(str(output))
+
+
+# -- report ---------------------------------------------------------------------------------------------------
+def write_testbed_report(bed: Testbed, command: str) -> Path:
+    report = Path(bed.args.report)
+    tasks = {c["name"]: c["task"] for c in bed.set_configs}
+    columns = list(tasks) + ["avg"]
+    stats, per_seed = {}, {}
+    lines = ["| row | " + " | ".join(list(tasks) + ["overall"]) + " | seeds | fit s (load) | vs student (tie rule) |",
+             "|---|" + "---:|" * (len(columns) + 2) + "---|"]
+    student = [r["avg"] for r in bed.row_per_seed(bed.rows["student"]).values() if r["avg"] is not None]
+    for row in TESTBED_ROWS:
+        per_seed[row.name] = bed.row_per_seed(row)
+        stats[row.name] = {c: mean_sd([r[c] for r in per_seed[row.name].values() if r[c] is not None]) for c in columns}
+        overall = [r["avg"] for r in per_seed[row.name].values() if r["avg"] is not None]
+        costs = [bed.results.entries[bed.row_key(row, s)].get("info", {}).get("fit") for s in per_seed[row.name]]
+        fit = "; ".join(f"{c['wall_seconds']:.0f} ({c['load_average']})" for c in costs if c) or "—"
+        versus = "—"
+        if row.name != "student" and overall and student:
+            c = compare(overall, student)
+            versus = f"{c['difference']:+.2f}, {c['verdict']}"
+        lines.append(f"| `{row.name}` | " + " | ".join(fmt(*stats[row.name][c]) for c in columns)
+                     + f" | {len(per_seed[row.name])} | {fit} | {versus} |")
+    distilled = [name for name in ("score_kd_mined", "online_teacher", "embedding_kd") if stats[name]["avg"][0] is not None]
+    best = max(distilled, key=lambda name: stats[name]["avg"][0]) if distilled else None
+    teacher = stats["teacher"]["avg"][0]
+    targets = []
+    if best and student:
+        c = compare([r["avg"] for r in per_seed[best].values()], student)
+        targets.append(f"- best distilled row `{best}` ≥ student + 1.0 overall, beyond the sd: {c['difference']:+.2f} "
+                       f"(sd {c['sd']:.2f}) → {'✓' if c['difference'] >= 1.0 and c['verdict'] == 'better' else '✗'}")
+    if best and teacher:
+        share = stats[best]["avg"][0] / teacher
+        targets.append(f"- best distilled ≥ 95 % of the teacher's overall: {100 * share:.1f} % → "
+                       f"{'✓' if share >= 0.95 else '✗'}")
+    timed = {name: [bed.results.entries[bed.row_key(bed.rows[name], s)]["info"]["fit"] for s in per_seed[name]]
+             for name in ("student", "online_teacher")}
+    if all(timed.values()):
+        ratio = (sum(c["wall_seconds"] for c in timed["student"]) / len(timed["student"])) / \
+                (sum(c["wall_seconds"] for c in timed["online_teacher"]) / len(timed["online_teacher"]))
+        targets.append(f"- online teacher ≥ 0.6× the pairs/s of training without it (same steps and batches: the ratio "
+                       f"of fit wall times): {ratio:.2f}× — fit times here were taken on a shared, loaded CPU "
+                       "(load in the table): not a timing result")
+    mining = bed.mining_summary()
+    seeds = list(bed.testbed.seeds)
+    section = [
+        "# Distillation test bed (issue 23)",
+        "",
+        f"Generated {now()} by `{command}`. Student: the first {STUDENT_LAYERS} blocks of all-MiniLM-L6-v2; teacher: "
+        f"all-MiniLM-L6-v2 itself (fixed before any student run; why: `benchmarks/testbed.py`'s docstring). "
+        f"{bed.testbed.max_steps} optimizer steps per student run (lr {bed.testbed.lr}), seeds {seeds}. Metrics ×100, "
+        "mean ± sample sd over seeds: STS-B test Spearman of cosine, SciFact test nDCG@10 over a 1 000-document "
+        "corpus (judged + seeded distractors), overall = their mean. **Tie rule**: a difference of means smaller "
+        "than the larger seed sd is a tie.",
+        "",
+        *lines,
+        "",
+        "## Targets",
+        "",
+        *(targets or ["- not measured yet"]),
+        "",
+        "## Rows",
+        "",
+        *[f"- `{row.name}` ({row.kind}): {row.description}"
+          + (f"; `model.distillation` = `{json.dumps(row.distillation)}`" if row.distillation else "")
+          for row in TESTBED_ROWS],
+        "",
+        "## Setup",
+        "",
+        f"- training data: the suite's (`results/suite.md`): SciFact train (caps {bed.budgets.train.ir_max_samples}), "
+        f"SNLI triplets ({bed.budgets.train.snli_max_samples}), STS-B train ({bed.budgets.train.sts_max_samples}); "
+        f"batches {bed.budgets.train.ir_batch_size}/{bed.budgets.train.sts_batch_size}, "
+        f"{bed.budgets.train.n_negatives} hard negative per query, lengths {bed.budgets.train.max_query_length}/"
+        f"{bed.budgets.train.max_passage_length}/{bed.budgets.train.max_sts_length}.",
+        f"- SciFact negatives: `{mining.get('command', 'not mined yet')}`; the teacher's filters: "
+        f"{mining.get('teacher_filters') or '—'}.",
+        "- hyper-parameters (weights, temperatures 0.05/0.05, lr) are the distillation recipe's "
+        "(`configs/recipes/distill_minilm.yaml`), not chosen on any test set; no selection on STS-B dev / a SciFact "
+        "train hold-out has been run yet.",
+        f"- every run's config, metrics and timings: `{bed.args.results}`.",
+    ]
+    atomic_write_text(report, "\n".join(section) + "\n")
+    return report
+
+
+def run_testbed(args, budgets: Budgets) -> int:
+    """`experiments.py --testbed`: build and score every chosen row at every seed, then write the page."""
+    testbed = TestbedBudget()
+    if args.max_steps is not None and args.max_steps > 0:
+        testbed = replace(testbed, max_steps=args.max_steps)
+    if args.seeds:
+        testbed = replace(testbed, seeds=tuple(args.seeds))
+    bed = Testbed(args, budgets, testbed)
+    names = args.testbed_rows or [row.name for row in TESTBED_ROWS]
+    command = "python benchmarks/experiments.py " + " ".join(args.argv)
+    failed = []
+    if not args.report_only:
+        for row in (bed.rows[name] for name in names):
+            for seed in ([None] if row.kind == "teacher" else testbed.seeds):
+                try:
+                    bed.run_row(row, seed)
+                except (Exception, SystemExit) as error:
+                    failed.append(f"{row.name} seed {seed}: {type(error).__name__}: {str(error)[:300]}")
+                    log(f"FAILED {failed[-1]}")
+                write_testbed_report(bed, command)
+    log(f"report {write_testbed_report(bed, command)}" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def testbed_paths() -> tuple[Path, Path]:
+    """Default (results file, report page) of the test bed."""
+    return RESULTS_DIR / "testbed" / "runs.json", RESULTS_DIR / "testbed.md"
+

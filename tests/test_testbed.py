@@ -1,0 +1,56 @@
+"""The distillation test bed (benchmarks/testbed.py, `experiments.py --testbed`): its rows are what issue 23
+asks, each fit row's distillation settings are valid, and the peer's batches follow the proportional mix."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import experiment_runs  # noqa: E402
+import experiments  # noqa: E402
+import testbed  # noqa: E402
+
+from codiemb_pl.data.sources import SourceConfig  # noqa: E402
+from codiemb_pl.losses.distillation import DistillationConfig  # noqa: E402
+
+
+def test_rows_are_the_issues_and_the_teacher_is_fixed():
+    names = [row.name for row in testbed.TESTBED_ROWS]
+    assert len(set(names)) == len(names)
+    assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher"]
+    assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
+    for row in testbed.TESTBED_ROWS:
+        if row.distillation:
+            config = DistillationConfig(**row.distillation)   # the settings a fit row passes are valid
+            assert config.online_scores == (row.name == "online_teacher")
+    assert testbed.TestbedBudget().seeds == experiment_runs.SEEDS
+
+
+def test_testbed_arguments_default_to_its_own_page(tmp_path):
+    args = experiments.parse_args(["--testbed", "--seeds", "42", "--testbed-rows", "student"])
+    assert args.report.endswith("results/testbed.md") and args.results.endswith("results/testbed/runs.json")
+    assert args.testbed_rows == ["student"]
+
+
+def test_peer_batches_mix_every_source_in_task_sized_batches(tmp_path):
+    def write(name: str, rows: list[dict]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+
+    ir = write("ir.jsonl", [{"query": f"q{i}", "positives": [f"p{i}"]} for i in range(9)])
+    sts = write("sts.jsonl", [{"text1": f"a{i}", "text2": f"b{i}", "score": 1} for i in range(6)])
+    sources = {"ir": SourceConfig(name="ir", task="ir", path=ir),
+               "sts": SourceConfig(name="sts", task="sts", path=sts, score_range=[0, 5])}
+    budget = replace(experiment_runs.TrainBudget(), ir_batch_size=4, sts_batch_size=3)
+    batches = testbed.peer_batches(sources, budget, steps=6, seed=1)
+    # 9 IR records -> 2 full batches of 4, 6 STS pairs -> 2 of 3: 4 distinct batches, cycled to 6 steps
+    assert [len(rows) for _, rows in batches[:4]] == [4 if name == "ir" else 3 for name, _ in batches[:4]]
+    assert sorted(name for name, _ in batches[:4]) == ["ir", "ir", "sts", "sts"] and batches[4:] == batches[:2]
+    assert batches == testbed.peer_batches(sources, budget, steps=6, seed=1)
+    assert batches != testbed.peer_batches(sources, budget, steps=6, seed=2)
