@@ -311,18 +311,23 @@ class Suite:
         """Where SciFact train with mined hard negatives is cached (keyed by the mining config)."""
         return self.workdir / "mined" / f"scifact_train_{config_key(mining_config(self.model, self.budgets))}.jsonl"
 
+    def mining_arguments(self, output: Path) -> list[str]:
+        """The `codiemb mine-negatives` arguments that write SciFact train's hard negatives to `output`."""
+        mining = self.budgets.mining
+        args = ["mine-negatives", str(self.data / "ir/scifact"), "--split", "train", "--model", self.model,
+                "--output", str(output), "--range", *map(str, mining.rank_range),
+                "--num-negatives", str(mining.num_negatives), "--no-progress"]
+        args += ["--no-margin"] if mining.margin is None else ["--margin", str(mining.margin)]
+        if mining.max_seq_length:
+            args += ["--max-seq-length", str(mining.max_seq_length)]
+        return args
+
     def mined_negatives(self) -> Path:
         """SciFact train with hard negatives mined by the base model (positives excluded), cached by config."""
         path = self.mined_path()
         if path.is_file():
             return path
-        mining = self.budgets.mining
-        args = ["mine-negatives", str(self.data / "ir/scifact"), "--split", "train", "--model", self.model,
-                "--output", str(path), "--range", *map(str, mining.rank_range),
-                "--num-negatives", str(mining.num_negatives), "--no-progress"]
-        args += ["--no-margin"] if mining.margin is None else ["--margin", str(mining.margin)]
-        if mining.max_seq_length:
-            args += ["--max-seq-length", str(mining.max_seq_length)]
+        args = self.mining_arguments(path)
         log(f"mining hard negatives: codiemb {' '.join(args)}")
         clock = Clock()
         if codiemb(args) != 0:
@@ -572,27 +577,32 @@ class Suite:
 
     def run(self, spec: RunSpec, seed: Optional[int]) -> None:
         """Build and score one run unless every current set already has a cached score."""
-        key = self.key(spec, seed)
+        self.score_run(spec.name, seed, self.key(spec, seed), spec.description,
+                       lambda: run_config(spec, self.model, self.budgets, self.specs, seed),
+                       lambda key: self.build(spec, seed, key))
+
+    def score_run(self, name: str, seed: Optional[int], key: str, description: str, config: Any, build: Any) -> None:
+        """Build (`build(key)` -> (model folder, info)) and score the run `key` on every set it has no current
+        score for, recording `config()` and the costs in the results (the suite's rows and the test bed's)."""
         missing = self.results.missing_sets(key, self.set_keys)
-        label = spec.name if seed is None else f"{spec.name} seed {seed}"
+        label = name if seed is None else f"{name} seed {seed}"
         if not missing:
             log(f"{label}: cached ({key})")
             return
         log(f"{label}: building ({key}); to score: {', '.join(missing)}; load {load_average()}")
         clock = Clock()
-        model, info = self.build(spec, seed, key)
+        model, info = build(key)
         built, built_cpu = clock.seconds()
         scores = self.evaluate(model, missing, key)
         entry = self.results.entries.setdefault(key, {"sets": {}})
-        entry.update(name=spec.name, seed=seed, description=spec.description,
-                     config=run_config(spec, self.model, self.budgets, self.specs, seed), info=info,
+        entry.update(name=name, seed=seed, description=description, config=config(), info=info,
                      finished_at=now(), load_average=load_average())
         if built > 1.0 or "build_seconds" not in entry:
             entry.update(build_seconds=built, build_cpu_seconds=built_cpu)
-        for name, (metrics, seconds, cpu) in scores.items():
-            set_config = next(c for c in self.set_configs if c["name"] == name)
-            entry["sets"][name] = {"key": self.set_keys[name], "config": set_config, "metrics": metrics,
-                                   "seconds": seconds, "cpu_seconds": cpu}
+        for set_name, (metrics, seconds, cpu) in scores.items():
+            set_config = next(c for c in self.set_configs if c["name"] == set_name)
+            entry["sets"][set_name] = {"key": self.set_keys[set_name], "config": set_config, "metrics": metrics,
+                                       "seconds": seconds, "cpu_seconds": cpu}
         self.results.save()
         line = ", ".join(f"{n} {HEADLINE[self.sets()[n].task]} {m[HEADLINE[self.sets()[n].task]]:.4f} "
                          f"({s:.0f} s)" for n, (m, s, _) in scores.items())

@@ -78,7 +78,8 @@ TESTBED_ROWS: list[TestbedRow] = [
     TestbedRow("embedding_kd", "+ embedding distillation (λ_E 1, MSE) to the online teacher's embeddings",
                {"embedding_weight": 1.0, "scores_from": "data", "teacher": TEACHER_SETTINGS, **TEMPERATURES}),
     TestbedRow("peer_st_distillkldiv", "the peer: sentence-transformers' DistillKLDivLoss (+ MNRL, CoSENT) on the "
-               "same student, batches and steps", kind="peer"),
+               "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
+               kind="peer"),
     TestbedRow("teacher", "the teacher: all-MiniLM-L6-v2 (6 layers), no training", kind="teacher"),
 ]
 
@@ -98,29 +99,24 @@ class Testbed(Suite):
     def mined_path(self) -> Path:
         return self.workdir / "mined" / f"scifact_train_teacher_{self.mining_key()}.jsonl"
 
+    def mining_arguments(self, output: Path) -> list[str]:
+        return super().mining_arguments(output) + [
+            "--teacher", TEACHER, "--teacher-batch-size", str(TEACHER_SETTINGS["batch_size"]),
+            "--teacher-max-seq-length", str(TEACHER_SETTINGS["max_seq_length"])]
+
     def mined_negatives(self) -> Path:
+        """The suite's mining, rescored and filtered by the teacher; what its filters removed is kept beside."""
         path = self.mined_path()
         if path.is_file():
             return path
-        mining = self.budgets.mining
-        args = ["mine-negatives", str(self.data / "ir/scifact"), "--split", "train", "--model", self.model,
-                "--output", str(path), "--range", *map(str, mining.rank_range),
-                "--num-negatives", str(mining.num_negatives), "--no-progress", "--teacher", TEACHER,
-                "--teacher-batch-size", str(TEACHER_SETTINGS["batch_size"]),
-                "--teacher-max-seq-length", str(TEACHER_SETTINGS["max_seq_length"])]
-        args += ["--no-margin"] if mining.margin is None else ["--margin", str(mining.margin)]
-        if mining.max_seq_length:
-            args += ["--max-seq-length", str(mining.max_seq_length)]
-        log(f"mining hard negatives with the teacher: codiemb {' '.join(args)}")
         clock, printed = Clock(), io.StringIO()
         with contextlib.redirect_stdout(printed):
-            code = codiemb(args)
+            super().mined_negatives()
         print(printed.getvalue(), end="")
-        if code != 0:
-            raise SystemExit("codiemb mine-negatives failed (see above)")
         summary = next((line for line in printed.getvalue().splitlines() if line.startswith("teacher ")), "")
         atomic_write_text(path.with_suffix(".summary.json"), json.dumps(
-            {"command": "codiemb " + " ".join(args), "teacher_filters": summary, "seconds": clock.seconds()}) + "\n")
+            {"command": "codiemb " + " ".join(self.mining_arguments(path)), "teacher_filters": summary,
+             "seconds": clock.seconds()}) + "\n")
         return path
 
     def mining_summary(self) -> dict[str, Any]:
@@ -178,26 +174,10 @@ class Testbed(Suite):
         return folder
 
     def run_row(self, row: TestbedRow, seed: Optional[int]) -> None:
-        key = self.row_key(row, seed)
-        missing = self.results.missing_sets(key, self.set_keys)
-        label = row.name if seed is None else f"{row.name} seed {seed}"
-        if not missing:
-            log(f"{label}: cached ({key})")
-            return
-        log(f"{label}: building ({key}); load {load_average()}")
-        clock = Clock()
-        model, info = self.build_row(row, seed)
-        built, built_cpu = clock.seconds()
-        scores = self.evaluate(model, missing, key)
-        entry = self.results.entries.setdefault(key, {"sets": {}})
-        entry.update(name=row.name, seed=seed, description=row.description, info=info, finished_at=now(),
-                     load_average=load_average(), build_seconds=built, build_cpu_seconds=built_cpu,
-                     config=None if row.kind == "teacher" else self.unit_of(row, seed))
-        for name, (metrics, seconds, cpu) in scores.items():
-            entry["sets"][name] = {"key": self.set_keys[name], "metrics": metrics, "seconds": seconds,
-                                   "cpu_seconds": cpu}
-        self.results.save()
-        log(f"{label}: " + ", ".join(f"{n} {m}" for n, (m, _, _) in scores.items()))
+        """Build and score one row at one seed unless cached (`Suite.score_run`)."""
+        self.score_run(row.name, seed, self.row_key(row, seed), row.description,
+                       lambda: None if row.kind == "teacher" else self.unit_of(row, seed),
+                       lambda key: self.build_row(row, seed))
 
     def row_per_seed(self, row: TestbedRow) -> dict[int, dict[str, Optional[float]]]:
         tasks = {c["name"]: c["task"] for c in self.set_configs}
