@@ -57,6 +57,9 @@ class TestbedBudget:
     seeds: tuple[int, ...] = (42, 43, 44)
 
 
+ROW_KINDS = ("fit", "peer", "teacher")
+
+
 @dataclass(frozen=True)
 class TestbedRow:
     """One row: `fit` (codiemb fit of the student with `distillation`), `peer` or `teacher`."""
@@ -67,16 +70,20 @@ class TestbedRow:
     distillation: Optional[dict[str, Any]] = None
     overrides: dict[str, Any] = field(default_factory=dict)   # extra model.* keys of a fit row
 
+    def __post_init__(self) -> None:
+        if self.kind not in ROW_KINDS:
+            raise ValueError(f"test bed row {self.name}: kind must be one of {ROW_KINDS}, got {self.kind!r}")
+
 
 TESTBED_ROWS: list[TestbedRow] = [
     TestbedRow("student", "the student, CoDiEmb losses, no teacher"),
     TestbedRow("score_kd_mined", "+ IR score distillation (λ_KD 1) from the mined `teacher_scores`",
-               {"ir_weight": 1.0, "scores_from": "data", **TEMPERATURES}),
+               distillation={"ir_weight": 1.0, "scores_from": "data", **TEMPERATURES}),
     TestbedRow("online_teacher", "+ IR score distillation (λ_KD 1) and STS targets blended with the teacher (β 0.5), "
-               "the teacher run on every step", {"ir_weight": 1.0, "sts_weight": 0.5, "teacher": TEACHER_SETTINGS,
+               "the teacher run on every step", distillation={"ir_weight": 1.0, "sts_weight": 0.5, "teacher": TEACHER_SETTINGS,
                                                  **TEMPERATURES}),
     TestbedRow("embedding_kd", "+ embedding distillation (λ_E 1, MSE) to the online teacher's embeddings",
-               {"embedding_weight": 1.0, "scores_from": "data", "teacher": TEACHER_SETTINGS, **TEMPERATURES}),
+               distillation={"embedding_weight": 1.0, "scores_from": "data", "teacher": TEACHER_SETTINGS, **TEMPERATURES}),
     TestbedRow("peer_st_distillkldiv", "the peer: sentence-transformers' DistillKLDivLoss (+ MNRL, CoSENT) on the "
                "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
                kind="peer"),

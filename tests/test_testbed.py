@@ -8,6 +8,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -24,11 +26,19 @@ def test_rows_are_the_issues_and_the_teacher_is_fixed():
     assert len(set(names)) == len(names)
     assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher"]
     assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
+    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher"]
+    assert [row.name for row in testbed.TESTBED_ROWS if row.distillation] == [
+        "score_kd_mined", "online_teacher", "embedding_kd"]
     for row in testbed.TESTBED_ROWS:
         if row.distillation:
             config = DistillationConfig(**row.distillation)   # the settings a fit row passes are valid
             assert config.online_scores == (row.name == "online_teacher")
     assert testbed.TestbedBudget().seeds == experiment_runs.SEEDS
+
+
+def test_a_row_of_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        testbed.TestbedRow("x", "a row", {"ir_weight": 1.0})   # distillation passed where the kind goes
 
 
 def test_testbed_arguments_default_to_its_own_page(tmp_path):
