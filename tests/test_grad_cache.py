@@ -2,7 +2,8 @@
 
 With dropout ON the reference is plain autograd through the same chunked encoder calls drawing the same
 masks (seeded identically), so only the cache's replay can make them differ; with dropout OFF the reference
-is the module's own path without the cache (whole groups, no chunks). Float64 tiny BERT, rtol 1e-5. Also:
+is the module's own path without the cache (whole groups, no chunks). Float64 tiny BERT, rtol 1e-5; each case
+also with Matryoshka widths (`model.matryoshka_dims`). Also:
 2 gloo ranks with cross-device negatives against one process on the whole batch, and exact resume.
 """
 
@@ -91,6 +92,10 @@ CASES = {
     "sts_codiemb": ({}, sts_batch),
     "sts_cosent": ({"sts_objective": "cosent"}, sts_batch),
     "sts_infonce": ({"sts_objective": "infonce"}, sts_batch),
+    # Matryoshka: the cached gradient of each embedding is the weighted sum over the prefixes' losses
+    "ir_matryoshka": ({"false_negative_mask": True, "matryoshka_dims": [32, 16, 8],
+                       "matryoshka_weights": [1.0, 0.5, 0.25]}, ir_batch),
+    "sts_codiemb_matryoshka": ({"matryoshka_dims": [8, 32]}, sts_batch),
 }
 
 

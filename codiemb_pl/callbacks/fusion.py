@@ -83,6 +83,7 @@ def unsharded_encoder(pl_module: pl.LightningModule, device) -> TextEncoder:
                           include_prompt=source.include_prompt, num_layers=source.kept_layers,
                           trust_remote_code=bool(dict(getattr(pl_module, "hparams", {})).get("trust_remote_code")))
     encoder.default_prompt_name, encoder.do_lower_case = source.default_prompt_name, source.do_lower_case
+    encoder.matryoshka_dims = list(source.matryoshka_dims)
     encoder.model.load_state_dict({key: value.detach() for key, value in weights.items()}, strict=True)
     return encoder.to(device)
 
@@ -134,7 +135,7 @@ class CheckpointFusion(pl.Callback):
         module later, in `configure_model`, so the gather below is a no-op unless it is sharded already.)"""
         if stage != "fit":
             return
-        self.check_metric(trainer)
+        self.check_metric(trainer, pl_module)
         base = self.base_path(trainer)
         with consolidated_weights(pl_module.encoder.model):
             if trainer.is_global_zero and not base.exists():
@@ -146,12 +147,15 @@ class CheckpointFusion(pl.Callback):
         folder does, also when the run has no ExportEncoder."""
         add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
 
-    def check_metric(self, trainer: pl.Trainer) -> None:
-        """`metric` must be one the run's `data.val` sets give, or the fusion would find no winner after training:
-        one line (InputError) at set-up instead. Without validation sets fusion is skipped anyway (a warning)."""
+    def check_metric(self, trainer: pl.Trainer, pl_module: Optional[pl.LightningModule] = None) -> None:
+        """`metric` must be one the run's `data.val` sets give (at full width, or `@m` at a Matryoshka width below
+        it), or the fusion would find no winner after training: one line (InputError) at set-up instead. Without
+        validation sets fusion is skipped anyway (a warning)."""
         sources = list(getattr(getattr(trainer, "datamodule", None), "val_sources", None) or [])
+        widths = getattr(pl_module, "smaller_trained_widths", None)
         if sources:
-            check_metric(self.metric, {source.name: source.task for source in sources}, "CheckpointFusion.metric")
+            check_metric(self.metric, {source.name: source.task for source in sources}, "CheckpointFusion.metric",
+                         dims=widths() if widths is not None else ())
 
     def _snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, label: str) -> None:
         """Every rank keeps the same bookkeeping and calls this at the same moments (a collective under FSDP2,

@@ -25,7 +25,7 @@ a document whose id equals the query's id is not removed (SPEC §8).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +151,15 @@ def evaluate_rankings(rankings: Mapping[str, Sequence[str]],
     return per_query
 
 
+Ranker = Callable[[Tensor, int], Tensor]   # (query embeddings [q, d], k) -> corpus row indices [q, k], best first
+
+
 def per_query_retrieval_metrics(query_emb: Tensor, corpus_emb: Tensor, query_ids: Sequence[str],
                                 doc_ids: Sequence[str], qrels: Mapping[str, Mapping[str, int]],
-                                top_k: int = 1000, chunk_size: int = 20_000) -> dict[str, dict[str, float]]:
-    """Rank the whole corpus for each judged query and return `{query id: {metric: value}}`."""
+                                top_k: int = 1000, chunk_size: int = 20_000,
+                                rank: Ranker | None = None) -> dict[str, dict[str, float]]:
+    """Rank the whole corpus for each judged query and return `{query id: {metric: value}}`; `rank` replaces the
+    cosine ranking (`rank_corpus`), e.g. binary search with rescoring (`evaluation.compact`)."""
     if len(query_ids) != query_emb.shape[0] or len(doc_ids) != corpus_emb.shape[0]:
         raise ValueError(f"got {len(query_ids)} query ids for {query_emb.shape[0]} query embeddings and "
                          f"{len(doc_ids)} doc ids for {corpus_emb.shape[0]} document embeddings")
@@ -165,8 +170,11 @@ def per_query_retrieval_metrics(query_emb: Tensor, corpus_emb: Tensor, query_ids
     judged_rows = [row for row, query_id in enumerate(query_ids) if qrels.get(query_id)]
     if not judged_rows:
         return {}
-    _, top_indices = rank_corpus(query_emb[judged_rows], corpus_emb, top_k=max(top_k, RECALL_CUTOFF, MAP_CUTOFF),
-                                 chunk_size=chunk_size)
+    depth = max(top_k, RECALL_CUTOFF, MAP_CUTOFF)
+    if rank is None:
+        _, top_indices = rank_corpus(query_emb[judged_rows], corpus_emb, top_k=depth, chunk_size=chunk_size)
+    else:
+        top_indices = rank(query_emb[judged_rows], depth)
     rankings = {query_ids[row]: [doc_ids[index] for index in indices]
                 for row, indices in zip(judged_rows, top_indices.tolist())}
     return evaluate_rankings(rankings, qrels)
@@ -174,10 +182,10 @@ def per_query_retrieval_metrics(query_emb: Tensor, corpus_emb: Tensor, query_ids
 
 def retrieval_metrics(query_emb: Tensor, corpus_emb: Tensor, query_ids: Sequence[str], doc_ids: Sequence[str],
                       qrels: Mapping[str, Mapping[str, int]], top_k: int = 1000,
-                      chunk_size: int = 20_000) -> dict[str, float]:
+                      chunk_size: int = 20_000, rank: Ranker | None = None) -> dict[str, float]:
     """Mean over judged queries of nDCG@10, MRR@10, Recall@100 and MAP@100 (NaN if no query is judged)."""
     per_query = per_query_retrieval_metrics(query_emb, corpus_emb, query_ids, doc_ids, qrels,
-                                            top_k=top_k, chunk_size=chunk_size)
+                                            top_k=top_k, chunk_size=chunk_size, rank=rank)
     if not per_query:
         return {name: math.nan for name in RETRIEVAL_METRIC_NAMES}
     return {name: sum(values[name] for values in per_query.values()) / len(per_query)

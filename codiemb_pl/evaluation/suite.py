@@ -3,17 +3,20 @@
 Used by the LightningModule (embeddings gathered during `validate`), by fusion (each merged candidate)
 and by `codiemb evaluate` (`workflows.evaluation`). Headline metrics follow MTEB: `cosine_spearman` (STS),
 `ndcg_at_10` (IR); `ir_avg` / `sts_avg` average the headline over sets of a task and `avg` averages the two.
+Scores at a smaller width or a compact precision (`evaluation.variants`) carry a suffix (`ndcg_at_10@64`,
+`cosine_spearman@128:int8`) and get their own averages (`avg@64`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.evaluation.retrieval import RETRIEVAL_METRIC_NAMES, retrieval_metrics
 from codiemb_pl.evaluation.sts import STS_METRIC_NAMES, sts_metrics
+from codiemb_pl.model.widths import metric_key
 
 HEADLINE = {"ir": "ndcg_at_10", "sts": "cosine_spearman"}
 SET_METRIC_NAMES = {"ir": RETRIEVAL_METRIC_NAMES, "sts": STS_METRIC_NAMES}
@@ -27,15 +30,31 @@ def score_set(vset: EvalSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str
     return retrieval_metrics(embeddings["query"], embeddings["corpus"], vset.query_ids, vset.doc_ids, vset.qrels)
 
 
+def headline_suffixes(per_set: Mapping[str, Mapping[str, float]], tasks: Mapping[str, str]) -> list[str]:
+    """The variant suffixes (`@64`, `@128:int8`, ...) that every set carries its headline metric with."""
+    seen: dict[str, set[str]] = {}
+    for name, task in tasks.items():
+        headline = HEADLINE.get(task)
+        for key in per_set.get(name, {}) if headline else ():
+            if key.startswith(headline) and key[len(headline):len(headline) + 1] in ("@", ":"):
+                seen.setdefault(key[len(headline):], set()).add(name)
+    scored = {name for name, task in tasks.items() if task in HEADLINE}
+    return [suffix for suffix, names in seen.items() if names == scored]
+
+
 def summary_metrics(per_set: Mapping[str, Mapping[str, float]], tasks: Mapping[str, str]) -> dict[str, float]:
-    """`ir_avg` (mean nDCG@10 of IR sets), `sts_avg` (mean Spearman of STS sets), `avg` (mean of the two)."""
+    """`ir_avg` (mean nDCG@10 of IR sets), `sts_avg` (mean Spearman of STS sets), `avg` (mean of the two); the same
+    with a suffix for each variant every set was scored at (`avg@64`: `headline_suffixes`)."""
     out: dict[str, float] = {}
-    for task in ("ir", "sts"):
-        values = [per_set[name][HEADLINE[task]] for name, t in tasks.items() if t == task]
-        if values:
-            out[f"{task}_avg"] = sum(values) / len(values)
-    if out:
-        out["avg"] = sum(out.values()) / len(out)
+    for suffix in [""] + headline_suffixes(per_set, tasks):
+        part: dict[str, float] = {}
+        for task in ("ir", "sts"):
+            values = [per_set[name][HEADLINE[task] + suffix] for name, t in tasks.items() if t == task]
+            if values:
+                part[f"{task}_avg{suffix}"] = sum(values) / len(values)
+        if part:
+            part[f"avg{suffix}"] = sum(part.values()) / len(part)
+        out.update(part)
     return out
 
 
@@ -47,14 +66,16 @@ def flat_metrics(per_set: Mapping[str, Mapping[str, float]], summary: Mapping[st
     return flat
 
 
-def metric_names(tasks: Mapping[str, str], prefix: str = "val/") -> list[str]:
+def metric_names(tasks: Mapping[str, str], prefix: str = "val/", dims: Sequence[int] = ()) -> list[str]:
     """Every key `flat_metrics` gives for sets named and tasked as `tasks` ({set: "ir" | "sts"}), known before
     anything is scored: the summaries (`{prefix}avg`, `{prefix}ir_avg`, `{prefix}sts_avg` as the tasks
-    allow), then `{prefix}{set}/{metric}` for each set."""
+    allow), then `{prefix}{set}/{metric}` for each set; then the same keys at each smaller trained width of
+    `dims` (`...@64`, as validation logs them for `model.matryoshka_dims`)."""
     present = [task for task in ("ir", "sts") if task in tasks.values()]
     summary = ([f"{prefix}avg"] if present else []) + [f"{prefix}{task}_avg" for task in present]
-    return summary + [f"{prefix}{name}/{metric}" for name, task in tasks.items()
-                      for metric in SET_METRIC_NAMES.get(task, ())]
+    names = summary + [f"{prefix}{name}/{metric}" for name, task in tasks.items()
+                       for metric in SET_METRIC_NAMES.get(task, ())]
+    return names + [metric_key(name, dim) for dim in dims for name in names]
 
 
 def set_embeddings(encoder, vset: EvalSet, batch_size: int = 64,

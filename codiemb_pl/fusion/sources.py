@@ -46,7 +46,7 @@ from codiemb_pl.losses.distillation import DistillationConfig
 from codiemb_pl.losses.sts import STSLossConfig
 from codiemb_pl.model.layers import select_layer_state
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, is_adapter_state, merge_adapters
-from codiemb_pl.model.st_folder import read_json_file, transformer_folder
+from codiemb_pl.model.st_folder import folder_trained_dims, read_json_file, transformer_folder
 from codiemb_pl.model.teacher import TeacherSettings
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.checkpoint_loading import load_checkpoint_file
@@ -237,6 +237,7 @@ class OpenedCheckpoint:
     model_folder: str | None  # a folder holding config.json / tokenizer (the checkpoint's own, or its base's)
     encoder_settings: dict[str, Any] = field(default_factory=dict)  # pooling etc. from a .ckpt's hparams
     lora: bool = False  # a LoRA run's .ckpt (read as its base weights with the adapters merged in)
+    trained_dims: list[int] | None = None  # Matryoshka widths: a folder's record or a .ckpt's matryoshka_dims
 
 
 def _read_config(folder: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -254,7 +255,8 @@ def _open_folder(folder: Path) -> OpenedCheckpoint:
     else:
         raise InputError(str(folder), "folder holds no model.safetensors or pytorch_model.bin",
                          "give a sentence-transformers / Hugging Face model folder, a .safetensors or a .ckpt file")
-    return OpenedCheckpoint(str(folder), source, _read_config(weights_folder), str(weights_folder))
+    return OpenedCheckpoint(str(folder), source, _read_config(weights_folder), str(weights_folder),
+                            trained_dims=folder_trained_dims(folder))
 
 
 def read_lightning_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -302,7 +304,8 @@ def _open_lightning(path: Path) -> OpenedCheckpoint:
     settings = {name: hparams[name] for name in ("pooling", "normalize", "max_seq_length", "num_layers")
                 if hparams.get(name) is not None}
     return OpenedCheckpoint(str(path), MappingSource(weights, str(path)),
-                            _read_config(model_folder), model_folder, settings, lora=hparams.get("lora") is not None)
+                            _read_config(model_folder), model_folder, settings, lora=hparams.get("lora") is not None,
+                            trained_dims=list(hparams.get("matryoshka_dims") or []) or None)
 
 
 def open_checkpoint(location: str | os.PathLike) -> OpenedCheckpoint:

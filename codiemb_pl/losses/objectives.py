@@ -13,6 +13,12 @@ objective asks for middle-layer states (`wants_middle`: MidNCE). `logs` are keye
 (`loss`, `<dataset>/loss`, component or diagnostic names); `describe()` is what the model card shows.
 Objectives hold settings only (no parameters); they are built once (`build_objectives`) and used by the
 Lightning module and by the Self Positioning probe alike.
+
+With `widths` (`losses.matryoshka.MatryoshkaWidths`, `model.matryoshka_dims`) every objective scores
+Σ_j w_j · L(P_{m_j}(E)) on prefixes of the same embeddings: the cross-device gathers run once at full width (IR:
+the candidates; STS: one [b, k] matrix of the k widths' cosine predictions) and the prefixes are taken from what
+was gathered; `logs` gain `loss@<m_j>`, the other logs stay those of the largest width (MidNCE, on the middle
+layer's full-width embeddings, enters once, with the largest width).
 """
 
 from __future__ import annotations
@@ -27,11 +33,22 @@ from torch import Tensor
 from codiemb_pl.errors import InputError
 from codiemb_pl.losses.gather import gather_no_grad, gather_with_grad, rank_and_world
 from codiemb_pl.losses.ir import ir_batch_diagnostics, multi_positive_info_nce
+from codiemb_pl.losses.matryoshka import MatryoshkaWidths, over_widths
 from codiemb_pl.losses.sts import STSLossConfig, cosent_loss, sts_loss
 
 Embedding = Tensor | tuple[Tensor, Tensor]
 EmbedFn = Callable[..., Embedding]
 STS_OBJECTIVES = ("codiemb", "cosent", "infonce")
+
+
+def at(widths: Optional[MatryoshkaWidths], embeddings: Optional[Tensor], dim: Optional[int]) -> Optional[Tensor]:
+    """P_dim(embeddings) under `widths` (re-normalised prefix); the tensor itself without widths or for None."""
+    return embeddings if widths is None or embeddings is None else widths.prefix(embeddings, dim)
+
+
+def widths_of(widths: Optional[MatryoshkaWidths]) -> tuple[Optional[int], ...]:
+    """The widths an objective scores, largest first: (None,) = the full embeddings only."""
+    return widths.dims if widths is not None else (None,)
 
 
 def pad_negatives_to_every_ranks_count(
@@ -90,6 +107,7 @@ class IRObjective(Objective):
     temperature: float = 0.02
     cross_device_negatives: bool = True
     false_negative_mask: bool = False
+    widths: Optional[MatryoshkaWidths] = None
     task = "ir"
 
     def text_groups(self, batch: Mapping[str, Any]) -> dict[str, dict[str, Tensor]]:
@@ -122,20 +140,27 @@ class IRObjective(Objective):
                 negative_ids = gather_no_grad(negative_ids)
             positive_ids = gather_no_grad(positive_ids)
         use_ids = self.false_negative_mask
-        loss = multi_positive_info_nce(
-            queries, positives, negatives, temperature=self.temperature, query_offset=offset,
-            negative_mask=negative_mask, query_positive_ids=query_positive_ids if use_ids else None,
-            positive_ids=positive_ids if use_ids else None, negative_ids=negative_ids if use_ids else None)
+
+        def loss_at(dim: Optional[int]) -> Tensor:
+            return multi_positive_info_nce(
+                at(self.widths, queries, dim), at(self.widths, positives, dim), at(self.widths, negatives, dim),
+                temperature=self.temperature, query_offset=offset, negative_mask=negative_mask,
+                query_positive_ids=query_positive_ids if use_ids else None,
+                positive_ids=positive_ids if use_ids else None, negative_ids=negative_ids if use_ids else None)
+
+        loss, width_logs = over_widths(loss_at, self.widths)
         logs = {"loss": loss.detach()}
         if "dataset" in batch:
             logs[f"{batch['dataset']}/loss"] = loss.detach()
+        logs.update(width_logs)
         logs.update(ir_batch_diagnostics(queries.detach(), positives.detach(),
                                          None if negatives is None else negatives.detach(), negative_mask, offset))
         return loss, logs
 
     def describe(self) -> dict[str, Any]:
         return {"loss": "multi-positive InfoNCE with hard negatives", "temperature": self.temperature,
-                "cross_device_negatives": self.cross_device_negatives, "false_negative_mask": self.false_negative_mask}
+                "cross_device_negatives": self.cross_device_negatives, "false_negative_mask": self.false_negative_mask,
+                **describe_widths(self.widths)}
 
 
 class _PairObjective(Objective):
@@ -160,6 +185,17 @@ class _PairObjective(Objective):
             head[f"{batch['dataset']}/loss"] = loss.detach()
         return {**head, **logs}
 
+    @staticmethod
+    def width_predictions(emb1: Tensor, emb2: Tensor, widths: Optional[MatryoshkaWidths], gather: bool
+                          ) -> dict[Optional[int], Tensor]:
+        """{width: cosine predictions p_i = P(e1_i)·P(e2_i)} of every scored width, over the gathered global batch
+        when `gather` (one gather of the [b, k] matrix of all widths)."""
+        dims = widths_of(widths)
+        predictions = torch.stack([(at(widths, emb1, d) * at(widths, emb2, d)).sum(dim=-1) for d in dims], dim=1)
+        if gather:
+            predictions = gather_with_grad(predictions)
+        return dict(zip(dims, predictions.unbind(dim=1)))
+
 
 @dataclass
 class CoDiEmbSTSObjective(_PairObjective):
@@ -168,6 +204,7 @@ class CoDiEmbSTSObjective(_PairObjective):
 
     config: STSLossConfig = field(default_factory=STSLossConfig)
     gather: bool = False
+    widths: Optional[MatryoshkaWidths] = None
 
     @property
     def wants_middle(self) -> bool:  # type: ignore[override]
@@ -175,18 +212,31 @@ class CoDiEmbSTSObjective(_PairObjective):
 
     def score(self, embeddings: Mapping[str, Embedding], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         (emb1, mid1), (emb2, mid2) = self.split(embeddings["text1"]), self.split(embeddings["text2"])
-        predictions, scores = (emb1 * emb2).sum(dim=-1), batch["scores"]
-        if self.gather and rank_and_world()[1] > 1:
-            predictions, scores = gather_with_grad(predictions), gather_no_grad(scores)
+        gather, scores = self.gather and rank_and_world()[1] > 1, batch["scores"]
+        predictions = self.width_predictions(emb1, emb2, self.widths, gather)
+        if gather:
+            scores = gather_no_grad(scores)
             if mid1 is not None:
                 mid1, mid2 = gather_with_grad(mid1), gather_with_grad(mid2)
-        loss, components = sts_loss(predictions, scores, self.config, mid1=mid1, mid2=mid2)
-        return loss, self.with_dataset(loss, batch, components)
+        largest = widths_of(self.widths)[0]
+        components: dict[str, Tensor] = {}
+
+        def loss_at(dim: Optional[int]) -> Tensor:
+            first = dim == largest
+            value, parts = sts_loss(predictions[dim], scores, self.config, mid1=mid1 if first else None,
+                                    mid2=mid2 if first else None)
+            if first:
+                components.update(parts)
+            return value
+
+        loss, width_logs = over_widths(loss_at, self.widths)
+        return loss, self.with_dataset(loss, batch, {**components, **width_logs})
 
     def describe(self) -> dict[str, Any]:
         weights = asdict(self.config)
         return {"objective": "codiemb", **{name: weights[name] for name in ("pearson", "rank_kl", "pro", "mid_nce",
-                                                                              "cosent") if weights[name]}}
+                                                                              "cosent") if weights[name]},
+                **describe_widths(self.widths)}
 
 
 @dataclass
@@ -195,16 +245,18 @@ class CoSENTObjective(_PairObjective):
 
     scale: float = 20.0
     gather: bool = False
+    widths: Optional[MatryoshkaWidths] = None
 
     def score(self, embeddings: Mapping[str, Embedding], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        predictions, scores = (embeddings["text1"] * embeddings["text2"]).sum(dim=-1), batch["scores"]
-        if self.gather and rank_and_world()[1] > 1:
-            predictions, scores = gather_with_grad(predictions), gather_no_grad(scores)
-        loss = cosent_loss(predictions, scores, self.scale)
-        return loss, self.with_dataset(loss, batch, {"cosent": loss.detach()})
+        gather, scores = self.gather and rank_and_world()[1] > 1, batch["scores"]
+        predictions = self.width_predictions(embeddings["text1"], embeddings["text2"], self.widths, gather)
+        if gather:
+            scores = gather_no_grad(scores)
+        loss, width_logs = over_widths(lambda dim: cosent_loss(predictions[dim], scores, self.scale), self.widths)
+        return loss, self.with_dataset(loss, batch, {"cosent": loss.detach(), **width_logs})
 
     def describe(self) -> dict[str, Any]:
-        return {"objective": "cosent", "scale": self.scale}
+        return {"objective": "cosent", "scale": self.scale, **describe_widths(self.widths)}
 
 
 @dataclass
@@ -214,32 +266,47 @@ class STSInfoNCEObjective(_PairObjective):
 
     temperature: float = 0.02
     threshold: float = 0.8
+    widths: Optional[MatryoshkaWidths] = None
 
     def score(self, embeddings: Mapping[str, Embedding], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         emb1, emb2 = embeddings["text1"], embeddings["text2"]
         keep = batch["scores"] >= self.threshold
-        if keep.any():
-            loss = multi_positive_info_nce(emb1[keep], emb2[keep].unsqueeze(1), None, temperature=self.temperature)
-        else:
-            loss = (emb1.sum() + emb2.sum()) * 0.0
-        return loss, {"loss": loss.detach()}
+
+        def loss_at(dim: Optional[int]) -> Tensor:
+            if not keep.any():
+                return (emb1.sum() + emb2.sum()) * 0.0
+            positives = at(self.widths, emb2[keep], dim).unsqueeze(1)
+            return multi_positive_info_nce(at(self.widths, emb1[keep], dim), positives, None,
+                                           temperature=self.temperature)
+
+        loss, width_logs = over_widths(loss_at, self.widths)
+        return loss, {"loss": loss.detach(), **width_logs}
 
     def describe(self) -> dict[str, Any]:
-        return {"objective": "infonce", "threshold": self.threshold, "temperature": self.temperature}
+        return {"objective": "infonce", "threshold": self.threshold, "temperature": self.temperature,
+                **describe_widths(self.widths)}
 
 
 def build_sts_objective(objective: str, config: Optional[STSLossConfig] = None, *, gather: bool = False,
-                        infonce_temperature: float = 0.02, infonce_threshold: float = 0.8) -> Objective:
+                        infonce_temperature: float = 0.02, infonce_threshold: float = 0.8,
+                        widths: Optional[MatryoshkaWidths] = None) -> Objective:
     """The STS objective named `objective` (codiemb, cosent or infonce) from the module's settings."""
     config = config or STSLossConfig()
     if objective == "codiemb":
-        return CoDiEmbSTSObjective(config, gather=gather)
+        return CoDiEmbSTSObjective(config, gather=gather, widths=widths)
     if objective == "cosent":
-        return CoSENTObjective(config.cosent_scale, gather=gather)
+        return CoSENTObjective(config.cosent_scale, gather=gather, widths=widths)
     if objective == "infonce":
-        return STSInfoNCEObjective(infonce_temperature, infonce_threshold)
+        return STSInfoNCEObjective(infonce_temperature, infonce_threshold, widths=widths)
     raise InputError("model.sts_objective", f"unknown STS objective {objective!r}",
                      f"use one of: {', '.join(STS_OBJECTIVES)}")
+
+
+def describe_widths(widths: Optional[MatryoshkaWidths]) -> dict[str, Any]:
+    """The Matryoshka part of an objective's card entry (nothing without widths)."""
+    if widths is None:
+        return {}
+    return {"matryoshka_dims": list(widths.dims), "matryoshka_weights": list(widths.weights)}
 
 
 def text_group_sizes(task: str, batch_size: int, n_positives: int = 1, n_negatives: int = 0) -> list[int]:

@@ -22,7 +22,8 @@ def encoder_card_fields(encoder: Any) -> dict[str, Any]:
     """The card fields a `TextEncoder` knows about itself (pooling, length, prompts, ...)."""
     return {"embedding_dim": encoder.embedding_dim, "max_seq_length": encoder.max_seq_length,
             "pooling": encoder.pooling, "normalize": encoder.normalize, "prompts": dict(encoder.prompts),
-            "default_prompt_name": encoder.default_prompt_name, "kept_layers": getattr(encoder, "kept_layers", None)}
+            "default_prompt_name": encoder.default_prompt_name, "kept_layers": getattr(encoder, "kept_layers", None),
+            "matryoshka_dims": list(getattr(encoder, "matryoshka_dims", None) or [])}
 
 
 def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: str = "",
@@ -33,7 +34,7 @@ def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: st
                      pooling: Optional[str] = None, normalize: Optional[bool] = None,
                      prompts: Optional[Mapping[str, str]] = None, default_prompt_name: Optional[str] = None,
                      similarity_fn_name: str = "cosine", model_path: str = "path/to/this/folder",
-                     kept_layers: Optional[Sequence[int]] = None) -> str:
+                     kept_layers: Optional[Sequence[int]] = None, matryoshka_dims: Sequence[int] = ()) -> str:
     """Markdown model card with a YAML header (library, base model, tags).
 
     Args:
@@ -44,11 +45,13 @@ def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: st
         validation_metrics: flat `val/...` metrics of the exported weights; `metrics_source` says which run
             or checkpoint they come from.
         kept_layers: the base model's transformer blocks the model keeps (`model.num_layers`), None = all.
+        matryoshka_dims: the Matryoshka widths the weights were trained at (a row of the model table and a
+            `truncate_dim` line in the usage).
     """
     sections = [_front_matter(base_model), f"# {title}", "",
                 summary or _default_summary(base_model, fusion), "",
                 _model_section(base_model, embedding_dim, max_seq_length, pooling, normalize, similarity_fn_name,
-                               prompts, default_prompt_name, kept_layers)]
+                               prompts, default_prompt_name, kept_layers, matryoshka_dims)]
     if training_data or sampler_policy:
         sections.append(_data_section(training_data, sampler_policy))
     if losses:
@@ -56,7 +59,7 @@ def build_model_card(*, base_model: str, title: str = DEFAULT_TITLE, summary: st
     if fusion:
         sections.append(_fusion_section(fusion))
     sections.append(_metrics_section(validation_metrics, metrics_source))
-    sections.append(_usage_section(model_path, prompts, default_prompt_name, similarity_fn_name))
+    sections.append(_usage_section(model_path, prompts, default_prompt_name, similarity_fn_name, matryoshka_dims))
     return "\n".join(sections).rstrip() + "\n"
 
 
@@ -98,12 +101,14 @@ def _cell(value: Any) -> str:
 
 
 def _model_section(base_model: str, embedding_dim, max_seq_length, pooling, normalize, similarity_fn_name,
-                   prompts, default_prompt_name, kept_layers=None) -> str:
+                   prompts, default_prompt_name, kept_layers=None,
+                   matryoshka_dims=()) -> str:
     rows = [("base model", f"`{base_model}`"),
             ("base model layers kept", None if kept_layers is None else list(kept_layers)),
             ("embedding dimension", embedding_dim),
             ("maximum sequence length", max_seq_length), ("pooling", pooling),
-            ("L2-normalised", normalize), ("similarity function", similarity_fn_name)]
+            ("L2-normalised", normalize), ("similarity function", similarity_fn_name),
+            ("Matryoshka widths (trained)", ", ".join(map(str, matryoshka_dims)) if matryoshka_dims else None)]
     rows = [row for row in rows if row[1] is not None]
     text = "## Model\n\n" + _table(["setting", "value"], rows)
     if prompts:
@@ -169,9 +174,14 @@ def _metrics_section(metrics: Optional[Mapping[str, float]], source: str) -> str
     return text + _table(["metric", "value"], [(f"`{key}`", float(metrics[key])) for key in sorted(metrics)])
 
 
-def _usage_section(model_path: str, prompts, default_prompt_name, similarity_fn_name: str) -> str:
+def _usage_section(model_path: str, prompts, default_prompt_name, similarity_fn_name: str,
+                   matryoshka_dims: Sequence[int] = ()) -> str:
     lines = ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              f"model = SentenceTransformer({model_path!r})"]
+    if matryoshka_dims:
+        smallest = min(matryoshka_dims)
+        lines.append(f"# trained for truncation: SentenceTransformer({model_path!r}, truncate_dim={smallest}) keeps "
+                     f"the first {smallest} dimensions (trained widths: {', '.join(str(d) for d in matryoshka_dims)})")
     query_call = "encode_query" if prompts and "query" in prompts else "encode"
     document_call = "encode_document" if prompts and "document" in prompts else "encode"
     if prompts and query_call == "encode":

@@ -49,6 +49,7 @@ from codiemb_pl.model.pooling import (
 )
 from codiemb_pl.model.st_folder import ST_POOLING_FLAGS, SentenceTransformersSettings, read_settings
 from codiemb_pl.model.text_bound import bound_for_tokenizer
+from codiemb_pl.model.widths import RECORD_KEY as MATRYOSHKA_RECORD_KEY
 from codiemb_pl.paths import resolve_location
 from codiemb_pl.storage.atomic import atomic_directory
 from codiemb_pl.storage.weight_checks import check_finite_state, weights_location
@@ -106,6 +107,8 @@ class TextEncoder(nn.Module):
             dict(settings.prompts) if settings else {})
         self.default_prompt_name: str | None = settings.default_prompt_name if settings and prompts is None else None
         self.do_lower_case: bool = settings.do_lower_case if settings else False
+        # the Matryoshka widths the weights were trained at (`model.widths`): recorded by `save`, read back here
+        self.matryoshka_dims: list[int] = list(settings.matryoshka_dims) if settings else []
 
         self.model: PreTrainedModel = load_transformer(source, trust_remote_code, torch_dtype)
         check_finite_state(self.model.state_dict(),   # NaN / inf weights: one line naming the file and tensor
@@ -254,7 +257,8 @@ class TextEncoder(nn.Module):
         Layout: config.json, model.safetensors (no pooler weights) and tokenizer files at the root;
         modules.json (Transformer, Pooling in 1_Pooling, Normalize in 2_Normalize when normalising);
         1_Pooling/config.json; sentence_bert_config.json; config_sentence_transformers.json; README.md
-        when `model_card` is given. Weights holding NaN or inf are refused (one `InputError` naming the
+        when `model_card` is given; `matryoshka_dims` (when set) is recorded in config_sentence_transformers.json
+        (`model.widths`). Weights holding NaN or inf are refused (one `InputError` naming the
         tensor; nothing is written). For a model class with an optional pooler (BERT-style
         `add_pooling_layer`), sentence_bert_config.json carries `model_args: {add_pooling_layer: false}`,
         so sentence-transformers builds the model without the pooler it never uses and loads silently
@@ -288,6 +292,7 @@ class TextEncoder(nn.Module):
                 "prompts": dict(self.prompts),
                 "default_prompt_name": self.default_prompt_name,
                 "similarity_fn_name": "cosine",
+                **({MATRYOSHKA_RECORD_KEY: list(self.matryoshka_dims)} if self.matryoshka_dims else {}),
             })
             if model_card:
                 (folder / "README.md").write_text(model_card, encoding="utf-8")

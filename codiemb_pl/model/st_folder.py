@@ -10,6 +10,7 @@ UTF-8 JSON one line, `<file>: is not valid JSON (<reason>) (repair or re-export 
     read_settings(location, is_local)   what the folder declares (modules.json, the Pooling module's config.json,
                                         sentence_bert_config.json, config_sentence_transformers.json);
                                         None for a plain Hugging Face folder
+    folder_trained_dims(folder)         the Matryoshka widths config_sentence_transformers.json records
 
 `TextEncoder` (its settings), `prompts.folder_prompt_settings` (the prompt part of them) and `fusion.sources`
 (a checkpoint's config.json and transformer folder) all read through these. Names are sentence-transformers'
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from codiemb_pl.errors import InputError
+from codiemb_pl.model.widths import trained_dims_of
 
 REPAIR = "repair or re-export the model folder"
 #: sentence-transformers' legacy Pooling flags (every version reads them) and the pooling mode each one turns on.
@@ -51,6 +53,7 @@ class SentenceTransformersSettings:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     other_module_types: tuple[Any, ...] = ()
+    matryoshka_dims: list[int] = field(default_factory=list)   # the trained widths (`model.widths`)
 
 
 def read_json_file(path: str | Path) -> Any | None:
@@ -131,7 +134,14 @@ def read_settings(location: str | Path, is_local: bool = True) -> SentenceTransf
     model = read_model_json(location, "config_sentence_transformers.json", is_local) or {}
     settings.prompts = {str(k): str(v or "") for k, v in (model.get("prompts") or {}).items()}
     settings.default_prompt_name = model.get("default_prompt_name")
+    settings.matryoshka_dims = trained_dims_of(model, f"{location}/config_sentence_transformers.json")
     return settings
+
+
+def folder_trained_dims(location: str | Path) -> list[int] | None:
+    """The Matryoshka widths a local sentence-transformers folder records (`model.widths`); None: no record."""
+    file = Path(location) / "config_sentence_transformers.json"
+    return trained_dims_of(read_json_file(file), str(file)) or None
 
 
 def pooling_modes(pooling_config: dict[str, Any]) -> tuple[str, ...]:

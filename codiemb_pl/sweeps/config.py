@@ -126,6 +126,11 @@ def validation_tasks(resolved: Mapping[str, Any]) -> dict[str, str]:
     return {str(entry.get("name")): str(entry.get("task")) for entry in entries if isinstance(entry, Mapping)}
 
 
+def trained_dims(resolved: Mapping[str, Any]) -> list[int]:
+    """A resolved fit config's `model.matryoshka_dims` (the widths fusion metrics may name as `metric@m`)."""
+    return [int(d) for d in (resolved.get("model") or {}).get("matryoshka_dims") or []]
+
+
 def check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any], where: str) -> None:
     """Folders inside the run's root; the same θ0 as the sweep; a CheckpointFusion metric its data.val gives;
     the snapshots the fusion needs are collected."""
@@ -146,7 +151,8 @@ def check_run_config(plan: SweepPlan, run: SweepRun, resolved: Mapping[str, Any]
     for entry in fusions:   # the run's own CheckpointFusion would otherwise find out after training
         metric = (entry.get("init_args") or {}).get("metric")
         if metric is not None:
-            check_metric(metric, validation_tasks(resolved), f"{where}: CheckpointFusion.metric")
+            check_metric(metric, validation_tasks(resolved), f"{where}: CheckpointFusion.metric",
+                         dims=trained_dims(resolved))
     snapshots = [choice for choice in plan.checkpoints if choice != FINAL]
     if not snapshots:
         return
@@ -197,7 +203,7 @@ def plan_sweep(sweep_file: str | Path, config: Optional[str] = None, output: Opt
         raise InputError(f"{base_config}: data.val", "no validation sets: the sweep cannot score its members",
                          "add validation sets to the base config (or `data.val` under `overrides:`)")
     if options.evaluate:   # the metric must be one data.val will give, or no winner: checked before training
-        check_metric(options.metric, validation_tasks(resolved), f"{where}: fusion.metric")
+        check_metric(options.metric, validation_tasks(resolved), f"{where}: fusion.metric", dims=trained_dims(resolved))
     seed = options.seed if options.seed is not None else int(resolved.get("seed_everything") or 0)
     batch = options.eval_batch_size or int((resolved.get("data") or {}).get("val_batch_size") or 64)
     plan = SweepPlan(where, base_config, Path(output), args, common, runs, options.checkpoints, options.methods,

@@ -26,6 +26,8 @@ from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
 from codiemb_pl.evaluation.tables import format_metrics_table, hard_negative_report
 from codiemb_pl.losses.distillation import DistillationConfig
 from codiemb_pl.losses.distilled import DistilledObjective
+from codiemb_pl.evaluation.variants import smaller_widths, variant_metrics
+from codiemb_pl.losses.matryoshka import matryoshka_widths
 from codiemb_pl.losses.objectives import (
     IRObjective,
     Objective,
@@ -95,6 +97,11 @@ class CoDiEmbModule(pl.LightningModule):
             STS target blending, embedding distillation; teacher scores from the data or an online `teacher`).
         num_layers: keep only the first k transformer blocks of the backbone, or the blocks at a list of indices
             (a smaller student started from a larger model's layers; `model.layers`).
+        matryoshka_dims: Matryoshka training (`losses/matryoshka.py`): the IR and STS objectives are also scored on
+            these prefixes of the same embeddings, Σ_j w_j·L(P_{m_j}(E)) (e.g. [384, 256, 128, 64]; list the full
+            width to keep training it); logged `train/<task>/loss@<m>`, validated `val/<set>/<metric>@<m>` for
+            every width below the full one, recorded in the export. None: full width only.
+        matryoshka_weights: w_j, one per width of `matryoshka_dims` in the same order (default 1 each).
     """
 
     def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
@@ -107,22 +114,28 @@ class CoDiEmbModule(pl.LightningModule):
                  lora: Optional[LoraSettings] = None, trust_remote_code: bool = False,
                  gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None,
                  grad_cache_chunk_size: int = 0, distillation: Optional[DistillationConfig] = None,
-                 num_layers: Optional[Union[int, list[int]]] = None):
+                 num_layers: Optional[Union[int, list[int]]] = None, matryoshka_dims: Optional[list[int]] = None,
+                 matryoshka_weights: Optional[list[float]] = None):
         super().__init__()
         self.save_hyperparameters()
         if grad_cache_chunk_size < 0:
             raise InputError("model.grad_cache_chunk_size", f"{grad_cache_chunk_size} is negative",
                              "use 0 (off) or the number of texts embedded per chunk")
         self.sts_config = sts_loss or STSLossConfig()
-        self.objectives: dict[str, Objective] = {
-            "ir": IRObjective(ir_temperature, cross_device_negatives, false_negative_mask),
-            "sts": build_sts_objective(sts_objective, self.sts_config, gather=gather_sts,
-                                       infonce_threshold=sts_infonce_threshold,
-                                       infonce_temperature=ir_temperature if sts_infonce_temperature is None
-                                       else sts_infonce_temperature)}
+        if not matryoshka_dims:
+            matryoshka_widths(matryoshka_dims, matryoshka_weights)   # weights without widths: one line, before loading
         self.encoder = TextEncoder(model_name_or_path, pooling=pooling, normalize=normalize,
                                    max_seq_length=max_seq_length, include_prompt=False,
                                    trust_remote_code=trust_remote_code, num_layers=num_layers)
+        self.widths = matryoshka_widths(matryoshka_dims, matryoshka_weights, embedding_dim=self.encoder.embedding_dim,
+                                        renormalize=self.encoder.normalize)
+        self.encoder.matryoshka_dims = list(self.widths.dims) if self.widths else []   # the export's record
+        self.objectives: dict[str, Objective] = {
+            "ir": IRObjective(ir_temperature, cross_device_negatives, false_negative_mask, widths=self.widths),
+            "sts": build_sts_objective(sts_objective, self.sts_config, gather=gather_sts,
+                                       infonce_threshold=sts_infonce_threshold,
+                                       infonce_temperature=ir_temperature if sts_infonce_temperature is None
+                                       else sts_infonce_temperature, widths=self.widths)}
         self.encoder.train()  # loaded in eval mode; fine-tuning keeps the model's dropout on
         if gradient_checkpointing:  # non-reentrant: gradients reach the adapters although the embeddings are frozen
             self.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -412,9 +425,17 @@ class CoDiEmbModule(pl.LightningModule):
             self.predictions = buffers.embeddings(0, "text").cpu()
 
     def score_validation(self, buffers: EmbeddingBuffers) -> tuple[dict[str, dict[str, float]], dict[str, str]]:
-        per_set = {vset.name: score_set(vset, {name: buffers.embeddings(index, name) for name in vset.texts})
-                   for index, vset in enumerate(buffers.sets)}
+        """Each set's metrics at full width, and at every smaller trained width (`metric@<m>`, same embeddings)."""
+        variants = [(dim, "float32") for dim in self.smaller_trained_widths()]
+        per_set = {}
+        for index, vset in enumerate(buffers.sets):
+            embeddings = {name: buffers.embeddings(index, name) for name in vset.texts}
+            per_set[vset.name] = {**score_set(vset, embeddings), **variant_metrics(vset, embeddings, variants)}
         return per_set, {vset.name: vset.task for vset in buffers.sets}
+
+    def smaller_trained_widths(self) -> list[int]:
+        """The Matryoshka widths below the full embedding width, largest first (validated as `@<m>` keys)."""
+        return smaller_widths(self.widths.dims, self.encoder.embedding_dim) if self.widths else []
 
     def objectives_for_card(self) -> dict[str, dict[str, Any]]:
         """The losses section of the model card: what each objective says about itself, and the distillation

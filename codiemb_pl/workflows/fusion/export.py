@@ -19,7 +19,7 @@ from codiemb_pl.model.card import build_fused_model_card
 from codiemb_pl.model.prompts import folder_prompt_settings, members_prompt_settings
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
 from codiemb_pl.workflows.fusion.leaderboard import Candidate, Leaderboard
-from codiemb_pl.workflows.fusion.scoring import FusionInputs, run_fusion
+from codiemb_pl.workflows.fusion.scoring import FusionInputs, evaluate_at_trained_widths, run_fusion
 from codiemb_pl.workflows.fusion.settings import MethodSpec
 
 
@@ -71,11 +71,11 @@ def fuse_and_export(inputs: FusionInputs, methods: Sequence[MethodSpec], encoder
     def evaluate(path: Path) -> dict[str, float]:
         if not sets:
             return {}
-        from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+        from codiemb_pl.evaluation.suite import flat_metrics
         from codiemb_pl.workflows.encoders import load_weights
 
         load_weights(encoder, path)
-        per_set, summary = evaluate_encoder(encoder, list(sets), batch_size=eval_batch_size)
+        per_set, summary = evaluate_at_trained_widths(encoder, sets, eval_batch_size)
         return flat_metrics(per_set, summary)
 
     board = run_fusion(inputs, methods, evaluate, workdir, metric, log=log, show_progress=show_progress)

@@ -7,6 +7,7 @@ prompts, optionally score it, and write its model card; the folder is written at
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +23,11 @@ from codiemb_pl.fusion.sources import OpenedCheckpoint, open_checkpoint
 from codiemb_pl.model.card import build_fused_model_card
 from codiemb_pl.model.lora import check_lora_mix
 from codiemb_pl.model.prompts import folder_prompt_settings, members_prompt_settings, write_prompt_settings
-from codiemb_pl.model.st_folder import transformer_folder
+from codiemb_pl.model.st_folder import folder_trained_dims, read_json_file, transformer_folder
+from codiemb_pl.model.widths import RECORD_KEY as WIDTHS_RECORD_KEY
+from codiemb_pl.model.widths import members_trained_dims
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text, remove_stale_temporaries
+from codiemb_pl.workflows.fusion.scoring import evaluate_at_trained_widths
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEX_NAMES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -61,6 +65,21 @@ def write_template(base: OpenedCheckpoint, template: str | None, staging: Path) 
             item.rename(staging / item.name)
     shutil.rmtree(staging / ".template")
     return staging
+
+
+def keep_member_widths(members: Sequence[OpenedCheckpoint], staging: Path, log: Callable[[str], None]) -> None:
+    """Record in the output folder the Matryoshka widths all its members were trained at (`model.widths`:
+    exported folders record them, a `.ckpt` in its hyper-parameters); nothing when they share none."""
+    dims, notes = members_trained_dims([(member.path, member.trained_dims) for member in members])
+    for note in notes:
+        log(f"[codiemb fuse] {note}")
+    config_file = staging / "config_sentence_transformers.json"
+    config = read_json_file(config_file) or {}
+    config.pop(WIDTHS_RECORD_KEY, None)
+    if dims:
+        config[WIDTHS_RECORD_KEY] = dims
+    if config_file.is_file() or dims:
+        atomic_write_text(config_file, json.dumps(config, indent=2) + "\n")
 
 
 def keep_member_prompts(members: Sequence[OpenedCheckpoint], staging: Path, log: Callable[[str], None]) -> None:
@@ -124,14 +143,15 @@ def fuse(base: str | os.PathLike, models: Sequence[Mapping[str, Any]], method: s
     with atomic_directory(output) as staging:
         weights_folder = write_template(opened_base, template, staging)
         keep_member_prompts(opened, staging, log)
+        keep_member_widths(opened, staging, log)
         merge.write(weights_folder / "model.safetensors", metadata={"codiemb_fuse_method": method})
-        fields, scores = _prompt_fields(staging), None
+        fields, scores = {**_prompt_fields(staging), "matryoshka_dims": folder_trained_dims(staging) or []}, None
         if eval_sets:   # the encoder and the suite are imported only to score (they cost memory)
-            from codiemb_pl.evaluation.suite import evaluate_encoder, flat_metrics
+            from codiemb_pl.evaluation.suite import flat_metrics
             from codiemb_pl.model.encoder import TextEncoder
 
             encoder = TextEncoder.load(staging)
-            result.per_set, result.summary = evaluate_encoder(encoder, list(eval_sets), batch_size=eval_batch_size)
+            result.per_set, result.summary = evaluate_at_trained_widths(encoder, eval_sets, eval_batch_size)
             scores = flat_metrics(result.per_set, result.summary)
             fields = {"pooling": encoder.pooling, "normalize": encoder.normalize,
                       "max_seq_length": encoder.max_seq_length, "embedding_dim": encoder.embedding_dim, **fields}

@@ -72,6 +72,19 @@ def _merge_self_positioning(spec: MethodSpec, inputs: FusionInputs, out_path: Pa
                      if key.startswith(ENCODER_PREFIX)}, out_path)
 
 
+def evaluate_at_trained_widths(encoder: Any, sets: Sequence[Any], batch_size: int
+                               ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """The validation suite on `sets`, at full width and (`metric@m`) at each Matryoshka width below it that the
+    encoder was trained at (`encoder.matryoshka_dims`), from one encoding pass: what validation logs."""
+    from codiemb_pl.evaluation.suite import evaluate_encoder
+    from codiemb_pl.evaluation.variants import smaller_widths, variant_metrics
+
+    variants = [(dim, "float32") for dim in smaller_widths(getattr(encoder, "matryoshka_dims", None) or (),
+                                                            encoder.embedding_dim)]
+    extra = (lambda vset, embeddings: variant_metrics(vset, embeddings, variants)) if variants else None
+    return evaluate_encoder(encoder, list(sets), batch_size=batch_size, extra_metrics=extra)
+
+
 def run_fusion(inputs: FusionInputs, methods: Sequence[MethodSpec], evaluate: Evaluate, workdir: str | os.PathLike,
                metric: str = DEFAULT_METRIC, log: Callable[[str], None] = print,
                show_progress: bool = True) -> Leaderboard:

@@ -142,14 +142,22 @@ def check_merge_settings(spec: MethodSpec, members: int | None = None) -> None:
     MERGE_METHODS[spec.method](torch.zeros(2, 3), deltas, weights=spec.weights, generator=generator, **params)
 
 
-def check_metric(metric: Any, tasks: Mapping[str, str], where: str) -> None:
+def check_metric(metric: Any, tasks: Mapping[str, str], where: str, dims: Sequence[int] = ()) -> None:
     """`metric` must be one the validation sets `tasks` ({set name: "ir" | "sts"}) will give
-    (`evaluation.suite.metric_names`); else one line with the nearest valid key."""
+    (`evaluation.suite.metric_names`), at full width or (`metric@m`) at a trained Matryoshka width of `dims`; else
+    one line with the nearest valid key."""
     from codiemb_pl.evaluation.suite import metric_names
+    from codiemb_pl.model.widths import metric_key, split_metric_key
 
-    known = metric_names(tasks)
+    known = metric_names(tasks, dims=dims)
     if metric in known:
         return
+    key, width, _ = split_metric_key(str(metric))
+    if width is not None and width not in dims and metric_key(key) in known:
+        trained = ", ".join(map(str, dims)) if dims else "none (model.matryoshka_dims is unset)"
+        raise InputError(where, f"{metric!r}: validation scores no width {width} (widths below the full one that "
+                         f"were trained: {trained})", f"use {key} (full width)" + "".join(
+                             f" or {metric_key(key, dim)}" for dim in dims))
     close = difflib.get_close_matches(str(metric), known, n=1, cutoff=0.6) or known[:1]
     sets = ", ".join(f"{name} ({task})" for name, task in tasks.items()) or "none"
     raise InputError(where, f"{metric!r} is not a metric the validation sets give (sets: {sets})",
