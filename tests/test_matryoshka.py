@@ -136,6 +136,29 @@ def test_cosent_and_sts_infonce_follow_the_same_rule():
         torch.testing.assert_close(loss, at[8] + 0.5 * at[4] + 0.25 * at[2])
 
 
+def test_cross_device_gathers_run_once_at_full_width(monkeypatch):
+    """IR gathers positives and negatives once (full width), STS one [b, k] matrix of the widths' predictions."""
+    from codiemb_pl.losses import objectives
+
+    gathered = []
+
+    def fake_gather(x):   # rank 0 of 2 ranks holding the same block
+        gathered.append(tuple(x.shape))
+        return torch.cat([x, x])
+
+    monkeypatch.setattr(objectives, "rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr(objectives, "gather_with_grad", fake_gather)
+    monkeypatch.setattr(objectives, "gather_no_grad", lambda x: None if x is None else torch.cat([x, x]))
+    monkeypatch.setattr(objectives, "pad_negatives_to_every_ranks_count", lambda p, n, m, i: (n, m, i))
+    queries, positives, negatives = unit(3, 8, seed=14), unit(3, 8, seed=15), unit(6, 8, seed=16)
+    IRObjective(widths=WIDTHS).score({"query": queries, "positives": positives, "negatives": negatives}, {})
+    assert gathered == [(3, 1, 8), (3, 2, 8)]
+    gathered.clear()
+    CoDiEmbSTSObjective(STSLossConfig(mid_nce=0.0), gather=True, widths=WIDTHS).score(
+        {"text1": unit(4, 8, seed=17), "text2": unit(4, 8, seed=18)}, {"scores": torch.rand(4, dtype=torch.float64)})
+    assert gathered == [(4, 3)]
+
+
 def test_the_full_width_alone_is_plain_training_loss_and_gradient():
     queries, docs = unit(4, 8, seed=12).requires_grad_(), unit(4, 8, seed=13)
     full = matryoshka_widths([8], embedding_dim=8)

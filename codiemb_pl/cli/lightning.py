@@ -27,6 +27,7 @@ from codiemb_pl.data.sampler import POLICIES
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.tables import comparison_table
 from codiemb_pl.fusion.sources import load_lightning_checkpoint
+from codiemb_pl.model.widths import check_width, truncate
 from codiemb_pl.model.pooling import check_pooling_mode
 from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
 from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
@@ -54,12 +55,15 @@ class CoDiEmbCLI(LightningCLI):
                               apply_on="instantiate")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        """LightningCLI's parser of `subcommand`, plus `--predict_output` for `predict`."""
+        """LightningCLI's parser of `subcommand`, plus `--predict_output` and `--predict_truncate_dim` for `predict`."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument("--predict_output", type=Optional[str], default=None,
                                 help="where `predict` writes the embeddings of data.predict: FILE.npy (float32 "
                                      "matrix, row i = text i) or FILE.parquet (columns text, embedding)")
+            parser.add_argument("--predict_truncate_dim", type=Optional[int], default=None,
+                                help="write the first D dimensions of every embedding (a Matryoshka width), "
+                                     "re-normalised when the model normalises; default: the full width")
         return parser
 
     def init_parser(self, **kwargs: Any):
@@ -156,6 +160,8 @@ class CoDiEmbCLI(LightningCLI):
 
     def before_predict(self) -> None:
         check_output_path(self.config[self.subcommand].get("predict_output"))
+        check_width(self.config[self.subcommand].get("predict_truncate_dim"), self.model.encoder.embedding_dim,
+                    "--predict_truncate_dim")
         self.datamodule.setup("predict")
         self.held_logs.release()
 
@@ -169,8 +175,10 @@ class CoDiEmbCLI(LightningCLI):
                                  "run predict on one device or with the default ddp strategy")
             output = self.config[self.subcommand].get("predict_output")
             texts = datamodule.predict_sets[0].texts["text"]
-            path = write_embeddings(output, model.predictions.numpy(), texts)
-            print(f"[codiemb] wrote {len(texts)} embeddings of dimension {model.predictions.shape[1]} to {path}",
+            embeddings = truncate(model.predictions, self.config[self.subcommand].get("predict_truncate_dim"),
+                                  renormalize=model.encoder.normalize)
+            path = write_embeddings(output, embeddings.numpy(), texts)
+            print(f"[codiemb] wrote {len(texts)} embeddings of dimension {embeddings.shape[1]} to {path}",
                   flush=True)
 
     def after_fit(self) -> None:

@@ -3,13 +3,17 @@
     codiemb evaluate --model runs/x/model --sts stsb=data/stsb_test.jsonl --ir scifact=data/scifact \
         --output results.json [--geometry] [--split test] [--sts-range 0 5] [--batch-size 64] [--max-length 256]
         [--instruction scifact='Given a claim, find evidence'] [--instruction-template T] [--passage-prefix P]
+        [--truncate-dim 256 128 64] [--precision float32 int8 binary --calibration train_texts.txt]
     codiemb evaluate --config evaluate.yaml      # the same options as YAML keys (model, sts, batch_size, ...)
 
 `--model` is a sentence-transformers folder, a Hugging Face folder, a hub id, `pkg://...`, or a Lightning
 checkpoint (`.ckpt`; its `encoder.model.*` weights go into the encoder named by the checkpoint's
 `model_name_or_path`, or by `--base`). The metrics are those of `evaluation.suite.score_set` (the
 validation code of training); `--output` gets `{set: {metric: value}}` written atomically (NaN/inf
-as null), and only after every set has been scored. A thin parser over `workflows.evaluation.evaluate`.
+as null), and only after every set has been scored. `--truncate-dim` and `--precision` add the scores at those
+widths and precisions from the same encoding pass (`metric@128`, `metric@128:int8`) and a table of the
+headline metric by width and precision with the bytes per vector. A thin parser over
+`workflows.evaluation.evaluate`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from codiemb_pl.commands import register_command
 from codiemb_pl.commands.arguments import CommandParser, add_trust_checkpoint_argument
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
+from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.tables import format_metrics_table
 from codiemb_pl.model.device import add_device_argument, resolve_device
 from codiemb_pl.storage.atomic import atomic_write_text
@@ -59,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instruction-template", default=INSTRUCTION_TEMPLATE,
                         help=f"how an instruction becomes a prefix (default: {INSTRUCTION_TEMPLATE!r})")
     parser.add_argument("--passage-prefix", default="", help="prefix of every IR document (default: none)")
+    parser.add_argument("--truncate-dim", nargs="+", type=int, default=[], metavar="D",
+                        help="also score the first D dimensions of every embedding (re-normalised), e.g. the "
+                             "Matryoshka widths 256 128 64; all from one encoding pass")
+    parser.add_argument("--precision", nargs="+", default=["float32"], choices=("float32", "int8", "binary"),
+                        help="also score int8 (ranges calibrated on --calibration) and binary embeddings (Hamming "
+                             "ranking rescored with the float query); default: float32 only")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="training texts the int8 ranges are calibrated on (.txt, one per line, or a "
+                             "jsonl/csv/tsv/parquet column), never the test corpus")
+    parser.add_argument("--calibration-column", default="text", help="the text column of --calibration")
     add_device_argument(parser)
     add_trust_checkpoint_argument(parser)
     return parser
@@ -95,17 +110,23 @@ def evaluate_command(argv: list[str]) -> int:
     """Run `codiemb evaluate` with `argv` (everything after the command name); returns the exit code."""
     args = build_parser().parse_args(argv)  # before the heavy imports: `--help` and bad arguments stay fast
     from codiemb_pl.evaluation.geometry import GEOMETRY_METRIC_NAMES
+    from codiemb_pl.data.texts import read_texts
     from codiemb_pl.workflows.evaluation import evaluate, load_sets
 
     if args.output is not None:
         check_writable_file(args.output, "--output")
+    if "int8" in args.precision and not args.calibration:   # before any model is loaded
+        raise InputError("--precision int8", "int8 needs its ranges calibrated on training texts",
+                         "pass --calibration FILE (texts from the training data, at least 2; never the test corpus)")
     device = resolve_device(args.device)
     sets = load_sets(args.sts, args.ir, args.sts_range, args.split, args.instruction, args.instruction_template,
                      args.passage_prefix)
+    calibration = read_texts(args.calibration, args.calibration_column) if args.calibration else []
     with trusted_checkpoints(bool(args.trust_checkpoint)):
         per_set, summary = evaluate(args.model, sets, base=args.base, device=device, batch_size=args.batch_size,
                                     max_seq_length=args.max_length, geometry=args.geometry,
-                                    show_progress=sys.stderr.isatty())
+                                    show_progress=sys.stderr.isatty(), dims=args.truncate_dim,
+                                    precisions=args.precision, calibration_texts=calibration)
     task_metrics = {name: {m: v for m, v in values.items() if m not in GEOMETRY_METRIC_NAMES}
                     for name, values in per_set.items()}
     print(format_metrics_table(task_metrics, summary, title=f"evaluation of {args.model}"), flush=True)

@@ -19,7 +19,8 @@ for sentence-transformers models, the first key present winning: `"{task name}-{
 `"{task name}"`, `"{task type}-{prompt type}"`, `"{task type}"`, `"{prompt type}"`, where the prompt type
 is `query` / `document` (retrieval) or absent (STS, classification, ...). The prompt text is passed as
 `prompt=`, so a `TextEncoder` with `include_prompt=False` leaves its tokens out of pooling.
-Similarity is cosine.
+Similarity is cosine. `truncate_dim=D` hands mteb the first D dimensions of every embedding (a Matryoshka
+width, as sentence-transformers' `truncate_dim`; cosine similarity re-normalises them).
 """
 
 from __future__ import annotations
@@ -86,11 +87,18 @@ class MTEBEncoder:
     """An mteb `EncoderProtocol` around any `encode(sentences, **kwargs)` encoder (see module docstring)."""
 
     def __init__(self, encoder: Any, name: str = "codiemb_pl/model", revision: str | None = None,
-                 prompts: Mapping[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE):
+                 prompts: Mapping[str, str] | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 truncate_dim: int | None = None):
         self.encoder = encoder
         self.name, self.revision = name, revision
         self.prompts: dict[str, str] = dict(prompts if prompts is not None else getattr(encoder, "prompts", {}) or {})
         self.batch_size = batch_size
+        full = getattr(encoder, "embedding_dim", None)
+        if truncate_dim is not None:
+            from codiemb_pl.model.widths import check_dims
+
+            check_dims([truncate_dim], "MTEBEncoder(truncate_dim=...)", full)
+        self.truncate_dim = truncate_dim
 
     @property
     def mteb_model_meta(self):
@@ -100,7 +108,8 @@ class MTEBEncoder:
         from mteb.models.model_meta import ScoringFunction
 
         return ModelMeta.create_empty(overwrites=dict(
-            name=self.name, revision=self.revision, embed_dim=getattr(self.encoder, "embedding_dim", None),
+            name=self.name, revision=self.revision,
+            embed_dim=self.truncate_dim or getattr(self.encoder, "embedding_dim", None),
             max_tokens=getattr(self.encoder, "max_seq_length", None), similarity_fn_name=ScoringFunction.COSINE,
             framework=["PyTorch"]))
 
@@ -118,8 +127,10 @@ class MTEBEncoder:
         options: dict[str, Any] = {"batch_size": int(kwargs.get("batch_size") or self.batch_size)}
         if prompt:
             options["prompt"] = prompt
-        embeddings = self.encoder.encode(texts, **options)
-        return _as_float_tensor(embeddings).cpu().numpy().astype(np.float32, copy=False)
+        embeddings = _as_float_tensor(self.encoder.encode(texts, **options))
+        if self.truncate_dim is not None:
+            embeddings = embeddings[..., :self.truncate_dim]
+        return embeddings.cpu().numpy().astype(np.float32, copy=False)
 
     def similarity(self, embeddings1: Any, embeddings2: Any) -> torch.Tensor:
         """Cosine similarity matrix `[n1, n2]`."""

@@ -8,6 +8,10 @@ Metrics are `evaluation.suite.score_set`'s (the validation code of training), MT
 `geometry`, each set also gets token similarity, numerical rank, SVD entropy, condition number,
 anisotropy, alignment and uniformity (`evaluation.geometry`). Instruction prefixes are left out of
 pooling exactly as validation does, so a checkpoint scores here what it scored during training.
+
+With `dims` (Matryoshka widths) and `precisions` (`int8`, `binary`), the same embeddings are also scored at each
+width x precision (`evaluation.variants`: keys `metric@m`, `metric@m:int8`, ...), from one encoding pass; int8
+ranges come from `calibration_texts` (training texts, never the test corpus).
 """
 
 from __future__ import annotations
@@ -24,9 +28,12 @@ from codiemb_pl.data.eval_sets import EvalSet
 from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
+from codiemb_pl.evaluation.compact import PRECISIONS, bytes_per_vector
 from codiemb_pl.evaluation.geometry import embedding_geometry, token_wise_similarity
 from codiemb_pl.evaluation.suite import evaluate_encoder, set_embeddings
+from codiemb_pl.evaluation.tables import BYTES_PER_VECTOR
 from codiemb_pl.model.encoder import TextEncoder
+from codiemb_pl.model.widths import check_width, metric_key
 from codiemb_pl.workflows.encoders import load_encoder, on_device
 
 __all__ = ["evaluate", "evaluate_sets", "load_sets", "parse_named", "set_embeddings", "set_geometry"]
@@ -114,21 +121,62 @@ def set_geometry(encoder: TextEncoder, vset: EvalSet, embeddings: Mapping[str, t
 
 
 def evaluate_sets(encoder: TextEncoder, sets: list[EvalSet], batch_size: int = 64, geometry: bool = False,
-                  show_progress: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
-    """Per-set metrics (`score_set`, plus geometry on request) and the `ir_avg` / `sts_avg` / `avg` summary."""
-    extra = (lambda vset, embeddings: set_geometry(encoder, vset, embeddings, batch_size)) if geometry else None
-    return evaluate_encoder(encoder, sets, batch_size, show_progress, extra_metrics=extra)
+                  show_progress: bool = False, dims: Sequence[int] = (), precisions: Sequence[str] = ("float32",),
+                  calibration_texts: Sequence[str] = ()) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per-set metrics (`score_set`, plus geometry on request, plus each width x precision of `dims` x `precisions`
+    with its `bytes_per_vector@m:precision`) and the `ir_avg` / `sts_avg` / `avg` summary (with a suffix per
+    variant: `avg@64:int8`)."""
+    variants, ranges = compact_variants(encoder, dims, precisions, calibration_texts, batch_size)
+    full = encoder.embedding_dim
+
+    def extra(vset: EvalSet, embeddings: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        out = set_geometry(encoder, vset, embeddings, batch_size) if geometry else {}
+        if variants:
+            from codiemb_pl.evaluation.variants import variant_metrics
+
+            out.update(variant_metrics(vset, embeddings, variants, ranges))
+            out.update({metric_key(BYTES_PER_VECTOR, dim, precision): float(bytes_per_vector(dim or full, precision))
+                        for dim, precision in [(None, "float32"), *variants]})
+        return out
+
+    return evaluate_encoder(encoder, sets, batch_size, show_progress,
+                            extra_metrics=extra if geometry or variants else None)
+
+
+def compact_variants(encoder: TextEncoder, dims: Sequence[int], precisions: Sequence[str],
+                     calibration_texts: Sequence[str], batch_size: int
+                     ) -> tuple[list[tuple[int | None, str]], dict[int | None, torch.Tensor]]:
+    """The (width, precision) pairs to score besides full-width float32, and the int8 ranges per width calibrated
+    on `calibration_texts` (checked: widths within the model's, known precisions, texts when int8 is asked)."""
+    full = encoder.embedding_dim
+    widths = [None] + [check_width(dim, full, "--truncate-dim") for dim in dims if dim != full]
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise InputError(f"--precision {unknown[0]}", "unknown precision", f"use {', '.join(PRECISIONS)}")
+    variants = [(dim, precision) for dim in dict.fromkeys(widths) for precision in dict.fromkeys(precisions)
+                if (dim, precision) != (None, "float32")]
+    if not any(precision == "int8" for _, precision in variants):
+        return variants, {}
+    if len(calibration_texts) < 2:
+        raise InputError("--precision int8", "int8 needs its ranges calibrated on training texts",
+                         "pass --calibration FILE (texts from the training data, at least 2; never the test corpus)")
+    from codiemb_pl.evaluation.variants import calibration_ranges
+
+    calibration = encoder.encode(list(calibration_texts), batch_size=batch_size)
+    return variants, calibration_ranges(calibration, [dim for dim in dict.fromkeys(widths)])
 
 
 def evaluate(model: str | Path | TextEncoder, sets: Sequence[EvalSet | SourceConfig | Mapping[str, Any]], *,
              base: str | None = None, device: str | torch.device | None = None, batch_size: int = 64,
-             max_seq_length: int | None = None, geometry: bool = False, show_progress: bool = False
-             ) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+             max_seq_length: int | None = None, geometry: bool = False, show_progress: bool = False,
+             dims: Sequence[int] = (), precisions: Sequence[str] = ("float32",),
+             calibration_texts: Sequence[str] = ()) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Score `model` (a `TextEncoder`, or anything `load_encoder` reads) on `sets`.
 
     `sets` are `EvalSet`s or source configs (`SourceConfig`s or mappings, built with
     `build_eval_sets`: read and checked before the model is loaded). Returns `({set: {metric:
-    value}}, {"ir_avg", "sts_avg", "avg"})`.
+    value}}, {"ir_avg", "sts_avg", "avg"})`; with `dims` / `precisions`, also every width x precision
+    (module docstring).
     """
     if batch_size < 1:
         raise InputError(f"--batch-size {batch_size}", "must be at least 1", "e.g. --batch-size 64")
@@ -139,4 +187,4 @@ def evaluate(model: str | Path | TextEncoder, sets: Sequence[EvalSet | SourceCon
         ready = build_eval_sets(sets, where=EVALUATE)
     encoder = on_device(model, device) if isinstance(model, TextEncoder) else \
         load_encoder(model, base, device, max_seq_length)
-    return evaluate_sets(encoder, ready, batch_size, geometry, show_progress)
+    return evaluate_sets(encoder, ready, batch_size, geometry, show_progress, dims, precisions, calibration_texts)
