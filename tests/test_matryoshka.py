@@ -272,3 +272,31 @@ def test_a_metric_at_an_untrained_width_is_one_clear_line():
         check_metric("val/avg@32", tasks, "fusion.metric", dims=[128, 64])
     with pytest.raises(InputError, match=r"did you mean val/stsb/cosine_spearman@64\?"):
         check_metric("val/stsb/spearman@64", tasks, "fusion.metric", dims=[128, 64])
+
+
+def test_codiemb_fuse_records_the_widths_its_members_share(tiny_model_dir, tmp_path):
+    from codiemb_pl.model.encoder import TextEncoder
+    from codiemb_pl.workflows.fusion.fuse import fuse
+
+    members = []
+    for name, dims, shift in (("a", [32, 16, 8], 1e-3), ("b", [32, 8], -1e-3), ("plain", [], 2e-3)):
+        encoder = TextEncoder(str(tiny_model_dir))
+        with torch.no_grad():
+            next(encoder.model.parameters()).add_(shift)   # a fine-tuned copy of the base
+        encoder.matryoshka_dims = dims
+        encoder.save(tmp_path / name)
+        members.append(tmp_path / name)
+
+    def fused_record(paths, output):
+        notes = []
+        fuse(tiny_model_dir, [{"path": str(p)} for p in paths], "uniform_soup", tmp_path / output,
+             template=str(members[0]), log=notes.append)
+        config = json.loads((tmp_path / output / "config_sentence_transformers.json").read_text())
+        return config.get("matryoshka_dims"), notes
+
+    assert fused_record(members[:1], "one") == ([32, 16, 8], [])
+    dims, notes = fused_record(members[:2], "two")
+    assert dims == [32, 8] and len(notes) == 1 and "records the widths all of them share, [32, 8]" in notes[0]
+    dims, notes = fused_record(members, "three")
+    assert dims is None and "plain: none" in notes[0]
+    assert TextEncoder.load(tmp_path / "three").matryoshka_dims == []
