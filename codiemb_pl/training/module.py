@@ -24,9 +24,9 @@ from codiemb_pl.data.eval_sets import EmbeddingBuffers
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
 from codiemb_pl.evaluation.tables import format_metrics_table, hard_negative_report
+from codiemb_pl.evaluation.variants import smaller_widths, variant_metrics
 from codiemb_pl.losses.distillation import DistillationConfig
 from codiemb_pl.losses.distilled import DistilledObjective
-from codiemb_pl.evaluation.variants import smaller_widths, variant_metrics
 from codiemb_pl.losses.matryoshka import matryoshka_widths
 from codiemb_pl.losses.objectives import (
     IRObjective,
