@@ -36,8 +36,8 @@ from typing import Any, Optional
 import torch
 
 from experiment_runs import DEFAULT_MODEL, TRAIN_SOURCES, Budgets, config_key, mining_config, unit_config
-from experiments import (RESULTS_DIR, Clock, Results, Suite, codiemb, compare, fmt, load_average, log, mean_sd, now,
-                         row_scores)
+from experiments import (ANALYSIS_BEGIN, ANALYSIS_END, RESULTS_DIR, Clock, Suite, compare, fmt, kept_analysis,
+                         load_average, log, mean_sd, now, row_scores)
 
 from codiemb_pl.storage.atomic import atomic_write_text
 
@@ -307,6 +307,7 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
                        "(load in the table): not a timing result")
     mining = bed.mining_summary()
     seeds = list(bed.testbed.seeds)
+    analysis = kept_analysis(report.read_text("utf-8") if report.is_file() else "") or "_Not written yet._"
     section = [
         "# Distillation test bed (issue 23)",
         "",
@@ -322,6 +323,12 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
         "## Targets",
         "",
         *(targets or ["- not measured yet"]),
+        "",
+        "## Reading",
+        "",
+        ANALYSIS_BEGIN,
+        analysis,
+        ANALYSIS_END,
         "",
         "## Rows",
         "",
