@@ -88,6 +88,9 @@ TESTBED_ROWS: list[TestbedRow] = [
                "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
                kind="peer"),
     TestbedRow("teacher", "the teacher: all-MiniLM-L6-v2 (6 layers), no training", kind="teacher"),
+    TestbedRow("student_matryoshka", "the student with Matryoshka widths (issue 24): model.matryoshka_dims "
+               "[384, 256, 128, 64, 32], uniform weights; full-width scores (widths: results/matryoshka.md)",
+               overrides={"matryoshka_dims": [384, 256, 128, 64, 32]}),
 ]
 
 

@@ -24,9 +24,10 @@ from codiemb_pl.losses.distillation import DistillationConfig  # noqa: E402
 def test_rows_are_the_issues_and_the_teacher_is_fixed():
     names = [row.name for row in testbed.TESTBED_ROWS]
     assert len(set(names)) == len(names)
-    assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher"]
+    assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher",
+                     "student_matryoshka"]
     assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
-    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher"]
+    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher", "fit"]
     assert [row.name for row in testbed.TESTBED_ROWS if row.distillation] == [
         "score_kd_mined", "online_teacher", "embedding_kd"]
     for row in testbed.TESTBED_ROWS:
