@@ -4,9 +4,9 @@
   each rank's loss over its local queries) equal a single process's on the concatenated batch, also when
   one rank's queries have no hard negatives and the other's do (the collectives must still match).
 - The cross-device false-negative mask: a positive duplicated on the other rank is not a negative.
-- STS with `gather_sts`: gradients equal the single process's on the concatenated batch.
-- Matryoshka widths (`model.matryoshka_dims`): IR with cross-device negatives and the gradient cache on 2 ranks,
-  and STS with `gather_sts` on 2 ranks, equal one process without them (gathers at full width, then sliced).
+- STS with `gather_sts` and Matryoshka widths (`model.matryoshka_dims`: the widths' predictions gathered once as one
+  [b, k] matrix): gradients equal the single process's on the concatenated batch. (IR with widths: the gradient
+  cache's 2-rank test, `test_grad_cache.py`.)
 - The sampler under DDP with accumulation and unequal sub-datasets: every micro-step of every optimizer
   step carries one task and sub-dataset on both ranks, and both ranks run the same number of steps.
 
@@ -116,7 +116,7 @@ def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
     sts_train = json.dumps([{"name": "sts_grad", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
                              "max_samples": GLOBAL_IR_BATCH}])
     with RunPool() as pool:
-        started = {"ir": {}, "sts": {}, "matryoshka": {}}
+        started = {"ir": {}, "sts": {}}
         if "ir_gradients" in selected or "false_negative_mask" in selected:
             for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
                 started["ir"][world_size, mask] = start_gradient_run(
@@ -125,18 +125,10 @@ def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
                      "--model.false_negative_mask", str(mask).lower()])
         if "sts_gathered" in selected:
             for world_size in (1, 2):
-                started["sts"][world_size] = start_gradient_run(pool, folder / f"sts_w{world_size}", deterministic_model,
-                                                                world_size, sts_train, ["--model.gather_sts", "true"])
-        if "matryoshka" in selected:
-            widths = ["--model.matryoshka_dims", "[32, 16, 8]", "--model.matryoshka_weights", "[1.0, 0.5, 0.25]"]
-            for world_size in (1, 2):
-                cache = ["--model.grad_cache_chunk_size", "3"] if world_size == 2 else []
-                started["matryoshka"]["ir", world_size] = start_gradient_run(
-                    pool, folder / f"matryoshka_ir_w{world_size}", deterministic_model, world_size, ir_train,
-                    ["--data.n_positives", "2", "--data.n_negatives", "2", *widths, *cache])
-                started["matryoshka"]["sts", world_size] = start_gradient_run(
-                    pool, folder / f"matryoshka_sts_w{world_size}", deterministic_model, world_size, sts_train,
-                    ["--model.gather_sts", "true", *widths])
+                started["sts"][world_size] = start_gradient_run(
+                    pool, folder / f"sts_w{world_size}", deterministic_model, world_size, sts_train,
+                    ["--model.gather_sts", "true", "--model.matryoshka_dims", "[32, 16, 8]",
+                     "--model.matryoshka_weights", "[1.0, 0.5, 0.25]"])
         if "every_micro_step" in selected:
             sampler_out = folder / "sampler"
             started["sampler"] = sampler_out, pool.submit(
@@ -169,11 +161,6 @@ def test_false_negative_mask_drops_a_duplicate_positive_held_by_the_other_rank(i
 def test_sts_gathered_gradients_equal_single_process(runs):
     sts = {world_size: gradients(run) for world_size, run in runs["sts"].items()}
     assert_same_gradients(sts[2], sts[1])
-
-
-@pytest.mark.parametrize("task", ["ir", "sts"])
-def test_matryoshka_on_two_ranks_equals_one_process(runs, task):
-    assert_same_gradients(gradients(runs["matryoshka"][task, 2]), gradients(runs["matryoshka"][task, 1]))
 
 
 def test_every_micro_step_of_a_step_has_one_task_on_both_ranks_with_unequal_datasets(runs):

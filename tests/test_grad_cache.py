@@ -4,7 +4,8 @@ With dropout ON the reference is plain autograd through the same chunked encoder
 masks (seeded identically), so only the cache's replay can make them differ; with dropout OFF the reference
 is the module's own path without the cache (whole groups, no chunks). Float64 tiny BERT, rtol 1e-5; each case
 also with Matryoshka widths (`model.matryoshka_dims`). Also:
-2 gloo ranks with cross-device negatives against one process on the whole batch, and exact resume.
+2 gloo ranks with cross-device negatives and Matryoshka widths against one process on the whole batch, and exact
+resume.
 """
 
 from __future__ import annotations
@@ -218,7 +219,8 @@ def test_ddp_cached_gradients_with_cross_device_negatives_equal_one_process(tiny
     data = tmp_path / "ir.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ir_records_for_two_ranks()))
     train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(data)}])
-    common = ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", "true"]
+    common = ["--data.n_positives", "2", "--data.n_negatives", "2", "--model.false_negative_mask", "true",
+              "--model.matryoshka_dims", "[32, 16, 8]"]   # widths: candidates gathered once at full width, sliced
     with RunPool() as pool:  # the two runs are independent: overlap them
         cached = start_gradient_run(pool, tmp_path / "w2", model, 2, train,
                                     common + ["--model.grad_cache_chunk_size", "3"])
