@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,38 @@ def test_exported_winner_carries_a_fusion_model_card(fused_run):
         assert f"Method: `{winner['method']}`" in card and "| step2 |" in card and "| step4+last |" in card
     else:
         assert f"the {winner['kind']} `{winner['name']}` scored best" in card
+
+
+def test_a_fit_resumed_after_its_last_step_still_fuses_its_last_snapshot(tiny_model_dir, tmp_path):
+    """Found by benchmarks/kill_anywhere.py: a fit killed during its export or fusion resumes (`--ckpt_path last`)
+    from the checkpoint of its final step, so Lightning skips the training loop and `on_train_end`, where the
+    `last` snapshot is taken, never runs. With `collect: [last]` the resumed run fused nothing ("fusion skipped:
+    no snapshots") and wrote no fusion/model; with other moments too, its leaderboard lost the `last` label."""
+    run = tmp_path / "run"
+    every_step = json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "every_n_train_steps": 1, "save_top_k": -1, "save_last": True}})   # last.ckpt before on_train_end
+    args = ["fit", "--config", str(TINY_CONFIG), "--model.model_name_or_path", str(tiny_model_dir),
+            "--trainer.default_root_dir", str(run), "--trainer.max_steps", "2",
+            "--trainer.callbacks", "[]", "--trainer.callbacks+", every_step,
+            "--trainer.callbacks+=codiemb_pl.callbacks.CheckpointFusion", "--trainer.callbacks.collect", '["last"]',
+            "--trainer.callbacks.methods", '[{"method": "uniform_soup"}, {"method": "task_arithmetic"}]']
+    assert main(args) == 0
+    fusion = run / "fusion"
+    board = json.loads((fusion / "leaderboard.json").read_text())
+    fused = load_file(str(fusion / "model" / "model.safetensors"))
+    for name in ("model", "candidates"):   # what a kill during the fusion leaves: the snapshots, no results
+        shutil.rmtree(fusion / name)
+    for name in ("leaderboard.json", "leaderboard.md"):
+        (fusion / name).unlink()
+
+    assert main(args + ["--ckpt_path", "last"]) == 0
+    resumed = json.loads((fusion / "leaderboard.json").read_text())
+    assert [row["name"] for row in resumed["ranking"]] == [row["name"] for row in board["ranking"]]
+    assert "last" in {row["name"] for row in resumed["ranking"]}
+    again = load_file(str(fusion / "model" / "model.safetensors"))
+    assert again.keys() == fused.keys() and all(torch.equal(again[key], fused[key]) for key in fused)
+    assert sorted(path.name for path in (fusion / "snapshots").iterdir()) == ["base.safetensors",
+                                                                             "step0000002.safetensors"]
 
 
 def test_unset_dirpath_follows_the_trainer_root(tmp_path):

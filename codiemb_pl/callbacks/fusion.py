@@ -7,7 +7,11 @@ in `setup`, then encoder-only safetensors snapshots at the moments `collect` nam
     best_ir    each new best `val/ir_avg`            best_sts   each new best `val/sts_avg`
     best       each new best `val/avg`               every_n_steps: k   every k optimizer steps
 
-(one file per step, labels joined when moments coincide, superseded bests deleted). At the end of
+(one file per step, labels joined when moments coincide, superseded bests deleted). A run resumed from a
+checkpoint of its final step (killed during its export or fusion) skips Lightning's training loop, so
+`on_train_end` never fires there: the `last` snapshot is then the restored weights, written when the
+checkpoint is restored (`on_load_checkpoint`; removed again if training goes on) and labelled when `fit`
+ends, as in the uninterrupted run. At the end of
 `fit`, rank 0 merges them with every configured method (`workflows.fusion`), scores the base, every
 snapshot and every merge with the validation suite on `datamodule.val_sets`, prints the leaderboard,
 logs `fusion/<candidate>/<metric>` to the trainer's loggers (and a `fusion/leaderboard` table to
@@ -117,6 +121,8 @@ class CheckpointFusion(pl.Callback):
         self.snapshots: dict[int, list[str]] = {}      # global step -> labels
         self.best_values: dict[str, float] = {}
         self.leaderboard: Optional[Leaderboard] = None
+        self.trained = False                           # this fit ran its training loop (on_train_start)
+        self.restored_step: Optional[int] = None       # the step of the restored weights written as `last`
 
     # -- paths ---------------------------------------------------------------------------------------
     def root(self, trainer: pl.Trainer) -> Path:
@@ -178,6 +184,27 @@ class CheckpointFusion(pl.Callback):
                     if trainer.is_global_zero:
                         self.snapshot_path(trainer, step).unlink(missing_ok=True)
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trained = False
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """The module holds the restored weights now. If they may become the `last` snapshot (a checkpoint of the
+        final step resumes without training, see the module docstring) and their step has none, write it."""
+        step = int(checkpoint.get("global_step") or 0)
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        if "last" not in self.collect or trainer.state.fn != TrainerFn.FITTING or step == 0 \
+                or str(step) in (state.get("snapshots") or {}):
+            return
+        write_encoder_weights(trainer, pl_module, self.snapshot_path(trainer, step))   # every rank (FSDP2 gather)
+        self.restored_step = step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training goes on: the restored weights will not be the last ones, so their provisional snapshot goes."""
+        self.trained = True
+        if self.restored_step is not None and self.restored_step not in self.snapshots and trainer.is_global_zero:
+            self.snapshot_path(trainer, self.restored_step).unlink(missing_ok=True)
+        self.restored_step = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step and step % self.every_n_steps == 0 and not self._has(step, f"step{step}"):
@@ -215,6 +242,10 @@ class CheckpointFusion(pl.Callback):
 
     # -- fusing --------------------------------------------------------------------------------------
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if not self.trained and "last" in self.collect and step and not self._has(step, "last") \
+                and (step in self.snapshots or step == self.restored_step):   # resumed at the end: no on_train_end
+            self.snapshots.setdefault(step, []).append("last")
         if is_fsdp2_sharded(pl_module.encoder.model):   # rank 0 alone cannot run the sharded module
             with consolidated_weights(pl_module.encoder.model):   # every rank gathers, rank 0 keeps the weights
                 encoder = unsharded_encoder(pl_module, trainer.strategy.root_device) if trainer.is_global_zero else None
