@@ -355,3 +355,22 @@ def test_fuse_removes_the_staging_folder_a_killed_fuse_left_beside_its_output(ti
                  "--output", str(out)]) == 0
     assert (out / "model.safetensors").is_file()
     assert hidden_entries(tmp_path) == [".other.tmp-k1ll3d_0"]
+
+
+def test_resuming_from_a_checkpoint_newer_than_last_ckpt_brings_last_ckpt_up_to_date(first_run, tiny_model_dir,
+                                                                                      tmp_path):
+    """Found by benchmarks/kill_anywhere.py: a fit killed while writing `last.ckpt` at its final step (after
+    `step2.ckpt`) resumed from `step2.ckpt` with nothing left to train, so no save followed and `last.ckpt` kept
+    step 1 for good: `codiemb fuse --model .../last.ckpt` or a sweep's resume then read the older state."""
+    root = tmp_path / "run"
+    shutil.copytree(first_run / "checkpoints", root / "checkpoints")
+    folder = root / "checkpoints"
+    shutil.copyfile(folder / "step1.ckpt", folder / "last.ckpt")   # the last.ckpt of step 1, its step-2 write killed
+    StartStep.seen.clear()
+    assert main(fit_args(tiny_model_dir, root, 2, "--ckpt_path", "last")) == 0
+    assert StartStep.seen == []                                      # nothing was left to train
+    last = torch.load(folder / "last.ckpt", weights_only=True, mmap=True)
+    step2 = torch.load(folder / "step2.ckpt", weights_only=True, mmap=True)
+    assert last["global_step"] == 2
+    assert all(torch.equal(last["state_dict"][key], value) for key, value in step2["state_dict"].items())
+    assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "notes.txt", "step1.ckpt", "step2.ckpt"]

@@ -21,7 +21,8 @@ from codiemb_pl.cli.config_errors import explain_config_error, parser_keys
 from codiemb_pl.cli.held_logs import HeldLogs
 from codiemb_pl.cli.moved_paths import check_no_moved_paths
 from codiemb_pl.cli.predict_output import check_output_path, write_embeddings
-from codiemb_pl.cli.run_folder import check_fit_outputs, checkpoint_folders, remove_stale_temporaries_of_run
+from codiemb_pl.cli.run_folder import (check_fit_outputs, checkpoint_folders, last_checkpoint_paths,
+                                      remove_stale_temporaries_of_run)
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sampler import POLICIES
 from codiemb_pl.errors import InputError
@@ -32,7 +33,7 @@ from codiemb_pl.model.pooling import check_pooling_mode
 from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
 from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
 from codiemb_pl.training.module import CoDiEmbModule
-from codiemb_pl.training.resume import resolve_last_checkpoint
+from codiemb_pl.training.resume import bring_last_up_to_date, lasts_to_watch, resolve_last_checkpoint
 from codiemb_pl.training.trainer import DurableTrainer
 
 
@@ -138,6 +139,7 @@ class CoDiEmbCLI(LightningCLI):
         temporaries a killed run left removed (`run_folder.remove_stale_temporaries_of_run`) and
         `--ckpt_path last` resolved to the newest complete checkpoint (`resume.resolve_last_checkpoint`)."""
         trainer = self.trainer
+        watched: list = []   # `--ckpt_path last`: the last checkpoints to bring up to date if the fit saves none
         warning = install_durable_checkpoint_io(trainer.strategy)
         if trainer.is_global_zero:
             for line in (warning, remove_stale_temporaries_of_run(trainer)):
@@ -148,7 +150,12 @@ class CoDiEmbCLI(LightningCLI):
             if line and trainer.is_global_zero:
                 print(line, flush=True)
             kwargs["ckpt_path"] = None if path is None else str(path)
+            if path is not None and trainer.is_global_zero:
+                watched = lasts_to_watch(path, last_checkpoint_paths(trainer))
         trainer.fit(model, **kwargs)
+        for last in bring_last_up_to_date(Path(kwargs["ckpt_path"]), watched) if watched else ():
+            print(f"[codiemb] --ckpt_path last: nothing was left to train, so {last} now holds "
+                  f"{Path(kwargs['ckpt_path']).name} (step {trainer.global_step})", flush=True)
 
     def before_validate(self) -> None:
         self.datamodule.setup("validate")  # read and check the sets before Lightning's banners

@@ -91,6 +91,16 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
     return list(dict.fromkeys(folders))
 
 
+def last_checkpoint_paths(trainer: Any) -> list[Path]:
+    """The files each ModelCheckpoint with `save_last=True` keeps its last checkpoint in (`<dirpath>/last.ckpt` by
+    default; none for a `CHECKPOINT_NAME_LAST` with format fields), without repeats."""
+    paths = [Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+             for callback in trainer.checkpoint_callbacks
+             if isinstance(callback, ModelCheckpoint) and callback.dirpath and callback.save_last is True
+             and "{" not in callback.CHECKPOINT_NAME_LAST]
+    return list(dict.fromkeys(paths))
+
+
 def fit_outputs(trainer: Any) -> list[FitOutput]:
     """Everything `fit` writes into: the run root, each logger's save_dir, the checkpoint folders, the export
     (and adapter) folder, the fusion folder with its snapshots and candidates."""

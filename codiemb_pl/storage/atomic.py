@@ -110,6 +110,38 @@ def move_into_place(staging: Path, final: Path) -> None:
         backup.unlink(missing_ok=True)
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    """Hard-link `source` as `target`; copy it where the filesystem has no hard links."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def link_into_place(source: Path, final: Path) -> None:
+    """Make `final` (in the same folder as `source`) hold what `source` holds, atomically: a hard link to the file
+    (a copy where links are unsupported), or for a folder a staged tree of links, flushed and moved into place as
+    `move_into_place` does. `source` is untouched, and a later atomic save of `final` replaces the link, not it."""
+    staging = final.parent / f".{final.name}.tmp-{os.urandom(4).hex()}"
+    try:
+        if source.is_dir():
+            shutil.copytree(source, staging, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(source), str(staging))
+        fsync_tree(staging)
+        move_into_place(staging, final)
+    except BaseException as error:
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+        raise_if_no_room(error, final)
+        raise
+
+
 def remove_stale_temporaries(folder: Path, names: Optional[Iterable[str]] = None) -> list[Path]:
     """Delete the project's temporary entries (`TEMPORARY_NAME`) directly in `folder`: those of the final
     names in `names`, or of any name when `names` is None. Call it only where no other process of this run

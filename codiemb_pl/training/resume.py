@@ -14,8 +14,11 @@ excluded) in the run's checkpoint folders instead:
 - newest: the highest global step, then a `last*` name, then the later modification time.
 
 The newest complete, resumable checkpoint is used: silently when it is a `last*` checkpoint, otherwise
-with one line saying why `last.ckpt` was passed over. No checkpoint at all: training starts from the
-beginning, with one line. Checkpoints but none usable: one `InputError` line listing them.
+with one line saying why `last.ckpt` was passed over; if the fit then saves no `last.ckpt` (nothing was
+left to train: a run killed while writing it at its final step), `last.ckpt` is made to hold the chosen
+checkpoint (`bring_last_up_to_date`: a hard link) instead of naming the older state for good. No
+checkpoint at all: training starts from the beginning, with one line. Checkpoints but none usable: one
+`InputError` line listing them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Iterable, Optional
 
 from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.sources import load_lightning_checkpoint
+from codiemb_pl.storage.atomic import link_into_place
 from codiemb_pl.storage.checkpoint_loading import verify_zip_records
 from codiemb_pl.training.checkpoint_io import checkpoint_folder_problem, read_folder_marker
 
@@ -140,3 +144,30 @@ def resolve_last_checkpoint(folders: list[Path]) -> tuple[Optional[Path], str]:
     else:
         reason = "there is no last.ckpt (the run stopped before writing it)"
     return chosen.path, f"[codiemb] --ckpt_path last: resuming from {chosen.path} (step {chosen.step}): {reason}"
+
+
+def file_identity(path: Path) -> Optional[tuple[int, int, int]]:
+    """(inode, size, modification time) of `path`, None if it does not exist: changes whenever a save replaces it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def lasts_to_watch(chosen: Path, lasts: Iterable[Path]) -> list[tuple[Path, Optional[tuple[int, int, int]]]]:
+    """The last checkpoints in `lasts` beside `chosen` (the checkpoint a run resumes from) other than it, each with
+    its `file_identity` before the run."""
+    return [(last, file_identity(last)) for last in lasts
+            if last.parent.resolve() == chosen.parent.resolve() and last.resolve() != chosen.resolve()]
+
+
+def bring_last_up_to_date(chosen: Path, watched: Iterable[tuple[Path, Optional[tuple[int, int, int]]]]) -> list[Path]:
+    """After a resumed fit: make each watched last checkpoint that no save replaced (the run had nothing left to
+    train) hold `chosen` (`atomic.link_into_place`). Returns those it changed."""
+    changed = []
+    for last, before in watched:
+        if file_identity(last) == before:
+            link_into_place(chosen, last)
+            changed.append(last)
+    return changed
