@@ -208,10 +208,65 @@ def test_a_run_with_last_ckpt_but_no_export_resumes_from_it(planned, finished_sw
     lines = []
     train_runs(planned, log=lines.append)                # (the CLI's resume: the SIGTERM test below)
     printed = "\n".join(lines)
-    assert f"a: resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in printed
+    assert f"a: resuming from the newest complete checkpoint in {run_a}" in printed
     assert "run 1/2 a: trained" in printed and "run 2/2 b: skipped" in printed
     after = load_file(run_a / "model" / "model.safetensors")
     assert all(torch.equal(after[key], value) for key, value in before.items())   # nothing trained again
+
+
+STEP_CHECKPOINTS = json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+    "every_n_train_steps": 1, "save_top_k": -1, "save_last": True, "filename": "step{step}",
+    "auto_insert_metric_name": False}})
+
+
+@pytest.fixture(scope="module")
+def one_finished_run(tiny_model_dir, tmp_path_factory):
+    """A one-run sweep (2 steps, a checkpoint after each) trained to the end; each test below leaves it finished."""
+    folder = tmp_path_factory.mktemp("one_run")
+    sweep = write_sweep(folder, {"overrides": {"trainer.max_steps": 2}, "runs": [{"name": "a"}],
+                                 "fusion": {"methods": ["uniform_soup"], "export": "uniform_soup", "evaluate": False}})
+    plan = plan_sweep(sweep, config=str(TINY_CONFIG), output=str(folder / "out"),
+                      extra_args=["--model.model_name_or_path", str(tiny_model_dir), "--trainer.callbacks", "[]",
+                                  "--trainer.callbacks+", STEP_CHECKPOINTS])
+    assert [outcome.status for outcome in train_runs(plan, log=lambda line: None)] == ["trained"]
+    return plan, plan.run_folder(plan.runs[0])
+
+
+def mark_unfinished(run_folder: Path) -> None:
+    """The run record as a sweep killed during that run's fit leaves it."""
+    from codiemb_pl.sweeps.records import RUN_RECORD
+
+    record = json.loads((run_folder / RUN_RECORD).read_text())
+    (run_folder / RUN_RECORD).write_text(json.dumps({**record, "finished": False}))
+
+
+def test_a_run_killed_while_writing_last_ckpt_resumes_from_its_newest_checkpoint(one_finished_run):
+    """Found by benchmarks/kill_anywhere.py: a sweep killed while its run wrote last.ckpt at step 2 (after
+    step2.ckpt) resumed that run from last.ckpt of step 1, or trained it from the start when there was no
+    last.ckpt yet, beside the old checkpoints: Lightning then wrote step2-v1.ckpt next to step2.ckpt."""
+    plan, run_a = one_finished_run
+    checkpoints = run_a / "checkpoints"
+    shutil.copyfile(checkpoints / "step1.ckpt", checkpoints / "last.ckpt")   # step 2's last.ckpt never landed
+    shutil.rmtree(run_a / "model")
+    mark_unfinished(run_a)
+    lines = []
+    assert [outcome.status for outcome in train_runs(plan, log=lines.append)] == ["trained"]
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt", "step1.ckpt", "step2.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True, mmap=True)["global_step"] == 2
+    assert f"a: resuming from the newest complete checkpoint in {run_a}" in "\n".join(lines)
+
+
+def test_a_run_whose_fit_did_not_end_is_not_skipped_because_its_export_exists(one_finished_run):
+    """Found by benchmarks/kill_anywhere.py: the export is written before the fit ends (its CheckpointFusion and
+    end-of-fit validation follow); a sweep killed in between counted the run as finished on the next attempt and
+    skipped it for good, with its fusion unfinished and its lock and temporaries left in its folder."""
+    plan, run_a = one_finished_run
+    mark_unfinished(run_a)
+    lines = []
+    assert [outcome.status for outcome in train_runs(plan, log=lines.append)] == ["trained"]
+    assert f"a: resuming from the newest complete checkpoint in {run_a}" in "\n".join(lines)
+    assert json.loads((run_a / "sweep_run.json").read_text())["finished"] is True
+    assert [outcome.status for outcome in train_runs(plan, log=lines.append)] == ["skipped"]
 
 
 class SigtermOnce(pl.Callback):
@@ -242,7 +297,7 @@ def test_sigterm_stops_the_sweep_and_the_same_command_resumes_it(tiny_model_dir,
     assert not list(out.rglob(".codiemb.lock*")), "the interrupted sweep left a run lock behind"
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert f"a: resuming from {out / 'runs' / 'a' / 'checkpoints' / 'last.ckpt'}" in printed
+    assert f"a: resuming from the newest complete checkpoint in {out / 'runs' / 'a'}" in printed
     assert "run 1/2 a: trained" in printed and "run 2/2 b: trained" in printed
     assert json.loads((out / "leaderboard.json").read_text())["exported"] == str(out / "model")
 
@@ -536,7 +591,7 @@ def test_a_run_recorded_before_the_move_resumes_from_its_last_ckpt(planned, fini
     lines = []
     train_runs(plan, log=lines.append)
     printed = "\n".join(lines)
-    assert f"a: resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in printed and "run 1/2 a: trained" in printed
+    assert f"a: resuming from the newest complete checkpoint in {run_a}" in printed and "run 1/2 a: trained" in printed
     after = load_file(run_a / "model" / "model.safetensors")
     assert all(torch.equal(after[key], value) for key, value in before.items())
 

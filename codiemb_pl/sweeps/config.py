@@ -25,7 +25,7 @@ from codiemb_pl.cli.run_folder import is_subclass_path
 from codiemb_pl.errors import InputError
 from codiemb_pl.sweeps.fusion_section import FusionOptions, check_fusion_names, fusion_options
 from codiemb_pl.sweeps.overrides import check_overrides, override_args
-from codiemb_pl.sweeps.records import is_finished_export, read_record, same_settings
+from codiemb_pl.sweeps.records import is_finished_export, read_record, record_says_unfinished, same_settings
 from codiemb_pl.sweeps.schema import EXPORT_FOLDER, FINAL, SweepRun, expand_runs, member_label, read_sweep_file
 from codiemb_pl.workflows.fusion.settings import MethodSpec, check_metric
 
@@ -73,12 +73,17 @@ class SweepPlan:
     def member_label(self, run: SweepRun, choice: str) -> str:
         return member_label(run, choice, self.checkpoints)
 
-    def is_finished(self, run: SweepRun) -> bool:
-        """The run's export is complete (written when fit ends) and, for snapshot choices, its fusion leaderboard."""
+    def has_outputs(self, run: SweepRun) -> bool:
+        """The run's export is complete and, for snapshot choices, its fusion leaderboard is written."""
         folder = self.run_folder(run)
         snapshots = any(choice != FINAL for choice in self.checkpoints)
         return is_finished_export(folder / "model") and (
             not snapshots or (folder / "fusion" / "leaderboard.json").is_file())
+
+    def is_finished(self, run: SweepRun) -> bool:
+        """`has_outputs`, and the run's record does not say its fit is unfinished (`records.record_says_unfinished`:
+        the export is written before the fit ends, its fusion and last validation follow)."""
+        return self.has_outputs(run) and not record_says_unfinished(self.run_folder(run))
 
     def same_settings(self, run: SweepRun, record: Mapping[str, Any]) -> bool:
         """`record` (a run folder's sweep_run.json) was made with this run's command and config."""

@@ -16,7 +16,7 @@ import yaml
 from codiemb_pl.errors import InputError
 
 MANAGED_KEYS = {"trainer.default_root_dir": "the sweep puts every run in OUTPUT/runs/NAME",
-                "ckpt_path": "the sweep resumes a run from its own last.ckpt"}
+                "ckpt_path": "the sweep resumes a run from its own checkpoints"}
 
 
 def check_overrides(entries: Any, where: str) -> dict[str, Any]:

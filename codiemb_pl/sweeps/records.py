@@ -1,7 +1,11 @@
-"""What a sweep run's folder says about it: finished (its export complete), and made with which settings
-(`OUTPUT/runs/NAME/sweep_run.json`: the run's name, `codiemb fit` arguments, overrides and resolved config).
+"""What a sweep run's folder says about it: finished (its export complete and its fit returned), and made with
+which settings (`OUTPUT/runs/NAME/sweep_run.json`: the run's name, `codiemb fit` arguments, overrides, resolved
+config and `finished`: false from the moment the run starts training until its fit has returned with its
+outputs complete; the export is written before the fit ends, its fusion and last validation follow, so the
+export alone does not mean finished).
 
-A run is reused (skipped when finished, resumed from its `last.ckpt` when not) only when `same_settings` holds:
+A run is reused (skipped when finished, resumed from its newest complete checkpoint when not) only when
+`same_settings` holds:
 the recorded command is the run's, and the recorded config is the run's resolved config as this version reads
 it. Records written by an older version still match when only the version changed: class and module paths
 that moved in 0.2 are rewritten (`cli.moved_paths.normalise_paths`), and the recorded config is resolved again
@@ -40,11 +44,24 @@ def read_record(folder: Path) -> Optional[dict[str, Any]]:
 
 
 def write_record(folder: Path, name: str, command: Sequence[str], overrides: Mapping[str, Any],
-                 config: Optional[Mapping[str, Any]]) -> None:
-    """Record (atomically) what the run is about to be trained with."""
+                 config: Optional[Mapping[str, Any]], finished: bool = False) -> None:
+    """Record (atomically) what the run is trained with, and whether its fit has returned (`finished`)."""
     atomic_write_text(folder / RUN_RECORD, json.dumps({"name": name, "command": list(command),
-                                                       "overrides": dict(overrides), "config": config},
-                                                      indent=2) + "\n")
+                                                       "overrides": dict(overrides), "config": config,
+                                                       "finished": finished}, indent=2) + "\n")
+
+
+def record_says_unfinished(folder: Path) -> bool:
+    """The run folder's record says its fit has not returned (a record without the key, written before it was
+    kept, or no record at all, e.g. a run trained from `--print-commands`: judged by its outputs alone)."""
+    record = read_record(folder)
+    return record is not None and record.get("finished") is False
+
+
+def run_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints (`*.ckpt` files and folders, hidden temporaries excluded) anywhere in a run folder."""
+    return sorted(path for path in folder.rglob("*.ckpt")
+                  if not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def same_settings(record: Mapping[str, Any], command: Sequence[str], config: Optional[Mapping[str, Any]],

@@ -31,10 +31,12 @@ config overrides (dotted keys, as `codiemb fit --print_config` shows them) and h
       evaluate: true                         # false: merge without scoring (needs `export`, no greedy_soup)
     manifest: {...}                          # facts recorded in leaderboard.json and the export's merge.json
 
-Everything is checked before anything is written. A run whose export is complete is skipped; one with
-`checkpoints/last.ckpt` and no export resumes from it; a crashed run is reported and the rest continue (fusion
-waits until every run has finished); SIGTERM / SIGINT stops the sweep after the current run saved its
-last.ckpt (exit code 0, as `codiemb fit`). `codiemb boom` is such a sweep (`sweeps.boom` plans it).
+Everything is checked before anything is written. A finished run (its export complete and its record,
+`sweep_run.json`, marked finished once its fit returned) is skipped; one with checkpoints resumes from the newest
+complete one (`ckpt_path="last"`), also when a kill cut its fit short after the export; a crashed run is
+reported and the rest continue (fusion waits until every run has finished); SIGTERM / SIGINT stops the sweep
+after the current run saved its last.ckpt (exit code 0, as `codiemb fit`). `codiemb boom` is such a sweep
+(`sweeps.boom` plans it).
 """
 
 from __future__ import annotations
