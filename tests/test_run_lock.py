@@ -237,6 +237,30 @@ def test_live_holder_on_this_host_is_refused(tmp_path, sleeper):
     assert "\n" not in str(refused.value)
 
 
+def test_the_lock_temporaries_of_killed_runs_are_removed_by_the_next_holder(tmp_path, sleeper):
+    """Found by benchmarks/kill_anywhere.py: a run killed while creating its lock (after writing
+    `.codiemb.lock.TOKEN.tmp`, before removing it) left that file for good, as one killed during a takeover
+    leaves `.codiemb.lock.takeover-TOKEN`. The next holder removes those of dead processes (and unreadable ones
+    an hour old); a live process's are its own."""
+    def temporary(name: str, **fields) -> Path:
+        holder = dataclasses.replace(Holder.this_process("fit", False, command="codiemb fit ..."), **fields)
+        path = tmp_path / name.format(token=holder.token)
+        path.write_text(holder.to_text())
+        return path
+
+    tmp_path.mkdir(exist_ok=True)
+    dead = [temporary(f"{LOCK_NAME}.{{token}}.tmp", pid=dead_pid(), start_ticks=None),
+            temporary(f"{LOCK_NAME}.takeover-{{token}}", kind="takeover", pid=dead_pid(), start_ticks=None)]
+    cut_short = tmp_path / f"{LOCK_NAME}.0123456789abcdef.tmp"
+    cut_short.write_text('{"codiemb_run_lock": 1, "ki')
+    os.utime(cut_short, (time.time() - 3600, time.time() - 3600))
+    live = temporary(f"{LOCK_NAME}.{{token}}.tmp", pid=sleeper.pid, start_ticks=process_start_ticks(sleeper.pid))
+    with run_lock(tmp_path, "fit") as handle:
+        assert handle.owned
+        assert sorted(path.name for path in tmp_path.iterdir()) == sorted([LOCK_NAME, live.name])
+    assert not any(path.exists() for path in dead + [cut_short])
+
+
 def test_reused_pid_is_taken_over(tmp_path, sleeper):
     """The pid is alive but started at another time than the holder: another process got the pid."""
     write_lock(tmp_path, pid=sleeper.pid, start_ticks=process_start_ticks(sleeper.pid) - 1)

@@ -4,7 +4,9 @@ Global rank 0 creates `<root>/.codiemb.lock` atomically: the holder (host, pid, 
 and pid-namespace ids, start date, command) is written to a temporary file that is then hard-linked to
 the lock name. `link` fails when the name exists, also on NFS (where `flock` is unreliable; a lost
 reply is recognised by the temporary file's link count), and a reader never sees a half-written lock.
-Where hard links are not supported the lock is created with `O_CREAT | O_EXCL` instead.
+Where hard links are not supported the lock is created with `O_CREAT | O_EXCL` instead. A process
+killed meanwhile leaves that temporary (or a takeover's mutex, below); the next holder removes those
+of dead processes (`_remove_dead_temporaries`).
 
 A second run on the folder gets one `InputError` line naming the holder. A lock whose holder is gone is
 taken over with a warning when the holder ran on this machine (same host name, boot and pid namespace)
@@ -24,6 +26,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -42,6 +45,9 @@ RANK_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_
 COVER_DEPTH = 2   # a sweep's run folders are OUTPUT/runs/NAME: how many folders up a run looks for a tree lock
 UNREADABLE_RETRY_S = 1.0   # an O_EXCL-created lock is empty for a moment: how long to wait for its content
 NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
+LOCK_TEMPORARY = re.compile(r"^" + re.escape(LOCK_NAME) + r"\.(?:[0-9a-f]+\.tmp|takeover-[0-9a-f]+)$")
+"""The lock's own temporaries: `LOCK.TOKEN.tmp` (a lock being created) and `LOCK.takeover-TOKEN` (a takeover's mutex)."""
+UNREADABLE_TEMPORARY_S = 600.0   # an unreadable lock temporary this old was cut short by a kill
 
 _HELD: dict[Path, "RunLock"] = {}
 """The locks this process holds, by lock path (a sweep's in-process fits find their sweep's lock here)."""
@@ -328,6 +334,23 @@ def _remove_stale(path: Path, stale: Holder) -> bool:
         os.unlink(mutex)
 
 
+def _remove_dead_temporaries(lock_path: Path) -> None:
+    """Delete the lock temporaries (`LOCK_TEMPORARY`) that killed processes left beside `lock_path`: those naming
+    a holder that is `superseded`, and unreadable ones older than `UNREADABLE_TEMPORARY_S` (a write cut short).
+    The lock's holder calls it; a live process's temporaries are left to it. Never raises."""
+    for path in lock_path.parent.iterdir():
+        if LOCK_TEMPORARY.match(path.name) is None:
+            continue
+        try:
+            holder = Holder.from_text(path.read_text(encoding="utf-8"))
+            stale = holder.superseded() is not None if holder is not None else \
+                time.time() - path.stat().st_mtime > UNREADABLE_TEMPORARY_S
+            if stale:
+                path.unlink()
+        except (OSError, UnicodeDecodeError):
+            continue
+
+
 def _refusal(root: Path, lock_path: Path, holder: Holder, folder_option: str, covered: bool = False) -> InputError:
     elsewhere = holder.elsewhere()
     what = (f"{holder.describe()} holds {lock_path} and writes every run folder under it" if covered
@@ -382,6 +405,7 @@ def acquire_run_lock(root: str | os.PathLike, kind: str, *, tree: bool = False,
             if taken:
                 lock = RunLock(lock_path, mine, created)
                 _HELD[lock_path] = lock
+                _remove_dead_temporaries(lock_path)
                 return lock
             try:
                 current = read_holder(lock_path)
