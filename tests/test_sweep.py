@@ -269,6 +269,27 @@ def test_a_run_whose_fit_did_not_end_is_not_skipped_because_its_export_exists(on
     assert [outcome.status for outcome in train_runs(plan, log=lines.append)] == ["skipped"]
 
 
+def test_the_temporaries_of_a_killed_sweep_are_removed_when_it_runs_again(one_finished_run, capsys):
+    """Found by benchmarks/kill_anywhere.py: a sweep killed during its own fusion or export left its staging
+    folders and temporary files in OUTPUT for good (each fit cleans its own run folder; nothing cleaned the
+    sweep's). The export is staged twice (the folder, then `TextEncoder.save` into it): `..model.tmp-*.tmp-*`."""
+    from codiemb_pl.sweeps.sweep import execute_sweep
+
+    plan, _ = one_finished_run
+    out = plan.output
+    planted = [out / ".model.tmp-k1ll3d00", out / "..model.tmp-k1ll3d00.tmp-4b3c", out / ".leaderboard.json.tmp-x1",
+               out / "fusion" / ".base.safetensors.tmp-x2", out / "fusion" / "candidates" / ".uniform_soup.safetensors.tmp-x3"]
+    for path in planted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    (out / ".notes.tmp-mine").write_text("not a name the sweep writes in OUTPUT")
+    lines = []
+    assert execute_sweep(plan, fuse_only=True, log=lines.append).code == 0
+    assert not [path for path in planted if path.exists()]
+    assert (out / ".notes.tmp-mine").is_file() and (out / "model" / "modules.json").is_file()
+    assert any(line.startswith("[codiemb sweep] removed 5 temporary") for line in lines), lines
+
+
 class SigtermOnce(pl.Callback):
     """Send this process SIGTERM after the first optimizer step, once (the marker file remembers it)."""
 

@@ -142,17 +142,28 @@ def link_into_place(source: Path, final: Path) -> None:
         raise
 
 
+def final_name(name: str) -> Optional[str]:
+    """The final name a temporary entry named `name` is written for (None: not a temporary). A temporary of a
+    temporary (`..NAME.tmp-X.tmp-Y`: something written atomically into a staging folder's name) is NAME's."""
+    match = TEMPORARY_NAME.match(name)
+    if match is None:
+        return None
+    while (inner := TEMPORARY_NAME.match(match.group("name"))) is not None:
+        match = inner
+    return match.group("name")
+
+
 def remove_stale_temporaries(folder: Path, names: Optional[Iterable[str]] = None) -> list[Path]:
     """Delete the project's temporary entries (`TEMPORARY_NAME`) directly in `folder`: those of the final
-    names in `names`, or of any name when `names` is None. Call it only where no other process of this run
+    names in `names` (`final_name`), or of any name when `names` is None. Call it only where no other process of this run
     can be writing (a run's start, under its lock). Returns what was removed."""
     if not folder.is_dir():
         return []
     wanted = None if names is None else set(names)
     removed = []
     for entry in sorted(folder.iterdir()):
-        match = TEMPORARY_NAME.match(entry.name)
-        if match is None or (wanted is not None and match.group("name") not in wanted):
+        name = final_name(entry.name)
+        if name is None or (wanted is not None and name not in wanted):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

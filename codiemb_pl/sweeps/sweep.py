@@ -36,7 +36,8 @@ Everything is checked before anything is written. A finished run (its export com
 complete one (`ckpt_path="last"`), also when a kill cut its fit short after the export; a crashed run is
 reported and the rest continue (fusion waits until every run has finished); SIGTERM / SIGINT stops the sweep
 after the current run saved its last.ckpt (exit code 0, as `codiemb fit`). `codiemb boom` is such a sweep
-(`sweeps.boom` plans it).
+(`sweeps.boom` plans it). The temporaries a killed sweep left beside its export and leaderboards and in
+OUTPUT/fusion are removed when it runs again (`remove_stale_sweep_temporaries`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from codiemb_pl.storage.atomic import remove_stale_temporaries
 from codiemb_pl.sweeps.config import SweepPlan
 from codiemb_pl.sweeps.leaderboard import fuse_sweep
 from codiemb_pl.sweeps.runs import FAILED, INTERRUPTED, RunOutcome, train_runs
@@ -63,8 +65,21 @@ class SweepResult:
     exported: Optional[Path] = None
 
 
+def remove_stale_sweep_temporaries(plan: SweepPlan) -> list[Path]:
+    """Delete the temporaries a killed sweep left where it alone writes: beside its export and leaderboards in
+    OUTPUT, and in OUTPUT/fusion (each run's fit cleans its own folder). Call it under the sweep's lock."""
+    fusion = plan.output / "fusion"
+    return (remove_stale_temporaries(plan.output, {plan.export_folder, "leaderboard.json", "leaderboard.md"})
+            + remove_stale_temporaries(fusion) + remove_stale_temporaries(fusion / "candidates"))
+
+
 def execute_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> SweepResult:
-    """Train (unless `fuse_only`), then fuse once every run has finished."""
+    """Train (unless `fuse_only`), then fuse once every run has finished. Call it under the sweep's lock: it
+    first removes the temporaries a killed sweep left (`remove_stale_sweep_temporaries`)."""
+    removed = remove_stale_sweep_temporaries(plan)
+    if removed:
+        log(f"[codiemb sweep] removed {len(removed)} temporary file(s)/folder(s) an interrupted sweep left: "
+            + ", ".join(str(path) for path in removed))
     outcomes: list[RunOutcome] = []
     if not fuse_only:
         outcomes = train_runs(plan, log)
