@@ -690,7 +690,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if args.record:
             Path(args.record).write_text(json.dumps([dataclasses.asdict(t) for t in trials], indent=1) + "\n")
-        print(f"\n{summary_table(trials)}\n\nwhere the kills landed\n{places_table(trials)}\n\n{len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, "
+        print(f"\n{summary_table(trials)}\n\nwhere the kills landed\n{places_table(trials)}\n\n"
+              f"{len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, "
               f"seed {args.seed}, fit of {args.steps} steps, poll every {POLL_S * 1000:.0f} ms; runs in {folder}",
               flush=True)
     failed = any(t.failures for t in trials)

@@ -278,7 +278,8 @@ def test_the_temporaries_of_a_killed_sweep_are_removed_when_it_runs_again(one_fi
     plan, _ = one_finished_run
     out = plan.output
     planted = [out / ".model.tmp-k1ll3d00", out / "..model.tmp-k1ll3d00.tmp-4b3c", out / ".leaderboard.json.tmp-x1",
-               out / "fusion" / ".base.safetensors.tmp-x2", out / "fusion" / "candidates" / ".uniform_soup.safetensors.tmp-x3"]
+               out / "fusion" / ".base.safetensors.tmp-x2",
+               out / "fusion" / "candidates" / ".uniform_soup.safetensors.tmp-x3"]
     for path in planted:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"partial")

@@ -187,7 +187,8 @@ class CheckpointFusion(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.trained = False
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
         """The module holds the restored weights now. If they may become the `last` snapshot (a checkpoint of the
         final step resumes without training, see the module docstring) and their step has none, write it."""
         step = int(checkpoint.get("global_step") or 0)

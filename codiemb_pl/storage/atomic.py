@@ -155,8 +155,8 @@ def final_name(name: str) -> Optional[str]:
 
 def remove_stale_temporaries(folder: Path, names: Optional[Iterable[str]] = None) -> list[Path]:
     """Delete the project's temporary entries (`TEMPORARY_NAME`) directly in `folder`: those of the final
-    names in `names` (`final_name`), or of any name when `names` is None. Call it only where no other process of this run
-    can be writing (a run's start, under its lock). Returns what was removed."""
+    names in `names` (`final_name`), or of any name when `names` is None. Call it only where no other process
+    of this run can be writing (a run's start, under its lock). Returns what was removed."""
     if not folder.is_dir():
         return []
     wanted = None if names is None else set(names)

@@ -46,7 +46,7 @@ COVER_DEPTH = 2   # a sweep's run folders are OUTPUT/runs/NAME: how many folders
 UNREADABLE_RETRY_S = 1.0   # an O_EXCL-created lock is empty for a moment: how long to wait for its content
 NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 LOCK_TEMPORARY = re.compile(r"^" + re.escape(LOCK_NAME) + r"\.(?:[0-9a-f]+\.tmp|takeover-[0-9a-f]+)$")
-"""The lock's own temporaries: `LOCK.TOKEN.tmp` (a lock being created) and `LOCK.takeover-TOKEN` (a takeover's mutex)."""
+"""The lock's temporaries: `LOCK.TOKEN.tmp` (a lock being created), `LOCK.takeover-TOKEN` (a takeover's mutex)."""
 UNREADABLE_TEMPORARY_S = 600.0   # an unreadable lock temporary this old was cut short by a kill
 
 _HELD: dict[Path, "RunLock"] = {}
