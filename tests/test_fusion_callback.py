@@ -161,6 +161,14 @@ def test_a_fit_resumed_after_its_last_step_still_fuses_its_last_snapshot(tiny_mo
     assert sorted(path.name for path in (fusion / "snapshots").iterdir()) == ["base.safetensors",
                                                                              "step0000002.safetensors"]
 
+    # resumed from step 1 (no snapshot there): the restored weights are written in case training is over, and
+    # removed again when it goes on
+    assert main(args + ["--ckpt_path", str(run / "checkpoints" / "epoch=0-step=1.ckpt")]) == 0
+    assert sorted(path.name for path in (fusion / "snapshots").iterdir()) == ["base.safetensors",
+                                                                             "step0000002.safetensors"]
+    resumed = json.loads((fusion / "leaderboard.json").read_text())
+    assert [row["name"] for row in resumed["ranking"]] == [row["name"] for row in board["ranking"]]
+
 
 def test_unset_dirpath_follows_the_trainer_root(tmp_path):
     from types import SimpleNamespace
