@@ -13,7 +13,8 @@ Each entry point runs on a tiny random BERT (2 layers, hidden 32) with the packa
 A trial starts the command in a fresh folder and stops it (SIGSTOP, so what exists at that instant can be
 listed, then SIGKILL to the whole process group) at one of two kinds of moment, alternating by trial:
 
-- `uniform`: a time drawn uniformly between the start and the reference run's duration;
+- `uniform`: a time drawn uniformly between the start and the duration of the latest full run (the
+  reference, or an attempt that ended before its moment: the shared machine's pace changes);
 - `save`: while a temporary exists. The run folder is polled every `POLL_S` for the project's temporaries
   (`atomic.TEMPORARY_NAME`: `.NAME.tmp-*` files and staging folders, `.NAME.old-*`; and the run lock's
   `.codiemb.lock.*.tmp` / `.takeover-*`); the kill lands inside the k-th of them, k drawn uniformly from
@@ -21,7 +22,7 @@ listed, then SIGKILL to the whole process group) at one of two kinds of moment, 
   ended between the poll and the stop) the process continues and the next one is taken. No test hook: the
   files observed are the real ones.
 
-If the command ends before its moment (a uniform time beyond a faster run), the trial draws again (up to 3
+If the command ends before its moment (a uniform time beyond a faster run), the trial draws again (up to 5
 attempts, recorded). After the kill, every final artefact must be absent or complete: `*.ckpt` load with
 the project's safe loader, exports (`model/`, `fusion/model/`, `fused/`) load with
 `sentence_transformers.SentenceTransformer` and give finite embeddings, `*.safetensors` load and are
@@ -63,7 +64,7 @@ from codiemb_pl.storage.run_lock import LOCK_NAME, LOCK_TEMPORARY  # noqa: E402
 ENTRY_POINTS = ("fit", "fuse", "sweep")
 MODES = ("save", "uniform")
 POLL_S = 0.001
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 5
 COMMAND_TIMEOUT_S = 600
 EXPORT_NAMES = ("model", "fused")           # folders that must be complete sentence-transformers exports
 REQUIRED = {                                # what a finished run leaves (globs relative to the run folder)
@@ -146,6 +147,9 @@ class Workspace:
     model: Path
     steps: int
     references: dict[str, Reference] = field(default_factory=dict)
+    durations: dict[str, float] = field(default_factory=dict)
+    """The latest full run seen per entry point (the reference, then any attempt that ran to its end): the span
+    uniform moments are drawn from, since a shared machine's speed changes over the hours a harness runs."""
 
     @property
     def fit_config_path(self) -> Path:
@@ -355,10 +359,11 @@ def inventory(root: Path) -> list[str]:
     return found
 
 
-def draw_plan(rng: random.Random, mode: str, ref: Reference) -> KillPlan:
-    """A uniform moment in [0, the reference's duration), or the k-th of the reference's temporaries."""
+def draw_plan(rng: random.Random, mode: str, ref: Reference, seconds: float) -> KillPlan:
+    """A uniform moment in [0, `seconds`) (how long a full run takes now), or the k-th of the reference's
+    temporaries."""
     if mode == "uniform":
-        return KillPlan("uniform", at_seconds=rng.uniform(0.0, ref.seconds))
+        return KillPlan("uniform", at_seconds=rng.uniform(0.0, seconds))
     return KillPlan("save", save_index=rng.randint(1, max(1, len(ref.temporaries))))
 
 
@@ -555,7 +560,8 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
     """Kill `entry` at a seeded moment (`mode`: save / uniform, default alternating by `index`), check what it
     left, re-run it, check again and compare with the reference run (`compare`).
 
-    The moment is drawn from the reference run (its duration, its temporaries), or given as `plan` (then no
+    The moment is drawn from the reference run (its temporaries; for a time, the latest full run's duration:
+    an attempt that ends before its moment is drawn again, up to `MAX_ATTEMPTS`), or given as `plan` (then no
     reference is needed unless `compare`; a retry halves it). `in_process`: the re-run and the reference run in
     this process (the tests' way: no second interpreter start); the killed run is always a subprocess."""
     mode = plan.mode if plan is not None else (mode or MODES[index % 2])
@@ -569,12 +575,13 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
         root.mkdir(parents=True)
         trial.attempts = attempt
         if plan is None:
-            chosen = draw_plan(rng, mode, ref)
+            chosen = draw_plan(rng, mode, ref, workspace.durations.get(entry, ref.seconds))
         elif attempt > 1:   # the command ended before the given moment
             chosen = KillPlan(mode, chosen.at_seconds / 2, max(1, chosen.save_index // 2))
         watched = watch_run(workspace.command(entry, root), root, root / "output.log", chosen)
         if watched.killed_at is not None:
             break
+        workspace.durations[entry] = watched.seconds   # it ran to its end: the next draw knows the pace now
     trial.killed = watched.killed_at is not None
     trial.killed_at, trial.late_stops = watched.killed_at, watched.late_stops
     trial.temporaries, trial.artefacts = watched.existing_temporaries, watched.existing_artefacts
