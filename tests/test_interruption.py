@@ -181,3 +181,54 @@ def test_writer_killed_mid_write_leaves_nothing_under_the_final_name(kind, previ
         assert final.read_text() == "old"
     leftovers = [p.name for p in tmp_path.iterdir() if p != final]
     assert leftovers and all(name.startswith(f".{final.name}.tmp-") for name in leftovers)
+
+
+def test_a_folder_replacing_a_folder_never_leaves_its_name_empty(tmp_path, monkeypatch):
+    """A kill can land after any filesystem call of `move_into_place`: after each one, the final name must hold
+    the previous folder or the new one. (Before: the previous folder was renamed aside first, so a kill before
+    the second rename left no `model/` at all, only `.model.old-*`, which the next run deleted.)"""
+    import shutil as shutil_module
+
+    from codiemb_pl.storage import atomic
+
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "weights").write_text("previous")
+    empty_moments: list[str] = []
+
+    def checked(name, function):
+        def call(*args, **kwargs):
+            result = function(*args, **kwargs)
+            if not (final / "weights").is_file():
+                empty_moments.append(name)
+            return result
+        return call
+
+    monkeypatch.setattr(Path, "rename", checked("Path.rename", Path.rename))
+    monkeypatch.setattr(atomic.os, "replace", checked("os.replace", os.replace))
+    monkeypatch.setattr(atomic.shutil, "rmtree", checked("shutil.rmtree", shutil_module.rmtree))
+    if hasattr(atomic, "exchange"):   # the one-step swap (Linux renameat2)
+        monkeypatch.setattr(atomic, "exchange", checked("exchange", atomic.exchange))
+    with atomic.atomic_directory(final) as staging:
+        (staging / "weights").write_text("new")
+    assert (final / "weights").read_text() == "new"
+    assert not empty_moments, f"model/ was absent after {empty_moments}"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_previous_folder_a_killed_writer_set_aside_is_put_back(tmp_path):
+    """Where folders cannot be swapped in one step (`atomic.exchange` is False), a writer killed between setting
+    the previous folder aside and renaming the new one into place leaves `.NAME.old-*` and no NAME: the next
+    run's cleanup puts the previous folder back instead of deleting it (before: deleted, the export was lost)."""
+    from codiemb_pl.storage.atomic import remove_stale_temporaries
+
+    (tmp_path / ".model.old-k1ll3d").mkdir()
+    (tmp_path / ".model.old-k1ll3d" / "weights").write_text("previous")
+    (tmp_path / ".model.tmp-n3w").mkdir()                     # the new one, never moved into place
+    (tmp_path / ".results.json.old-x").write_text("stale")  # a file's: files are replaced in one os.replace
+    (tmp_path / "results.json").write_text("current")
+    removed = remove_stale_temporaries(tmp_path)
+    assert (tmp_path / "model" / "weights").read_text() == "previous"
+    assert (tmp_path / "results.json").read_text() == "current"
+    assert sorted(path.name for path in removed) == [".model.tmp-n3w", ".results.json.old-x"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "results.json"]

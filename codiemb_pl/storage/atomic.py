@@ -5,16 +5,20 @@ export. The helpers write next to the target under a hidden temporary name (`.NA
 filesystem, so the final rename is atomic), flush the data to disk (fsync of the files, then of the
 folder) and only then move the result into place. A full disk ends in one `InputError` line with the
 final name untouched and the temporary removed. A process killed mid-write leaves at most a temporary
-entry, which `remove_stale_temporaries` recognises by its name and the next run removes.
+entry, which `remove_stale_temporaries` recognises by its name and the next run removes. A folder replacing
+a folder is swapped in one step where the system can (`exchange`), so the final name never stands empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -81,16 +85,59 @@ def raise_if_no_room(error: BaseException, final: Path) -> None:
                          "free space on that filesystem (or raise the quota / file size limit) and rerun") from error
 
 
+RENAME_EXCHANGE = 2      # renameat2(2) flag: swap the two names atomically
+AT_FDCWD = -100          # renameat2(2): paths relative to the working folder
+
+
+@functools.cache
+def _renameat2():
+    """libc's `renameat2` (Linux, glibc 2.28+), None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap the entries `first` and `second` (both existing, one filesystem) in one step: no moment in which
+    either name is absent, even for folders. False, with nothing changed, where the system or the filesystem
+    cannot (not Linux, an old kernel or libc, a filesystem without `RENAME_EXCHANGE`, e.g. some network ones)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
+def _remove_entry(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def move_into_place(staging: Path, final: Path) -> None:
     """Rename `staging` (a file or a folder beside `final`) to `final`, then flush the folder entry.
 
-    A file replaces a file in one `os.replace`. A folder (or a file over a folder) first renames the
-    previous `final` aside (`.NAME.old-XXXX`), renames `staging` into place and deletes the old one; if
-    the second rename fails the old one is put back.
+    A file replaces a file in one `os.replace`. A folder (or a file over a folder) is swapped with the previous
+    `final` in one step (`exchange`) and the previous content, now under the staging name, deleted. Where that
+    is not possible, the previous `final` is renamed aside (`.NAME.old-XXXX`), `staging` renamed into place and
+    the old one deleted; if the second rename fails the old one is put back, and if the process is killed in
+    between, the next `remove_stale_temporaries` puts it back.
     """
     if not final.is_dir() and not staging.is_dir():
         os.replace(staging, final)
         _fsync_directory(final.parent)
+        return
+    if (final.exists() or final.is_symlink()) and exchange(staging, final):
+        _fsync_directory(final.parent)
+        _remove_entry(staging)   # the previous content
         return
     backup: Path | None = None
     try:
@@ -155,8 +202,10 @@ def final_name(name: str) -> Optional[str]:
 
 def remove_stale_temporaries(folder: Path, names: Optional[Iterable[str]] = None) -> list[Path]:
     """Delete the project's temporary entries (`TEMPORARY_NAME`) directly in `folder`: those of the final
-    names in `names` (`final_name`), or of any name when `names` is None. Call it only where no other process
-    of this run can be writing (a run's start, under its lock). Returns what was removed."""
+    names in `names` (`final_name`), or of any name when `names` is None. A previous version set aside
+    (`.NAME.old-XXXX`) whose NAME is absent (a process killed between the two renames of `move_into_place`) is
+    renamed back instead: what was written is not lost. Call it only where no other process of this run can be
+    writing (a run's start, under its lock). Returns what was removed."""
     if not folder.is_dir():
         return []
     wanted = None if names is None else set(names)
@@ -165,10 +214,11 @@ def remove_stale_temporaries(folder: Path, names: Optional[Iterable[str]] = None
         name = final_name(entry.name)
         if name is None or (wanted is not None and name not in wanted):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        if entry.name.startswith(f".{name}.old-") and not (folder / name).exists() \
+                and not (folder / name).is_symlink():
+            entry.rename(folder / name)
+            continue
+        _remove_entry(entry)
         removed.append(entry)
     return removed
 
