@@ -2,6 +2,7 @@
 
     python benchmarks/kill_anywhere.py                        # 30 trials per entry point, prints the table
     python benchmarks/kill_anywhere.py --trials 4 --entry fit --workdir /tmp/kills --seed 1
+    python benchmarks/kill_anywhere.py --start spawn          # each run a fresh `python -m codiemb_pl`
 
 Each entry point runs on a tiny random BERT (2 layers, hidden 32) with the package's demo data:
 
@@ -10,28 +11,39 @@ Each entry point runs on a tiny random BERT (2 layers, hidden 32) with the packa
 - `fuse`: TIES of `last.ckpt`, a snapshot and the export of the reference fit, scored on the demo dev sets;
 - `sweep`: two runs of that fit config (another sampler policy, another learning rate), fused (`model/`).
 
-A trial starts the command in a fresh folder and stops it (SIGSTOP, so what exists at that instant can be
-listed, then SIGKILL to the whole process group) at one of two kinds of moment, alternating by trial:
+A trial starts the command in a fresh folder, in its own process group, and stops it (SIGSTOP, so what exists
+at that instant can be listed, then SIGKILL to the whole group) at one of two kinds of moment, alternating by
+trial:
 
 - `uniform`: a time drawn uniformly between the start and the duration of the latest full run (the
   reference, or an attempt that ended before its moment: the shared machine's pace changes);
 - `save`: while a temporary exists. The run folder is polled every `POLL_S` for the project's temporaries
   (`atomic.TEMPORARY_NAME`: `.NAME.tmp-*` files and staging folders, `.NAME.old-*`; and the run lock's
-  `.codiemb.lock.*.tmp` / `.takeover-*`); the kill lands inside the k-th of them, k drawn uniformly from
-  the count the reference run showed. If that temporary is gone once the process is stopped (the save
-  ended between the poll and the stop) the process continues and the next one is taken. No test hook: the
-  files observed are the real ones.
+  `.codiemb.lock.*.tmp` / `.takeover-*`). The kinds of write the reference run showed (`write_kind`:
+  checkpoint, export, snapshot or merge, record, lock file) take turns, and the kill lands inside the k-th
+  write of the trial's kind, k drawn uniformly from the count the reference showed. If that temporary is
+  gone once the process is stopped (the save ended between the poll and the stop) the process continues and
+  the next one is taken. No test hook: the files observed are the real ones; only `os.fsync` is made 20 ms
+  slower in every run (`stretch_fsync`, as on a network filesystem), so that a small record, written and
+  renamed within microseconds otherwise, lives long enough to be seen.
 
 If the command ends before its moment (a uniform time beyond a faster run), the trial draws again (up to 5
 attempts, recorded). After the kill, every final artefact must be absent or complete: `*.ckpt` load with
 the project's safe loader, exports (`model/`, `fusion/model/`, `fused/`) load with
 `sentence_transformers.SentenceTransformer` and give finite embeddings, `*.safetensors` load and are
-finite, JSON / YAML parse, the lock file names its holder. Then the same command runs again (`fit` with
-`--ckpt_path last`) and must exit 0 (taking over the killed run's lock), leave every final artefact,
-no temporary and no lock behind, and end with the uninterrupted reference run's results: every weight
-file (checkpoint `state_dict` and optimizer state, exports, snapshots, merges) equal tensor by tensor
-(`torch.equal`: exact, not to a tolerance), every other file of an export and the leaderboards equal
-once the run folder's path is replaced by the reference's.
+finite, JSON / YAML parse, the lock file names its holder; and nothing written is lost: no final name is
+absent while its previous version lies set aside (`.NAME.old-*`). Then the same command runs again (`fit`
+with `--ckpt_path last`) and must exit 0 (taking over the killed run's lock; a refusal, exit code 2 with one
+`codiemb: error:` line, is reported with that line), leave every final artefact, no temporary and no lock
+behind, and end with the uninterrupted reference run's results: every weight file (checkpoint `state_dict`
+and optimizer state, exports, snapshots, merges) equal tensor by tensor (`torch.equal`: exact, not to a
+tolerance), every other file of an export and the leaderboards equal once the run folder's path is replaced
+by the reference's.
+
+Runs start by default as forked children of the harness (`--start fork`), which has imported what `codiemb`
+imports once (`preload`, torch on one thread): each child is where a fresh interpreter would be after its
+imports, so uniform moments land in the work rather than in 10-20 s of imports on the shared machine, and a
+trial costs a third of the time. `--start spawn` runs a fresh `python -m codiemb_pl` each time instead.
 
 The functions are also what `tests/test_kill_anywhere.py` runs (three seeded trials).
 """
@@ -39,6 +51,7 @@ The functions are also what `tests/test_kill_anywhere.py` runs (three seeded tri
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,12 +71,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from codiemb_pl.storage.atomic import TEMPORARY_NAME  # noqa: E402
+from codiemb_pl.storage.atomic import TEMPORARY_NAME, final_name  # noqa: E402
 from codiemb_pl.storage.run_lock import LOCK_NAME, LOCK_TEMPORARY  # noqa: E402
 
 ENTRY_POINTS = ("fit", "fuse", "sweep")
 MODES = ("save", "uniform")
 POLL_S = 0.001
+FSYNC_STRETCH_S = 0.02                      # every fsync in a run takes at least this long (`stretch_fsync`)
 MAX_ATTEMPTS = 5
 COMMAND_TIMEOUT_S = 600
 EXPORT_NAMES = ("model", "fused")           # folders that must be complete sentence-transformers exports
@@ -75,6 +89,11 @@ REQUIRED = {                                # what a finished run leaves (globs 
               "runs/b/sweep_run.json"],
 }
 SAMPLE_TEXTS = ["what is the capital of france", "Paris is the capital and largest city of France."]
+STARTS = ("fork", "spawn")                  # how a run's process starts (`start_codiemb`)
+PRELOADED = ("lightning.pytorch", "sentence_transformers", "transformers", "codiemb_pl.cli.lightning",
+             "codiemb_pl.cli.fit", "codiemb_pl.sweeps.sweep", "codiemb_pl.sweeps.leaderboard",
+             "codiemb_pl.workflows.fusion", "codiemb_pl.callbacks", "codiemb_pl.data.datamodule",
+             "codiemb_pl.training.module", "codiemb_pl.evaluation.suite")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -146,6 +165,7 @@ class Workspace:
     folder: Path
     model: Path
     steps: int
+    start: str = "fork"             # how every run's process starts (`start_codiemb`)
     references: dict[str, Reference] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
     """The latest full run seen per entry point (the reference, then any attempt that ran to its end): the span
@@ -175,8 +195,9 @@ def write_yaml(path: Path, content: dict[str, Any]) -> Path:
     return path
 
 
-def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4) -> Workspace:
-    """Write the configs into `folder` (and a tiny random BERT when `model` is None); no run yet."""
+def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4, start: str = "fork") -> Workspace:
+    """Write the configs into `folder` (and a tiny random BERT when `model` is None); no run yet. `start="fork"`
+    preloads this process (`preload`)."""
     folder.mkdir(parents=True, exist_ok=True)
     if model is None:
         sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -185,30 +206,27 @@ def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4
         model = folder / "tiny_bert"
         if not (model / "model.safetensors").is_file():
             build_tiny_bert(model)
-    workspace = Workspace(folder, Path(model), steps)
+    workspace = Workspace(folder, Path(model), steps, start)
+    if start == "fork":
+        preload()
     write_yaml(workspace.fit_config_path, fit_config(workspace.model, steps))
     write_yaml(folder / "sweep.yaml", sweep_file())
     return workspace
 
 
-def reference(workspace: Workspace, entry: str, in_process: bool = False) -> Reference:
-    """The uninterrupted run of `entry`, run once (`fuse` needs the fit's first): a watched subprocess, whose
-    duration and temporaries the kill moments are drawn from, or (`in_process`, the tests' way, for trials
-    with their own `KillPlan`) a `codiemb_pl.cli.main` call."""
+def reference(workspace: Workspace, entry: str) -> Reference:
+    """The uninterrupted run of `entry`, run once (`fuse` needs the fit's first), watched: its duration and the
+    temporaries it showed are what the kill moments are drawn from."""
     if entry in workspace.references:
         return workspace.references[entry]
     if entry == "fuse":
-        fit_run = reference(workspace, "fit", in_process).root
+        fit_run = reference(workspace, "fit").root
         write_yaml(workspace.folder / "fuse.yaml", fuse_recipe(workspace.model, fit_run))
     root = workspace.folder / "reference" / entry
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    if in_process:
-        code, seconds = run_codiemb(workspace.command(entry, root), root, in_process=True)
-        temporaries: list[tuple[float, str]] = []
-    else:
-        watched = watch_run(workspace.command(entry, root), root, root / "output.log", plan=None)
-        code, seconds, temporaries = watched.exit_code, watched.seconds, watched.temporaries
+    watched = watch_run(workspace.command(entry, root), root, root / "output.log", None, workspace.start)
+    code, seconds, temporaries = watched.exit_code, watched.seconds, watched.temporaries
     if code != 0:
         raise RuntimeError(f"the reference {entry} failed ({code}); see {root / 'output.log'}")
     problems = check_artefacts(root, finished=True, entry=entry)
@@ -218,33 +236,143 @@ def reference(workspace: Workspace, entry: str, in_process: bool = False) -> Ref
     return workspace.references[entry]
 
 
-def run_codiemb(args: list[str], root: Path, in_process: bool) -> tuple[int, float]:
-    """`codiemb ARGS` to the end: (exit code, seconds). A subprocess as a user runs it (output appended to
-    `root/output.log`), or in this process (one torch thread, as the subprocesses: the same numbers)."""
-    start = time.monotonic()
-    if not in_process:
-        with open(root / "output.log", "ab") as log:
-            code = subprocess.run([sys.executable, "-m", "codiemb_pl", *args], cwd=REPO_ROOT, env=subprocess_env(),
-                                  stdout=log, stderr=subprocess.STDOUT, timeout=COMMAND_TIMEOUT_S).returncode
-        return code, time.monotonic() - start
+def run_codiemb(args: list[str], root: Path, start: str) -> tuple[int, float]:
+    """`codiemb ARGS` to the end, its output appended to `root/output.log`: (exit code, seconds). `start`: how
+    the process starts (`start_codiemb`)."""
+    began = time.monotonic()
+    process = start_codiemb(args, root / "output.log", start)
+    try:
+        code = process.wait(timeout=COMMAND_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    return code, time.monotonic() - began
+
+
+def preload() -> None:
+    """Import what `codiemb fit`, `fuse` and `sweep` import (their modules load lazily), once, in this process, and
+    keep torch to one thread: every forked run then starts where a fresh interpreter would be after its imports,
+    and a fork after a multi-threaded OpenMP region is avoided."""
+    import importlib
+
     import torch
 
-    from codiemb_pl.cli.main import main
-
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        code = main(args)
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    finally:
-        torch.set_num_threads(threads)
-    return code, time.monotonic() - start
+    from codiemb_pl.cli.main import project_command
+
+    for command in ("fuse", "sweep"):
+        project_command(command)
+    for module in PRELOADED:
+        importlib.import_module(module)
+
+
+def stretch_fsync(seconds: float = FSYNC_STRETCH_S) -> None:
+    """Make every `os.fsync` of this process take `seconds` longer, as on a slow network filesystem. Every write
+    of the project flushes its temporary before renaming it into place, so each temporary then lives long
+    enough for the 1 ms poll to see it: a small JSON record is otherwise written and renamed within
+    microseconds, and a kill could never be aimed inside it. The files and their order are unchanged."""
+    real = os.fsync
+
+    def fsync(descriptor: int) -> None:
+        real(descriptor)
+        time.sleep(seconds)
+
+    os.fsync = fsync
+
+
+SPAWN_SCRIPT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+                "import kill_anywhere; kill_anywhere.stretch_fsync(); "
+                "from codiemb_pl.cli.main import main; sys.exit(main(sys.argv[1:]))")
+
+
+class Forked:
+    """A `codiemb` run in a forked child of this (preloaded) process: the `subprocess.Popen` calls used here."""
+
+    def __init__(self, args: list[str], log: Path):
+        log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.returncode: Optional[int] = None
+        self.pid = os.fork()
+        if self.pid == 0:   # the child: its own process group (killed as one), output to the log, never returns
+            code = 1
+            try:
+                os.setsid()
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                stretch_fsync()
+                from codiemb_pl.cli.main import main
+
+                code = main(args)
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else 1
+            except BaseException:  # noqa: BLE001 - report it in the log, exit non-zero
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        os.close(log_fd)
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"a forked codiemb run took over {timeout} s")
+            time.sleep(0.01)
+        return self.returncode
+
+
+def start_codiemb(args: list[str], log: Path, start: str):
+    """Start `codiemb ARGS` in its own process group, output appended to `log`, fsync stretched (`stretch_fsync`):
+    `fork` (a child of this process, `preload`ed: no interpreter start, so a uniform moment lands in the run, not
+    in its imports) or `spawn` (a fresh interpreter, as a user starts `codiemb`)."""
+    if start == "fork":
+        return Forked(args, log)
+    with open(log, "ab") as output:
+        return subprocess.Popen([sys.executable, "-c", SPAWN_SCRIPT, *args], cwd=REPO_ROOT, env=subprocess_env(),
+                                stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 # ----------------------------------------------------------------------------------------------------
 # watching a run and killing it
 # ----------------------------------------------------------------------------------------------------
+
+WRITE_KINDS = ("checkpoint", "export", "snapshot or merge", "record", "lock file", "other write")
+
+
+def write_kind(relative: str) -> str:
+    """The kind of write a temporary (a path relative to the run folder) belongs to: a Lightning `checkpoint`,
+    an `export` (a sentence-transformers folder: `model/`, `fusion/model/`, `fused/`), a `snapshot or merge`
+    (`.safetensors`: CheckpointFusion snapshots, θ0, merge candidates), a `record` (JSON / markdown / YAML:
+    `sweep_run.json`, leaderboards, `merge.json`), the `lock file`, or an `other write`."""
+    name = Path(relative).name
+    if LOCK_TEMPORARY.match(name) or name.startswith(LOCK_NAME):
+        return "lock file"
+    final = final_name(name) or name
+    if final.endswith(".ckpt"):
+        return "checkpoint"
+    if final in EXPORT_NAMES:
+        return "export"
+    if final.endswith(".safetensors"):
+        return "snapshot or merge"
+    if final.endswith((".json", ".md", ".yaml")):
+        return "record"
+    return "other write"
+
 
 def is_temporary(name: str) -> bool:
     """The project's temporary names (`atomic.TEMPORARY_NAME`) and the run lock's own."""
@@ -274,7 +402,11 @@ def find_temporaries(root: Path) -> list[str]:
 class KillPlan:
     mode: str                       # "save" or "uniform"
     at_seconds: float = 0.0         # uniform: when
-    save_index: int = 1             # save: inside the k-th temporary seen (1-based)
+    save_index: int = 1             # save: inside the k-th temporary seen (1-based) of `kind`
+    kind: Optional[str] = None      # save: a `write_kind` (None: any)
+
+    def counts(self, temporary: str) -> bool:
+        return self.kind is None or write_kind(temporary) == self.kind
 
 
 @dataclass
@@ -304,42 +436,40 @@ def _signal_group(process: subprocess.Popen, signum: int) -> bool:
         return False
 
 
-def watch_run(args: list[str], root: Path, log: Path, plan: Optional[KillPlan]) -> Watched:
-    """Run `codiemb ARGS` in its own process group, polling `root` for temporaries; with a plan, stop it at the
-    planned moment, list what exists, and SIGKILL the group. Without one, let it finish."""
+def watch_run(args: list[str], root: Path, log: Path, plan: Optional[KillPlan], how: str) -> Watched:
+    """Run `codiemb ARGS` in its own process group (`start_codiemb(how)`), polling `root` for temporaries; with a
+    plan, stop it at the planned moment, list what exists, and SIGKILL the group. Without one, let it finish."""
     seen: dict[str, float] = {}
     late = 0
-    with open(log, "ab") as output:
-        start = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", "codiemb_pl", *args], cwd=REPO_ROOT, env=subprocess_env(),
-                                   stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            while process.poll() is None:
-                now = time.monotonic() - start
-                if now > COMMAND_TIMEOUT_S:
-                    raise TimeoutError(f"codiemb {args[0]} ran over {COMMAND_TIMEOUT_S} s")
-                current = find_temporaries(root)
-                for name in current:
-                    seen.setdefault(name, now)
-                due = plan is not None and (
-                    now >= plan.at_seconds if plan.mode == "uniform" else (current and len(seen) >= plan.save_index))
-                if due and _signal_group(process, signal.SIGSTOP):
-                    stopped_at = time.monotonic() - start
-                    existing = find_temporaries(root)
-                    if plan.mode == "save" and not existing:   # the save ended before the stop: take the next one
-                        late += 1
-                        _signal_group(process, signal.SIGCONT)
-                        continue
-                    artefacts = inventory(root)
-                    _signal_group(process, signal.SIGKILL)
-                    process.wait()
-                    return Watched(None, stopped_at, sorted((t, n) for n, t in seen.items()), stopped_at, existing,
-                                   artefacts, late)
-                time.sleep(POLL_S)
-        finally:
-            if process.poll() is None:
+    start = time.monotonic()
+    process = start_codiemb(args, log, how)
+    try:
+        while process.poll() is None:
+            now = time.monotonic() - start
+            if now > COMMAND_TIMEOUT_S:
+                raise TimeoutError(f"codiemb {args[0]} ran over {COMMAND_TIMEOUT_S} s")
+            current = find_temporaries(root)
+            for name in current:
+                seen.setdefault(name, now)
+            due = plan is not None and (now >= plan.at_seconds if plan.mode == "uniform" else (
+                any(map(plan.counts, current)) and sum(map(plan.counts, seen)) >= plan.save_index))
+            if due and _signal_group(process, signal.SIGSTOP):
+                stopped_at = time.monotonic() - start
+                existing = find_temporaries(root)
+                if plan.mode == "save" and not any(map(plan.counts, existing)):   # that save ended before the stop
+                    late += 1
+                    _signal_group(process, signal.SIGCONT)
+                    continue
+                artefacts = inventory(root)
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
+                return Watched(None, stopped_at, sorted((t, n) for n, t in seen.items()), stopped_at, existing,
+                               artefacts, late)
+            time.sleep(POLL_S)
+    finally:
+        if process.poll() is None:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
     return Watched(process.returncode, time.monotonic() - start, sorted((t, n) for n, t in seen.items()),
                    late_stops=late)
 
@@ -359,12 +489,17 @@ def inventory(root: Path) -> list[str]:
     return found
 
 
-def draw_plan(rng: random.Random, mode: str, ref: Reference, seconds: float) -> KillPlan:
-    """A uniform moment in [0, `seconds`) (how long a full run takes now), or the k-th of the reference's
-    temporaries."""
+def draw_plan(rng: random.Random, mode: str, ref: Reference, seconds: float, turn: int) -> KillPlan:
+    """A uniform moment in [0, `seconds`) (how long a full run takes now), or inside the k-th write of one kind:
+    the kinds the reference showed (`write_kind`) take turns (`turn`), so brief writes (a run record, the lock)
+    get their share beside long ones, and k is uniform over the reference's writes of that kind."""
     if mode == "uniform":
         return KillPlan("uniform", at_seconds=rng.uniform(0.0, seconds))
-    return KillPlan("save", save_index=rng.randint(1, max(1, len(ref.temporaries))))
+    kinds = Counter(write_kind(name) for _, name in ref.temporaries)
+    if not kinds:
+        return KillPlan("save", save_index=1)
+    kind = sorted(kinds, key=WRITE_KINDS.index)[turn % len(kinds)]
+    return KillPlan("save", save_index=rng.randint(1, kinds[kind]), kind=kind)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,7 +517,9 @@ def check_export(folder: Path) -> Optional[str]:
     """None if `folder` loads as a sentence-transformers model giving finite embeddings, else why not."""
     import torch
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()   # one "Loading weights" bar per export would flood the log
     if not (folder / "modules.json").is_file():
         return "has no modules.json (a partial export under its final name)"
     try:
@@ -428,13 +565,24 @@ def check_file(path: Path) -> Optional[str]:
     return None
 
 
+def set_aside(name: str) -> Optional[str]:
+    """NAME for `.NAME.old-XXXX`, the previous version of NAME set aside while a new one replaces it."""
+    match = TEMPORARY_NAME.match(name)
+    return match.group("name") if match and name.startswith(f".{match.group('name')}.old-") else None
+
+
 def check_artefacts(root: Path, finished: bool, entry: str) -> list[tuple[str, str]]:
-    """(kind, message) for every final artefact under `root` that is not complete. `finished`: the run ended
-    normally, so what it must leave is there, and no temporary or lock is left."""
+    """(kind, message) for every final artefact under `root` that is not complete, or lost: its name absent while
+    its previous version lies set aside (`.NAME.old-*`). `finished`: the run ended normally, so what it must
+    leave is there, and no temporary or lock is left."""
     problems: list[tuple[str, str]] = []
     for folder, folders, files in os.walk(root):
         folder_path = Path(folder)
         relative = folder_path.relative_to(root)
+        for name in folders + files:
+            previous = set_aside(name)
+            if previous and not (folder_path / previous).exists():
+                problems.append(("lost", f"{relative / previous} is absent, its previous version set aside as {name}"))
         for name in list(folders):
             path = folder_path / name
             if name.startswith("."):
@@ -532,6 +680,7 @@ class Trial:
     index: int
     seed: int
     mode: str
+    target: Optional[str] = None    # save mode: the kind of write aimed at (`write_kind`)
     attempts: int = 0
     killed: bool = False
     killed_at: Optional[float] = None
@@ -556,17 +705,16 @@ class Trial:
 
 
 def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Optional[str] = None,
-              compare: bool = True, plan: Optional[KillPlan] = None, in_process: bool = False) -> Trial:
+              compare: bool = True, plan: Optional[KillPlan] = None) -> Trial:
     """Kill `entry` at a seeded moment (`mode`: save / uniform, default alternating by `index`), check what it
     left, re-run it, check again and compare with the reference run (`compare`).
 
     The moment is drawn from the reference run (its temporaries; for a time, the latest full run's duration:
     an attempt that ends before its moment is drawn again, up to `MAX_ATTEMPTS`), or given as `plan` (then no
-    reference is needed unless `compare`; a retry halves it). `in_process`: the re-run and the reference run in
-    this process (the tests' way: no second interpreter start); the killed run is always a subprocess."""
+    reference is needed unless `compare`; a retry halves it)."""
     mode = plan.mode if plan is not None else (mode or MODES[index % 2])
     trial = Trial(entry, index, seed, mode)
-    ref = reference(workspace, entry, in_process) if compare or plan is None else None
+    ref = reference(workspace, entry) if compare or plan is None else None
     rng = random.Random(f"{entry}:{seed}:{index}")
     root = workspace.folder / "trials" / f"{entry}-{index:03d}-seed{seed}"
     chosen = plan
@@ -575,13 +723,14 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
         root.mkdir(parents=True)
         trial.attempts = attempt
         if plan is None:
-            chosen = draw_plan(rng, mode, ref, workspace.durations.get(entry, ref.seconds))
+            chosen = draw_plan(rng, mode, ref, workspace.durations.get(entry, ref.seconds), index // 2)
         elif attempt > 1:   # the command ended before the given moment
-            chosen = KillPlan(mode, chosen.at_seconds / 2, max(1, chosen.save_index // 2))
-        watched = watch_run(workspace.command(entry, root), root, root / "output.log", chosen)
+            chosen = KillPlan(mode, chosen.at_seconds / 2, max(1, chosen.save_index // 2), chosen.kind)
+        watched = watch_run(workspace.command(entry, root), root, root / "output.log", chosen, workspace.start)
         if watched.killed_at is not None:
             break
         workspace.durations[entry] = watched.seconds   # it ran to its end: the next draw knows the pace now
+    trial.target = chosen.kind if chosen is not None and chosen.mode == "save" else None
     trial.killed = watched.killed_at is not None
     trial.killed_at, trial.late_stops = watched.killed_at, watched.late_stops
     trial.temporaries, trial.artefacts = watched.existing_temporaries, watched.existing_artefacts
@@ -589,14 +738,24 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
     if not trial.killed:
         return trial
     trial.failures += check_artefacts(root, finished=False, entry=entry)
-    trial.rerun_code, trial.rerun_seconds = run_codiemb(workspace.command(entry, root, rerun=True), root, in_process)
+    trial.rerun_code, trial.rerun_seconds = run_codiemb(workspace.command(entry, root, rerun=True), root,
+                                                            workspace.start)
     if trial.rerun_code != 0:
-        trial.failures.append(("re-run failed", f"exit code {trial.rerun_code}, see {root / 'output.log'}"))
+        refusal = error_line(root / "output.log")
+        trial.failures.append(("re-run refused", refusal) if trial.rerun_code == 2 and refusal else
+                              ("re-run failed", f"exit code {trial.rerun_code}, see {root / 'output.log'}"))
         return trial
     trial.failures += check_artefacts(root, finished=True, entry=entry)
     if compare:
         trial.failures += compare_with_reference(root, ref.root)
     return trial
+
+
+def error_line(log: Path) -> Optional[str]:
+    """The last `codiemb: error: ...` line of a run's output (the CLI's one-line refusal), if any."""
+    lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+             if line.startswith("codiemb: error: ")]
+    return lines[-1] if lines else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -620,23 +779,18 @@ def summary_rows(trials: list[Trial]) -> list[dict[str, Any]]:
     return rows
 
 
-PLACES = (("codiemb.lock", "lock file"), ("sweep_run.json", "run record"), (".ckpt", "checkpoint"),
-          ("snapshots", "snapshot"), ("candidates", "merge"), ("leaderboard", "leaderboard"),
-          (".model.tmp", "export"), (".fused.tmp", "export"))
-
-
 def kill_place(trial: Trial) -> str:
-    """Where the kill landed: the kind of write in progress, or between writes / before the first output."""
+    """Where the kill landed: the kind of write in progress (`write_kind`), or between writes / before the first
+    output."""
     for name in trial.temporaries:
-        return next((place for pattern, place in PLACES if pattern in name), "other write")
+        return write_kind(name)
     return "between writes" if trial.artefacts else "before any output"
 
 
 def places_table(trials: list[Trial]) -> str:
     """Kills per entry point and place (`kill_place`)."""
     killed = [t for t in trials if t.killed]
-    places = list(dict.fromkeys([place for _, place in PLACES] + ["other write", "between writes",
-                                                                   "before any output"]))
+    places = list(WRITE_KINDS) + ["between writes", "before any output"]
     counts = Counter((t.entry, kill_place(t)) for t in killed)
     used = [place for place in places if any(counts[(entry, place)] for entry in ENTRY_POINTS)]
     lines = ["| entry point | " + " | ".join(used) + " |", "|---|" + "---:|" * len(used)]
@@ -659,7 +813,8 @@ def trial_line(trial: Trial) -> str:
     moment = f"{trial.killed_at:6.2f} s" if trial.killed_at is not None else "   -    "
     existed = ", ".join(trial.temporaries) or (f"(no temporary; {len(trial.artefacts)} artefacts: "
                                                f"{', '.join(trial.artefacts[-3:])})")
-    return (f"{trial.entry:5s} #{trial.index:02d} seed {trial.seed} {trial.mode:7s} try {trial.attempts} "
+    aim = f" ({trial.target})" if trial.target else ""
+    return (f"{trial.entry:5s} #{trial.index:02d} seed {trial.seed} {trial.mode}{aim} try {trial.attempts} "
             f"kill at {moment} | {existed} | re-run {trial.rerun_code} in {trial.rerun_seconds:.1f} s | "
             f"{trial.outcome}")
 
@@ -670,6 +825,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--entry", action="append", choices=ENTRY_POINTS, help="entry point(s); default all")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps of the fit (a checkpoint every half)")
+    parser.add_argument("--start", choices=STARTS, default="fork",
+                        help="fork: every run a child of this preloaded process (default; no interpreter start, so "
+                             "uniform moments land in the run); spawn: a fresh `python -m codiemb_pl` each")
     parser.add_argument("--workdir", help="where runs go (default: a new temporary folder, removed at the end)")
     parser.add_argument("--record", help="write every trial as JSON here")
     parser.add_argument("--table-from", help="print the tables of a --record file and stop")
@@ -679,7 +837,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{summary_table(trials)}\n\nwhere the kills landed\n{places_table(trials)}")
         return 0
     folder = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="kill_anywhere-"))
-    workspace = prepare_workspace(folder, steps=args.steps)
+    workspace = prepare_workspace(folder, steps=args.steps, start=args.start)
     trials: list[Trial] = []
     started = time.monotonic()
     try:
@@ -699,7 +857,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             Path(args.record).write_text(json.dumps([dataclasses.asdict(t) for t in trials], indent=1) + "\n")
         print(f"\n{summary_table(trials)}\n\nwhere the kills landed\n{places_table(trials)}\n\n"
               f"{len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, "
-              f"seed {args.seed}, fit of {args.steps} steps, poll every {POLL_S * 1000:.0f} ms; runs in {folder}",
+              f"seed {args.seed}, fit of {args.steps} steps, runs started by {args.start}, poll every "
+              f"{POLL_S * 1000:.0f} ms; runs in {folder}",
               flush=True)
     failed = any(t.failures for t in trials)
     if not args.workdir and not failed:
