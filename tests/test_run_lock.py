@@ -240,8 +240,8 @@ def test_live_holder_on_this_host_is_refused(tmp_path, sleeper):
 def test_the_lock_temporaries_of_killed_runs_are_removed_by_the_next_holder(tmp_path, sleeper):
     """Found by benchmarks/kill_anywhere.py: a run killed while creating its lock (after writing
     `.codiemb.lock.TOKEN.tmp`, before removing it) left that file for good, as one killed during a takeover
-    leaves `.codiemb.lock.takeover-TOKEN`. The next holder removes those of dead processes (and unreadable ones
-    an hour old); a live process's are its own."""
+    leaves `.codiemb.lock.takeover-TOKEN`. The next holder removes those of dead processes (and unreadable ones:
+    the test below); a live process's are its own."""
     def temporary(name: str, **fields) -> Path:
         holder = dataclasses.replace(Holder.this_process("fit", False, command="codiemb fit ..."), **fields)
         path = tmp_path / name.format(token=holder.token)
@@ -354,3 +354,37 @@ def test_of_racing_processes_exactly_one_gets_the_lock(tmp_path, stale):
         worker.join(timeout=60)
     assert outcomes == ["refused"] * 7 + ["won"]
     assert not (tmp_path / LOCK_NAME).exists() and not list(tmp_path.iterdir())
+
+
+def test_an_empty_lock_temporary_of_a_run_killed_while_writing_it_is_removed_at_once(tmp_path):
+    """Found by the full kill_anywhere run (fit trial 8 of seed 0): a fit killed between creating
+    `.codiemb.lock.TOKEN.tmp` and writing its holder left an empty file, which the next holder kept (an
+    unreadable temporary was removed only once 10 minutes old, in case a live process was still writing it). A
+    racer whose temporary the holder removes only retries and is refused (`acquire_run_lock`: its link finds no
+    file), so the holder removes unreadable ones at once."""
+    tmp_path.mkdir(exist_ok=True)
+    empty = tmp_path / f"{LOCK_NAME}.65dcc31be052749e.tmp"
+    empty.write_bytes(b"")
+    half = tmp_path / f"{LOCK_NAME}.0123456789abcdef.tmp"
+    half.write_text('{"codiemb_run_lock": 1, "ki')
+    with run_lock(tmp_path, "fit") as handle:
+        assert handle.owned
+        assert [path.name for path in tmp_path.iterdir()] == [LOCK_NAME]
+
+
+def test_a_racer_whose_lock_temporary_the_holder_removed_is_refused_in_one_line(tmp_path, sleeper, monkeypatch):
+    """The other side of the test above: a run starting while the folder's holder removes its still-empty
+    temporary finds no file to link, tries again and is refused with the holder's line (no traceback)."""
+    write_lock(tmp_path, pid=sleeper.pid, start_ticks=process_start_ticks(sleeper.pid))
+    link, removed = os.link, []
+
+    def link_after_the_holder_removed_it(source, target):
+        if not removed:
+            removed.append(source)
+            os.unlink(source)
+        return link(source, target)
+
+    monkeypatch.setattr(os, "link", link_after_the_holder_removed_it)
+    with pytest.raises(InputError, match="another run is writing this folder"):
+        acquire_run_lock(tmp_path, "fit")
+    assert removed and sorted(path.name for path in tmp_path.iterdir()) == [LOCK_NAME]

@@ -47,7 +47,6 @@ UNREADABLE_RETRY_S = 1.0   # an O_EXCL-created lock is empty for a moment: how l
 NO_LINK_ERRNOS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 LOCK_TEMPORARY = re.compile(r"^" + re.escape(LOCK_NAME) + r"\.(?:[0-9a-f]+\.tmp|takeover-[0-9a-f]+)$")
 """The lock's temporaries: `LOCK.TOKEN.tmp` (a lock being created), `LOCK.takeover-TOKEN` (a takeover's mutex)."""
-UNREADABLE_TEMPORARY_S = 600.0   # an unreadable lock temporary this old was cut short by a kill
 
 _HELD: dict[Path, "RunLock"] = {}
 """The locks this process holds, by lock path (a sweep's in-process fits find their sweep's lock here)."""
@@ -336,16 +335,15 @@ def _remove_stale(path: Path, stale: Holder) -> bool:
 
 def _remove_dead_temporaries(lock_path: Path) -> None:
     """Delete the lock temporaries (`LOCK_TEMPORARY`) that killed processes left beside `lock_path`: those naming
-    a holder that is `superseded`, and unreadable ones older than `UNREADABLE_TEMPORARY_S` (a write cut short).
-    The lock's holder calls it; a live process's temporaries are left to it. Never raises."""
+    a holder that is `superseded`, and unreadable ones (a write cut short by a kill, or a racer writing its own
+    right now: its link then finds no file and `acquire_run_lock` tries again, to be refused by this holder).
+    The lock's holder calls it; a live process's readable temporaries are left to it. Never raises."""
     for path in lock_path.parent.iterdir():
         if LOCK_TEMPORARY.match(path.name) is None:
             continue
         try:
             holder = Holder.from_text(path.read_text(encoding="utf-8"))
-            stale = holder.superseded() is not None if holder is not None else \
-                time.time() - path.stat().st_mtime > UNREADABLE_TEMPORARY_S
-            if stale:
+            if holder is None or holder.superseded() is not None:
                 path.unlink()
         except (OSError, UnicodeDecodeError):
             continue
