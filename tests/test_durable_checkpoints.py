@@ -374,3 +374,27 @@ def test_resuming_from_a_checkpoint_newer_than_last_ckpt_brings_last_ckpt_up_to_
     assert last["global_step"] == 2
     assert all(torch.equal(last["state_dict"][key], value) for key, value in step2["state_dict"].items())
     assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt", "notes.txt", "step1.ckpt", "step2.ckpt"]
+
+
+def test_a_fit_killed_while_writing_its_config_yaml_leaves_no_partial_file(tiny_model_dir, tmp_path, monkeypatch):
+    """Found by the full kill_anywhere run (seed 0, sweep trial 3): LightningCLI writes the run's resolved
+    `config.yaml` in place, so a run killed while writing it left it empty. The write is stopped half-way here
+    (the process dies: a BaseException, as SIGKILL leaves no chance to clean up) over a previous config.yaml."""
+    from jsonargparse import ArgumentParser
+
+    real_save = ArgumentParser.save
+
+    def save_half_then_die(self, cfg, path, *args, **kwargs):
+        real_save(self, cfg, path, *args, **kwargs)
+        text = Path(path).read_text()
+        Path(path).write_text(text[: len(text) // 2])
+        raise SystemExit("killed while writing config.yaml")
+
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "config.yaml").write_text("previous: run\n")
+    monkeypatch.setattr(ArgumentParser, "save", save_half_then_die)
+    with pytest.raises(SystemExit, match="killed while writing"):
+        main(fit_args(tiny_model_dir, root, 1))
+    assert (root / "config.yaml").read_text() == "previous: run\n"
+    assert not hidden_entries(root), "the half-written temporary is left"

@@ -23,6 +23,7 @@ from codiemb_pl.cli.moved_paths import check_no_moved_paths
 from codiemb_pl.cli.predict_output import check_output_path, write_embeddings
 from codiemb_pl.cli.run_folder import (check_fit_outputs, checkpoint_folders, last_checkpoint_paths,
                                       remove_stale_temporaries_of_run)
+from codiemb_pl.cli.saved_config import DurableSaveConfigCallback
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sampler import POLICIES
 from codiemb_pl.errors import InputError
@@ -216,7 +217,8 @@ def check_choices(config: Any) -> None:
 def cli_settings() -> dict[str, Any]:
     """How `codiemb` constructs its LightningCLI (`build_cli` and `build_fit_parser` alike), as fresh objects."""
     return {"model_class": CoDiEmbModule, "datamodule_class": CoDiEmbDataModule, "trainer_class": DurableTrainer,
-            "save_config_kwargs": {"overwrite": True}, "trainer_defaults": {"use_distributed_sampler": False}}
+            "save_config_callback": DurableSaveConfigCallback, "save_config_kwargs": {"overwrite": True},
+            "trainer_defaults": {"use_distributed_sampler": False}}
 
 
 def build_cli(args: Any) -> CoDiEmbCLI:
