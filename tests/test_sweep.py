@@ -291,6 +291,23 @@ def test_the_temporaries_of_a_killed_sweep_are_removed_when_it_runs_again(one_fi
     assert any(line.startswith("[codiemb sweep] removed 5 temporary") for line in lines), lines
 
 
+def test_a_run_record_a_killed_sweep_was_writing_is_removed_when_it_runs_again(one_finished_run):
+    """Found by the full kill_anywhere run (seed 0, sweep trial 26): a sweep killed while writing a run's
+    `sweep_run.json` left `.sweep_run.json.tmp-*` in that run's folder, where neither the run's fit (it cleans
+    what the fit writes) nor the sweep (OUTPUT and OUTPUT/fusion only) looked."""
+    from codiemb_pl.sweeps.sweep import execute_sweep
+
+    plan, run_a = one_finished_run
+    planted = run_a / ".sweep_run.json.tmp-pf55y9o8"
+    planted.write_text('{"name": "a", "comm')
+    (run_a / ".notes.tmp-mine").write_text("not a name the sweep writes in a run folder")
+    lines = []
+    assert execute_sweep(plan, fuse_only=True, log=lines.append).code == 0
+    assert not planted.exists() and (run_a / ".notes.tmp-mine").is_file()
+    assert any(line.startswith("[codiemb sweep] removed 1 temporary") for line in lines), lines
+    (run_a / ".notes.tmp-mine").unlink()
+
+
 class SigtermOnce(pl.Callback):
     """Send this process SIGTERM after the first optimizer step, once (the marker file remembers it)."""
 

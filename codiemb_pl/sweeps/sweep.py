@@ -36,8 +36,8 @@ Everything is checked before anything is written. A finished run (its export com
 complete one (`ckpt_path="last"`), also when a kill cut its fit short after the export; a crashed run is
 reported and the rest continue (fusion waits until every run has finished); SIGTERM / SIGINT stops the sweep
 after the current run saved its last.ckpt (exit code 0, as `codiemb fit`). `codiemb boom` is such a sweep
-(`sweeps.boom` plans it). The temporaries a killed sweep left beside its export and leaderboards and in
-OUTPUT/fusion are removed when it runs again (`remove_stale_sweep_temporaries`).
+(`sweeps.boom` plans it). The temporaries a killed sweep left beside its export and leaderboards, in
+OUTPUT/fusion and beside each run's record are removed when it runs again (`remove_stale_sweep_temporaries`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from typing import Any, Optional
 from codiemb_pl.storage.atomic import remove_stale_temporaries
 from codiemb_pl.sweeps.config import SweepPlan
 from codiemb_pl.sweeps.leaderboard import fuse_sweep
+from codiemb_pl.sweeps.records import RUN_RECORD
 from codiemb_pl.sweeps.runs import FAILED, INTERRUPTED, RunOutcome, train_runs
 
 
@@ -67,10 +68,12 @@ class SweepResult:
 
 def remove_stale_sweep_temporaries(plan: SweepPlan) -> list[Path]:
     """Delete the temporaries a killed sweep left where it alone writes: beside its export and leaderboards in
-    OUTPUT, and in OUTPUT/fusion (each run's fit cleans its own folder). Call it under the sweep's lock."""
+    OUTPUT, in OUTPUT/fusion, and beside each run's record (`sweep_run.json`; the rest of a run folder is its
+    fit's, which cleans it). Call it under the sweep's lock."""
     fusion = plan.output / "fusion"
+    records = [path for run in plan.runs for path in remove_stale_temporaries(plan.run_folder(run), {RUN_RECORD})]
     return (remove_stale_temporaries(plan.output, {plan.export_folder, "leaderboard.json", "leaderboard.md"})
-            + remove_stale_temporaries(fusion) + remove_stale_temporaries(fusion / "candidates"))
+            + remove_stale_temporaries(fusion) + remove_stale_temporaries(fusion / "candidates") + records)
 
 
 def execute_sweep(plan: SweepPlan, fuse_only: bool = False, log: Callable[[str], None] = print) -> SweepResult:
