@@ -3,11 +3,13 @@
     python benchmarks/kill_anywhere.py                        # 30 trials per entry point, prints the table
     python benchmarks/kill_anywhere.py --trials 4 --entry fit --workdir /tmp/kills --seed 1
     python benchmarks/kill_anywhere.py --start spawn          # each run a fresh `python -m codiemb_pl`
+    python benchmarks/kill_anywhere.py --entry fit --index 8  # trial 8 of fit again (its seeded moment)
 
 Each entry point runs on a tiny random BERT (2 layers, hidden 32) with the package's demo data:
 
-- `fit`: 4 optimizer steps, validation every 2 (two `step*.ckpt` and `last.ckpt`), `ExportEncoder` (`model/`)
-  and `CheckpointFusion` (snapshots every 2 steps, best and last; uniform soup and TIES; `fusion/model/`);
+- `fit`: 4 optimizer steps, validation every 2 (two `step*.ckpt` and `last.ckpt`), `ExportEncoder` (`model/`),
+  `CheckpointFusion` (snapshots every 2 steps, best and last; uniform soup and TIES; `fusion/model/`) and the
+  quickstart's CSV logger (`logs/version_N/metrics.csv`, flushed every step);
 - `fuse`: TIES of `last.ckpt`, a snapshot and the export of the reference fit, scored on the demo dev sets;
 - `sweep`: two runs of that fit config (another sampler policy, another learning rate), fused (`model/`).
 
@@ -31,14 +33,15 @@ If the command ends before its moment (a uniform time beyond a faster run), the 
 attempts, recorded). After the kill, every final artefact must be absent or complete: `*.ckpt` load with
 the project's safe loader, exports (`model/`, `fusion/model/`, `fused/`) load with
 `sentence_transformers.SentenceTransformer` and give finite embeddings, `*.safetensors` load and are
-finite, JSON / YAML parse, the lock file names its holder; and nothing written is lost: no final name is
+finite, JSON / YAML parse, every CSV row has its header's fields, the lock file names its holder; and
+nothing written is lost: no final name is
 absent while its previous version lies set aside (`.NAME.old-*`). Then the same command runs again (`fit`
 with `--ckpt_path last`) and must exit 0 (taking over the killed run's lock; a refusal, exit code 2 with one
 `codiemb: error:` line, is reported with that line), leave every final artefact, no temporary and no lock
 behind, and end with the uninterrupted reference run's results: every weight file (checkpoint `state_dict`
 and optimizer state, exports, snapshots, merges) equal tensor by tensor (`torch.equal`: exact, not to a
 tolerance), every other file of an export and the leaderboards equal once the run folder's path is replaced
-by the reference's.
+by the reference's (the logs and `config.yaml` aside: a resumed run logs to a new `logs/version_N`).
 
 Runs start by default as forked children of the harness (`--start fork`), which has imported what `codiemb`
 imports once (`preload`, torch on one thread): each child is where a fresh interpreter would be after its
@@ -52,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -114,7 +118,9 @@ def fit_config(model: Path, steps: int) -> dict[str, Any]:
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_steps": steps, "max_epochs": 1, "val_check_interval": every,
             "log_every_n_steps": 1, "num_sanity_val_steps": 0, "enable_progress_bar": False,
-            "enable_model_summary": False, "logger": False,
+            "enable_model_summary": False,
+            "logger": {"class_path": "codiemb_pl.training.loggers.CSVLogger",   # as the quickstart's; every step
+                       "init_args": {"flush_logs_every_n_steps": 1}},
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"monitor": "val/avg", "mode": "max", "save_top_k": 2, "save_last": True,
@@ -166,6 +172,7 @@ class Workspace:
     model: Path
     steps: int
     start: str = "fork"             # how every run's process starts (`start_codiemb`)
+    fsync_stretch: float = FSYNC_STRETCH_S   # `stretch_fsync` in every run (0: none)
     references: dict[str, Reference] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
     """The latest full run seen per entry point (the reference, then any attempt that ran to its end): the span
@@ -195,9 +202,10 @@ def write_yaml(path: Path, content: dict[str, Any]) -> Path:
     return path
 
 
-def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4, start: str = "fork") -> Workspace:
+def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4, start: str = "fork",
+                      fsync_stretch: float = FSYNC_STRETCH_S) -> Workspace:
     """Write the configs into `folder` (and a tiny random BERT when `model` is None); no run yet. `start="fork"`
-    preloads this process (`preload`)."""
+    preloads this process (`preload`); `fsync_stretch=0` leaves fsync alone (for kills with their own plan)."""
     folder.mkdir(parents=True, exist_ok=True)
     if model is None:
         sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -206,7 +214,7 @@ def prepare_workspace(folder: Path, model: Optional[Path] = None, steps: int = 4
         model = folder / "tiny_bert"
         if not (model / "model.safetensors").is_file():
             build_tiny_bert(model)
-    workspace = Workspace(folder, Path(model), steps, start)
+    workspace = Workspace(folder, Path(model), steps, start, fsync_stretch)
     if start == "fork":
         preload()
     write_yaml(workspace.fit_config_path, fit_config(workspace.model, steps))
@@ -225,7 +233,8 @@ def reference(workspace: Workspace, entry: str) -> Reference:
     root = workspace.folder / "reference" / entry
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    watched = watch_run(workspace.command(entry, root), root, root / "output.log", None, workspace.start)
+    watched = watch_run(workspace.command(entry, root), root, root / "output.log", None, workspace.start,
+                        workspace.fsync_stretch)
     code, seconds, temporaries = watched.exit_code, watched.seconds, watched.temporaries
     if code != 0:
         raise RuntimeError(f"the reference {entry} failed ({code}); see {root / 'output.log'}")
@@ -236,11 +245,11 @@ def reference(workspace: Workspace, entry: str) -> Reference:
     return workspace.references[entry]
 
 
-def run_codiemb(args: list[str], root: Path, start: str) -> tuple[int, float]:
+def run_codiemb(args: list[str], root: Path, start: str, fsync_stretch: float = FSYNC_STRETCH_S) -> tuple[int, float]:
     """`codiemb ARGS` to the end, its output appended to `root/output.log`: (exit code, seconds). `start`: how
     the process starts (`start_codiemb`)."""
     began = time.monotonic()
-    process = start_codiemb(args, root / "output.log", start)
+    process = start_codiemb(args, root / "output.log", start, fsync_stretch)
     try:
         code = process.wait(timeout=COMMAND_TIMEOUT_S)
     finally:
@@ -282,14 +291,14 @@ def stretch_fsync(seconds: float = FSYNC_STRETCH_S) -> None:
 
 
 SPAWN_SCRIPT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
-                "import kill_anywhere; kill_anywhere.stretch_fsync(); "
+                "import kill_anywhere; kill_anywhere.stretch_fsync(float(sys.argv.pop(1))); "
                 "from codiemb_pl.cli.main import main; sys.exit(main(sys.argv[1:]))")
 
 
 class Forked:
     """A `codiemb` run in a forked child of this (preloaded) process: the `subprocess.Popen` calls used here."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, fsync_stretch: float):
         log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -303,7 +312,7 @@ class Forked:
                 os.dup2(log_fd, 2)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
-                stretch_fsync()
+                stretch_fsync(fsync_stretch)
                 from codiemb_pl.cli.main import main
 
                 code = main(args)
@@ -336,14 +345,15 @@ class Forked:
         return self.returncode
 
 
-def start_codiemb(args: list[str], log: Path, start: str):
+def start_codiemb(args: list[str], log: Path, start: str, fsync_stretch: float = FSYNC_STRETCH_S):
     """Start `codiemb ARGS` in its own process group, output appended to `log`, fsync stretched (`stretch_fsync`):
     `fork` (a child of this process, `preload`ed: no interpreter start, so a uniform moment lands in the run, not
     in its imports) or `spawn` (a fresh interpreter, as a user starts `codiemb`)."""
     if start == "fork":
-        return Forked(args, log)
+        return Forked(args, log, fsync_stretch)
     with open(log, "ab") as output:
-        return subprocess.Popen([sys.executable, "-c", SPAWN_SCRIPT, *args], cwd=REPO_ROOT, env=subprocess_env(),
+        return subprocess.Popen([sys.executable, "-c", SPAWN_SCRIPT, str(fsync_stretch), *args], cwd=REPO_ROOT,
+                                env=subprocess_env(),
                                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -357,8 +367,9 @@ WRITE_KINDS = ("checkpoint", "export", "snapshot or merge", "record", "lock file
 def write_kind(relative: str) -> str:
     """The kind of write a temporary (a path relative to the run folder) belongs to: a Lightning `checkpoint`,
     an `export` (a sentence-transformers folder: `model/`, `fusion/model/`, `fused/`), a `snapshot or merge`
-    (`.safetensors`: CheckpointFusion snapshots, θ0, merge candidates), a `record` (JSON / markdown / YAML:
-    `sweep_run.json`, leaderboards, `merge.json`), the `lock file`, or an `other write`."""
+    (`.safetensors`: CheckpointFusion snapshots, θ0, merge candidates), a `record` (JSON / markdown / YAML / CSV:
+    `sweep_run.json`, leaderboards, `merge.json`, `config.yaml`, the logger's files), the `lock file`, or an
+    `other write`."""
     name = Path(relative).name
     if LOCK_TEMPORARY.match(name) or name.startswith(LOCK_NAME):
         return "lock file"
@@ -369,7 +380,7 @@ def write_kind(relative: str) -> str:
         return "export"
     if final.endswith(".safetensors"):
         return "snapshot or merge"
-    if final.endswith((".json", ".md", ".yaml")):
+    if final.endswith((".json", ".md", ".yaml", ".csv")):
         return "record"
     return "other write"
 
@@ -436,13 +447,14 @@ def _signal_group(process: subprocess.Popen, signum: int) -> bool:
         return False
 
 
-def watch_run(args: list[str], root: Path, log: Path, plan: Optional[KillPlan], how: str) -> Watched:
+def watch_run(args: list[str], root: Path, log: Path, plan: Optional[KillPlan], how: str,
+              fsync_stretch: float = FSYNC_STRETCH_S) -> Watched:
     """Run `codiemb ARGS` in its own process group (`start_codiemb(how)`), polling `root` for temporaries; with a
     plan, stop it at the planned moment, list what exists, and SIGKILL the group. Without one, let it finish."""
     seen: dict[str, float] = {}
     late = 0
     start = time.monotonic()
-    process = start_codiemb(args, log, how)
+    process = start_codiemb(args, log, how, fsync_stretch)
     try:
         while process.poll() is None:
             now = time.monotonic() - start
@@ -560,6 +572,8 @@ def check_file(path: Path) -> Optional[str]:
         elif path.suffix == ".md":
             if not path.read_text(encoding="utf-8").strip():
                 return "is empty"
+        elif path.suffix == ".csv":
+            return csv_problem(path)
     except Exception as error:  # noqa: BLE001 - any failure to read is the finding
         return f"does not load ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
     return None
@@ -569,6 +583,16 @@ def set_aside(name: str) -> Optional[str]:
     """NAME for `.NAME.old-XXXX`, the previous version of NAME set aside while a new one replaces it."""
     match = TEMPORARY_NAME.match(name)
     return match.group("name") if match and name.startswith(f".{match.group('name')}.old-") else None
+
+
+def csv_problem(path: Path) -> Optional[str]:
+    """None if `path` is a CSV file whose every row has its header's fields (a logger's `metrics.csv`)."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return "is empty"
+    short = [number for number, row in enumerate(rows[1:], 2) if len(row) != len(rows[0])]
+    return f"has {len(short)} row(s) cut short, e.g. line {short[0]}" if short else None
 
 
 def check_artefacts(root: Path, finished: bool, entry: str) -> list[tuple[str, str]]:
@@ -645,8 +669,9 @@ def compare_with_reference(root: Path, ref_root: Path) -> list[tuple[str, str]]:
     import torch
 
     def finals(folder: Path) -> set[str]:
+        """The files to compare: not the logs (a resumed run writes a new `logs/version_N`) or `config.yaml`."""
         return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != "output.log"
-                and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+                and not any(part.startswith(".") or part == "logs" for part in p.relative_to(folder).parts)
                 and p.name != "config.yaml"}
 
     problems = []
@@ -726,7 +751,8 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
             chosen = draw_plan(rng, mode, ref, workspace.durations.get(entry, ref.seconds), index // 2)
         elif attempt > 1:   # the command ended before the given moment
             chosen = KillPlan(mode, chosen.at_seconds / 2, max(1, chosen.save_index // 2), chosen.kind)
-        watched = watch_run(workspace.command(entry, root), root, root / "output.log", chosen, workspace.start)
+        watched = watch_run(workspace.command(entry, root), root, root / "output.log", chosen, workspace.start,
+                            workspace.fsync_stretch)
         if watched.killed_at is not None:
             break
         workspace.durations[entry] = watched.seconds   # it ran to its end: the next draw knows the pace now
@@ -739,7 +765,7 @@ def run_trial(workspace: Workspace, entry: str, index: int, seed: int, mode: Opt
         return trial
     trial.failures += check_artefacts(root, finished=False, entry=entry)
     trial.rerun_code, trial.rerun_seconds = run_codiemb(workspace.command(entry, root, rerun=True), root,
-                                                            workspace.start)
+                                                            workspace.start, workspace.fsync_stretch)
     if trial.rerun_code != 0:
         refusal = error_line(root / "output.log")
         trial.failures.append(("re-run refused", refusal) if trial.rerun_code == 2 and refusal else
@@ -823,6 +849,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=30, help="trials per entry point (half of them in a save)")
     parser.add_argument("--entry", action="append", choices=ENTRY_POINTS, help="entry point(s); default all")
+    parser.add_argument("--index", type=int, action="append",
+                        help="run only these trial numbers (e.g. a failed trial again, after its fix)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps of the fit (a checkpoint every half)")
     parser.add_argument("--start", choices=STARTS, default="fork",
@@ -845,7 +873,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ref = reference(workspace, entry)
             print(f"[kill_anywhere] {entry}: reference run {ref.seconds:.1f} s, {len(ref.temporaries)} temporaries "
                   f"seen", flush=True)
-            for index in range(args.trials):
+            for index in args.index or range(args.trials):
                 trial = run_trial(workspace, entry, index, args.seed)
                 trials.append(trial)
                 print(trial_line(trial), flush=True)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def workspace(tiny_model_dir, tmp_path_factory):
     return kill_anywhere.prepare_workspace(tmp_path_factory.mktemp("kill_anywhere"), model=tiny_model_dir, steps=2,
-                                           start="fork")
+                                           start="fork", fsync_stretch=0.0)
 
 
 @pytest.mark.parametrize("entry", ["fit", "fuse", "sweep"])

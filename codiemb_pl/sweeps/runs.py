@@ -5,9 +5,10 @@ checkpoints made with the same settings (`SweepPlan.same_settings`) resumes from
 (`ckpt_path="last"`, `training.resume`: also when a kill left `last.ckpt` older than a step checkpoint, or cut
 the fit short after its export); otherwise it trains from the start. Before it trains, `sweep_run.json` records
 its command and resolved config with `finished: false`, set to true once its fit has returned with its outputs
-complete. `run_fit`'s result says how it ended: finished (trained, when its export is complete), interrupted (SIGTERM / SIGINT: `last.ckpt` saved; the sweep stops
-there, as `codiemb fit` does, and the same command resumes it), or an exception: `InputError` or any crash is
-the run's failure, reported with its one line while the next run starts.
+complete. `run_fit`'s result says how it ended: finished (trained, when its export is complete), interrupted
+(SIGTERM / SIGINT: `last.ckpt` saved; the sweep stops there, as `codiemb fit` does, and the same command resumes
+it), or an exception: `InputError` or any crash is the run's failure, reported with its one line while the next
+run starts.
 """
 
 from __future__ import annotations
