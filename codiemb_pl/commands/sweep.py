@@ -4,8 +4,8 @@
     codiemb sweep ... --print-commands     # one `codiemb fit ...` line per run (submit them as jobs), then
     codiemb sweep ... --fuse-only          # fuse the finished runs without training
 
-Runs go to DIR/runs/NAME (finished ones are skipped, an interrupted one resumes from its last.ckpt, a
-crashed one is reported and the others continue); the leaderboard of base, members and merges goes to
+Runs go to DIR/runs/NAME (finished ones are skipped, an interrupted one resumes from its newest
+checkpoint, a crashed one is reported and the others continue); the leaderboard of base, members and merges goes to
 DIR/leaderboard.json / .md and the winner to DIR/model. The sweep file format and the work are in
 `codiemb_pl.sweeps` (`sweep.py` walks them); this module parses and holds DIR's run lock
 (`codiemb_pl.storage.run_lock`) while the sweep trains and fuses (its in-process fits nest under it).

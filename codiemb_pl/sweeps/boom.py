@@ -12,7 +12,7 @@ This module only plans: which runs (fractions, seeds), each run's subset files (
 `sweeps.subsets`), and the sweep that trains and merges them. It writes `OUTPUT/fit.yaml` (the resolved fit
 config every run starts from) and `OUTPUT/sweep.yaml` (one run per bagging run: `seed_everything`, `data.seed`
 and `data.train` pointing at its subset files; fusion: `multi_slerp`, exported to `OUTPUT/merged`) and hands the
-sweep's plan over: `sweeps.sweep.execute_sweep` does the rest (training, finished runs skipped, `last.ckpt`
+sweep's plan over: `sweeps.sweep.execute_sweep` does the rest (training, finished runs skipped, unfinished ones
 resumed, crashes reported; scoring on `data.val`, the leaderboard and the export with its `merge.json`).
 `plan_from_options` is `codiemb boom`'s whole plan (its options, fit configs and overrides in); BOOM's
 `evaluation.json` (`write_evaluation`) is the leaderboard's scores by candidate, the merge named `merged`.
