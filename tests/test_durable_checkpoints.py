@@ -398,3 +398,23 @@ def test_a_fit_killed_while_writing_its_config_yaml_leaves_no_partial_file(tiny_
         main(fit_args(tiny_model_dir, root, 1))
     assert (root / "config.yaml").read_text() == "previous: run\n"
     assert not hidden_entries(root), "the half-written temporary is left"
+
+
+def test_the_log_file_temporaries_a_killed_run_left_are_removed_by_the_next_fit(tiny_model_dir, tmp_path, capsys):
+    """Found by the full kill_anywhere run (seed 1, fit trial 6): `config.yaml`, `metrics.csv` and `hparams.yaml`
+    go through temporaries in the log folder, and a run killed there left `.config.yaml.tmp-*` in
+    `logs/version_0` for good: the resumed run logs to `version_1` and cleaned only its checkpoint, export and
+    fusion folders. Without a logger `config.yaml` is in the run root."""
+    root = tmp_path / "run"
+    version_0 = root / "logs" / "version_0"
+    version_0.mkdir(parents=True)
+    planted = [version_0 / ".config.yaml.tmp-egyduguo", version_0 / ".metrics.csv.tmp-k1", root / ".config.yaml.tmp-k2"]
+    for path in planted:
+        path.write_text("partial")
+    (version_0 / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
+    (root / ".notes.tmp-mine").write_text("not a name a fit writes")
+    logger = json.dumps({"class_path": "codiemb_pl.training.loggers.CSVLogger"})
+    assert main(fit_args(tiny_model_dir, root, 1, "--trainer.logger", logger)) == 0
+    assert not [path for path in planted if path.exists()]
+    assert (root / ".notes.tmp-mine").is_file() and (version_0 / "metrics.csv").is_file()
+    assert "[codiemb] removed 3 temporary file(s)/folder(s) an interrupted run left" in capsys.readouterr().out

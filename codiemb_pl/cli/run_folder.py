@@ -14,8 +14,8 @@ relative to the working directory, as everywhere in Lightning).
 `fit_outputs(trainer)` is the one list of where a fit writes; from it `check_fit_outputs` refuses an
 unwritable folder before training (`output_paths.check_writable_folder`), and
 `remove_stale_temporaries_of_run` deletes, at the start of `fit`, the hidden temporary entries a killed run
-left (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the fusion folders, and those of the
-export's own name beside it. `checkpoint_folders(trainer)` lists where the run's checkpoints are (where
+left (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the fusion folders, those of the
+export's own name beside it, and those of `LOG_FILES` in the log folders under the root (`log_folders`). `checkpoint_folders(trainer)` lists where the run's checkpoints are (where
 `--ckpt_path last` looks).
 """
 
@@ -36,6 +36,9 @@ from codiemb_pl.storage.output_paths import FOLDER_FIX, check_writable_folder
 
 INSIDE = "inside"
 BESIDE = "beside"
+LOG_FILES = frozenset({"config.yaml", "metrics.csv", "hparams.yaml"})
+"""Files written through temporaries in a run's log folder: the CLI's resolved config (`cli.saved_config`) and
+the CSV logger's (`training.loggers`)."""
 
 
 def fill_unset_folders(trainer_config: Any) -> None:
@@ -132,6 +135,19 @@ def check_fit_outputs(trainer: Any) -> None:
                                                           "unset folder follows it) or this folder's own option")
 
 
+def log_folders(trainer: Any) -> list[Path]:
+    """Where this run and the runs it resumes wrote their `LOG_FILES` inside the run root: the root (`config.yaml`
+    without a logger) and every `version_*` folder of each logger's `root_dir` that lies under the root (a
+    resumed run logs to a new version; a logger folder outside the root may be another run's)."""
+    root = Path(trainer.default_root_dir).resolve()
+    folders = [root]
+    for logger in trainer.loggers:
+        logger_root = getattr(logger, "root_dir", None)
+        if logger_root and Path(logger_root).resolve().is_relative_to(root) and Path(logger_root).is_dir():
+            folders += sorted(path for path in Path(logger_root).glob("version_*") if path.is_dir())
+    return folders
+
+
 def remove_stale_temporaries_of_run(trainer: Any) -> str:
     """Delete the temporaries a killed run left where this one writes (call on global rank 0 before `fit`,
     with the run folder to itself); returns the line saying what went, empty when nothing did."""
@@ -141,6 +157,8 @@ def remove_stale_temporaries_of_run(trainer: Any) -> str:
             removed += remove_stale_temporaries(output.path, None)
         elif output.temporaries == BESIDE:
             removed += remove_stale_temporaries(output.path.parent, {output.path.name})
+    for folder in log_folders(trainer):
+        removed += remove_stale_temporaries(folder, LOG_FILES)
     if not removed:
         return ""
     return (f"[codiemb] removed {len(removed)} temporary file(s)/folder(s) an interrupted run left: "
