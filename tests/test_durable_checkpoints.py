@@ -414,7 +414,7 @@ def test_the_log_file_temporaries_a_killed_run_left_are_removed_by_the_next_fit(
     (version_0 / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
     (root / ".notes.tmp-mine").write_text("not a name a fit writes")
     logger = json.dumps({"class_path": "codiemb_pl.training.loggers.CSVLogger"})
-    assert main(fit_args(tiny_model_dir, root, 1, "--trainer.logger", logger)) == 0
+    assert main(fit_args(tiny_model_dir, root, 1, "--trainer.logger", logger, "--data.val=[]")) == 0
     assert not [path for path in planted if path.exists()]
     assert (root / ".notes.tmp-mine").is_file() and (version_0 / "metrics.csv").is_file()
     assert "[codiemb] removed 3 temporary file(s)/folder(s) an interrupted run left" in capsys.readouterr().out
