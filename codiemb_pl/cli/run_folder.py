@@ -15,8 +15,8 @@ relative to the working directory, as everywhere in Lightning).
 unwritable folder before training (`output_paths.check_writable_folder`), and
 `remove_stale_temporaries_of_run` deletes, at the start of `fit`, the hidden temporary entries a killed run
 left (`atomic.TEMPORARY_NAME`): any in the checkpoint folders and the fusion folders, those of the
-export's own name beside it, and those of `LOG_FILES` in the log folders under the root (`log_folders`). `checkpoint_folders(trainer)` lists where the run's checkpoints are (where
-`--ckpt_path last` looks).
+export's own name beside it, and those of `LOG_FILES` in the log folders under the root (`log_folders`).
+`checkpoint_folders(trainer)` lists where the run's checkpoints are (where `--ckpt_path last` looks).
 """
 
 from __future__ import annotations
