@@ -4,7 +4,6 @@ sources read what they hold, and the safetensors writer is atomic."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch

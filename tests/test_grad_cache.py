@@ -11,7 +11,6 @@ resume.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

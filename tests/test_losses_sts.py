@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from codiemb_pl.errors import InputError
 from codiemb_pl.losses.sts import (

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time

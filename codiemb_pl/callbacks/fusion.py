@@ -150,7 +150,8 @@ class CheckpointFusion(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The exported winner carries the training instructions as prompts (`query`, ...), as ExportEncoder's
-        folder does, also when the run has no ExportEncoder."""
+        folder does, also when the run has no ExportEncoder. `trained` turns true once a batch has run."""
+        self.trained = False
         add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
 
     def check_metric(self, trainer: pl.Trainer, pl_module: Optional[pl.LightningModule] = None) -> None:
@@ -183,9 +184,6 @@ class CheckpointFusion(pl.Callback):
                     del self.snapshots[step]
                     if trainer.is_global_zero:
                         self.snapshot_path(trainer, step).unlink(missing_ok=True)
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.trained = False
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
