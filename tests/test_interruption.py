@@ -1,5 +1,6 @@
 """Interruption: SIGTERM / SIGINT during `fit` saves `last.ckpt` and exits 0, and `--ckpt_path last` ends
 with the uninterrupted run's weights; a writer killed with SIGKILL leaves nothing under the final name.
+The fits of the three signal tests start together in the background, two at a time (`signal_runs`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+
+from ddp_driver.launch import unused_port
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -44,7 +47,7 @@ def fit_command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                 OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
-                TOKENIZERS_PARALLELISM="false")
+                TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(unused_port()))   # runs overlap: a port of its own
 
 
 def run_to_completion(command: list[str]) -> subprocess.CompletedProcess:
@@ -78,27 +81,68 @@ def marker_callback(marker: Path) -> list[str]:
     return ["--trainer.callbacks+=test_interruption.SlowStepMarker", f"--trainer.callbacks.marker={marker}"]
 
 
-def test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    marker = tmp_path / "step.txt"
+def interrupt_with_sigterm_then_resume(model_dir: Path, resumed: Path, marker: Path) -> dict:
+    """A fit sent SIGTERM after step 2, then `--ckpt_path last` in the same folder; what the test checks
+    between the two runs is read before the second one starts."""
+    code, output = run_and_signal(fit_command(model_dir, resumed, *marker_callback(marker)), marker, signal.SIGTERM)
+    last = resumed / "checkpoints" / "last.ckpt"
+    observed = {"code": code, "output": output, "last": last,
+                "interrupted_step": checkpoint(last)["global_step"] if last.exists() else None,
+                "partials": list((resumed / "checkpoints").glob(".*partial"))}
+    if code == 0 and last.exists():
+        observed["resumed"] = run_to_completion(fit_command(model_dir, resumed, "--ckpt_path", "last"))
+    return observed
 
-    with ThreadPoolExecutor(max_workers=1) as background:
-        # the uninterrupted run depends on neither of the other two: it runs beside them (both cores busy)
-        straight_run = background.submit(run_to_completion, fit_command(tiny_model_dir, straight))
-        code, output = run_and_signal(fit_command(tiny_model_dir, resumed, *marker_callback(marker)), marker,
-                                      signal.SIGTERM)
-        assert code == 0, output[-4000:]
-        assert "codiemb: interrupted: SIGTERM received" in output
-        assert "Traceback" not in output
-        last = resumed / "checkpoints" / "last.ckpt"
-        interrupted_step = checkpoint(last)["global_step"]
-        assert 2 <= interrupted_step < TOTAL_STEPS
-        assert not list((resumed / "checkpoints").glob(".*partial")), "the temporary checkpoint was left behind"
 
-        result = run_to_completion(fit_command(tiny_model_dir, resumed, "--ckpt_path", "last"))
-        assert result.returncode == 0, result.stderr[-4000:]
-        result = straight_run.result()
-        assert result.returncode == 0, result.stderr[-4000:]
+def ddp_sigterm_command(model_dir: Path, run_dir: Path, marker: Path) -> list[str]:
+    return fit_command(model_dir, run_dir, "--config", str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml"),
+                       "--trainer.devices", "2", "--data.ir_batch_size", "2", "--data.sts_batch_size", "2",
+                       *marker_callback(marker))
+
+
+@pytest.fixture(scope="module")
+def signal_runs(request, tiny_model_dir, tmp_path_factory) -> dict:
+    """The fits of this module's selected signal tests, started at once in the background, two at a time
+    (both cores busy; each run's signal is sent from its own thread): {name: (run folder, Future)}. The
+    SIGTERM-then-resume chain and the 2-rank run first, the shorter single runs after them."""
+    selected = {item.originalname for item in request.session.items if item.module is request.module}
+    root = tmp_path_factory.mktemp("signals")
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="signal-run") as pool:
+        started = {}
+        if "test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run" in selected:
+            started["sigterm"] = root / "resumed", pool.submit(interrupt_with_sigterm_then_resume, tiny_model_dir,
+                                                               root / "resumed", root / "sigterm_step.txt")
+        if "test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step" in selected:
+            marker = root / "ddp_step.txt"
+            started["ddp"] = root / "ddp", pool.submit(run_and_signal, ddp_sigterm_command(tiny_model_dir, root / "ddp",
+                                                                                         marker),
+                                                       marker, signal.SIGTERM, 1)
+        if "sigterm" in started:   # the uninterrupted run the resumed one must equal
+            started["straight"] = root / "straight", pool.submit(run_to_completion,
+                                                                 fit_command(tiny_model_dir, root / "straight"))
+        if "test_sigint_saves_last_checkpoint_and_exits_cleanly" in selected:
+            marker = root / "sigint_step.txt"
+            started["sigint"] = root / "sigint", pool.submit(
+                run_and_signal, fit_command(tiny_model_dir, root / "sigint", *marker_callback(marker)), marker,
+                signal.SIGINT, 1)
+        yield started
+
+
+def test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run(signal_runs):
+    (resumed, chain), (straight, straight_run) = signal_runs["sigterm"], signal_runs["straight"]
+    observed = chain.result()
+    code, output, last = observed["code"], observed["output"], observed["last"]
+    assert code == 0, output[-4000:]
+    assert "codiemb: interrupted: SIGTERM received" in output
+    assert "Traceback" not in output
+    interrupted_step = observed["interrupted_step"]
+    assert 2 <= interrupted_step < TOTAL_STEPS
+    assert not observed["partials"], "the temporary checkpoint was left behind"
+
+    result = observed["resumed"]
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = straight_run.result()
+    assert result.returncode == 0, result.stderr[-4000:]
 
     expected, actual = checkpoint(straight / "checkpoints" / "last.ckpt"), checkpoint(last)
     assert expected["global_step"] == actual["global_step"] == TOTAL_STEPS
@@ -108,30 +152,26 @@ def test_sigterm_saves_last_checkpoint_and_resume_matches_the_uninterrupted_run(
     assert not differing, f"{len(differing)} tensors differ after resume, e.g. {differing[:3]}"
 
 
-def test_sigint_saves_last_checkpoint_and_exits_cleanly(tiny_model_dir, tmp_path):
-    marker = tmp_path / "step.txt"
-    code, output = run_and_signal(fit_command(tiny_model_dir, tmp_path / "run", *marker_callback(marker)), marker,
-                                  signal.SIGINT, after_step=1)
+def test_sigint_saves_last_checkpoint_and_exits_cleanly(signal_runs):
+    run, future = signal_runs["sigint"]
+    code, output = future.result()
     assert code == 0, output[-4000:]
     assert "codiemb: interrupted: SIGINT received" in output and "KeyboardInterrupt" not in output
-    assert 1 <= checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] < TOTAL_STEPS
-    assert not (tmp_path / "run" / ".codiemb.lock").exists(), "the interrupted fit left its run lock behind"
+    assert 1 <= checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] < TOTAL_STEPS
+    assert not (run / ".codiemb.lock").exists(), "the interrupted fit left its run lock behind"
 
 
-def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(tiny_model_dir, tmp_path):
+def test_sigterm_to_rank_zero_stops_both_ddp_ranks_at_the_same_step(signal_runs):
     """Only rank 0 gets the signal (as from `kill PID`); the all-reduced flag stops rank 1 at the same step."""
-    marker = tmp_path / "step.txt"
-    command = fit_command(tiny_model_dir, tmp_path / "run", "--config", str(REPO_ROOT / "configs/trainer/ddp_cpu.yaml"),
-                          "--trainer.devices", "2", "--data.ir_batch_size", "2", "--data.sts_batch_size", "2",
-                          *marker_callback(marker))
-    code, output = run_and_signal(command, marker, signal.SIGTERM, after_step=1)
+    run, future = signal_runs["ddp"]
+    code, output = future.result()
     assert code == 0, output[-4000:]
-    step = checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"]
+    step = checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
     assert 1 <= step < TOTAL_STEPS
     for rank in (0, 1):  # each rank reports its own stop step
         assert f"SIGTERM received (rank {rank} of 2): stopped after optimizer step {step} and saved" in output, \
             output[-4000:]
-    assert not (tmp_path / "run" / ".codiemb.lock").exists()   # rank 0 took it before starting rank 1, and released it
+    assert not (run / ".codiemb.lock").exists()   # rank 0 took it before starting rank 1, and released it
 
 
 WRITER_SCRIPT = textwrap.dedent("""

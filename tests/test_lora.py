@@ -15,7 +15,7 @@ from codiemb_pl.model.lora import LoraSettings, check_lora_settings, lora_summar
 from codiemb_pl.training.module import CoDiEmbModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # a benchmark helper
-from ddp_driver.launch import run_codiemb
+from ddp_driver.launch import RunPool, run_codiemb
 from decoder_models import build_tiny_decoder
 from saved_for_backward import saved_for_backward  # noqa: E402
 
@@ -222,12 +222,14 @@ def test_interrupted_and_resumed_lora_run_ends_with_the_uninterrupted_adapters(d
                 "--trainer.callbacks+", checkpoint]
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_codiemb(args(straight)).returncode == 0
-    interrupted = run_codiemb(args(resumed) + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
-                                               "--trainer.callbacks.at_step=3"])
-    assert interrupted.returncode == 3, interrupted.stdout[-3000:]
-    result = run_codiemb(args(resumed) + ["--ckpt_path", "last"])
-    assert result.returncode == 0, result.stdout[-3000:]
+    with RunPool() as pool:   # the uninterrupted run beside the interrupt-then-resume chain
+        straight_run = pool.submit(args(straight))
+        interrupted = run_codiemb(args(resumed) + ["--trainer.callbacks+=ddp_driver.probes.Interrupt",
+                                                   "--trainer.callbacks.at_step=3"])
+        assert interrupted.returncode == 3, interrupted.stdout[-3000:]
+        result = run_codiemb(args(resumed) + ["--ckpt_path", "last"])
+        assert result.returncode == 0, result.stdout[-3000:]
+        assert straight_run.result().returncode == 0
     a = torch.load(straight / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 6

@@ -149,6 +149,8 @@ def test_predict_on_two_ranks_writes_every_text_once_equal_to_encode(tiny_model_
     import subprocess
     import sys
 
+    from ddp_driver.launch import unused_port
+
     texts = [f"text number {i} " + "word " * i for i in range(5)]
     source = tmp_path / "texts.txt"
     source.write_text("".join(text + "\n" for text in texts))
@@ -156,7 +158,7 @@ def test_predict_on_two_ranks_writes_every_text_once_equal_to_encode(tiny_model_
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false")
-    env.pop("MASTER_PORT", None)
+    env["MASTER_PORT"] = str(unused_port())   # none that another run of these tests holds
     result = subprocess.run(
         [sys.executable, "-m", "codiemb_pl", "predict", "--config", str(TINY_CONFIG),
          "--config", str(repo / "configs" / "trainer" / "ddp_cpu.yaml"), "--trainer.devices", "2",

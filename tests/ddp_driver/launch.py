@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -36,9 +38,9 @@ def run_codiemb(args: list[str], *, world_size: int = 1, timeout: float = 240.0)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline",
                TOKENIZERS_PARALLELISM="false")
-    env.pop("MASTER_PORT", None)
-    if world_size > 1:  # a port no other run started by these tests holds (runs may overlap: `RunPool`)
-        env["MASTER_PORT"] = str(unused_port())
+    # a port no other run started by these tests holds (runs may overlap: `RunPool`, pytest-xdist); also for
+    # world_size 1, whose arguments may still ask for 2 devices (the FSDP2 runs)
+    env["MASTER_PORT"] = str(unused_port())
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     try:
@@ -60,14 +62,25 @@ _PORTS_LOCK = threading.Lock()
 
 
 def unused_port() -> int:
-    """A free local TCP port, never one this process handed out before (overlapping runs cannot share one)."""
-    with _PORTS_LOCK:
+    """A free local TCP port, never one handed out before in this test session (overlapping runs cannot share
+    one): not by this process, nor, under pytest-xdist, by another worker (the workers list theirs in one file
+    in the temporary folder, named by the session's xdist id, and lock it while they pick)."""
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    with _PORTS_LOCK, contextlib.ExitStack() as stack:
+        shared = None
+        if session:
+            shared = stack.enter_context(open(Path(tempfile.gettempdir()) / f"codiemb-test-ports-{session}", "a+"))
+            fcntl.flock(shared, fcntl.LOCK_EX)   # released when the file closes
+            shared.seek(0)
+            _PORTS_GIVEN.update(int(line) for line in shared.read().split())
         while True:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 probe.bind(("127.0.0.1", 0))
                 port = probe.getsockname()[1]
             if port not in _PORTS_GIVEN:
                 _PORTS_GIVEN.add(port)
+                if shared is not None:
+                    shared.write(f"{port}\n")
                 return port
 
 
