@@ -1,6 +1,6 @@
 """MTEB's published figures for all-MiniLM-L6-v2, reproduced on the full test sets (SPEC §9).
 
-    python benchmarks/scifact_fidelity.py [--sentence-transformers] [--device cpu] [--report docs/results/fidelity.md]
+    python benchmarks/scifact_fidelity.py [--sentence-transformers] [--device cpu] [--report benchmarks/results/fidelity.md]
 
 SciFact test (300 queries, all 5 183 documents) nDCG@10 0.6451 (± 0.003) and STS-B test (1 379 pairs)
 Spearman 0.8203 (± 0.002): our loaders, `TextEncoder` and metrics end to end. The SciFact run is also scored
