@@ -133,10 +133,11 @@ def test_per_task_counters_add_up(offline_wandb_fit):
     assert all(0 < row["train/lr"] <= 1e-4 for row in history if "train/lr" in row)
 
 
-def test_leaderboard_and_weight_histograms_reach_an_offline_run(tmp_path):
+def test_leaderboard_and_weight_histograms_reach_an_offline_run(tmp_path, monkeypatch):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
+    monkeypatch.setenv("WANDB_MODE", "offline")   # put back after: WandbLogger(offline=True) sets it to "dryrun"
     logger = WandbLogger(project="codiemb-test", save_dir=str(tmp_path), offline=True)
     rows = [{"method": "delta_guided", "val/avg": 0.61, "weights": [0.5, 0.5]},
             {"method": "uniform_soup", "val/avg": 0.58}]

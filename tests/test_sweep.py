@@ -474,8 +474,9 @@ def test_example_sweep_files_plan(sweep, monkeypatch, tmp_path):
         assert {config["seed_everything"] for config in plan.run_configs.values()} == {42}
 
 
-def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, finished_sweep, tmp_path):
+def test_leaderboard_reaches_a_wandb_logger_of_the_base_config(planned, finished_sweep, tmp_path, monkeypatch):
     """With a WandbLogger in the base config, the sweep's leaderboard is a `sweep/leaderboard` W&B table."""
+    monkeypatch.setenv("WANDB_MODE", "offline")   # put back after: WandbLogger(offline=True) sets it to "dryrun"
     plan = copy.deepcopy(planned)
     plan.methods = plan.methods[1:2]   # uniform_soup only: the table, not the merges, is under test
     plan.resolved["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {
