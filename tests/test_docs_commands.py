@@ -103,7 +103,7 @@ def test_pages_hold_the_commands_ci_and_users_run():
     verbatim), and both pages hold runnable `codiemb` commands."""
     readme = (ROOT / "README.md").read_text("utf-8")
     ci = (ROOT / ".ci" / "run").read_text("utf-8")
-    test_command = 'pip install "torch==2.13.0" -e ".[dev]" && python -m pytest -q'
+    test_command = 'pip install "torch==2.13.0" -e ".[dev]" && python -m pytest -q -n 2'
     assert test_command in readme and test_command in ci
     assert 'pip install "torch==2.13.0" -e ".[demo]" && codiemb fit --config configs/quickstart.yaml' in readme
     assert "mkdocs build --strict" in ci and '".[docs]"' in ci
