@@ -224,7 +224,7 @@ def plan(carry: Path, work: Path, wheels: dict[str, Path], serial: bool) -> list
     for name, node_id in GPU_TESTS.items():
         junit = work / f"junit_{name}.xml"
         plan_.append(Step(name, 4, f"pytest {node_id}", 240 if "deepspeed" in name else 180,
-                          [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", f"--junitxml={junit}",
+                          [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-rA", f"--junitxml={junit}",
                            node_id], pytest_check(junit),
                           env={"DS_ACCELERATOR": "cuda"} if "deepspeed" in name else {}, needs=("install_wheels",)))
     plan_.append(Step("lora_bf16_fit", 4, "codiemb fit, tiny Qwen2 + LoRA r=8 all-linear, bf16-mixed, 8 steps, "

@@ -94,8 +94,9 @@ def preflight(args) -> int:
             def pytest_collection_finish(self, session):
                 collected.extend(item.nodeid for item in session.items)
 
-        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # collection needs no third-party plugin
-        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir", str(REPO), *args.node_ids],
+        os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # collection needs no third-party plugin, hence
+        # no addopts either (the project's `--dist loadfile` belongs to pytest-xdist)
+        code = pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", str(REPO), *args.node_ids],
                            plugins=[Collector()])
         for node_id in args.node_ids:
             if node_id not in collected:
