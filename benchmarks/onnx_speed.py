@@ -87,8 +87,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--results", default=str(REPORT.with_suffix("") / "run.json"))
     args = parser.parse_args(argv)
 
-    from experiments import Suite
     from experiment_runs import FULL
+    from experiments import Suite
+    from matryoshka import shown_arguments
 
     from codiemb_pl.model.encoder import TextEncoder
     from codiemb_pl.model.onnx import INT8_FILE, ONNX_FILE, OnnxEncoder, export_onnx
@@ -99,7 +100,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     atomic_write_text(workdir / ".gitignore", "*\n")
     folder = workdir / "model"
     max_length = FULL.eval.max_length
-    if not (folder / ONNX_FILE).is_file():
+    if not (folder / ONNX_FILE).is_file() or not (folder / INT8_FILE).is_file():
         TextEncoder(args.model).save(folder)
         export_onnx(folder)
     encoders = {"pytorch": TextEncoder(str(folder), max_seq_length=max_length),
@@ -124,8 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results, json.dumps(record, indent=1) + "\n")
-    write_report(record, Path(args.report), "python benchmarks/onnx_speed.py" + "".join(
-        f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
+    write_report(record, Path(args.report), "python benchmarks/onnx_speed.py" + shown_arguments(
+        argv if argv is not None else sys.argv[1:]))
     return 0
 
 
