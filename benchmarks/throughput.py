@@ -3,6 +3,8 @@
     python benchmarks/throughput.py --quick          # a fast sanity run (a few minutes on 2 CPU cores)
     python benchmarks/throughput.py --rounds 3       # the full comparison
     python benchmarks/throughput.py --device cuda --precision bf16-mixed --batch-size 128   # on a GPU
+    python benchmarks/throughput.py --parts train --negatives 4 --variants eager padding_free compiled both
+                                                     # the speed features against the same ST run
 
 Measured, interleaved (ours then theirs, for R rounds; the median per measurement is reported):
 
@@ -10,14 +12,20 @@ Measured, interleaved (ours then theirs, for R rounds; the median per measuremen
     `ir_step` -> multi-positive InfoNCE, AdamW step) on `CoDiEmbDataModule` (task sampler, dynamic padding
     per text group), vs sentence-transformers' `SentenceTransformerTrainer` with
     `MultipleNegativesRankingLoss`. Both: SciFact train (query, first relevant document) pairs, in-batch
-    negatives, τ = 0.05 (MNRL scale 20), lr 2e-5, no warm-up. Time runs from the end of the first optimizer
-    step to the end of the last (setup, data loading and the first step excluded).
+    negatives, τ = 0.05 (MNRL scale 20), lr 2e-5, no warm-up; with `--negatives N` each pair also carries N
+    SciFact documents drawn at random (seeded, the same for both trainers: SciFact's passage lengths) as hard
+    negatives (ST: columns negative_1..N). Time runs from the end of optimizer step `--warmup-steps` to the end
+    of the last (setup, data loading, the first steps and, for compiled variants, their compiles excluded).
+    `--variants`: our trainer as `eager` (defaults), `padding_free` (`model.padding_free: true`), `compiled`
+    (`model.compile: true`, inductor) and `both`; each round runs every variant and then ST once, so load
+    on the shared machine hits all of them alike.
 (b) encode sentences/s: `TextEncoder.encode` vs `SentenceTransformer.encode` on SciFact documents.
 (c) evaluation of SciFact test with our evaluate path (`workflows.evaluation.evaluate_sets`: encode +
     full-corpus ranking + metrics) vs the time to only encode its queries and documents.
 (d) model FLOPs utilisation (MFU) of training = useful FLOPs/s / peak FLOPs/s. Useful FLOPs per sequence of
     s real tokens: 3 × (2·N·s + 4·layers·s²·hidden) (forward + backward; N = non-embedding parameters;
-    padding is not counted); peak = best of several `torch.matmul` of two n×n matrices (2n³ FLOPs), in
+    padding is not counted; every text of a training example: query, positive, negatives); peak = best of
+    several `torch.matmul` of two n×n matrices (2n³ FLOPs), in
     float32, or in bfloat16 when training runs in bf16-mixed.
 On a GPU (`--device cuda`) every timer synchronises the device first; `--precision` sets the training
 precision of both trainers (Lightning's `precision`, the ST trainer's `bf16`/`fp16`) and `--num-workers` their
@@ -68,6 +76,21 @@ def training_pairs(scifact: Path) -> list[tuple[str, str]]:
         return [(row["query"], row["positives"][0]) for row in records.json_rows(range(len(records)))]
 
 
+def random_negatives(pairs: list[tuple[str, str]], documents: list[str], count: int, seed: int = 0
+                     ) -> list[list[str]]:
+    """`count` SciFact documents per pair, drawn at random (never its positive): SciFact's passage lengths."""
+    rng = random.Random(seed)
+    drawn = []
+    for _, positive in pairs:
+        choices: list[str] = []
+        while len(choices) < count:
+            document = documents[rng.randrange(len(documents))]
+            if document != positive and document not in choices:
+                choices.append(document)
+        drawn.append(choices)
+    return drawn
+
+
 def evaluation_corpus(scifact: Path, extra_docs: int | None, seed: int = 0) -> IRCorpus:
     """SciFact test; with `extra_docs`, only the judged documents plus that many random others."""
     full = load_ir_corpus(SourceConfig("scifact_test", "ir", str(scifact), split="test"))
@@ -95,9 +118,15 @@ def _steps_per_second(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+VARIANTS = {"eager": {}, "padding_free": {"padding_free": True}, "compiled": {"compile": True},
+            "both": {"padding_free": True, "compile": True}}
+
+
 def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, steps: int,
-               length_buckets: int, device: str = "cpu", precision: str = "32-true", num_workers: int = 0) -> float:
-    """Pairs/s of a Lightning `Trainer.fit` of `CoDiEmbModule` on the pairs (see module docstring)."""
+               length_buckets: int, device: str = "cpu", precision: str = "32-true", num_workers: int = 0,
+               negatives: int = 0, warmup_steps: int = 1, settings: dict | None = None) -> float:
+    """Pairs/s of a Lightning `Trainer.fit` of `CoDiEmbModule` on the pairs (see module docstring); `settings`:
+    extra `CoDiEmbModule` arguments (a variant's speed features)."""
     import lightning.pytorch as pl
 
     from codiemb_pl.data.datamodule import CoDiEmbDataModule
@@ -112,9 +141,9 @@ def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, s
             self.stamps.append(time.perf_counter())
 
     module = CoDiEmbModule(model, ir_temperature=TEMPERATURE, lr=LEARNING_RATE, warmup_ratio=0.0,
-                           length_buckets=length_buckets, max_seq_length=max_length)
+                           length_buckets=length_buckets, max_seq_length=max_length, **(settings or {}))
     data = CoDiEmbDataModule(train=[SourceConfig("pairs", "ir", str(pairs_file))], tokenizer=model,
-                             ir_batch_size=batch_size, n_positives=1, n_negatives=0,
+                             ir_batch_size=batch_size, n_positives=1, n_negatives=negatives,
                              max_query_length=max_length, max_passage_length=max_length, num_workers=num_workers)
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, precision=precision,
@@ -122,11 +151,12 @@ def train_ours(model: str, pairs_file: Path, batch_size: int, max_length: int, s
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0, callbacks=[timer], use_distributed_sampler=False)
     trainer.fit(module, datamodule=data)
-    return _steps_per_second(timer.stamps) * batch_size
+    return _steps_per_second(timer.stamps[warmup_steps - 1:]) * batch_size
 
 
 def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_length: int, steps: int,
-                 workdir: Path, device: str = "cpu", precision: str = "32-true", num_workers: int = 0) -> float:
+                 workdir: Path, device: str = "cpu", precision: str = "32-true", num_workers: int = 0,
+                 negatives: list[list[str]] | None = None, warmup_steps: int = 1) -> float:
     """Pairs/s of `SentenceTransformerTrainer` + `MultipleNegativesRankingLoss` on the same pairs."""
     from datasets import Dataset
     from sentence_transformers import (
@@ -147,7 +177,10 @@ def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_
 
     st_model = SentenceTransformer(model, device=device)
     st_model.max_seq_length = max_length
-    dataset = Dataset.from_dict({"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]})
+    columns = {"anchor": [q for q, _ in pairs], "positive": [p for _, p in pairs]}
+    for index in range(len(negatives[0]) if negatives else 0):
+        columns[f"negative_{index + 1}"] = [row[index] for row in negatives]
+    dataset = Dataset.from_dict(columns)
     arguments = SentenceTransformerTrainingArguments(
         output_dir=str(workdir / "st_trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
         learning_rate=LEARNING_RATE, warmup_ratio=0.0, save_strategy="no", report_to="none",
@@ -159,7 +192,7 @@ def train_theirs(model: str, pairs: list[tuple[str, str]], batch_size: int, max_
                                          loss=MultipleNegativesRankingLoss(st_model, scale=1.0 / TEMPERATURE),
                                          callbacks=[timer])
     trainer.train()
-    return _steps_per_second(timer.stamps) * batch_size
+    return _steps_per_second(timer.stamps[warmup_steps - 1:]) * batch_size
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,8 +246,10 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu",
     return best
 
 
-def training_flops_per_pair(encoder: TextEncoder, pairs: list[tuple[str, str]], max_length: int) -> float:
-    """Mean useful training FLOPs of one (query, positive) pair: Σ over both texts of 3·(2·N·s + 4·L·s²·h)."""
+def training_flops_per_pair(encoder: TextEncoder, pairs: list[tuple[str, str]], max_length: int,
+                            negatives: list[list[str]] | None = None) -> float:
+    """Mean useful training FLOPs of one training example (query, positive and its negatives): Σ over its texts of
+    3·(2·N·s + 4·L·s²·h)."""
     model = encoder.model
     embedding_params = sum(p.numel() for p in model.get_input_embeddings().parameters())
     embedding_params += sum(p.numel() for name, p in model.named_parameters()
@@ -222,14 +257,20 @@ def training_flops_per_pair(encoder: TextEncoder, pairs: list[tuple[str, str]], 
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding_params
     layers, hidden = encoder.num_layers, encoder.embedding_dim
     total = 0.0
-    for query, positive in pairs:
-        for text in (query, positive):
+    for index, (query, positive) in enumerate(pairs):
+        for text in (query, positive, *(negatives[index] if negatives else ())):
             s = len(encoder.tokenizer(text, truncation=True, max_length=max_length)["input_ids"])
             total += 3 * (2 * non_embedding * s + 4 * layers * s * s * hidden)
     return total / len(pairs)
 
 
 # ---------------------------------------------------------------------------------------------------
+
+def ratio_spread(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """(lowest, highest) per-round ratio ours/theirs (each round's runs share the machine's load)."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return min(ratios), max(ratios)
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -239,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rounds", type=int, help="interleaved rounds, median reported (default 3; quick 1)")
     parser.add_argument("--train-steps", type=int, help="optimizer steps per training run (default 12; quick 4)")
+    parser.add_argument("--warmup-steps", type=int, default=1,
+                        help="optimizer steps left out of the timing (compiled variants: their compiles)")
+    parser.add_argument("--negatives", type=int, default=0, help="hard negatives per pair (random SciFact documents)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["eager"],
+                        help="our trainer's speed settings, each timed in every round")
     parser.add_argument("--encode-texts", type=int, help="documents encoded in (b) (default 1024; quick 256)")
     parser.add_argument("--eval-extra-docs", type=int, default=None,
                         help="(c) on judged + this many random SciFact documents (default: the whole corpus)")
@@ -259,11 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.train_steps < args.warmup_steps + 2:
+        parser.error("--train-steps must be at least --warmup-steps + 2 (two timed stamps)")
+    load_before = os.getloadavg()
 
     model = resolve_location(args.model)
     scifact = Path(args.scifact)
     pairs = training_pairs(scifact)
     corpus = evaluation_corpus(scifact, args.eval_extra_docs)
+    negatives = random_negatives(pairs, sorted(load_ir_corpus(SourceConfig("scifact", "ir", str(scifact),
+                                                                           split="train")).corpus.values()),
+                                 args.negatives) if args.negatives else None
     vset = EvalSet.from_ir("scifact_test", corpus)
     documents = random.Random(0).sample(sorted(corpus.corpus.values()), min(args.encode_texts, len(corpus.corpus)))
     encoder = TextEncoder(model, max_seq_length=args.max_length).to(args.device)
@@ -274,21 +326,26 @@ def main(argv: list[str] | None = None) -> int:
     ours_emb, theirs_emb = encoder.encode(documents[:16]), st_model.encode(documents[:16], convert_to_tensor=True)
     same_embeddings = bool(torch.allclose(ours_emb.cpu(), theirs_emb.cpu(), atol=1e-4))
 
-    part_keys = {"train": ("train_ours", "train_theirs"), "encode": ("encode_ours", "encode_theirs"),
+    ours_keys = ["train_ours" if variant == "eager" else f"train_ours_{variant}" for variant in args.variants]
+    part_keys = {"train": (*ours_keys, "train_theirs"), "encode": ("encode_ours", "encode_theirs"),
                  "eval": ("eval_seconds", "encode_only_seconds")}
     results: dict[str, list[float]] = {key: [] for part in args.parts for key in part_keys[part]}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         pairs_file = workdir / "pairs.jsonl"
-        pairs_file.write_text("".join(json.dumps({"query": q, "positives": [p]}) + "\n" for q, p in pairs))
+        pairs_file.write_text("".join(json.dumps({"query": q, "positives": [p],
+                                                  **({"negatives": negatives[i]} if negatives else {})}) + "\n"
+                                      for i, (q, p) in enumerate(pairs)))
         for round_index in range(args.rounds):
             if "train" in args.parts:
-                results["train_ours"].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
-                                                        args.train_steps, args.length_buckets, args.device,
-                                                        args.precision, args.num_workers))
+                for variant, key in zip(args.variants, ours_keys):
+                    results[key].append(train_ours(model, pairs_file, args.batch_size, args.max_length,
+                                                   args.train_steps, args.length_buckets, args.device,
+                                                   args.precision, args.num_workers, args.negatives,
+                                                   args.warmup_steps, VARIANTS[variant]))
                 results["train_theirs"].append(train_theirs(model, pairs, args.batch_size, args.max_length,
                                                             args.train_steps, workdir, args.device, args.precision,
-                                                            args.num_workers))
+                                                            args.num_workers, negatives, args.warmup_steps))
             if "encode" in args.parts:
                 results["encode_ours"].append(encode_ours(encoder, documents, args.batch_size))
                 results["encode_theirs"].append(encode_theirs(st_model, documents, args.batch_size))
@@ -298,24 +355,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_index + 1}/{args.rounds}: " +
                   ", ".join(f"{k}={v[-1]:.2f}" for k, v in results.items()), file=sys.stderr, flush=True)
 
+    load_after = os.getloadavg()
     median = {key: statistics.median(values) for key, values in results.items()}
     on_gpu = args.device.startswith("cuda")
     peak = matmul_peak_flops(size=8192 if on_gpu else 2048, device=args.device,
                              dtype=torch.bfloat16 if args.precision.startswith("bf16") else
                              torch.float16 if args.precision.startswith("16") else torch.float32)
-    flops_per_pair = training_flops_per_pair(encoder, pairs, args.max_length)
-    mfu_ours = median["train_ours"] * flops_per_pair / peak if "train" in args.parts else None
-    mfu_theirs = median["train_theirs"] * flops_per_pair / peak if "train" in args.parts else None
+    flops_per_pair = training_flops_per_pair(encoder, pairs, args.max_length, negatives)
+    mfu = {key: median[key] * flops_per_pair / peak for key in part_keys["train"]} if "train" in args.parts else {}
 
     setting = (f"model={args.model} batch={args.batch_size} max_length={args.max_length} rounds={args.rounds} "
-               f"train_steps={args.train_steps} length_buckets={args.length_buckets} precision={args.precision} "
+               f"train_steps={args.train_steps} warmup_steps={args.warmup_steps} negatives={args.negatives} "
+               f"length_buckets={args.length_buckets} precision={args.precision} "
                f"num_workers={args.num_workers} "
                f"threads={torch.get_num_threads()} cpu={platform.processor() or platform.machine()} "
                f"device={torch.cuda.get_device_name() if on_gpu else 'cpu'} "
                f"torch={torch.__version__}")
+    load = (f"load average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_before)} before, "
+            f"{', '.join(f'{x:.2f}' for x in load_after)} after, on {os.cpu_count()} CPUs")
     rows = []
     if "train" in args.parts:
-        rows.append(("(a) training pairs/s (Lightning fit vs ST trainer)", median["train_ours"], median["train_theirs"]))
+        for variant, key in zip(args.variants, ours_keys):
+            low, high = ratio_spread(results[key], results["train_theirs"])
+            rows.append((f"(a) training pairs/s, ours {variant} vs ST trainer (rounds {low:.2f}-{high:.2f})",
+                         median[key], median["train_theirs"]))
     if "encode" in args.parts:
         rows.append((f"(b) encode sentences/s ({len(documents)} SciFact docs)", median["encode_ours"],
                      median["encode_theirs"]))
@@ -323,19 +386,23 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"(c) SciFact test: evaluate s vs encode-only s ({len(vset.texts['query'])} q, "
                      f"{len(vset.texts['corpus'])} docs)", median["eval_seconds"], median["encode_only_seconds"]))
     if "train" in args.parts:
-        rows.append(("(d) training MFU (useful FLOPs / matmul peak)", mfu_ours, mfu_theirs))
+        for variant, key in zip(args.variants, ours_keys):
+            rows.append((f"(d) training MFU on useful tokens, ours {variant}", mfu[key], mfu["train_theirs"]))
     print(setting)
+    print(load)
     print(f"embeddings identical (ours vs ST, atol 1e-4): {same_embeddings}; matmul peak {peak / 1e9:.1f} GFLOP/s; "
-          f"{flops_per_pair / 1e9:.2f} GFLOP per training pair")
-    print(f"{'measurement':<62} {'ours':>10} {'theirs':>10} {'ratio':>7}")
+          f"{flops_per_pair / 1e9:.2f} GFLOP per training example")
+    print(f"{'measurement':<78} {'ours':>10} {'theirs':>10} {'ratio':>7}")
     for label, ours, theirs in rows:
-        print(f"{label:<62} {ours:>10.4g} {theirs:>10.4g} {ours / theirs:>7.2f}")
+        print(f"{label:<78} {ours:>10.4g} {theirs:>10.4g} {ours / theirs:>7.2f}")
     if "eval" in args.parts:
         print("(c): 'theirs' = encoding only, so the ratio is the whole evaluation's time over its encoding time")
     if args.json:
-        Path(args.json).write_text(json.dumps({"setting": setting, "rounds": results, "median": median,
-                                               "peak_flops": peak, "flops_per_pair": flops_per_pair,
-                                               "mfu_ours": mfu_ours, "mfu_theirs": mfu_theirs}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "command": "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "setting": setting, "load": load, "rounds": results, "median": median, "peak_flops": peak,
+            "flops_per_pair": flops_per_pair, "mfu": mfu,
+            "mfu_ours": mfu.get("train_ours"), "mfu_theirs": mfu.get("train_theirs")}, indent=2))
     return 0
 
 

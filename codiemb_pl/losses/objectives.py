@@ -4,7 +4,8 @@ One objective per task (`IRObjective`) or STS variant (`CoDiEmbSTSObjective`, `C
 `STSInfoNCEObjective`). Each one splits a training step at the seam the gradient cache needs:
 
     groups = objective.text_groups(batch)                 {name: tokenised features}, in encoding order
-    embeddings = objective.embed(embed_fn, batch)         {name: embed_fn(features, return_middle=...)}
+    embeddings = objective.embed(embed_fn, batch)         {name: embed_fn(features, return_middle=...)} (or
+                                                          embed_fn.embed_groups(groups, ...): all groups at once)
     loss, logs = objective.score(embeddings, batch)       plain-tensor loss and detached logs
     loss, logs = objective(embed_fn, batch)               both at once
 
@@ -85,8 +86,13 @@ class Objective:
         raise NotImplementedError
 
     def embed(self, embed_fn: EmbedFn, batch: Mapping[str, Any]) -> dict[str, Embedding]:
-        return {name: embed_fn(features, return_middle=self.wants_middle)
-                for name, features in self.text_groups(batch).items()}
+        """{group: embedding}; an `embed_fn` with `embed_groups` (`model.step_embedding.StepEmbedder`) gets every
+        group at once (one forward per step where shapes allow)."""
+        groups = self.text_groups(batch)
+        embed_groups = getattr(embed_fn, "embed_groups", None)
+        if embed_groups is not None:
+            return embed_groups(groups, return_middle=self.wants_middle)
+        return {name: embed_fn(features, return_middle=self.wants_middle) for name, features in groups.items()}
 
     def score(self, embeddings: Mapping[str, Embedding], batch: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError

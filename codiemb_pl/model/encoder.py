@@ -16,6 +16,7 @@ no prompts, prompts included in pooling).
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import inspect
 import json
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from codiemb_pl.errors import InputError
+from codiemb_pl.model.compiling import call_compiled
 from codiemb_pl.model.decoder import is_decoder_backbone
 from codiemb_pl.model.hf_loading import (
     check_has_model_config,
@@ -39,6 +41,7 @@ from codiemb_pl.model.hf_loading import (
 )
 from codiemb_pl.model.layers import select_layers
 from codiemb_pl.model.lora import merged_weights
+from codiemb_pl.model.packing import FLASH_IMPLEMENTATIONS, PACKABLE_MODEL_TYPES, pack_features
 from codiemb_pl.model.pooling import (
     POOLING_MODES,
     check_pooling_mode,
@@ -115,7 +118,8 @@ class TextEncoder(nn.Module):
                            weights_location(source.folder) if source.is_local else source.location)
         self.kept_layers: list[int] | None = None if num_layers is None else select_layers(self.model, num_layers)
         self.tokenizer = load_tokenizer(source, trust_remote_code, self.model.config)
-        if pooling is None and settings is None and is_decoder_backbone(self.model.config):
+        self.causal_backbone: bool = is_decoder_backbone(self.model.config)
+        if pooling is None and settings is None and self.causal_backbone:
             self.pooling = "last"  # a causal model's appended EOS is the one token that has seen the whole text
         config = self.model.config
         self.embedding_dim: int = _config_value(config, ("hidden_size", "d_model", "n_embd", "dim")) or \
@@ -159,7 +163,8 @@ class TextEncoder(nn.Module):
         L2-normalised (it feeds MidNCE, SPEC §4).
         """
         model_inputs = {key: features[key] for key in MODEL_INPUT_KEYS if key in features}
-        outputs = self.model(**model_inputs, output_hidden_states=return_middle, return_dict=True)
+        outputs = call_compiled(self.model, {**model_inputs, "output_hidden_states": return_middle,
+                                             "return_dict": True})
         token_states = outputs.last_hidden_state
         mask = features.get(POOLING_MASK_KEY) if self.pooling == "mean" else None
         mask = mask if mask is not None else features.get("attention_mask")
@@ -172,6 +177,59 @@ class TextEncoder(nn.Module):
             return final
         middle = F.normalize(pool(outputs.hidden_states[self.num_layers // 2], mask, self.pooling), p=2, dim=-1)
         return final, middle
+
+    # ----------------------------------------------------------------------------------------------
+    # Padding-free forward (`model.packing`)
+
+    @property
+    def attention_implementation(self) -> str:
+        return str(getattr(self.model.config, "_attn_implementation", None) or "eager")
+
+    @property
+    def packs_varlen(self) -> bool:
+        """Packed rows go to flash-attention's varlen kernels (one row, no mask) rather than a dense mask."""
+        return self.attention_implementation in FLASH_IMPLEMENTATIONS
+
+    def can_pack(self) -> bool:
+        """Whether this backbone takes packed rows (`PACKABLE_MODEL_TYPES`, attention sdpa / eager / flash)."""
+        return getattr(self.model.config, "model_type", None) in PACKABLE_MODEL_TYPES and \
+            self.attention_implementation in ("sdpa", "eager", *FLASH_IMPLEMENTATIONS)
+
+    def use_flash_attention(self) -> bool:
+        """Switch the backbone to `flash_attention_2` (packed rows then run varlen, one row, no mask) when on CUDA,
+        flash-attn is installed and the model class supports it; False (nothing changed) otherwise. Flash kernels
+        need half precision: call it only when training runs in bf16 / fp16."""
+        if self.device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+            return False
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        try:
+            base.set_attn_implementation("flash_attention_2")
+        except (ValueError, ImportError, NotImplementedError):
+            return False
+        return self.attention_implementation in FLASH_IMPLEMENTATIONS
+
+    def forward_packed(self, groups: list[dict[str, Tensor]], return_middle: bool = False
+                       ) -> list[Tensor | tuple[Tensor, Tensor]]:
+        """`[self(group) for group in groups]` as one padding-free forward (`model.packing.pack_features`): the
+        same embeddings up to rounding, no FLOP spent on padding, one transformer call for every group."""
+        eager = self.attention_implementation == "eager"
+        packed = pack_features(groups, self.tokenizer.pad_token_id or 0, causal=self.causal_backbone,
+                               varlen=self.packs_varlen, mask_dtype=self.model.dtype if eager else None)
+        outputs = call_compiled(self.model, {**packed.inputs, "output_hidden_states": return_middle,
+                                             "return_dict": True})
+        final = packed.pool(outputs.last_hidden_state, self.pooling)
+        if self.normalize:
+            final = F.normalize(final, p=2, dim=-1)
+        middle = None
+        if return_middle:
+            middle = F.normalize(packed.pool(outputs.hidden_states[self.num_layers // 2], self.pooling), p=2, dim=-1)
+        results: list[Tensor | tuple[Tensor, Tensor]] = []
+        start = 0
+        for group in groups:
+            rows = slice(start, start + group["attention_mask"].shape[0])
+            start = rows.stop
+            results.append(final[rows] if middle is None else (final[rows], middle[rows]))
+        return results
 
     # ----------------------------------------------------------------------------------------------
     # Inference

@@ -61,16 +61,33 @@ def autocast_settings() -> list[tuple[str, torch.dtype]]:
             if torch.is_autocast_enabled(device)]
 
 
-def chunk_features(features: Mapping[str, Tensor], chunk_size: int, left_padded: bool = False
-                   ) -> list[dict[str, Tensor]]:
-    """Consecutive row chunks of at most `chunk_size` texts, each trimmed to its own longest row."""
+def chunk_features(features: Mapping[str, Tensor], chunk_size: int, left_padded: bool = False,
+                   max_tokens: int = 0) -> list[dict[str, Tensor]]:
+    """Consecutive row chunks of at most `chunk_size` texts (0: no limit on texts), each trimmed to its own longest
+    row; with `max_tokens`, a chunk also ends before rows × its longest row would exceed `max_tokens` (a text
+    longer than that gets a chunk of its own)."""
     mask = features["attention_mask"]
-    rows = torch.arange(mask.shape[0], device=mask.device)
+    lengths = mask.sum(dim=1).tolist()
+    bounds = token_budget_bounds(lengths, chunk_size, max_tokens)
     chunks = []
-    for part in torch.split(rows, chunk_size):
-        length = int(mask.index_select(0, part).sum(dim=1).max())
-        chunks.append(trim_features(dict(features), part, max(length, 1), left_padded))
+    for start, stop in zip(bounds, bounds[1:]):
+        part = torch.arange(start, stop, device=mask.device)
+        chunks.append(trim_features(dict(features), part, max(max(lengths[start:stop]), 1), left_padded))
     return chunks
+
+
+def token_budget_bounds(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[int]:
+    """Boundaries [0, ..., n] of consecutive chunks with at most `max_rows` rows (0: any) and, when `max_tokens`,
+    rows · longest ≤ `max_tokens` (at least one row per chunk)."""
+    bounds, start, longest = [0], 0, 0
+    for index, length in enumerate(lengths):
+        rows, longest = index - start, max(longest, length)
+        if rows and ((max_rows and rows >= max_rows) or (max_tokens and (rows + 1) * longest > max_tokens)):
+            bounds.append(index)
+            start, longest = index, length
+    if lengths:
+        bounds.append(len(lengths))
+    return bounds
 
 
 def backward_into_grad() -> bool:
@@ -105,22 +122,24 @@ class _ReplayChunks(torch.autograd.Function):
 
 
 def grad_cached_objective(objective: Any, embed_fn: Callable[..., Any], batch: Mapping[str, Any], chunk_size: int,
-                          parameters: Sequence[Tensor], left_padded: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+                          parameters: Sequence[Tensor], left_padded: bool = False, max_tokens: int = 0
+                          ) -> tuple[Tensor, dict[str, Tensor]]:
     """`objective(embed_fn, batch)` with the gradient cache: the same (loss, logs), a graph of one chunk at a time.
 
     `objective` has `text_groups(batch)`, `wants_middle` and `score(embeddings, batch) -> (loss, logs)`
     (`losses.objectives`); `embed_fn(features, return_middle=...)` embeds tokenised features.
     `parameters`: the tensors to receive gradients (those with `requires_grad`). `logs` gains `grad_cache_chunks`.
+    Chunks: `chunk_features(features, chunk_size, left_padded, max_tokens)` (texts and / or a token budget).
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size < 0 or max_tokens < 0 or not (chunk_size or max_tokens):
+        raise ValueError(f"need chunk_size >= 1 or max_tokens >= 1, got {chunk_size} and {max_tokens}")
     wants_middle = objective.wants_middle
     chunks: list[_Chunk] = []
     embeddings: dict[str, Any] = {}
     with torch.no_grad():
         for group, features in objective.text_groups(batch).items():
             outputs, start = [], 0
-            for part in chunk_features(features, chunk_size, left_padded):
+            for part in chunk_features(features, chunk_size, left_padded, max_tokens):
                 state = RandomState.capture()
                 outputs.append(_as_tuple(embed_fn(part, return_middle=wants_middle)))
                 size = part["attention_mask"].shape[0]
@@ -176,13 +195,18 @@ def grad_cached_objective(objective: Any, embed_fn: Callable[..., Any], batch: M
     return _ReplayChunks.apply(loss.detach(), replay, *parameters), logs
 
 
-def grad_cache_report(chunk_size: int, sources: Sequence[tuple[str, Sequence[int]]]) -> str:
+def grad_cache_report(chunk_size: int, sources: Sequence[tuple[str, Sequence[int]]], max_tokens: int = 0) -> str:
     """Start-of-fit lines: per source, texts per device per micro-step (sizes of its text groups) and chunks.
 
     Each group is cut into ⌈n / chunk_size⌉ chunks; the graph, and so the activation memory, is that of
-    one chunk (at most `chunk_size` texts) instead of every text of the micro-step.
+    one chunk (at most `chunk_size` texts) instead of every text of the micro-step. With a token budget
+    (`max_tokens`) the chunk count depends on the texts' lengths and is logged per step (`grad_cache_chunks`).
     """
-    lines = [f"[codiemb] gradient cache: chunks of {chunk_size} texts (about one extra forward pass per step)"]
+    if not chunk_size:
+        return (f"[codiemb] gradient cache: chunks of at most {max_tokens} tokens (rows x longest text; about one "
+                "extra forward pass per step; chunks per step logged as train/<task>/grad_cache_chunks)")
+    budget = f" and at most {max_tokens} tokens" if max_tokens else ""
+    lines = [f"[codiemb] gradient cache: chunks of {chunk_size} texts{budget} (about one extra forward pass per step)"]
     for name, groups in sources:
         texts = sum(groups)
         chunks = sum(math.ceil(size / chunk_size) for size in groups if size)

@@ -36,7 +36,7 @@ from codiemb_pl.losses.objectives import (
     text_group_sizes,
 )
 from codiemb_pl.losses.sts import STSLossConfig
-from codiemb_pl.model.bucketing import encode_in_length_buckets
+from codiemb_pl.model.compiling import compile_backend, compile_in_place
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import (
     LoraSettings,
@@ -45,6 +45,7 @@ from codiemb_pl.model.lora import (
     is_lora_model,
     trainable_state_dict,
 )
+from codiemb_pl.model.step_embedding import StepEmbedder
 from codiemb_pl.model.teacher import load_teacher
 from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
 from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
@@ -90,6 +91,14 @@ class CoDiEmbModule(pl.LightningModule):
         grad_cache_chunk_size: gradient cache (`grad_cache.py`): embed each micro-batch in chunks of this many
             texts without a graph, score the whole batch, then replay each chunk with its slice of the gradient
             (same loss and gradients, activations of one chunk, about one extra forward pass); 0 = off.
+        grad_cache_chunk_tokens: gradient cache with chunks sized by tokens: a chunk holds consecutive texts while
+            rows x its longest text stays within this many tokens (so a chunk of long passages and one of short
+            queries cost alike); with `grad_cache_chunk_size` too, both limits hold; 0 = off.
+        padding_free: pack each step's texts into unpadded rows with per-text positions and a block-diagonal
+            attention mask (`model/packing.py`, `model/step_embedding.py`): false (default: padded, as before), true,
+            or auto (packed where the FLOP rule says it pays, else padded with equal-width groups in one forward).
+        compile: torch.compile the backbone in place (`model/compiling.py`): false, true (inductor) or a backend
+            name; a backbone that does not compile runs eager after one warning.
         lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
             full fine-tuning); checkpoints then hold the adapters only, the export merges them.
         trust_remote_code: run the model repository's own code (e.g. MiniCPM).
@@ -115,12 +124,16 @@ class CoDiEmbModule(pl.LightningModule):
                  gradient_checkpointing: bool = False, sts_infonce_temperature: Optional[float] = None,
                  grad_cache_chunk_size: int = 0, distillation: Optional[DistillationConfig] = None,
                  num_layers: Optional[Union[int, list[int]]] = None, matryoshka_dims: Optional[list[int]] = None,
-                 matryoshka_weights: Optional[list[float]] = None):
+                 matryoshka_weights: Optional[list[float]] = None, grad_cache_chunk_tokens: int = 0,
+                 padding_free: Union[bool, Literal["auto"]] = False, compile: Union[bool, str] = False):
         super().__init__()
         self.save_hyperparameters()
         if grad_cache_chunk_size < 0:
             raise InputError("model.grad_cache_chunk_size", f"{grad_cache_chunk_size} is negative",
                              "use 0 (off) or the number of texts embedded per chunk")
+        if grad_cache_chunk_tokens < 0:
+            raise InputError("model.grad_cache_chunk_tokens", f"{grad_cache_chunk_tokens} is negative",
+                             "use 0 (off) or the number of tokens (rows x longest text) per chunk")
         self.sts_config = sts_loss or STSLossConfig()
         if not matryoshka_dims:
             matryoshka_widths(matryoshka_dims, matryoshka_weights)   # weights without widths: one line, before loading
@@ -142,6 +155,10 @@ class CoDiEmbModule(pl.LightningModule):
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapters only (see on_save_checkpoint)
         if lora is not None:
             self.encoder.model = add_lora_adapters(self.encoder.model, lora)
+        self.step_embedder = StepEmbedder(self.encoder, length_buckets, padding_free)
+        backend = compile_backend(compile)
+        if backend is not None:
+            compile_in_place(self.encoder.model, backend)
         self.distillation = DistillationConfig(**distillation) if isinstance(distillation, dict) else distillation
         self.teacher = None   # a plain object, not a submodule: no optimizer, checkpoint or DDP wrapping sees it
         self.embedding_projection: Optional[torch.nn.Linear] = None
@@ -187,9 +204,8 @@ class CoDiEmbModule(pl.LightningModule):
 
     # -- encoding ---------------------------------------------------------------------------------------
     def embed(self, features: dict[str, torch.Tensor], return_middle: bool = False):
-        left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
-        return encode_in_length_buckets(lambda f: self.encoder(f, return_middle=return_middle), features,
-                                        self.hparams.length_buckets, left_padded=left)
+        """One padded text group in `length_buckets` forwards (validation, and training with padding_free false)."""
+        return self.step_embedder.padded(features, return_middle)
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.embed(features)
@@ -211,13 +227,15 @@ class CoDiEmbModule(pl.LightningModule):
         """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...` (keys an
         objective gives as `train/...` as they are)."""
         batch = self.with_teacher_signal(objective.task, batch)
-        chunk_size = self.hparams.grad_cache_chunk_size
-        if chunk_size:
+        chunk_size, chunk_tokens = self.hparams.grad_cache_chunk_size, self.hparams.grad_cache_chunk_tokens
+        embed_fn = self.embed if self.step_embedder.padding_free is False else self.step_embedder
+        if chunk_size or chunk_tokens:
             left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
             parameters = [p for p in self.parameters() if p.requires_grad]
-            loss, logs = grad_cached_objective(objective, self.embed, batch, chunk_size, parameters, left)
+            loss, logs = grad_cached_objective(objective, embed_fn, batch, chunk_size, parameters, left,
+                                               max_tokens=chunk_tokens)
         else:
-            loss, logs = objective(self.embed, batch)
+            loss, logs = objective(embed_fn, batch)
         size = objective.batch_size(batch)
         for name, value in logs.items():
             key = name if name.startswith("train/") else f"train/{objective.task}/{name}"
@@ -279,16 +297,19 @@ class CoDiEmbModule(pl.LightningModule):
             self._rng_states_to_restore = None
 
     def on_fit_start(self) -> None:
+        half = any(kind in str(self.trainer.precision) for kind in ("16", "bf16"))
+        if self.step_embedder.padding_free is not False and half and self.encoder.use_flash_attention():
+            rank_zero_info("[codiemb] padding-free batches: flash_attention_2 (varlen, one packed row per forward)")
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or self.trainer.sanity_checking:
             return
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
         sources = list(getattr(datamodule, "train_sources", []))
-        if self.hparams.grad_cache_chunk_size:
+        if self.hparams.grad_cache_chunk_size or self.hparams.grad_cache_chunk_tokens:
             rank_zero_info(grad_cache_report(self.hparams.grad_cache_chunk_size, [
                 (s.name, text_group_sizes(s.task, datamodule.batch_size_of(s), hp.n_positives, hp.n_negatives))
-                for s in sources]))
+                for s in sources], self.hparams.grad_cache_chunk_tokens))
         if getattr(hp, "policy", None) == "mixed" and sources:  # one pooled micro-batch size: the largest
             per_device = max(datamodule.batch_size_of(source) for source in sources)
             rank_zero_info(f"[codiemb] mixed batches ({', '.join(s.name for s in sources)} pooled): {per_device} "

@@ -1,0 +1,91 @@
+"""`model.compile` (`model/compiling.py`): the backbone compiled in place gives the eager step's gradients with the
+gradient cache and LoRA, keeps the state dict's names, falls back to eager with one warning when compiling fails,
+and an unknown backend is one clear error. Cheap: dynamo's tracing with the `eager` backend (no
+inductor code generation, which takes minutes on 2 cores; the benchmark exercises inductor).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from codiemb_pl.errors import InputError
+from codiemb_pl.model.compiling import is_compiled
+from codiemb_pl.model.lora import LoraSettings
+from codiemb_pl.training.module import CoDiEmbModule
+from ddp_driver.launch import model_without_dropout
+from test_grad_cache import texts
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")]
+
+LORA = LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules="all-linear")
+BROKEN = "codiemb_test_broken_backend"
+
+
+@pytest.fixture(scope="module")
+def still_bert(tiny_model_dir, tmp_path_factory):
+    return model_without_dropout(tiny_model_dir, tmp_path_factory.mktemp("compile") / "bert")
+
+
+def small_ir_batch(module: CoDiEmbModule) -> dict:
+    """2 queries, 1 positive and 2 hard negatives each: few chunk shapes, so few traces."""
+    tokenize = module.encoder.tokenize
+    return {"task": "ir", "dataset": "d", "query": tokenize(texts(2, 1)), "positives": tokenize(texts(2, 2)),
+            "negatives": tokenize(texts(4, 3)), "negative_mask": torch.ones(2, 2, dtype=torch.bool),
+            "positive_ids": torch.arange(2).view(2, 1), "negative_ids": 10 + torch.arange(4).view(2, 2)}
+
+
+@pytest.fixture(scope="module")
+def broken_backend():
+    """A torch.compile backend that always fails, as a backbone with an untraceable operator would."""
+    import torch._dynamo
+
+    if BROKEN not in torch._dynamo.list_backends(exclude_tags=()):
+        @torch._dynamo.register_backend(name=BROKEN)
+        def broken(graph_module, example_inputs):
+            raise RuntimeError("no kernels for this operator")
+    yield BROKEN
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_lora_step_with_grad_cache_equals_the_eager_step(still_bert):
+    settings = dict(ir_temperature=0.05, lora=LORA, grad_cache_chunk_size=4, padding_free=True)
+    eager = CoDiEmbModule(str(still_bert), **settings).train()
+    compiled = CoDiEmbModule(str(still_bert), compile="eager", **settings).train()
+    compiled.load_state_dict(eager.state_dict())            # the same (random) adapter initialisation
+    assert is_compiled(compiled.encoder.model) and not is_compiled(eager.encoder.model)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()      # names unchanged: checkpoints compatible
+    batch = small_ir_batch(eager)
+    eager.zero_grad(set_to_none=True)
+    eager.training_step(batch, 0).backward()
+    compiled.zero_grad(set_to_none=True)
+    compiled.training_step(batch, 0).backward()
+    expected = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in compiled.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and all("lora_" in name for name in got)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    torch._dynamo.reset()
+
+
+def test_a_backbone_that_does_not_compile_runs_eager_after_one_warning(still_bert, broken_backend):
+    eager = CoDiEmbModule(str(still_bert))
+    module = CoDiEmbModule(str(still_bert), compile=broken_backend)
+    features = eager.encoder.tokenize(["a short text", "a somewhat longer text about compiling"])
+    with pytest.warns(UserWarning, match=r"model.compile: bert did not compile .*running it eager"):
+        first = module.encoder(features)
+    assert not is_compiled(module.encoder.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = module.encoder(features)
+    torch.testing.assert_close(first, eager.encoder(features), rtol=0, atol=1e-6)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_an_unknown_backend_is_one_clear_error(still_bert):
+    with pytest.raises(InputError, match="model.compile: unknown torch.compile backend 'warp_drive'"):
+        CoDiEmbModule(str(still_bert), compile="warp_drive")
