@@ -1,4 +1,4 @@
-"""TaskBatchSampler: one task per step on every rank, rank slicing, step counts, resume, mixed baseline."""
+"""TaskBatchSampler: one task per step on every rank, rank slicing, step counts, resume, mixed and joint baselines."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from codiemb_pl.data.sampler import MIXED_DATASET, POLICIES, TaskBatchSampler
 from codiemb_pl.errors import InputError
 
-SINGLE_TASK_POLICIES = [p for p in POLICIES if p != "mixed"]
+SINGLE_TASK_POLICIES = [p for p in POLICIES if p not in ("mixed", "joint")]
 NO_REPEAT_POLICIES = ["proportional", "round_robin", "sequential", "mixed"]
 
 
@@ -84,10 +84,10 @@ def test_every_rank_sees_the_same_task_sequence_and_length(policy):
 # ---------------------------------------------------------------- (4) step counts per policy, by hand
 
 @pytest.mark.parametrize("policy,steps", [("proportional", 15), ("balanced", 20), ("temperature", 15),
-                                          ("round_robin", 10), ("sequential", 15), ("mixed", 14)])
+                                          ("round_robin", 10), ("sequential", 15), ("mixed", 14), ("joint", 10)])
 def test_step_counts_two_sub_datasets(policy, steps):
     # n = [100 // 10, 40 // 8] = [10, 5]; balanced 2 * max = 20; round robin 2 * min(10, 5) = 10.
-    # mixed: b = max(10, 8) = 10, W*A = 1 so units are single items: 140 // 10 = 14.
+    # mixed: b = max(10, 8) = 10, W*A = 1 so units are single items: 140 // 10 = 14. joint: max(10, 5) = 10.
     sampler = make(policy, batch_sizes=(10, 8))
     assert sampler.steps_per_epoch() == steps
     assert len(sampler.plan(0)) == steps == len(sampler)
@@ -281,6 +281,51 @@ def test_mixed_batches_do_mix_tasks():
     assert any(len({task_of(sampler, i) for i in b.indices}) == 2 for b in sampler.plan(0))
 
 
+# ---------------------------------------------------------------- (9b) joint: one IR and one STS global batch per step
+
+def joint_parts(sampler, indices):
+    """(IR items, STS items) of a joint global batch or of one rank's micro-batch: each slice of the batch is its
+    IR items followed by its STS items."""
+    return ([i for i in indices if task_of(sampler, i) == "ir"], [i for i in indices if task_of(sampler, i) == "sts"])
+
+
+def test_joint_steps_hold_one_ir_and_one_sts_global_batch():
+    # W=2, A=2: G = [20, 20, 16]; n = [100 // 20, 55 // 20, 40 // 16] = [5, 2, 2]; N_ir = 7 > N_sts = 2 -> 7 steps
+    sampler = make("joint", sizes=(100, 55, 40), tasks=("ir", "ir", "sts"), batch_sizes=(5, 5, 4),
+                   world_size=2, accumulate=2)
+    plan = sampler.plan(0)
+    assert len(plan) == sampler.steps_per_epoch() == 7
+    ir_batches = Counter()
+    for batch in plan:
+        assert batch.task == "joint" and batch.dataset == MIXED_DATASET
+        for s in range(4):   # slice s = a*W + r: 5 IR items, then 4 STS items
+            piece = batch.indices[s * 9:(s + 1) * 9]
+            assert [task_of(sampler, i) for i in piece] == ["ir"] * 5 + ["sts"] * 4
+        ir, sts = joint_parts(sampler, batch.indices)
+        assert len({sampler.dataset_of(i) for i in ir}) == 1 and {sampler.dataset_of(i) for i in sts} == {2}
+        assert len(ir) == 20 and len(sts) == 16 and len(set(batch.indices)) == 36
+        ir_batches[sampler.dataset_of(ir[0])] += 1
+    assert ir_batches == {0: 5, 1: 2}   # the larger task's batches once each; STS re-drawn to match
+    ir_items = [i for batch in plan for i in joint_parts(sampler, batch.indices)[0]]
+    assert len(ir_items) == len(set(ir_items))
+
+
+def test_joint_on_two_ranks_is_one_process_on_the_concatenated_batches():
+    one = make("joint", sizes=(100, 40), batch_sizes=(10, 8), world_size=1, seed=5)
+    ranks = all_ranks(2, policy="joint", sizes=(100, 40), batch_sizes=(5, 4), seed=5)
+    streams = [list(r) for r in ranks]
+    for step, micro in enumerate(one):
+        whole = joint_parts(one, [i for i, _ in micro])
+        halves = [joint_parts(one, [i for i, _ in stream[step]]) for stream in streams]
+        assert halves[0][0] + halves[1][0] == whole[0] and halves[0][1] + halves[1][1] == whole[1]
+    assert len(one) == len(streams[0]) == 10
+
+
+def test_joint_needs_both_tasks():
+    with pytest.raises(InputError, match="joint steps need IR and STS"):
+        make("joint", tasks=("ir", "ir"))
+
+
 # ---------------------------------------------------------------- (10) configuration errors
 
 def test_unknown_policy_lists_the_valid_ones():
@@ -320,7 +365,8 @@ def test_property_ranks_partition_steps_and_lengths_agree(data):
     tasks = data.draw(st.lists(st.sampled_from(["ir", "sts"]), min_size=count, max_size=count))
     sizes = [data.draw(st.integers(b * world_size * accumulate, 4 * b * world_size * accumulate))
              for b in batch_sizes]
-    policy = data.draw(st.sampled_from(POLICIES))
+    policy = data.draw(st.sampled_from(POLICIES if set(tasks) == {"ir", "sts"} else
+                                       [p for p in POLICIES if p != "joint"]))
     samplers = [TaskBatchSampler(sizes, tasks, batch_sizes, world_size=world_size, rank=r, accumulate=accumulate,
                                  policy=policy) for r in range(world_size)]
     plan = samplers[0].plan(0)

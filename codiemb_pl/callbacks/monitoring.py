@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
-TASKS = ("ir", "sts", "mixed")
+TASKS = ("ir", "sts", "mixed", "joint")
 CONFIG_FILE_NAME = "config.yaml"
 CLI_CONFIG_KEY = "cli"
 
@@ -83,7 +83,7 @@ class TrainingMonitor(pl.Callback):
 
 
 def batch_sizes_by_task(batch: Any) -> dict[str, int]:
-    """Items per task in one micro-batch (this rank): IR queries, STS pairs; a `mixed` batch has both."""
+    """Items per task in one micro-batch (this rank): IR queries, STS pairs; a `mixed` or `joint` batch has both."""
     if not isinstance(batch, Mapping):
         return {}
     task = batch.get("task")
@@ -91,7 +91,7 @@ def batch_sizes_by_task(batch: Any) -> dict[str, int]:
         return {"ir": int(batch["query"]["input_ids"].shape[0])}
     if task == "sts":
         return {"sts": int(batch["scores"].shape[0])}
-    if task == "mixed":
+    if task in ("mixed", "joint"):
         sizes = {}
         for part in ("ir", "sts"):
             if batch.get(part) is not None:

@@ -122,14 +122,15 @@ def tokenize_texts(tokenizer, texts: list[str], max_length: int, prefixes: Seque
 class TokenCollator:
     """Collate `TokenizedItem`s: select positives/negatives (`choose_passages`), pad, mask prefixes.
 
-    Items of one task and sub-dataset give that task's batch; anything else (the `mixed` policy) gives
-    `{"task": "mixed", "ir": <IR batch>|None, "sts": <STS batch>|None}`. The batches equal, byte for byte,
+    Items of one task and sub-dataset give that task's batch; anything else (the `mixed` and `joint` policies)
+    gives `{"task": two_task, "ir": <IR batch>|None, "sts": <STS batch>|None}` (`two_task`: "mixed" or "joint"). The batches equal, byte for byte,
     those of tokenising the texts in the collate (the text path kept as the oracle of
     tests/test_training_data_reference.py).
     """
 
-    def __init__(self, padding: PaddingRule, *, n_positives: int = 1, n_negatives: int = 0):
+    def __init__(self, padding: PaddingRule, *, n_positives: int = 1, n_negatives: int = 0, two_task: str = "mixed"):
         self.padding = padding
+        self.two_task = two_task
         self.n_positives = n_positives
         self.n_negatives = n_negatives
 
@@ -140,7 +141,7 @@ class TokenCollator:
             return self.collate_ir(items) if tasks.pop() == "ir" else self.collate_sts(items)
         ir_items = [item for item in items if item.task == "ir"]
         sts_items = [item for item in items if item.task == "sts"]
-        return {"task": "mixed", "dataset": "+".join(datasets),
+        return {"task": self.two_task, "dataset": "+".join(datasets),
                 "ir": self.collate_ir(ir_items) if ir_items else None,
                 "sts": self.collate_sts(sts_items) if sts_items else None}
 

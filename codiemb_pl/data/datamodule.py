@@ -100,7 +100,9 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         tokenizer: tokenizer name or path (the CLI links it to the model's `model_name_or_path`).
         ir_batch_size: queries per device per micro-batch for IR sub-datasets without their own batch size.
         sts_batch_size: pairs per device per micro-batch for STS sub-datasets without their own batch size.
-        policy: task ordering policy: proportional, balanced, temperature, round_robin, sequential, mixed.
+        policy: task ordering policy: proportional, balanced, temperature, round_robin, sequential, mixed (baseline:
+            IR and STS items pooled in every micro-batch) or joint (baseline: one IR and one STS batch per step, their
+            gradients combined by `model.gradient_combination`).
         temperature_alpha: exponent of the `temperature` policy (p_i ∝ n_i^alpha).
         n_positives: positives per query (P); shorter lists are re-sampled.
         n_negatives: hard negatives per query (N); 0 = in-batch negatives only.
@@ -244,7 +246,8 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.train_dataset.tokenize(tokenizer, self.token_limits())  # once per cache entry; later runs open it
         self.train_dataset.with_texts = self.carry_texts
         collator = TokenCollator(self.padding_rule(), n_positives=self.hparams.n_positives,
-                                 n_negatives=self.hparams.n_negatives)
+                                 n_negatives=self.hparams.n_negatives,
+                                 two_task="joint" if self.hparams.policy == "joint" else "mixed")
         # its own generator: starting an epoch's iterator must not draw from the global RNG (dropout), or a
         # resumed run's RNG stream would drift from the uninterrupted run's at the next epoch boundary
         generator = torch.Generator().manual_seed(self.hparams.seed + rank)

@@ -1,4 +1,5 @@
-"""Task-homogeneous batch sampler (SPEC §2): one task and one sub-dataset per optimizer step, on every rank.
+"""Task-homogeneous batch sampler (SPEC §2): one task and one sub-dataset per optimizer step, on every rank
+(the `mixed` and `joint` baselines excepted: see `TaskBatchSampler`).
 
 Sub-datasets are concatenated in config order: item ``k`` of sub-dataset ``i`` has global index
 ``offset_i + k`` with ``offset_i = sizes[0] + ... + sizes[i-1]``.
@@ -30,17 +31,17 @@ import torch
 from codiemb_pl.errors import InputError
 
 TASKS = ("ir", "sts")
-POLICIES = ("proportional", "balanced", "temperature", "round_robin", "sequential", "mixed")
+POLICIES = ("proportional", "balanced", "temperature", "round_robin", "sequential", "mixed", "joint")
 MIXED_DATASET = -1
-"""`GlobalBatch.dataset` of a `mixed` global batch (its items come from several sub-datasets)."""
+"""`GlobalBatch.dataset` of a `mixed` or `joint` global batch (its items come from several sub-datasets)."""
 
 
 @dataclass(frozen=True)
 class GlobalBatch:
     """The items of one optimizer step, in rank-slicing order (see the module docstring).
 
-    ``dataset`` is the sub-dataset index (``MIXED_DATASET`` for the ``mixed`` policy), ``task`` is
-    ``"ir"``, ``"sts"`` or ``"mixed"``, ``indices`` holds ``G`` global item indices.
+    ``dataset`` is the sub-dataset index (``MIXED_DATASET`` for the ``mixed`` and ``joint`` policies), ``task`` is
+    ``"ir"``, ``"sts"``, ``"mixed"`` or ``"joint"``, ``indices`` holds ``G`` global item indices.
     """
 
     dataset: int
@@ -68,6 +69,12 @@ class TaskBatchSampler:
       the remaining pool). A batch with ``k_ir`` IR units and ``k_sts`` STS units gives every
       micro-batch on every rank exactly ``k_ir`` IR items followed by ``k_sts`` STS items, so
       cross-device gathers always match in shape.
+    - ``joint`` (baseline, outside the single-task rule like ``mixed``): every step holds one IR global batch
+      and one STS global batch (each of one sub-dataset, sizes ``G_ir = b_ir·W·A`` and ``G_sts = b_sts·W·A``), for
+      a joint step whose task gradients are combined (sum, PCGrad, MGDA: ``model.gradient_combination``).
+      ``max_t N_t`` steps: each task's batches cycle its sub-datasets in a shuffled order (as ``round_robin``)
+      and the task with fewer batches draws extra passes (as ``balanced``). Every micro-batch on every rank
+      holds its ``b_ir`` IR items followed by its ``b_sts`` STS items: slice ``s = a·W + r`` of each part.
 
     Resuming: ``state_dict()`` carries ``{epoch, consumed, seed, policy}``, where ``consumed`` counts
     the micro-batches the trainer reported through ``mark_consumed`` (not the ones yielded: data
@@ -125,6 +132,10 @@ class TaskBatchSampler:
             )
         if self.policy not in POLICIES:
             raise InputError("sampler.policy", f"unknown policy {self.policy!r}", f"use one of: {', '.join(POLICIES)}")
+        if self.policy == "joint" and set(self.tasks) != set(TASKS):
+            raise InputError("sampler (policy joint)", f"joint steps need IR and STS training sources, got only "
+                             f"{', '.join(sorted(set(self.tasks)))}", "add a source of the other task, or use "
+                             "another data.policy")
         for i, (size, task, batch) in enumerate(zip(self.sizes, self.tasks, self.batch_sizes)):
             where = f"sub-dataset {self.names[i]}"
             if task not in TASKS:
@@ -208,6 +219,8 @@ class TaskBatchSampler:
         if self.policy == "mixed":
             return self._whole(sum(self._mixed_units().values()), self.mixed_micro_batch_size())
         per_task = self._batches_per_task()
+        if self.policy == "joint":
+            return max(per_task.values())
         if self.policy == "balanced":
             return max(per_task.values()) * len(per_task)
         if self.policy == "round_robin":
@@ -353,6 +366,7 @@ class TaskBatchSampler:
             "temperature": self._order_temperature,
             "round_robin": self._order_round_robin,
             "sequential": self._order_sequential,
+            "joint": self._order_joint,
         }[self.policy]
         return order(first_pass, generator)
 
@@ -430,6 +444,27 @@ class TaskBatchSampler:
         for task in self.task_order:
             ordered += self._shuffled([batch for i in self._datasets_of(task) for batch in passes[i]], generator)
         return ordered
+
+    def _order_joint(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
+        """Step k pairs the k-th IR and the k-th STS global batch (class docstring); the shorter stream is extended
+        with new passes of its task's sub-datasets."""
+        steps = self.steps_per_epoch()
+        streams = {}
+        for task in TASKS:
+            stream = self._task_stream(task, passes, generator)
+            while len(stream) < steps:
+                fresh = [self._cut_pass(i, generator) if i in self._datasets_of(task) else []
+                         for i in range(len(self.sizes))]
+                stream += self._task_stream(task, fresh, generator)
+            streams[task] = stream[:steps]
+        return [self._joint_batch(ir, sts) for ir, sts in zip(streams["ir"], streams["sts"])]
+
+    def _joint_batch(self, ir: GlobalBatch, sts: GlobalBatch) -> GlobalBatch:
+        """One IR and one STS global batch laid out for `rank_micro_batches`: slice s = a·W + r of the result is
+        slice s of the IR batch followed by slice s of the STS batch."""
+        slices = self.slices_per_step
+        parts = [torch.tensor(batch.indices).view(slices, -1) for batch in (ir, sts)]
+        return GlobalBatch(MIXED_DATASET, "joint", torch.cat(parts, dim=1).reshape(-1).tolist())
 
     def _plan_mixed(self, generator: torch.Generator) -> list[GlobalBatch]:
         """Mixed-task global batches; see the class docstring for the unit scheme."""

@@ -5,7 +5,7 @@ offline in any browser).
   and for fit → checkpoints → fusion → export (`FLOWS`).
 - `sampler_plan_svg()`: the step plan of every sampler policy for one small example, computed by
   `TaskBatchSampler.plan` itself: one cell per optimizer step, coloured by the sub-dataset it trains (a `mixed`
-  step is split by its share of IR and STS items).
+  or `joint` step is split by its share of IR and STS items).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def sampler_plans(example: dict = EXAMPLE) -> dict[str, list[tuple[int, str, flo
         for batch in sampler.plan(0):
             if batch.dataset == MIXED_DATASET:
                 ir = sum(sampler.tasks[sampler.dataset_of(i)] == "ir" for i in batch.indices)
-                steps.append((MIXED_DATASET, "mixed", ir / len(batch.indices)))
+                steps.append((MIXED_DATASET, batch.task, ir / len(batch.indices)))   # mixed or joint
             else:
                 steps.append((batch.dataset, batch.task, 1.0 if batch.task == "ir" else 0.0))
         plans[policy] = steps
@@ -141,7 +141,7 @@ def sampler_plan_svg(example: dict = EXAMPLE) -> str:
                      f"{escape(policy)}</text>")
         for k, (dataset, task, ir_share) in enumerate(steps):
             cx = pad + label_w + k * cell
-            if task == "mixed":
+            if task in ("mixed", "joint"):
                 ir_h = cell * ir_share
                 parts.append(f"<rect x='{cx}' y='{y}' width='{cell - 2}' height='{ir_h:.1f}' "
                              f"fill='{TASK_COLOURS['ir']}'/>")
@@ -153,7 +153,7 @@ def sampler_plan_svg(example: dict = EXAMPLE) -> str:
         parts.append(f"<text x='{pad + label_w + len(steps) * cell + 4}' y='{y + cell - 3}' {FONT} font-size='11' "
                      f"fill='#666'>{len(steps)}</text>")
     parts.append(f"<text x='{pad + label_w}' y='{height - pad}' {FONT} font-size='11' fill='#666'>optimizer steps "
-                 "of epoch 0, left to right (number: steps per epoch); mixed: IR share on top</text>")
+                 "of epoch 0, left to right (number: steps per epoch); mixed, joint: IR share on top</text>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
@@ -162,9 +162,9 @@ def plan_table(example: dict = EXAMPLE) -> str:
     """The same plans as a markdown table: steps per policy and per sub-dataset."""
     plans = sampler_plans(example)
     names = example["names"]
-    lines = ["| policy | steps | " + " | ".join(names) + " | mixed |", "|---|---:|" + "---:|" * (len(names) + 1)]
+    lines = ["| policy | steps | " + " | ".join(names) + " | both tasks |", "|---|---:|" + "---:|" * (len(names) + 1)]
     for policy, steps in plans.items():
         counts = [sum(1 for d, _, _ in steps if d == i) for i in range(len(names))]
-        mixed = sum(1 for _, task, _ in steps if task == "mixed")
+        mixed = sum(1 for _, task, _ in steps if task in ("mixed", "joint"))
         lines.append(f"| `{policy}` | {len(steps)} | " + " | ".join(map(str, counts)) + f" | {mixed} |")
     return "\n".join(lines)

@@ -42,8 +42,9 @@ def _sampler_page() -> str:
         "# The sampler's step plan, per policy", "",
         "Drawn when the site is built from `TaskBatchSampler.plan(0)` itself (`codiemb_pl/data/sampler.py`), for "
         f"one small example: {sources}, batch 8 on one device, seed {example['seed']}. Each cell is one optimizer "
-        "step; every step trains one sub-dataset, except under `mixed` (the naive co-training baseline), whose "
-        "steps mix IR (top) and STS (bottom) items.", "",
+        "step; every step trains one sub-dataset, except under the baselines `mixed` (naive co-training: IR and "
+        "STS items in every micro-batch) and `joint` (one IR and one STS batch per step), whose steps hold IR (top) "
+        "and STS (bottom) items.", "",
         "![step plan per policy](sampler-plan.svg)", "",
         diagrams.plan_table(), "",
         "How each policy orders the batches, and why `balanced` has more steps (it re-draws the smaller task until "
