@@ -143,7 +143,21 @@ BAD_INPUTS: dict[str, BadInput] = {
     "unknown_policy": BadInput(
         lambda d: ["--data.policy", "shuffled"],
         ["data.policy: unknown sampler policy 'shuffled' (use one of: proportional, balanced, temperature, "
-         "round_robin, sequential, mixed)"]),
+         "round_robin, sequential, mixed, joint)"]),
+    "gradient_combination_without_joint_steps": BadInput(
+        lambda d: ["--model.gradient_combination", "pcgrad"],
+        ["model.gradient_combination: pcgrad combines the IR and STS gradients of a joint step, but data.policy is "
+         "'proportional'", "set data.policy: joint"]),
+    "joint_mgda_with_accumulation": BadInput(
+        lambda d: ["--data.policy", "joint", "--model.gradient_combination", "mgda",
+                   "--trainer.accumulate_grad_batches", "2"],
+        ["trainer.accumulate_grad_batches: is 2, but model.gradient_combination mgda runs manual optimisation, which "
+         "has no gradient accumulation"]),
+    "conflict_probe_without_an_ir_validation_set": BadInput(
+        lambda d: ["--model.conflict_every", "5", "--data.val",
+                   '[{"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl"}]'],
+        ["model.conflict_every: the gradient-conflict probe needs an IR validation set (its probe batch), data.val "
+         "has none"]),
     "unknown_pooling": BadInput(
         lambda d: ["--model.pooling", "max"],
         ["model.pooling: unknown pooling mode 'max' (use one of: mean, cls, last)"]),

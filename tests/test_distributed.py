@@ -4,9 +4,12 @@
   each rank's loss over its local queries) equal a single process's on the concatenated batch, also when
   one rank's queries have no hard negatives and the other's do (the collectives must still match).
 - The cross-device false-negative mask: a positive duplicated on the other rank is not a negative.
-- STS with `gather_sts` and Matryoshka widths (`model.matryoshka_dims`: the widths' predictions gathered once as one
-  [b, k] matrix): gradients equal the single process's on the concatenated batch. (IR with widths: the gradient
-  cache's 2-rank test, `test_grad_cache.py`.)
+- A joint MGDA step (`data.policy joint`, `model.gradient_combination mgda`: one IR and one STS batch, each task's
+  gradient reduced across ranks before the nonlinear combination) with STS `gather_sts` and Matryoshka widths
+  (`model.matryoshka_dims`: the widths' predictions gathered once as one [b, k] matrix): the combined gradient equals
+  the single process's on the concatenated batches (it would not if either task's gradient differed), and so do the
+  gradient-conflict probe's measurements (`model.conflict_every`: each rank scores its slice of the probe batches).
+  (IR with widths: the gradient cache's 2-rank test, `test_grad_cache.py`.)
 - The sampler under DDP with accumulation and unequal sub-datasets: every micro-step of every optimizer
   step carries one task and sub-dataset on both ranks, and both ranks run the same number of steps.
 
@@ -96,6 +99,10 @@ def deterministic_model(tiny_model_dir, tmp_path_factory) -> Path:
     return model_without_dropout(tiny_model_dir, tmp_path_factory.mktemp("tiny_no_dropout") / "model")
 
 
+PROBE_VAL = json.dumps([  # the probe batches: 8 items of each task (the global batch) in both world sizes
+    {"name": "sts_dev", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_dev.jsonl", "max_samples": 8},
+    {"name": "ir_dev", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_dev", "split": "dev", "max_samples": 8}])
+
 SAMPLER_TRAIN = json.dumps([
     {"name": "ir_a", "task": "ir", "path": "pkg://codiemb_pl/demo/ir_train.jsonl", "max_samples": 40},
     {"name": "sts_b", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl", "max_samples": 30},
@@ -106,29 +113,32 @@ SAMPLER_TRAIN = json.dumps([
 @pytest.fixture(scope="module")
 def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
     """The runs of this module's selected tests, started at once in a `RunPool`: {name: run} (tests wait
-    for theirs). "ir": {(world_size, false_negative_mask): gradient run}, "sts": {world_size: gradient run},
+    for theirs). "ir": {(world_size, false_negative_mask): gradient run}, "joint": {world_size: gradient run},
     "sampler": (output folder, Future of the 2-rank BatchRecorder run).
     """
     selected = " ".join(item.name for item in request.session.items if item.module is request.module)
     folder = tmp_path_factory.mktemp("ddp_runs")
     ir_data = write_jsonl(folder / "ir.jsonl", ir_records_for_two_ranks())
     ir_train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(ir_data)}])
-    sts_train = json.dumps([{"name": "sts_grad", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
-                             "max_samples": GLOBAL_IR_BATCH}])
+    joint_train = json.dumps([{"name": "ir_grad", "task": "ir", "path": str(ir_data)},
+                              {"name": "sts_grad", "task": "sts", "path": "pkg://codiemb_pl/demo/sts_train.jsonl",
+                               "max_samples": GLOBAL_IR_BATCH}])
     with RunPool() as pool:
-        started = {"ir": {}, "sts": {}}
+        started = {"ir": {}, "joint": {}}
         if "ir_gradients" in selected or "false_negative_mask" in selected:
             for world_size, mask in ((1, False), (2, False), (1, True), (2, True)):
                 started["ir"][world_size, mask] = start_gradient_run(
                     pool, folder / f"ir_w{world_size}_mask{mask}", deterministic_model, world_size, ir_train,
                     ["--data.n_positives", "2", "--data.n_negatives", "2",
                      "--model.false_negative_mask", str(mask).lower()])
-        if "sts_gathered" in selected:
+        if "joint_mgda" in selected:
             for world_size in (1, 2):
-                started["sts"][world_size] = start_gradient_run(
-                    pool, folder / f"sts_w{world_size}", deterministic_model, world_size, sts_train,
+                started["joint"][world_size] = start_gradient_run(
+                    pool, folder / f"joint_w{world_size}", deterministic_model, world_size, joint_train,
                     ["--model.gather_sts", "true", "--model.matryoshka_dims", "[32, 16, 8]",
-                     "--model.matryoshka_weights", "[1.0, 0.5, 0.25]"])
+                     "--model.matryoshka_weights", "[1.0, 0.5, 0.25]", "--data.policy", "joint",
+                     "--model.gradient_combination", "mgda", "--data.n_positives", "2", "--data.n_negatives", "2",
+                     "--model.conflict_every", "1", "--data.val", PROBE_VAL])
         if "every_micro_step" in selected:
             sampler_out = folder / "sampler"
             started["sampler"] = sampler_out, pool.submit(
@@ -158,9 +168,16 @@ def test_false_negative_mask_drops_a_duplicate_positive_held_by_the_other_rank(i
     assert ir_runs[1, True][0]["loss"] < ir_runs[1, False][0]["loss"] - 1e-3
 
 
-def test_sts_gathered_gradients_equal_single_process(runs):
-    sts = {world_size: gradients(run) for world_size, run in runs["sts"].items()}
-    assert_same_gradients(sts[2], sts[1])
+def test_joint_mgda_step_with_gathered_sts_and_the_conflict_probe_equal_single_process(runs):
+    joint = {world_size: gradients(run) for world_size, run in runs["joint"].items()}
+    assert_same_gradients(joint[2], joint[1])
+    [(step, single)] = joint[1][0]["conflict"]
+    assert step == 0 and single["conflict/cosine"] != 0.0
+    for rank in (0, 1):
+        [(_, distributed)] = joint[2][rank]["conflict"]
+        assert distributed.keys() == single.keys()
+        for key, value in single.items():
+            assert distributed[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
 
 
 def test_every_micro_step_of_a_step_has_one_task_on_both_ranks_with_unequal_datasets(runs):

@@ -33,6 +33,8 @@ from codiemb_pl.model.widths import check_width, truncate
 from codiemb_pl.model.pooling import check_pooling_mode
 from codiemb_pl.storage.run_lock import RunLock, acquire_run_lock
 from codiemb_pl.training.checkpoint_io import install_durable_checkpoint_io, install_safe_loading, trusted_by
+from codiemb_pl.training.conflict_probe import check_conflict_settings
+from codiemb_pl.training.joint_step import check_joint_settings
 from codiemb_pl.training.module import CoDiEmbModule
 from codiemb_pl.training.resume import bring_last_up_to_date, lasts_to_watch, resolve_last_checkpoint
 from codiemb_pl.training.trainer import DurableTrainer
@@ -128,6 +130,9 @@ class CoDiEmbCLI(LightningCLI):
         SIGTERM / SIGINT save `last.ckpt` and stop (`GracefulInterruption`) unless a config already adds one."""
         trainer = self.trainer
         check_fit_outputs(trainer)  # an unwritable output folder stops the run now, not after training
+        hp, data = self.model.hparams, self.datamodule
+        check_joint_settings(hp.gradient_combination, data.hparams.policy, trainer)
+        check_conflict_settings(hp.conflict_every, trainer, {source.task for source in data.val_sources})
         if not any(isinstance(callback, GracefulInterruption) for callback in trainer.callbacks):
             trainer.callbacks.append(GracefulInterruption())
         plan = self.datamodule.check_training_plan(trainer.world_size, trainer.accumulate_grad_batches)

@@ -3,7 +3,9 @@
 IR batches: multi-positive InfoNCE of the local queries against the positives and hard negatives of
 the whole global batch (gathered from all ranks with gradient). STS batches: the CoDiEmb combination
 `2·Pearson + 5·rank-KL + 0.5·PRO + 1·MidNCE` (weights configurable), CoSENT, or InfoNCE over the
-high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both.
+high-score pairs (the one-loss baseline). `mixed` batches (naive co-training baseline) sum both; `joint` batches (one IR
+and one STS batch per step) sum both, or combine their gradients by PCGrad / MGDA under manual optimisation
+(`joint_step.py`). `conflict_every` measures the IR-STS gradient conflict on fixed probe batches (`conflict_probe.py`).
 The losses live in `losses/objectives.py` (built once from the hyper-parameters, embed-then-score).
 With `distillation` (SPEC §10) each objective is a `losses.distilled.DistilledObjective`: teacher scores from the
 data or from an online teacher (`model/teacher.py`, run on every step's texts by `teacher_signal.py`), and
@@ -47,7 +49,10 @@ from codiemb_pl.model.lora import (
 )
 from codiemb_pl.model.step_embedding import StepEmbedder
 from codiemb_pl.model.teacher import load_teacher
+from codiemb_pl.training.conflict_probe import ConflictProbe
 from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
+from codiemb_pl.training.gradient_combination import COMBINATIONS
+from codiemb_pl.training.joint_step import MANUAL_COMBINATIONS, joint_manual_step
 from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
 from codiemb_pl.training.teacher_signal import teacher_signal
 
@@ -111,6 +116,14 @@ class CoDiEmbModule(pl.LightningModule):
             width to keep training it); logged `train/<task>/loss@<m>`, validated `val/<set>/<metric>@<m>` for
             every width below the full one, recorded in the export. None: full width only.
         matryoshka_weights: w_j, one per width of `matryoshka_dims` in the same order (default 1 each).
+        conflict_every: every this many optimizer steps, measure the IR-STS gradient conflict at the current weights
+            on fixed probe batches (one per task, from the first IR and STS sets of data.val): cosine and norm ratio
+            of g_IR and g_STS, overall and per layer group, logged as `conflict/...`; training is unchanged
+            (`training/conflict_probe.py`). 0 = off.
+        gradient_combination: how a `joint` step (data.policy joint: one IR and one STS batch) combines the tasks'
+            gradients: sum (L_IR + L_STS), pcgrad (Yu et al. 2020) or mgda (two-task min-norm, Sener & Koltun
+            2018) on the whole flattened gradient, each task's gradient reduced across ranks first; pcgrad and
+            mgda run manual optimisation (no gradient accumulation or clipping, DDP or one device).
     """
 
     def __init__(self, model_name_or_path: str, pooling: Optional[str] = None,
@@ -125,7 +138,8 @@ class CoDiEmbModule(pl.LightningModule):
                  grad_cache_chunk_size: int = 0, distillation: Optional[DistillationConfig] = None,
                  num_layers: Optional[Union[int, list[int]]] = None, matryoshka_dims: Optional[list[int]] = None,
                  matryoshka_weights: Optional[list[float]] = None, grad_cache_chunk_tokens: int = 0,
-                 padding_free: Union[bool, Literal["auto"]] = False, compile: Union[bool, str] = False):
+                 padding_free: Union[bool, Literal["auto"]] = False, compile: Union[bool, str] = False,
+                 conflict_every: int = 0, gradient_combination: Literal["sum", "pcgrad", "mgda"] = "sum"):
         super().__init__()
         self.save_hyperparameters()
         if grad_cache_chunk_size < 0:
@@ -134,6 +148,15 @@ class CoDiEmbModule(pl.LightningModule):
         if grad_cache_chunk_tokens < 0:
             raise InputError("model.grad_cache_chunk_tokens", f"{grad_cache_chunk_tokens} is negative",
                              "use 0 (off) or the number of tokens (rows x longest text) per chunk")
+        if conflict_every < 0:
+            raise InputError("model.conflict_every", f"{conflict_every} is negative",
+                             "use 0 (off) or the number of optimizer steps between two measurements")
+        if gradient_combination not in COMBINATIONS:
+            raise InputError("model.gradient_combination", f"unknown combination {gradient_combination!r}",
+                             f"use one of: {', '.join(COMBINATIONS)}")
+        self.automatic_optimization = gradient_combination not in MANUAL_COMBINATIONS
+        self.conflict_probe: Optional[ConflictProbe] = None   # built at the start of a fit (`conflict_every`)
+        self.conflict_history: list[tuple[int, dict[str, float]]] = []   # (step, conflict/... metrics) of this fit
         self.sts_config = sts_loss or STSLossConfig()
         if not matryoshka_dims:
             matryoshka_widths(matryoshka_dims, matryoshka_weights)   # weights without widths: one line, before loading
@@ -215,13 +238,29 @@ class CoDiEmbModule(pl.LightningModule):
         task = batch["task"]
         if task in self.objectives:
             loss = self.objective_step(self.objectives[task], batch)
-        else:
+        elif not self.automatic_optimization:   # a joint step with pcgrad / mgda: steps the optimizer itself
+            loss = joint_manual_step(self, batch, self.hparams.gradient_combination)
+            self.log("train/joint/loss", loss, on_step=True, batch_size=1)
+        else:   # mixed, or joint with sum
             parts = [self.objective_step(self.objectives[name], batch[name]) for name in ("ir", "sts")
                      if batch[name] is not None]
             loss = torch.stack(parts).sum()
-            self.log("train/mixed/loss", loss, on_step=True, batch_size=1)
+            self.log(f"train/{task}/loss", loss, on_step=True, batch_size=1)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=1)
         return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Measure the gradient conflict when this step is due (`conflict_every`), before the step's forward."""
+        probe, step = self.conflict_probe, self.global_step
+        if probe is None or not probe.due(step):
+            return
+        metrics = probe.measure(self, step)
+        self.conflict_history.append((step, metrics))
+        if self.trainer.is_global_zero:   # straight to the loggers: every measurement, whatever log_every_n_steps
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            rank_zero_info(f"[codiemb] gradient conflict at step {step}: cos(g_IR, g_STS) = "
+                           f"{metrics['conflict/cosine']:.4f}, |g_IR|/|g_STS| = {metrics['conflict/norm_ratio']:.3g}")
 
     def objective_step(self, objective: Objective, batch: dict[str, Any]) -> torch.Tensor:
         """Embed the batch's text groups, score them with the task's objective, log `train/<task>/...` (keys an
@@ -306,6 +345,12 @@ class CoDiEmbModule(pl.LightningModule):
         world, accumulate = self.trainer.world_size, self.trainer.accumulate_grad_batches
         hp, cross_device = datamodule.hparams, self.hparams.cross_device_negatives
         sources = list(getattr(datamodule, "train_sources", []))
+        if self.hparams.conflict_every:
+            self.conflict_probe = ConflictProbe.for_fit(self.hparams.conflict_every, datamodule, world,
+                                                        self.trainer.global_rank)
+        if getattr(hp, "policy", None) == "joint":
+            rank_zero_info(f"[codiemb] joint steps: one IR and one STS batch per optimizer step, gradients combined "
+                           f"by {self.hparams.gradient_combination}")
         if self.hparams.grad_cache_chunk_size or self.hparams.grad_cache_chunk_tokens:
             rank_zero_info(grad_cache_report(self.hparams.grad_cache_chunk_size, [
                 (s.name, text_group_sizes(s.task, datamodule.batch_size_of(s), hp.n_positives, hp.n_negatives))

@@ -20,7 +20,8 @@ class GradientRecorder(pl.Callback):
 
     Gradients are read in `on_before_optimizer_step`, i.e. after accumulation and DDP's all-reduce:
     what the optimizer applies. Meant for `max_steps: 1` runs. Writes `<out_dir>/grads_rank<r>.pt` =
-    {"loss": mean local loss over the run's micro-batches, "grads": {parameter name: gradient}}.
+    {"loss": mean local loss over the run's micro-batches, "grads": {parameter name: gradient},
+    "conflict": the module's gradient-conflict measurements, [(step, {metric: value})]}.
     """
 
     def __init__(self, out_dir: str):
@@ -38,7 +39,8 @@ class GradientRecorder(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"loss": sum(self.losses) / len(self.losses), "grads": self.grads},
+        torch.save({"loss": sum(self.losses) / len(self.losses), "grads": self.grads,
+                    "conflict": list(getattr(pl_module, "conflict_history", []))},
                    self.out_dir / f"grads_rank{trainer.global_rank}.pt")
 
 
