@@ -11,7 +11,9 @@
   gradient-conflict probe's measurements (`model.conflict_every`: each rank scores its slice of the probe batches).
   (IR with widths: the gradient cache's 2-rank test, `test_grad_cache.py`.)
 - The sampler under DDP with accumulation and unequal sub-datasets: every micro-step of every optimizer
-  step carries one task and sub-dataset on both ranks, and both ranks run the same number of steps.
+  step carries one task and sub-dataset on both ranks, and both ranks run the same number of steps. The same
+  run trains task-routed LoRA (`model.lora.task_adapters`): no unused-parameter error, equal adapters on both
+  ranks, each step moving the shared adapters and its task's only.
 
 Each run of 2 ranks is one `python -m codiemb_pl fit ... --config configs/trainer/ddp_cpu.yaml` subprocess.
 The module's 7 runs start together in the background, two at a time (`RunPool`); each test waits for its own.
@@ -110,6 +112,11 @@ SAMPLER_TRAIN = json.dumps([
      "batch_size": 2, "seed": 1}])
 
 
+# the sampler run also trains task-routed LoRA: every adapter set on every step, under DDP without
+# find_unused_parameters, each step moving the shared set and its task's set only (`TaskAdapterSums`)
+TASK_LORA = json.dumps({"r": 2, "alpha": 4.0, "dropout": 0.0, "task_adapters": True})
+
+
 @pytest.fixture(scope="module")
 def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
     """The runs of this module's selected tests, started at once in a `RunPool`: {name: run} (tests wait
@@ -146,6 +153,8 @@ def runs(request, deterministic_model, tiny_model_dir, tmp_path_factory):
                  "--data.ir_batch_size", "2", "--data.sts_batch_size", "3", "--data.n_negatives", "1",
                  "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "-1",
                  "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_driver.probes.BatchRecorder",
+                 f"--trainer.callbacks.out_dir={sampler_out}", "--model.lora", TASK_LORA,
+                 "--trainer.callbacks+=ddp_driver.probes.TaskAdapterSums",
                  f"--trainer.callbacks.out_dir={sampler_out}"], world_size=2)
         yield started
 
@@ -208,3 +217,11 @@ def test_every_micro_step_of_a_step_has_one_task_on_both_ranks_with_unequal_data
     assert "ir_a (ir): 2 per device x 2 devices x 2 accumulation = global batch 8" in result.stdout
     assert "sts_c (sts): 2 per device x 2 devices x 2 accumulation = global batch 8" in result.stdout
     assert "scored against 7 negatives per positive slot (4 queries" in result.stdout  # 2x2 queries x (1+1) - 1
+
+    # task-routed LoRA under DDP: both ranks hold the same adapters; a step moves the shared set and its task's only
+    adapters = [json.loads((out / f"adapters_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert adapters[0] == adapters[1] and len(adapters[0]) == expected_steps + 1
+    for (step, task, before), (_, _, after) in zip(adapters[0], adapters[0][1:]):
+        other = "sts" if task == "ir" else "ir"
+        assert task == per_step[step][0][1] and after[other] == before[other], f"step {step} ({task}) moved {other}"
+        assert after[task] != before[task] and after["shared"] != before["shared"]

@@ -15,8 +15,11 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from codiemb_pl.errors import InputError
 from codiemb_pl.fusion.sources import load_lightning_checkpoint
 from codiemb_pl.model.card import build_model_card, encoder_card_fields
+from codiemb_pl.model.lora import task_specialist_weights
+from codiemb_pl.model.task_lora import has_task_adapters
 from codiemb_pl.model.prompts import include_prompt_for, instruction_prompts
 from codiemb_pl.training.sharding import consolidated_weights
 
@@ -29,18 +32,27 @@ class ExportEncoder(pl.Callback):
         from_best: export the best checkpoint of the trainer's ModelCheckpoint when one exists.
         adapter_dirpath: under LoRA (`model.lora`), also write the adapters alone there as a peft folder
             (the main export always merges them into the base weights).
+        specialists_dirpath: under task-routed LoRA (`model.lora.task_adapters`), also write each task's
+            specialist (base + shared + that task's adapters, merged) as a plain folder `<specialists_dirpath>/<task>`
+            (the main export is the shared adapters plus the fused task adapters).
     """
 
-    def __init__(self, dirpath: Optional[str] = None, from_best: bool = True, adapter_dirpath: Optional[str] = None):
+    def __init__(self, dirpath: Optional[str] = None, from_best: bool = True, adapter_dirpath: Optional[str] = None,
+                 specialists_dirpath: Optional[str] = None):
         self.dirpath = dirpath
         self.from_best = from_best
         self.adapter_dirpath = adapter_dirpath
+        self.specialists_dirpath = specialists_dirpath
         self.exported_from: Optional[str] = None
         self.exported_step: Optional[int] = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Give the encoder the training instructions as named prompts, so every folder written from it
-        (this export, the fusion winner) encodes `encode(q, prompt_name=NAME)` as training embedded q."""
+        (this export, the fusion winner) encodes `encode(q, prompt_name=NAME)` as training embedded q. A
+        `specialists_dirpath` without task adapters is refused before anything trains."""
+        if self.specialists_dirpath and not has_task_adapters(pl_module.encoder.model):
+            raise InputError("ExportEncoder.specialists_dirpath", "is set but the model has no task adapters",
+                             "set model.lora.task_adapters: true, or leave specialists_dirpath out")
         add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -61,6 +73,9 @@ class ExportEncoder(pl.Callback):
                     from codiemb_pl.model.lora import save_adapter
 
                     save_adapter(pl_module.encoder.model, self.adapter_dirpath)
+                if self.specialists_dirpath:
+                    for task, weights in task_specialist_weights(pl_module.encoder.model).items():
+                        pl_module.encoder.save(str(Path(self.specialists_dirpath) / task), weights=weights)
                 rank_zero_info(f"\n[codiemb] exported {self.exported_from} to {output.resolve()}")
         trainer.strategy.barrier("codiemb-export")
 

@@ -288,6 +288,10 @@ def merge_adapter_checkpoint(adapters: Mapping[str, Tensor], hparams: Mapping[st
                          "give a checkpoint written by `codiemb fit` with model.lora set")
     settings = check_lora_settings(settings if isinstance(settings, LoraSettings) else LoraSettings(**dict(settings)),
                                    where=f"{where}: model.lora")
+    if settings.task_adapters:   # base + s·B·A of every set would add both task deltas: not the run's merge
+        raise InputError(where, "is a task-routed LoRA checkpoint (model.lora.task_adapters), whose weights are the "
+                         "shared adapters plus a fusion of the task adapters", "fuse or load the model folder that "
+                         "ExportEncoder wrote (the fused merge) or its specialists_dirpath folders instead")
     source = open_checkpoint(base_name).source
     base = {key: source.get(key) for key in source.keys()}
     if hparams.get("num_layers") is not None:   # a student cut from its base's blocks (model.num_layers)

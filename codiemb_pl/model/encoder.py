@@ -20,7 +20,7 @@ import importlib.util
 import inspect
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from codiemb_pl.model.hf_loading import (
     resolve_dtype,
 )
 from codiemb_pl.model.layers import select_layers
-from codiemb_pl.model.lora import merged_weights
+from codiemb_pl.model.lora import base_model_of, merged_weights
 from codiemb_pl.model.packing import FLASH_IMPLEMENTATIONS, PACKABLE_MODEL_TYPES, pack_features
 from codiemb_pl.model.pooling import (
     POOLING_MODES,
@@ -309,7 +309,8 @@ class TextEncoder(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # Export / import
 
-    def save(self, path: str | Path, model_card: str | None = None) -> None:
+    def save(self, path: str | Path, model_card: str | None = None,
+             weights: Mapping[str, torch.Tensor] | None = None) -> None:
         """Write a sentence-transformers folder atomically (call it on one process only).
 
         Layout: config.json, model.safetensors (no pooler weights) and tokenizer files at the root;
@@ -320,10 +321,14 @@ class TextEncoder(nn.Module):
         tensor; nothing is written). For a model class with an optional pooler (BERT-style
         `add_pooling_layer`), sentence_bert_config.json carries `model_args: {add_pooling_layer: false}`,
         so sentence-transformers builds the model without the pooler it never uses and loads silently
-        (no "pooler.dense.* MISSING ... newly initialized" report), as `TextEncoder` does.
+        (no "pooler.dense.* MISSING ... newly initialized" report), as `TextEncoder` does. `weights`: the
+        transformer weights to write under the base model's names (default: the model's own, LoRA merged in).
         """
         with atomic_directory(path) as folder:
-            model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
+            if weights is None:
+                model, weights = merged_weights(self.model)  # LoRA adapters merged into the base weights
+            else:
+                model = base_model_of(self.model)
             weights = {key: value for key, value in weights.items() if not key.startswith("pooler.")}
             check_finite_state(weights, str(path))   # NaN / inf (diverged or damaged): refused, never repaired
             with quiet_transformers():  # no "Writing model shards" progress bar in the middle of a run

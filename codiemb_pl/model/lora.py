@@ -15,17 +15,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from codiemb_pl.errors import InputError
+from codiemb_pl.model.task_lora import (
+    TASK_ADAPTERS,
+    add_task_adapters,
+    has_task_adapters,
+    specialist_weights,
+    split_adapter_state,
+    task_scale,
+)
 from codiemb_pl.storage.atomic import atomic_directory
 
 ADAPTER_NAME = "default"
 # set by `sharding.consolidated_weights` under FSDP2: the full (gathered) state dict that replaces the sharded one
 CONSOLIDATED_STATE_ATTRIBUTE = "_codiemb_consolidated_state"
+# set on a task-routed model (`model.lora.task_adapters`) by the training module: `merge(base weights, adapter
+# tensors) -> weights` (`fusion.task_adapters`), which `merged_weights` uses instead of adding every adapter
+ADAPTER_MERGE_ATTRIBUTE = "_codiemb_adapter_merge"
 
 
 @dataclass
@@ -38,12 +49,20 @@ class LoraSettings:
         dropout: dropout on the adapter input (recomputed in backward, so it keeps no extra activations).
         target_modules: `all-linear` (every linear layer of the backbone) or a list of module names
             (e.g. `[q_proj, k_proj, v_proj, o_proj]`).
+        task_adapters: task-routed LoRA (MTLoRA-style, `model/task_lora.py`): shared adapters plus one adapter
+            set per task (ir, sts), each of this rank; a batch trains the shared set and its own task's set.
+            The export merges the shared adapters and a fusion of the two task sets into one plain model.
+        task_fusion: with `task_adapters`, how the export fuses the task deltas: a merge method as in
+            `fusion.methods` (`NAME` or `{method, params, weights}`, e.g. `{method: ties, params: {density:
+            0.2}}`); None = `delta_guided` (gamma 1).
     """
 
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
+    task_adapters: bool = False
+    task_fusion: Optional[Union[str, dict[str, Any]]] = None
 
 
 def check_lora_settings(settings: LoraSettings, where: str = "model.lora") -> LoraSettings:
@@ -59,6 +78,12 @@ def check_lora_settings(settings: LoraSettings, where: str = "model.lora") -> Lo
     if not settings.target_modules:
         raise InputError(f"{where}.target_modules", "no modules to adapt",
                          "use all-linear or a list such as [q_proj, v_proj]")
+    if not isinstance(settings.task_adapters, bool):
+        raise InputError(f"{where}.task_adapters", f"must be true or false, got {settings.task_adapters!r}",
+                         "use task_adapters: true for shared + per-task adapters")
+    if settings.task_fusion is not None and not settings.task_adapters:
+        raise InputError(f"{where}.task_fusion", "is set but task_adapters is false (there are no task adapters "
+                         "to fuse)", "set task_adapters: true, or remove task_fusion")
     return settings
 
 
@@ -112,14 +137,18 @@ def recompute_adapter_dropout(model: nn.Module) -> int:
 
 
 def add_lora_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
-    """Wrap `model` in a peft model with fresh adapters; every base weight is frozen; adapter dropout is
-    recomputed in backward (`recompute_adapter_dropout`)."""
+    """Wrap `model` in a peft model with fresh adapters (with `task_adapters`: the shared and per-task sets,
+    `task_lora.add_task_adapters`); every base weight is frozen; adapter dropout is recomputed in backward
+    (`recompute_adapter_dropout`)."""
     peft = _require_peft()
     settings = check_lora_settings(settings)
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                              target_modules=settings.target_modules, bias="none")
     try:
-        model = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+        model = add_task_adapters(model, config) if settings.task_adapters else \
+            peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    except InputError:
+        raise
     except ValueError as exc:  # e.g. target modules that the model does not have
         raise InputError("model.lora.target_modules", str(exc).splitlines()[0],
                          "name modules of this model (see model.named_modules()) or use all-linear") from exc
@@ -173,15 +202,22 @@ def merged_weights(model: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
 
     For a model without adapters: `(model, model.state_dict())`. The adapted model is left untouched.
     Under FSDP2, inside `sharding.consolidated_weights(model)`, the weights are the gathered full ones.
+    Task-routed adapters (`task_lora`) are merged by the model's `ADAPTER_MERGE_ATTRIBUTE` function (shared
+    deltas plus a fusion of the task deltas), never by adding every set.
     """
     full = getattr(model, CONSOLIDATED_STATE_ATTRIBUTE, None)
     if not is_lora_model(model):
         return model, (dict(full) if full is not None else model.state_dict())
+    if has_task_adapters(model):
+        merge = getattr(model, ADAPTER_MERGE_ATTRIBUTE, None)
+        if merge is None:
+            raise InputError("merged_weights", "the model has task-routed adapters but no merge of their task deltas",
+                             "build it with CoDiEmbModule (model.lora.task_adapters), which sets the fusion")
+        base, adapters = split_adapter_state(dict(full) if full is not None else model.state_dict())
+        return model.get_base_model(), merge(base, adapters)
     if full is not None:
         config = model.peft_config[ADAPTER_NAME]
-        base = {key[len(_ADAPTER_PREFIX):].replace(".base_layer.", "."): value for key, value in full.items()
-                if ".lora_" not in key}
-        adapters = {key: value for key, value in full.items() if ".lora_" in key}
+        base, adapters = split_adapter_state(full)
         return model.get_base_model(), merge_adapters(base, adapters, config.lora_alpha / config.r, "FSDP2 model")
     from peft.tuners.lora import LoraLayer
 
@@ -199,6 +235,19 @@ def merged_weights(model: nn.Module) -> tuple[nn.Module, dict[str, Tensor]]:
                             if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}))
                 weights[key] = (weights[key].float() + delta.float()).to(weights[key].dtype)
     return base, weights
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The plain model under a peft wrapper (`model` itself without adapters)."""
+    return model.get_base_model() if is_lora_model(model) else model
+
+
+def task_specialist_weights(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """`{task: W0 + shared delta + that task's delta}` of a task-routed model (`task_lora.specialist_weights`),
+    under the base names; the gathered full weights under FSDP2 (inside `sharding.consolidated_weights`)."""
+    full = getattr(model, CONSOLIDATED_STATE_ATTRIBUTE, None)
+    base, adapters = split_adapter_state(dict(full) if full is not None else model.state_dict())
+    return {task: specialist_weights(base, adapters, task_scale(model), task) for task in TASK_ADAPTERS}
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:

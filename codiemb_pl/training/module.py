@@ -41,19 +41,23 @@ from codiemb_pl.losses.sts import STSLossConfig
 from codiemb_pl.model.compiling import compile_backend, compile_in_place
 from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import (
+    ADAPTER_MERGE_ATTRIBUTE,
     LoraSettings,
     add_lora_adapters,
     check_adapter_checkpoint,
+    check_lora_settings,
     is_lora_model,
     trainable_state_dict,
 )
 from codiemb_pl.model.step_embedding import StepEmbedder
+from codiemb_pl.model.task_lora import TASK_ADAPTERS
 from codiemb_pl.model.teacher import load_teacher
 from codiemb_pl.training.conflict_probe import ConflictProbe
 from codiemb_pl.training.grad_cache import grad_cache_report, grad_cached_objective
 from codiemb_pl.training.gradient_combination import COMBINATIONS
 from codiemb_pl.training.joint_step import MANUAL_COMBINATIONS, joint_manual_step
 from codiemb_pl.training.rng_state import capture_rng_states, restore_rng_states
+from codiemb_pl.training.task_routing import TaskRouter, check_routing_with_checkpointing, task_fusion_merge
 from codiemb_pl.training.teacher_signal import teacher_signal
 
 RNG_STATES_KEY = "codiemb_rng_states"
@@ -105,7 +109,9 @@ class CoDiEmbModule(pl.LightningModule):
         compile: torch.compile the backbone in place (`model/compiling.py`): false, true (inductor) or a backend
             name; a backbone that does not compile runs eager after one warning.
         lora: train LoRA adapters instead of all weights (`r`, `alpha`, `dropout`, `target_modules`; None =
-            full fine-tuning); checkpoints then hold the adapters only, the export merges them.
+            full fine-tuning); checkpoints then hold the adapters only, the export merges them. `task_adapters`:
+            shared adapters plus one set per task, each batch gated to the shared set and its task's
+            (`task_routing.py`); the export merges the shared set and the `task_fusion` of the task sets.
         trust_remote_code: run the model repository's own code (e.g. MiniCPM).
         distillation: learn from a teacher (`losses.distillation.DistillationConfig`: IR score distillation,
             STS target blending, embedding distillation; teacher scores from the data or an online `teacher`).
@@ -176,8 +182,14 @@ class CoDiEmbModule(pl.LightningModule):
         if gradient_checkpointing:  # non-reentrant: gradients reach the adapters although the embeddings are frozen
             self.encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.strict_loading = lora is None  # LoRA checkpoints hold the adapters only (see on_save_checkpoint)
+        self.task_router: Optional[TaskRouter] = None
         if lora is not None:
+            lora = check_lora_settings(lora)
             self.encoder.model = add_lora_adapters(self.encoder.model, lora)
+            if lora.task_adapters:   # the export's merge: shared deltas + the fused task deltas
+                setattr(self.encoder.model, ADAPTER_MERGE_ATTRIBUTE,
+                        task_fusion_merge(lora.task_fusion, self.encoder.model))
+                self.task_router = TaskRouter(self.encoder.model)
         self.step_embedder = StepEmbedder(self.encoder, length_buckets, padding_free)
         backend = compile_backend(compile)
         if backend is not None:
@@ -213,10 +225,14 @@ class CoDiEmbModule(pl.LightningModule):
                            for task, objective in self.objectives.items()}
 
     def setup(self, stage: str) -> None:
-        """An online teacher reads the texts of each batch: ask the data module to carry them."""
+        """An online teacher reads the texts of each batch: ask the data module to carry them. Task-routed LoRA
+        with gradient checkpointing needs a policy whose steps hold one task (`check_routing_with_checkpointing`)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and self.teacher is not None and hasattr(datamodule, "carry_texts"):
             datamodule.carry_texts = True
+        if stage == "fit" and self.task_router is not None:
+            check_routing_with_checkpointing(self.hparams.gradient_checkpointing,
+                                             getattr(getattr(datamodule, "hparams", None), "policy", None))
 
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (configs/trainer/fsdp2.yaml): shard the backbone with FSDP2."""
@@ -268,6 +284,8 @@ class CoDiEmbModule(pl.LightningModule):
         batch = self.with_teacher_signal(objective.task, batch)
         chunk_size, chunk_tokens = self.hparams.grad_cache_chunk_size, self.hparams.grad_cache_chunk_tokens
         embed_fn = self.embed if self.step_embedder.padding_free is False else self.step_embedder
+        if self.task_router is not None:   # task-routed LoRA: every call under this task's adapter gates
+            embed_fn = self.task_router.routed(embed_fn, objective.task)
         if chunk_size or chunk_tokens:
             left = getattr(self.encoder.tokenizer, "padding_side", "right") == "left"
             parameters = [p for p in self.parameters() if p.requires_grad]
@@ -328,6 +346,11 @@ class CoDiEmbModule(pl.LightningModule):
         elif saved is not None:
             rank_zero_warn(f"checkpoint has RNG states of {len(saved)} ranks, this run has {world}: "
                            "dropout will not replay the uninterrupted run exactly")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Task-routed LoRA: the task adapters no micro-batch of this step used (on any rank) get no update."""
+        if self.task_router is not None:
+            self.task_router.before_optimizer_step(self.named_parameters(), self.device)
 
     def on_train_start(self) -> None:
         states = getattr(self, "_rng_states_to_restore", None)
@@ -435,6 +458,9 @@ class CoDiEmbModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if self.val_buffers is None:
             return
+        if self.task_router is not None:   # each set is scored by its task's specialist (shared + task adapters)
+            task = self.val_buffers.sets[batch["set_index"]].task
+            self.task_router.route(task if task in TASK_ADAPTERS else None, training=False)
         embeddings = self.embed(batch["features"])
         self.val_buffers.add(batch["set_index"], batch["field"], batch["rows"], embeddings)
 

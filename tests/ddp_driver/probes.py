@@ -64,6 +64,35 @@ class BatchRecorder(pl.Callback):
                                     "global_step": trainer.global_step}))
 
 
+class TaskAdapterSums(pl.Callback):
+    """Task-routed LoRA: writes `<out_dir>/adapters_rank<r>.json`, one [optimizer step, task, {adapter set: Σ|θ|}]
+    per optimizer step, read before its first micro-batch, plus the final sums after the last step."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.rows: list[list[Any]] = []
+
+    @staticmethod
+    def sums(pl_module) -> dict[str, float]:
+        from codiemb_pl.model.task_lora import adapter_of_parameter
+
+        totals: dict[str, float] = {}
+        for name, parameter in pl_module.named_parameters():
+            adapter = adapter_of_parameter(name)
+            if adapter is not None:
+                totals[adapter] = totals.get(adapter, 0.0) + float(parameter.detach().double().abs().sum())
+        return totals
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.rows.append([trainer.global_step, batch["task"], self.sums(pl_module)])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.rows.append([trainer.global_step, None, self.sums(pl_module)])
+        (self.out_dir / f"adapters_rank{trainer.global_rank}.json").write_text(json.dumps(self.rows))
+
+
 class Interrupt(pl.Callback):
     """Kills the process (exit code 3, no clean-up) when optimizer step `at_step` is about to start.
 
