@@ -15,6 +15,7 @@ from codiemb_pl.model.encoder import TextEncoder
 from codiemb_pl.model.lora import LoraSettings, check_lora_settings, merged_weights, task_specialist_weights
 from codiemb_pl.model.task_lora import ADAPTER_NAMES, adapter_of_parameter
 from codiemb_pl.training.module import CoDiEmbModule
+from test_lora import randomise_adapters  # B starts at zero: values, so that every adapter set has an effect
 
 TEXTS = ["a short one", "a somewhat longer sentence about retrieval", "mid length text"]
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
@@ -24,15 +25,6 @@ SCALE = TASK_LORA["alpha"] / TASK_LORA["r"]
 
 def task_module(model_dir: Path, **settings) -> CoDiEmbModule:
     return CoDiEmbModule(str(model_dir), lora=LoraSettings(**{**TASK_LORA, **settings}))
-
-
-def randomise_b(module: CoDiEmbModule, seed: int = 0) -> None:
-    """B starts at zero; give every set values so that each adapter set changes the embeddings."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            if ".lora_B." in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
 def deltas_by_hand(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, dict[str, torch.Tensor]]:
@@ -63,7 +55,7 @@ def test_invalid_task_lora_settings_give_one_clear_line(tiny_model_dir):
 
 def test_a_batch_trains_the_shared_adapters_and_its_own_tasks_only(tiny_model_dir):
     module = task_module(tiny_model_dir)
-    randomise_b(module)
+    randomise_adapters(module)
     plain = TextEncoder(str(tiny_model_dir))
     features = module.encoder.tokenize(TEXTS)
     outputs = {}
@@ -98,7 +90,7 @@ def test_a_batch_trains_the_shared_adapters_and_its_own_tasks_only(tiny_model_di
 
 def test_any_fusion_method_merges_the_task_deltas_over_base_plus_shared(tiny_model_dir):
     module = task_module(tiny_model_dir, task_fusion={"method": "task_arithmetic", "params": {"scale": 0.5}})
-    randomise_b(module, seed=3)
+    randomise_adapters(module, seed=3)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     deltas = deltas_by_hand(dict(module.encoder.model.state_dict()))
     _, merged = merged_weights(module.encoder.model)
