@@ -51,6 +51,15 @@ def test_invalid_task_lora_settings_give_one_clear_line(tiny_model_dir):
         task_module(tiny_model_dir, task_fusion="delta_guidd")
     with pytest.raises(InputError, match="model.lora.task_fusion: greedy_soup ranks members by validation scores"):
         task_module(tiny_model_dir, task_fusion="greedy_soup")
+    from codiemb_pl.training.task_routing import check_routing_with_checkpointing
+
+    for policy in ("mixed", "joint"):   # both tasks embedded before one backward: recomputed under the wrong gates
+        with pytest.raises(InputError, match=f"model.gradient_checkpointing: with task-routed LoRA and data.policy: "
+                                             f"{policy}"):
+            check_routing_with_checkpointing(True, policy, automatic_optimization=True)
+    check_routing_with_checkpointing(True, "joint", automatic_optimization=False)   # pcgrad / mgda: one task a backward
+    check_routing_with_checkpointing(True, "proportional")
+    check_routing_with_checkpointing(False, "mixed")
 
 
 def test_a_batch_trains_the_shared_adapters_and_its_own_tasks_only(tiny_model_dir):
@@ -118,7 +127,9 @@ def fit_args(model_dir: Path, root: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def task_lora_run(tiny_model_dir, tmp_path_factory, one_torch_thread) -> Path:
     root = tmp_path_factory.mktemp("task_lora_run")
-    code = main(fit_args(tiny_model_dir, root, "--trainer.callbacks+=ddp_driver.probes.TaskAdapterSums",
+    # with the gradient-conflict probe on: its IR and STS gradients (under each task's gates) are no training use
+    code = main(fit_args(tiny_model_dir, root, "--model.conflict_every", "2",
+                         "--trainer.callbacks+=ddp_driver.probes.TaskAdapterSums",
                          f"--trainer.callbacks.out_dir={root / 'probe'}",
                          "--trainer.callbacks+=codiemb_pl.callbacks.ExportEncoder",
                          "--trainer.callbacks.dirpath", str(root / "model"),

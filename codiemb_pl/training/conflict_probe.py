@@ -110,6 +110,8 @@ class ConflictProbe:
         objective = module.objectives[task]
         objective = getattr(objective, "base", objective)   # the task loss without distillation terms
         batch = move_data_to_device(self.batches[task], module.device)
-        loss, _ = objective(module.embed, batch)
+        embed = module.embed if getattr(module, "task_router", None) is None else \
+            module.task_router.routed(module.embed, task, training=False)   # task-routed LoRA: the task's adapters
+        loss, _ = objective(embed, batch)
         grads = torch.autograd.grad(loss, parameters, allow_unused=True)
         return mean_across_ranks(list(grads), parameters)

@@ -232,7 +232,8 @@ class CoDiEmbModule(pl.LightningModule):
             datamodule.carry_texts = True
         if stage == "fit" and self.task_router is not None:
             check_routing_with_checkpointing(self.hparams.gradient_checkpointing,
-                                             getattr(getattr(datamodule, "hparams", None), "policy", None))
+                                             getattr(getattr(datamodule, "hparams", None), "policy", None),
+                                             self.automatic_optimization)
 
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (configs/trainer/fsdp2.yaml): shard the backbone with FSDP2."""

@@ -42,10 +42,12 @@ def task_fusion_merge(entry: Any, model: nn.Module) -> Callable:
                              weights=spec.weights)
 
 
-def check_routing_with_checkpointing(gradient_checkpointing: bool, policy: Optional[str]) -> None:
-    """Refuse (one line) gradient checkpointing with a policy whose steps embed both tasks before the backward:
-    the blocks are recomputed in backward under the gates of the step's last task, not their own."""
-    if gradient_checkpointing and policy in TWO_TASK_POLICIES:
+def check_routing_with_checkpointing(gradient_checkpointing: bool, policy: Optional[str],
+                                     automatic_optimization: bool = True) -> None:
+    """Refuse (one line) gradient checkpointing with a policy whose steps embed both tasks before one backward
+    (`mixed`, and `joint` with the plain sum; pcgrad / mgda run each task's backward before the next forward): the
+    blocks would be recomputed in backward under the gates of the step's last task, not their own."""
+    if gradient_checkpointing and policy in TWO_TASK_POLICIES and automatic_optimization:
         raise InputError("model.gradient_checkpointing", f"with task-routed LoRA and data.policy: {policy}, blocks "
                          "would be recomputed in backward under the other task's adapter gates",
                          "turn gradient_checkpointing off (or use model.grad_cache_chunk_size), or a single-task "
@@ -65,11 +67,12 @@ class TaskRouter:
         if training and task is not None:
             self.used.add(task)
 
-    def routed(self, embed: Callable, task: str) -> Callable:
+    def routed(self, embed: Callable, task: str, training: bool = True) -> Callable:
         """`embed` that gates the adapters for `task` before every call (also the gradient cache's replays in
-        backward, which may run after another task's objective re-gated them in a two-task step)."""
+        backward, which may run after another task's objective re-gated them in a two-task step); `training=False`
+        (a measurement such as the conflict probe) does not count as the step using `task`."""
         def routed_embed(*args, **kwargs):
-            self.route(task)
+            self.route(task, training=training)
             return embed(*args, **kwargs)
         return routed_embed
 
