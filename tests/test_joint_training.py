@@ -4,7 +4,8 @@
 - every joint step holds one IR and one STS batch, and MGDA's weights and combined norm are logged;
 - the probe measures cosine and norm ratio overall and per layer group at every due step;
 - an MGDA run with the probe on ends with the weights of one without it, interrupted after step 2 and resumed with
-  `--ckpt_path last` (the probe leaves training bit-identical; the resume is exact).
+  `--ckpt_path last` (the probe leaves training bit-identical; the resume is exact);
+- with the gradient cache (chunks of 3 texts) a joint MGDA step applies the same combined gradient.
 The 2-process case (each task's gradient reduced before combining) is in `test_distributed.py`.
 """
 
@@ -19,6 +20,7 @@ import torch
 
 from codiemb_pl.callbacks.interruption import GracefulInterruption
 from codiemb_pl.cli.main import main
+from ddp_driver.launch import model_without_dropout
 
 TINY_CONFIG = Path(__file__).parent / "conf" / "tiny.yaml"
 RECORDS: dict[str, dict] = {}   # what `RunRecorder` saw, by run name
@@ -93,3 +95,20 @@ def test_joint_mgda_steps_hold_both_tasks_and_the_probe_and_a_resume_change_noth
     resumed = fit(tiny_model_dir, run, "second_leg", *joint, "--ckpt_path", "last")
     assert len(RECORDS["second_leg"]["batches"]) == 2
     assert_identical(resumed, straight)
+
+
+def test_joint_mgda_step_with_the_gradient_cache_combines_the_same_gradients(tiny_model_dir, tmp_path):
+    model = model_without_dropout(tiny_model_dir, tmp_path / "no_dropout")   # chunks would draw other dropout masks
+    steps = {}
+    for name, extra in (("plain", []), ("cached", ["--model.grad_cache_chunk_size", "3"])):
+        out = tmp_path / name
+        fit(model, out, name, "--data.policy", "joint", "--model.gradient_combination", "mgda",
+            "--trainer.max_steps", "1", "--trainer.precision", "64-true",   # float64: no summation-order noise
+            "--trainer.limit_val_batches", "0",
+            "--trainer.callbacks+=ddp_driver.probes.GradientRecorder",
+            f"--trainer.callbacks.out_dir={out}", *extra)
+        steps[name] = torch.load(out / "grads_rank0.pt")
+    assert len(steps["plain"]["grads"]) > 30
+    for name, grad in steps["plain"]["grads"].items():   # the combined gradient the optimizer applied
+        torch.testing.assert_close(steps["cached"]["grads"][name], grad, rtol=1e-9, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m}")
