@@ -16,6 +16,9 @@ sub-dataset, cuts it into global batches and orders them by the policy. Global b
 into ``A`` consecutive micro-batches; in micro-batch ``a`` rank ``r`` takes the items
 ``[a·b·W + r·b, a·b·W + (r+1)·b)``. Every rank therefore sees the same task and sub-dataset at every
 step, on disjoint shards, and all ranks take the same number of steps.
+
+An epoch's plan is kept as numpy arrays (`EpochPlan`: one int64 per item, three per global batch), never as
+Python objects per item, so a rank's memory for it is ~8 bytes per record.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from codiemb_pl.errors import InputError
@@ -246,11 +250,10 @@ class TaskBatchSampler:
         if self.policy != "mixed":
             per_pass = self.batches_per_pass()
             return {i: size - per_pass[i] * self.global_batch_size(i) for i, size in enumerate(self.sizes)}
-        used = [0] * len(self.sizes)
-        for batch in self.plan(self.epoch):
-            for index in batch.indices:
-                used[self.dataset_of(index)] += 1
-        return {i: size - used[i] for i, size in enumerate(self.sizes)}
+        items = self.epoch_plan(self.epoch).items
+        used = np.bincount(np.searchsorted(np.asarray(self.offsets), items, side="right") - 1,
+                           minlength=len(self.sizes))
+        return {i: size - int(used[i]) for i, size in enumerate(self.sizes)}
 
     def dropped_total(self) -> int:
         """Total items per epoch left out of every global batch (sum of `dropped_per_epoch`)."""
@@ -345,153 +348,223 @@ class TaskBatchSampler:
         return self._micro_batches(self.epoch, skip)
 
     def _micro_batches(self, epoch: int, skip: int) -> Iterator[list[tuple[int, int]]]:
-        position = 0
-        for batch in self.plan(epoch):
-            for micro in self.rank_micro_batches(batch):
-                if position >= skip:
-                    yield [(index, epoch) for index in micro]
-                position += 1
+        """Micro-batch ``a`` of global batch ``k`` is this rank's slice ``a·W + r`` of it (see `rank_micro_batches`);
+        the first ``skip`` micro-batches of the epoch are left out."""
+        plan = self.epoch_plan(epoch)
+        first_batch, first_micro = divmod(skip, self.accumulate)
+        for step in range(first_batch, len(plan)):
+            start, micro = int(plan.starts[step]), int(plan.lengths[step]) // self.slices_per_step
+            for a in range(first_micro if step == first_batch else 0, self.accumulate):
+                low = start + (a * self.world_size + self.rank) * micro
+                yield [(index, epoch) for index in plan.items[low:low + micro].tolist()]
 
     # ------------------------------------------------------------------ planning
 
     def plan(self, epoch: int) -> list[GlobalBatch]:
-        """The ordered global batches of ``epoch`` (identical on every rank)."""
+        """The ordered global batches of ``epoch`` (identical on every rank), as objects (for inspection: iteration
+        reads `epoch_plan`'s arrays)."""
+        plan = self.epoch_plan(epoch)
+        return [GlobalBatch(int(dataset), self.policy if dataset == MIXED_DATASET else self.tasks[int(dataset)],
+                            plan.items[start:start + length].tolist())
+                for dataset, start, length in zip(plan.datasets, plan.starts, plan.lengths)]
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        """The ordered global batches of ``epoch`` as arrays; a ``torch.Generator`` seeded ``seed + epoch`` draws
+        the permutations and orders."""
         generator = torch.Generator().manual_seed(self.seed + int(epoch))
         if self.policy == "mixed":
             return self._plan_mixed(generator)
-        first_pass = [self._cut_pass(i, generator) for i in range(len(self.sizes))]
+        passes = _Passes(self, generator)
+        first_pass = [passes.cut(i) for i in range(len(self.sizes))]
+        if self.policy == "joint":
+            return self._plan_joint(first_pass, passes)
         order = {
             "proportional": self._order_proportional,
             "balanced": self._order_balanced,
             "temperature": self._order_temperature,
             "round_robin": self._order_round_robin,
             "sequential": self._order_sequential,
-            "joint": self._order_joint,
         }[self.policy]
-        return order(first_pass, generator)
+        return passes.plan(order(first_pass, passes))
 
-    def _take(self, permutation: torch.Tensor, count: int) -> torch.Tensor:
+    @staticmethod
+    def _take(permutation: torch.Tensor, count: int) -> torch.Tensor:
         """The first ``count`` entries of ``permutation``, wrapping around when padding."""
         if count <= len(permutation):
             return permutation[:count]
         return permutation[torch.arange(count) % len(permutation)]
 
-    def _cut_pass(self, dataset: int, generator: torch.Generator) -> list[GlobalBatch]:
-        """One new permutation of ``dataset`` cut into its n_i global batches (global indices)."""
-        size, global_batch = self.sizes[dataset], self.global_batch_size(dataset)
-        count = self._whole(size, global_batch)
-        permutation = torch.randperm(size, generator=generator) + self.offsets[dataset]
-        rows = self._take(permutation, count * global_batch).view(count, global_batch).tolist()
-        return [GlobalBatch(dataset, self.tasks[dataset], row) for row in rows]
-
-    @staticmethod
-    def _shuffled(batches: list[GlobalBatch], generator: torch.Generator) -> list[GlobalBatch]:
-        return [batches[j] for j in torch.randperm(len(batches), generator=generator).tolist()]
-
     def _datasets_of(self, task: str) -> list[int]:
         return [i for i, t in enumerate(self.tasks) if t == task]
 
-    def _order_proportional(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
-        return self._shuffled([batch for batches in passes for batch in batches], generator)
+    # Each `_order_*` turns the first pass's batch numbers of every sub-dataset (`_Passes.cut`) into the epoch's
+    # order of batch numbers, cutting further passes where its policy needs them.
 
-    def _order_balanced(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
-        per_task = self._batches_per_task()
-        target = max(per_task.values())
-        selected: list[GlobalBatch] = []
+    def _order_proportional(self, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
+        return passes.shuffled(np.concatenate(first))
+
+    def _order_balanced(self, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
+        target = max(self._batches_per_task().values())
+        selected = []
         for task in self.task_order:
             datasets = self._datasets_of(task)
-            task_batches = [batch for i in datasets for batch in passes[i]]
+            task_batches = np.concatenate([first[i] for i in datasets])
             while len(task_batches) < target:  # oversample: a fresh pass over the task's sub-datasets
-                extra = self._shuffled([b for i in datasets for b in self._cut_pass(i, generator)], generator)
-                task_batches += extra[: target - len(task_batches)]
-            selected += task_batches
-        return self._shuffled(selected, generator)
+                extra = passes.shuffled(np.concatenate([passes.cut(i) for i in datasets]))
+                task_batches = np.concatenate([task_batches, extra[: target - len(task_batches)]])
+            selected.append(task_batches)
+        return passes.shuffled(np.concatenate(selected))
 
-    def _order_temperature(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
+    def _order_temperature(self, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
         per_pass = self.batches_per_pass()
         log_counts = torch.tensor([math.log(per_pass[i]) for i in range(len(self.sizes))], dtype=torch.float64)
         weights = torch.exp(self.temperature_alpha * (log_counts - log_counts.max()))  # n_i^α, overflow-safe
         steps = self.steps_per_epoch()
-        draws = torch.multinomial(weights / weights.sum(), steps, replacement=True, generator=generator).tolist()
-        queues = [list(batches) for batches in passes]
-        next_position = [0] * len(queues)
-        ordered = []
-        for dataset in draws:
+        draws = torch.multinomial(weights / weights.sum(), steps, replacement=True, generator=passes.generator)
+        queues, next_position = list(first), [0] * len(first)
+        ordered = np.empty(steps, dtype=np.int64)
+        for step, dataset in enumerate(draws.tolist()):
             if next_position[dataset] == len(queues[dataset]):  # pass used up: start a new one
-                queues[dataset] = self._cut_pass(dataset, generator)
-                next_position[dataset] = 0
-            ordered.append(queues[dataset][next_position[dataset]])
+                queues[dataset], next_position[dataset] = passes.cut(dataset), 0
+            ordered[step] = queues[dataset][next_position[dataset]]
             next_position[dataset] += 1
         return ordered
 
-    def _task_stream(self, task: str, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
-        """All of ``task``'s batches, cycling its sub-datasets in a shuffled order."""
+    def _task_stream(self, task: str, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
+        """All of ``task``'s batches, cycling its sub-datasets in a shuffled order: position p of every
+        sub-dataset (in cycle order), then position p + 1."""
         datasets = self._datasets_of(task)
-        cycle = [datasets[j] for j in torch.randperm(len(datasets), generator=generator).tolist()]
-        queues = {i: list(passes[i]) for i in datasets}
-        stream = []
-        for position in range(max(len(queue) for queue in queues.values())):
-            stream += [queues[i][position] for i in cycle if position < len(queues[i])]
-        return stream
+        cycle = [datasets[j] for j in torch.randperm(len(datasets), generator=passes.generator).tolist()]
+        batches = np.concatenate([first[i] for i in cycle])
+        keys = np.concatenate([np.arange(len(first[i]), dtype=np.int64) * len(cycle) + turn
+                               for turn, i in enumerate(cycle)])
+        return batches[np.argsort(keys, kind="stable")]
 
-    def _order_round_robin(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
-        streams = [self._task_stream(task, passes, generator) for task in self.task_order]
+    def _order_round_robin(self, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
+        streams = [self._task_stream(task, first, passes) for task in self.task_order]
         rounds = min(len(stream) for stream in streams)
-        return [stream[k] for k in range(rounds) for stream in streams]
+        return np.stack([stream[:rounds] for stream in streams], axis=1).reshape(-1)
 
-    def _order_sequential(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
-        ordered = []
-        for task in self.task_order:
-            ordered += self._shuffled([batch for i in self._datasets_of(task) for batch in passes[i]], generator)
-        return ordered
+    def _order_sequential(self, first: list[np.ndarray], passes: _Passes) -> np.ndarray:
+        return np.concatenate([passes.shuffled(np.concatenate([first[i] for i in self._datasets_of(task)]))
+                               for task in self.task_order])
 
-    def _order_joint(self, passes: list[list[GlobalBatch]], generator: torch.Generator) -> list[GlobalBatch]:
+    def _plan_joint(self, first: list[np.ndarray], passes: _Passes) -> EpochPlan:
         """Step k pairs the k-th IR and the k-th STS global batch (class docstring); the shorter stream is extended
         with new passes of its task's sub-datasets."""
         steps = self.steps_per_epoch()
         streams = {}
         for task in TASKS:
-            stream = self._task_stream(task, passes, generator)
+            stream = self._task_stream(task, first, passes)
             while len(stream) < steps:
-                fresh = [self._cut_pass(i, generator) if i in self._datasets_of(task) else []
+                fresh = [passes.cut(i) if i in self._datasets_of(task) else np.zeros(0, dtype=np.int64)
                          for i in range(len(self.sizes))]
-                stream += self._task_stream(task, fresh, generator)
+                stream = np.concatenate([stream, self._task_stream(task, fresh, passes)])
             streams[task] = stream[:steps]
-        return [self._joint_batch(ir, sts) for ir, sts in zip(streams["ir"], streams["sts"])]
+        return passes.joint_plan(streams["ir"], streams["sts"])
 
-    def _joint_batch(self, ir: GlobalBatch, sts: GlobalBatch) -> GlobalBatch:
-        """One IR and one STS global batch laid out for `rank_micro_batches`: slice s = a·W + r of the result is
-        slice s of the IR batch followed by slice s of the STS batch."""
-        slices = self.slices_per_step
-        parts = [torch.tensor(batch.indices).view(slices, -1) for batch in (ir, sts)]
-        return GlobalBatch(MIXED_DATASET, "joint", torch.cat(parts, dim=1).reshape(-1).tolist())
-
-    def _plan_mixed(self, generator: torch.Generator) -> list[GlobalBatch]:
+    def _plan_mixed(self, generator: torch.Generator) -> EpochPlan:
         """Mixed-task global batches; see the class docstring for the unit scheme."""
         slices, micro = self.slices_per_step, self.mixed_micro_batch_size()
         unit_counts = self._mixed_units()
-        units_by_task: dict[str, torch.Tensor] = {}
+        units_by_task: dict[str, np.ndarray] = {}
         for task in self.task_order:
             pool = torch.cat([torch.arange(self.sizes[i]) + self.offsets[i] for i in self._datasets_of(task)])
             if len(pool) == 0:
-                units_by_task[task] = torch.empty(0, slices, dtype=torch.long)
+                units_by_task[task] = np.empty((0, slices), dtype=np.int64)
                 continue
             permuted = pool[torch.randperm(len(pool), generator=generator)]
-            units_by_task[task] = self._take(permuted, unit_counts[task] * slices).view(-1, slices)
+            units_by_task[task] = self._take(permuted, unit_counts[task] * slices).view(-1, slices).numpy()
 
-        labels = [(task, unit) for task in self.task_order for unit in range(unit_counts[task])]
-        order = torch.randperm(len(labels), generator=generator)
+        # unit j of the pooled order is unit `label_units[j]` of task `label_tasks[j]` (its index in task_order)
+        label_tasks = np.repeat(np.arange(len(self.task_order)), [unit_counts[t] for t in self.task_order])
+        label_units = np.concatenate([np.arange(unit_counts[t], dtype=np.int64) for t in self.task_order])
+        order = torch.randperm(len(label_tasks), generator=generator)
         steps = self.steps_per_epoch()
-        order = self._take(order, steps * micro).tolist()
+        order = self._take(order, steps * micro).numpy()
 
-        batches = []
+        global_batch = micro * slices
+        items = np.empty((steps, global_batch), dtype=np.int64)
         for step in range(steps):
-            chosen = [labels[j] for j in order[step * micro:(step + 1) * micro]]
+            chosen = order[step * micro:(step + 1) * micro]
+            chosen_tasks, chosen_units = label_tasks[chosen], label_units[chosen]
             per_slice = []  # each task's items, reshaped to (S, k_task): row s goes to slice s = a·W + r
             for task in TASKS:
-                units = [unit for t, unit in chosen if t == task]
-                if units:
-                    per_slice.append(units_by_task[task][torch.tensor(units)].reshape(slices, len(units)))
-            indices = torch.cat(per_slice, dim=1).reshape(-1).tolist()
-            batches.append(GlobalBatch(MIXED_DATASET, "mixed", indices))
-        return batches
+                if task not in self.task_order:
+                    continue
+                units = chosen_units[chosen_tasks == self.task_order.index(task)]
+                if len(units):
+                    per_slice.append(units_by_task[task][units].reshape(slices, len(units)))
+            items[step] = np.concatenate(per_slice, axis=1).reshape(-1)
+        return EpochPlan(datasets=np.full(steps, MIXED_DATASET, dtype=np.int64),
+                         starts=np.arange(steps, dtype=np.int64) * global_batch,
+                         lengths=np.full(steps, global_batch, dtype=np.int64), items=items.reshape(-1))
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """An epoch's global batches as arrays, a few bytes per item: batch ``k`` is sub-dataset ``datasets[k]``
+    (``MIXED_DATASET`` under ``mixed``) and holds the global indices ``items[starts[k] : starts[k] + lengths[k]]``
+    in rank-slicing order."""
+
+    datasets: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    items: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+
+class _Passes:
+    """The passes an epoch's plan cuts: each is a new permutation of one sub-dataset cut into its n_i global
+    batches, numbered in the order they are cut."""
+
+    def __init__(self, sampler: TaskBatchSampler, generator: torch.Generator):
+        self.sampler, self.generator = sampler, generator
+        self.items: list[np.ndarray] = []  # each pass's items, batch after batch
+        self.datasets: list[np.ndarray] = []
+        self.starts: list[np.ndarray] = []
+        self.length = self.count = 0
+
+    def cut(self, dataset: int) -> np.ndarray:
+        """A new pass over ``dataset``: the numbers of its batches."""
+        sampler = self.sampler
+        size, global_batch = sampler.sizes[dataset], sampler.global_batch_size(dataset)
+        count = sampler._whole(size, global_batch)
+        permutation = torch.randperm(size, generator=self.generator) + sampler.offsets[dataset]
+        self.items.append(sampler._take(permutation, count * global_batch).numpy())
+        self.datasets.append(np.full(count, dataset, dtype=np.int64))
+        self.starts.append(self.length + np.arange(count, dtype=np.int64) * global_batch)
+        numbers = np.arange(self.count, self.count + count, dtype=np.int64)
+        self.length, self.count = self.length + count * global_batch, self.count + count
+        return numbers
+
+    def shuffled(self, batches: np.ndarray) -> np.ndarray:
+        return batches[torch.randperm(len(batches), generator=self.generator).numpy()]
+
+    def joint_plan(self, ir: np.ndarray, sts: np.ndarray) -> EpochPlan:
+        """The plan whose k-th batch joins batch numbers ``ir[k]`` and ``sts[k]``: its slice s = a·W + r is slice s
+        of the IR batch followed by slice s of the STS batch."""
+        slices = self.sampler.slices_per_step
+        items, starts, lengths = np.concatenate(self.items), np.concatenate(self.starts), self._lengths()
+        joint_lengths = lengths[ir] + lengths[sts]
+        joint_starts = np.concatenate([[0], np.cumsum(joint_lengths)[:-1]]).astype(np.int64)
+        joined = np.empty(int(joint_lengths.sum()), dtype=np.int64)
+        for step, (first, second) in enumerate(zip(ir.tolist(), sts.tolist())):
+            parts = [items[starts[number]:starts[number] + lengths[number]].reshape(slices, -1)
+                     for number in (first, second)]
+            low = joint_starts[step]
+            joined[low:low + joint_lengths[step]] = np.concatenate(parts, axis=1).reshape(-1)
+        return EpochPlan(datasets=np.full(len(ir), MIXED_DATASET, dtype=np.int64), starts=joint_starts,
+                         lengths=joint_lengths, items=joined)
+
+    def _lengths(self) -> np.ndarray:
+        """The size of every batch cut so far, by batch number."""
+        sizes = np.array([self.sampler.global_batch_size(i) for i in range(len(self.sampler.sizes))], dtype=np.int64)
+        return sizes[np.concatenate(self.datasets)]
+
+    def plan(self, order: np.ndarray) -> EpochPlan:
+        """The plan whose k-th batch is batch number ``order[k]``."""
+        return EpochPlan(datasets=np.concatenate(self.datasets)[order], starts=np.concatenate(self.starts)[order],
+                         lengths=self._lengths()[order], items=np.concatenate(self.items))
