@@ -91,29 +91,50 @@ def test_default_root_dir_moves_every_output(tiny_model_dir, tmp_path, monkeypat
             "logs/version_0/metrics.csv"} <= files
 
 
-def test_distinct_negatives_are_counted_per_record(tmp_path):
-    from codiemb_pl.data.cache.records import distinct_negative_counts, open_records
-    from codiemb_pl.data.sources import SourceConfig
+def test_distinct_negatives_are_counted_per_record(tmp_path, monkeypatch):
+    from codiemb_pl.data.cache import records as records_module
+    from codiemb_pl.data.cache.records import distinct_negative_histogram, open_records, teacher_score_count
+    from codiemb_pl.data.sources import SourceConfig, subsample_positions
 
+    monkeypatch.setattr(records_module, "STATISTICS_ROWS", 3)  # statistics read 3 rows at a time: slices meet
     path = tmp_path / "ir.jsonl"
     rows = [{"query": "q1", "positives": ["p"], "negatives": ["a", "a", "b"]},
-            {"query": "q2", "positives": ["p"], "negatives": ["c"]},
+            {"query": "q2", "positives": ["p"], "negatives": ["c"], "teacher_scores": [1.0, 0.5]},
             {"query": "q3", "positives": ["p"], "negatives": []},
-            {"query": "q4", "positives": ["p"], "negatives": ["d", "e", "f", "g", "d"]}]
+            {"query": "q4", "positives": ["p"], "negatives": ["d", "e", "f", "g", "d"]},
+            {"query": "q5", "positives": ["p"], "negatives": ["h", "i", "h"], "teacher_scores": [1, 0, 0, 0]}]
+    distinct, scored = [2, 1, 0, 4, 2], [False, True, False, False, True]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     table = open_records(SourceConfig(name="ir", task="ir", path=str(path)), tmp_path / "cache")
-    assert distinct_negative_counts(table).tolist() == [2, 1, 0, 4]
+    assert distinct_negative_histogram(table) == [1, 1, 2, 0, 1]
+    assert teacher_score_count(table) == 2
+    subset = SourceConfig(name="ir", task="ir", path=str(path), max_samples=3, seed=5)
+    kept = subsample_positions(len(rows), subset)
+    table = open_records(subset, tmp_path / "cache")
+    expected = [0] * 5
+    for position in kept:
+        expected[distinct[position]] += 1
+    assert distinct_negative_histogram(table) == expected[:max(distinct[p] for p in kept) + 1]
+    assert teacher_score_count(table) == sum(scored[p] for p in kept)
 
 
 def test_hard_negative_report_wording():
     from codiemb_pl.evaluation.tables import hard_negative_report
 
-    assert hard_negative_report("mine", [1] * 10, 4) == (
+    def histogram(counts):  # records with k distinct negatives, for each k
+        return [counts.count(k) for k in range(max(counts) + 1)]
+
+    assert hard_negative_report("mine", histogram([1] * 10), 4) == (
         "[codiemb] mine: 4 hard-negative slots per query; records have 1/1/1 distinct hard negatives "
         "(min/median/max); 10 of 10 records have fewer than 4 and repeat theirs to fill the slots")
-    assert hard_negative_report("mine", [0, 3, 4, 6], 4) == (
+    assert hard_negative_report("mine", histogram([0, 3, 4, 6]), 4) == (
         "[codiemb] mine: 4 hard-negative slots per query; records have 0/3.5/6 distinct hard negatives "
         "(min/median/max); 1 of 4 records have fewer than 4 and repeat theirs to fill the slots; "
         "1 have none (their slots are masked out)")
-    assert hard_negative_report("mine", [5, 6], 4).endswith("records have 5/5.5/6 distinct hard negatives (min/median/max)")
-    assert hard_negative_report("mine", [1, 2], 0) == ""
+    assert hard_negative_report("mine", histogram([5, 6]), 4).endswith(
+        "records have 5/5.5/6 distinct hard negatives (min/median/max)")
+    assert hard_negative_report("mine", histogram([2, 7, 3]), 4).endswith(
+        "records have 2/3/7 distinct hard negatives (min/median/max); 2 of 3 records have fewer than 4 and repeat "
+        "theirs to fill the slots")
+    assert hard_negative_report("mine", histogram([1, 2]), 0) == ""
+    assert hard_negative_report("mine", [], 4) == ""

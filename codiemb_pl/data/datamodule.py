@@ -7,6 +7,9 @@ is resumable: its sampler's position is stored in Lightning checkpoints and rest
 
 from __future__ import annotations
 
+import contextlib
+import gc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,7 +38,7 @@ class ResumableDataLoader(DataLoader):
     Lightning calls `set_epoch` only on `loader.sampler` and `loader.batch_sampler.sampler`, never on a
     batch sampler, so `__iter__` sets the epoch itself from `current_epoch()`. Right after
     `load_state_dict` the restored (epoch, position) stands instead: a resumed run builds its iterator
-    before Lightning restores its loop counters.
+    before Lightning restores its loop counters. Its workers fork with the rank's objects frozen (`objects_frozen`).
     """
 
     def __init__(self, *args: Any, current_epoch: Optional[Callable[[], int]] = None, **kwargs: Any):
@@ -58,7 +61,22 @@ class ResumableDataLoader(DataLoader):
                 sampler.set_epoch(sampler.epoch + 1)
         elif self.current_epoch is not None:
             sampler.set_epoch(self.current_epoch())
+        if self.num_workers > 0 and (self._iterator is None or not self.persistent_workers):  # workers start now
+            with objects_frozen():
+                return super().__iter__()
         return super().__iter__()
+
+
+@contextlib.contextmanager
+def objects_frozen() -> Iterator[None]:
+    """`gc.freeze()` while DataLoader workers fork, `gc.unfreeze()` after: in each worker the objects inherited from
+    the rank then sit in the collector's permanent generation, so the worker's collections never write to them
+    (which would copy the pages they share with the rank, copy-on-write); the rank gets them back unchanged."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def restart_training_iterator(trainer: Optional["pl.Trainer"]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Optional
 
 from codiemb_pl.model.widths import FULL_PRECISION, metric_key, split_metric_key
@@ -84,21 +83,34 @@ def comparison_table(history: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def hard_negative_report(name: str, distinct_counts, n_negatives: int) -> str:
-    """How the `n_negatives` hard-negative slots of an IR sub-dataset are really filled, from the number of
-    distinct negatives of each record (the collate's rule, `data.collate.pick_fixed_count`): a record with
-    more draws N of them, one with fewer repeats them (re-sampled) to fill the N slots, one with none has
+def hard_negative_report(name: str, histogram, n_negatives: int) -> str:
+    """How the `n_negatives` hard-negative slots of an IR sub-dataset are really filled, from `histogram[k]`, the
+    number of records with `k` distinct negatives (the collate's rule, `data.collate.pick_fixed_count`): a record
+    with more draws N of them, one with fewer repeats them (re-sampled) to fill the N slots, one with none has
     its slots masked out (when others in its batch have negatives)."""
-    counts = [int(c) for c in distinct_counts]
-    if not counts or n_negatives <= 0:
+    histogram = [int(count) for count in histogram]
+    total = sum(histogram)
+    if not total or n_negatives <= 0:
         return ""
-    low, median, high = min(counts), statistics.median(counts), max(counts)
+    present = [k for k, count in enumerate(histogram) if count]
+    low, high = present[0], present[-1]
+    median = (_sorted_value(histogram, (total - 1) // 2) + _sorted_value(histogram, total // 2)) / 2
     line = (f"[codiemb] {name}: {n_negatives} hard-negative slot{'s' if n_negatives != 1 else ''} per query; "
             f"records have {low:g}/{median:g}/{high:g} distinct hard negatives (min/median/max)")
-    fewer = sum(0 < c < n_negatives for c in counts)
-    empty = sum(c == 0 for c in counts)
+    fewer = sum(histogram[1:n_negatives])
+    empty = histogram[0]
     if fewer:
-        line += f"; {fewer} of {len(counts)} records have fewer than {n_negatives} and repeat theirs to fill the slots"
+        line += f"; {fewer} of {total} records have fewer than {n_negatives} and repeat theirs to fill the slots"
     if empty:
         line += f"; {empty} have none (their slots are masked out)"
     return line
+
+
+def _sorted_value(histogram: list[int], position: int) -> int:
+    """The `position`-th (from 0) of the values a histogram counts, in increasing order."""
+    seen = 0
+    for value, count in enumerate(histogram):
+        seen += count
+        if seen > position:
+            return value
+    raise IndexError(position)

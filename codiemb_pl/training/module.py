@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from codiemb_pl.data.cache.records import distinct_negative_counts, teacher_score_count
+from codiemb_pl.data.cache.records import distinct_negative_histogram, teacher_score_count
 from codiemb_pl.data.eval_sets import EmbeddingBuffers
 from codiemb_pl.errors import InputError
 from codiemb_pl.evaluation.suite import flat_metrics, score_set, summary_metrics
@@ -397,8 +397,8 @@ class CoDiEmbModule(pl.LightningModule):
                 rank_zero_info(f"[codiemb] {source.name}: each query is scored against "
                                f"{queries * (1 + hp.n_negatives) - 1} negatives per positive slot ({queries} queries "
                                f"x (1 positive + {hp.n_negatives} hard-negative slots), cross-device={cross_device})")
-                if dataset is not None and hp.n_negatives > 0:
-                    report = hard_negative_report(source.name, distinct_negative_counts(dataset.records[index]),
+                if dataset is not None and hp.n_negatives > 0 and self.trainer.is_global_zero:  # rank 0 reports it
+                    report = hard_negative_report(source.name, distinct_negative_histogram(dataset.records[index]),
                                                   hp.n_negatives)
                     if report:
                         rank_zero_info(report)

@@ -258,25 +258,63 @@ def row_location(cfg: SourceConfig, row: int) -> str:
     return f"{location}: training record {row}"
 
 
-def distinct_negative_counts(records: RecordTable) -> np.ndarray:
-    """For each of the run's IR records, how many different hard negatives it has (`len(set(negatives))`,
-    texts compared by `text_id`); an STS table gives an empty array."""
-    if records.meta["task"] != "ir" or len(records) == 0:
-        return np.zeros(0, dtype=np.int64)
+STATISTICS_ROWS = 65536
+"""Rows a start-of-fit statistic reads at once, so that its memory is bounded by this, not by the table's size."""
+
+
+def _row_slices(records: RecordTable, name: str) -> Iterator[tuple[int, pa.ChunkedArray]]:
+    """(first row, column `name` of the next `STATISTICS_ROWS` table rows), over the whole table."""
+    column = records.mapped.column(name)
+    for start in range(0, len(column), STATISTICS_ROWS):
+        yield start, column.slice(start, STATISTICS_ROWS)
+
+
+def _run_rows(records: RecordTable, start: int, count: int) -> Optional[np.ndarray]:
+    """Offsets in `[start, start + count)` of the table rows the run trains on (once per run record), or None
+    when the run trains on every row."""
+    if records.positions is None:
+        return None
+    inside = records.positions[(records.positions >= start) & (records.positions < start + count)]
+    return inside - start
+
+
+def _distinct_per_row(lists: pa.ListArray) -> np.ndarray:
+    """How many different values each list of `lists` holds: (row, value) pairs sorted, first of each run counted."""
     import pyarrow.compute as pc
 
-    column = records.table["negative_text_ids"].combine_chunks()
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(lists).fill_null(0).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(lists).to_numpy(zero_copy_only=False)
     rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    distinct_rows = np.unique(np.stack([rows, flat]), axis=1)[0] if len(flat) else np.zeros(0, dtype=np.int64)
-    counts = np.bincount(distinct_rows, minlength=len(lengths))
-    return counts if records.positions is None else counts[records.positions]
+    order = np.lexsort((values, rows))
+    rows, values = rows[order], values[order]
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (values[1:] != values[:-1])
+    return np.bincount(rows[first], minlength=len(lengths))
+
+
+def distinct_negative_histogram(records: RecordTable) -> list[int]:
+    """`histogram[k]`: how many of the run's IR records have `k` different hard negatives (`len(set(negatives))`,
+    texts compared by `text_id`); read `STATISTICS_ROWS` rows at a time. An STS table gives `[]`."""
+    histogram = np.zeros(0, dtype=np.int64)
+    if records.meta["task"] != "ir":
+        return []
+    for start, column in _row_slices(records, "negative_text_ids"):
+        counts = _distinct_per_row(column.combine_chunks())
+        rows = _run_rows(records, start, len(counts))
+        part = np.bincount(counts if rows is None else counts[rows])
+        histogram = np.pad(histogram, (0, max(0, len(part) - len(histogram))))
+        histogram[:len(part)] += part
+    return histogram.tolist()
 
 
 def teacher_score_count(records: RecordTable) -> int:
     """How many of the run's records carry teacher scores (IR `teacher_scores`, STS `teacher_score`)."""
-    column = records.table["teacher_scores" if records.meta["task"] == "ir" else "teacher_score"]
-    if records.positions is not None:
-        column = column.take(pa.array(records.positions))
-    return len(column) - column.null_count
+    name = "teacher_scores" if records.meta["task"] == "ir" else "teacher_score"
+    if records.positions is None:
+        column = records.mapped.column(name)
+        return len(column) - column.null_count
+    count = 0
+    for start, column in _row_slices(records, name):
+        valid = column.is_valid().to_numpy(zero_copy_only=False)
+        count += int(valid[_run_rows(records, start, len(valid))].sum())
+    return count
