@@ -4,6 +4,7 @@ BERT (MiniLM's tokenizer) and tiny decoders whose tokenizer appends EOS, with tr
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,13 +13,16 @@ from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 
 import decoder_models
 from codiemb_pl.data.cache.records import open_records
-from codiemb_pl.data.cache.token_ids import (
+from codiemb_pl.data.cache.token_ids import TokenLimits, choose_encoder, list_array
+from codiemb_pl.data.cache.tokeniser_pool import (
     PROCESSES_ENV,
-    TokenLimits,
-    choose_encoder,
-    list_array,
+    _main_hidden,
+    _tokenise_range,
+    loaded_modules,
+    ordered_map,
     process_count,
     token_batches,
+    tokeniser_pool,
 )
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.errors import InputError
@@ -118,3 +122,35 @@ def test_process_count_setting(monkeypatch):
     monkeypatch.setenv(PROCESSES_ENV, "two")
     with pytest.raises(InputError, match=PROCESSES_ENV):
         process_count()
+
+
+def test_tokeniser_processes_load_the_tokenizer_and_not_torch(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    records = open_records(SourceConfig(name="ir", task="ir", path=str(write_jsonl(tmp_path / "s.jsonl", IR_ROWS))),
+                           tmp_path / "cache")
+    _, spec = choose_encoder(tokenizer, records.table, "ir", LIMITS, PREFIX)
+    with tokeniser_pool(records.mapped.path, spec, "ir", LIMITS, PREFIX, processes=1, range_rows=4) as pool:
+        with _main_hidden():
+            modules = set(pool.submit(loaded_modules).result())
+        ids = pool.submit(_tokenise_range, 8).result()
+    assert {"tokenizers", "pyarrow", "codiemb_pl.data.cache.token_ids"} <= modules
+    assert not {name for name in modules if name.split(".")[0] in ("torch", "transformers", "lightning")}
+    assert ids.to_pylist() == expected_table(tokenizer, "ir").slice(8).to_pylist()
+
+
+def test_ordered_map_keeps_order_and_a_bounded_window():
+    submitted, consumed, ahead = [0], [0], []
+
+    class Counting(ThreadPoolExecutor):
+        def submit(self, function, *args):
+            submitted[0] += 1
+            ahead.append(submitted[0] - consumed[0])
+            return super().submit(function, *args)
+
+    with Counting(4) as pool:
+        results = []
+        for value in ordered_map(pool, lambda x: x * x, range(20), window=3):
+            results.append(value)
+            consumed[0] += 1
+    assert results == [x * x for x in range(20)]
+    assert max(ahead) == 3 + 1 and submitted[0] == 20  # the window, and the result being handed over

@@ -9,43 +9,26 @@ EOS, `decoder.append_eos_token`) and `split_special_tokens`. The copy is checked
 on a sample of the texts before use; a tokenizer without a backend (a slow one), or one whose copy
 disagrees, is called as `tokenizer(...)` itself, in this process.
 
-Processes: `spawn`ed (nothing is forked from a process that may hold threads, DDP's or the tokenizer's own),
-each importing only this module (numpy, pyarrow, tokenizers) and mapping the records file itself; each
-tokenises a range of rows with `TOKENIZERS_PARALLELISM=false`, and the results come back in row order.
-How many: `CODIEMB_TOKENIZE_PROCESSES`, else the CPUs this process may run on; 1 = in this process.
-Tables of fewer than two ranges (`RANGE_ROWS`) are tokenised in this process (a process start costs ~1 s).
-The processes start with `__main__` hidden (`_main_hidden`): they do not re-run the caller's script, so a
-script that calls `fit` needs no `if __name__ == "__main__":` guard for them.
-
-This module imports neither torch nor transformers, so that a worker process starts quickly.
+Row ranges are spread over worker processes by `tokeniser_pool.py`; this module imports neither torch nor
+transformers, so that those processes stay light.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import multiprocessing
-import os
-import sys
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from codiemb_pl.errors import InputError
 from codiemb_pl.model.text_bound import bound_for_backend, bound_for_tokenizer
 
 TOKEN_LIST = pa.list_(pa.int32())
 IR_TOKEN_SCHEMA = pa.schema([("query", TOKEN_LIST), ("positives", pa.list_(TOKEN_LIST)),
                              ("negatives", pa.list_(TOKEN_LIST))])
 STS_TOKEN_SCHEMA = pa.schema([("text1", TOKEN_LIST), ("text2", TOKEN_LIST)])
-PROCESSES_ENV = "CODIEMB_TOKENIZE_PROCESSES"
-RANGE_ROWS = 4096
-"""Rows per task given to a worker process (4096 IR records: 28 672 texts, a few seconds of work)."""
 CHECK_ROWS = 64
 """Rows of the table (all their texts) compared with `tokenizer(...)` before the backend copy is used."""
 
@@ -178,67 +161,3 @@ def choose_encoder(tokenizer, sample: pa.RecordBatch | pa.Table, task: str, limi
     if not token_batch(fast, sample, task, limits, prefix).equals(token_batch(reference, sample, task, limits, prefix)):
         return reference, None
     return fast, spec
-
-
-def process_count() -> int:
-    configured = os.environ.get(PROCESSES_ENV, "").strip()
-    if configured:
-        if not configured.isdigit():
-            raise InputError(PROCESSES_ENV, f"{configured!r} is not a process count",
-                             "set it to a whole number (1: tokenise in the building process) or unset it")
-        return max(1, int(configured))
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-# ------------------------------------------------------------------------------- worker processes
-
-_WORKER: dict = {}
-
-
-def _start_worker(records_path: str, spec: BackendSpec, task: str, limits: TokenLimits, prefix: str,
-                  range_rows: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the processes are the parallelism
-    table = pa.ipc.open_file(pa.memory_map(records_path, "r")).read_all()
-    _WORKER.update(table=table, encode=backend_encoder(spec), task=task, limits=limits, prefix=prefix,
-                   range_rows=range_rows)
-
-
-def _tokenise_range(start: int) -> pa.RecordBatch:
-    rows = _WORKER["table"].slice(start, _WORKER["range_rows"])
-    return token_batch(_WORKER["encode"], rows, _WORKER["task"], _WORKER["limits"], _WORKER["prefix"])
-
-
-def token_batches(tokenizer, records_path: Path, table: pa.Table, task: str, limits: TokenLimits, prefix: str,
-                  processes: Optional[int] = None, range_rows: int = RANGE_ROWS) -> Iterator[pa.RecordBatch]:
-    """The token columns of every row of `table` (the memory-mapped file `records_path`), in row order, in
-    batches of `range_rows` rows."""
-    encode, spec = choose_encoder(tokenizer, table.slice(0, CHECK_ROWS), task, limits, prefix)
-    processes = process_count() if processes is None else processes
-    starts = range(0, table.num_rows, range_rows)
-    if spec is None or processes < 2 or len(starts) < 2 or multiprocessing.current_process().daemon:
-        for batch in table.to_batches(max_chunksize=range_rows):
-            yield token_batch(encode, batch, task, limits, prefix)
-        return
-    with ProcessPoolExecutor(min(processes, len(starts)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker,
-                             initargs=(str(records_path), spec, task, limits, prefix, range_rows)) as pool:
-        with _main_hidden():  # every process starts while the tasks are submitted
-            results = pool.map(_tokenise_range, starts)
-        yield from results
-
-
-@contextlib.contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Hide `__main__`'s file and spec from `spawn`, so that the tokeniser processes, which need nothing from
-    it, do not re-run the caller's script (an unguarded script calling `fit` would run again in each)."""
-    main = sys.modules.get("__main__")
-    saved = {key: main.__dict__[key] for key in ("__spec__", "__file__") if main is not None and key in main.__dict__}
-    if main is not None:
-        main.__dict__.pop("__file__", None)
-        main.__dict__["__spec__"] = None
-    try:
-        yield
-    finally:
-        if main is not None:
-            main.__dict__.pop("__spec__", None)
-            main.__dict__.update(saved)

@@ -7,8 +7,8 @@ max_length=L)["input_ids"]` (special tokens included), with the source's instruc
 IR table: `query` (list<int32>), `positives`, `negatives` (list<list<int32>>, aligned with the records
 table's lists). STS table: `text1`, `text2` (list<int32>). `meta.json` holds `prefix_tokens`, the
 prefix's own token count that the pooling mask leaves out (`model.pooling.prefix_pooling_mask`). The ids are
-computed in batches by the tokenizer's backend, over several processes (`token_ids.py`). Texts longer than
-`text_bound.char_bound(L)` characters are cut before tokenisation (same ids); a build that meets any says so
+computed in batches by the tokenizer's backend (`token_ids.py`), over several processes (`tokeniser_pool.py`).
+Texts longer than `text_bound.char_bound(L)` characters are cut before tokenisation (same ids); a build that meets any says so
 once per source: how many, and the file and line of the first.
 """
 
@@ -25,7 +25,8 @@ import pyarrow as pa
 
 from codiemb_pl.data.cache.entries import MappedTable, cached_entry, fingerprint, read_meta, write_arrow
 from codiemb_pl.data.cache.records import RecordTable, row_location
-from codiemb_pl.data.cache.token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits, token_batches
+from codiemb_pl.data.cache.token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits
+from codiemb_pl.data.cache.tokeniser_pool import token_batches
 from codiemb_pl.model.pooling import prefix_token_count
 from codiemb_pl.model.text_bound import char_bound
 
