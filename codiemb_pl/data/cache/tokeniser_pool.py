@@ -2,10 +2,11 @@
 
 Processes: `spawn`ed (nothing is forked from a process that may hold threads, DDP's or the tokenizer's own),
 each importing only numpy, pyarrow, tokenizers and the torch-free modules `token_ids` and `text_bound` (no
-torch, no transformers: `tests/test_token_ids.py` checks a worker's `sys.modules`), and mapping the records file
-itself; each tokenises `RANGE_ROWS` rows at a time with `TOKENIZERS_PARALLELISM=false`, and the results come
-back in row order, at most `WINDOW_PER_PROCESS` ranges per process submitted ahead of the one written, so the
-building process holds a bounded number of finished ranges whatever the table's size.
+torch, no transformers: `tests/test_token_ids.py` checks a worker's `sys.modules`). Each tokenises `RANGE_ROWS`
+rows at a time with `TOKENIZERS_PARALLELISM=false`, through its own memory map of the records file opened for
+that range only (so the file's pages it holds are one range's, whatever the table's size). The results come
+back in row order, at most `WINDOW_PER_PROCESS` ranges per process submitted ahead of the one being written, so
+the building process holds a bounded number of finished ranges.
 How many: `CODIEMB_TOKENIZE_PROCESSES`, else the CPUs this process may run on; 1 = in this process.
 Tables of fewer than two ranges are tokenised in this process (a process start costs ~1 s).
 The processes start with `__main__` hidden (`_main_hidden`): they do not re-run the caller's script, so a
@@ -62,14 +63,17 @@ _WORKER: dict = {}
 def _start_worker(records_path: str, spec: BackendSpec, task: str, limits: TokenLimits, prefix: str,
                   range_rows: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: the processes are the parallelism
-    table = pa.ipc.open_file(pa.memory_map(records_path, "r")).read_all()
-    _WORKER.update(table=table, encode=backend_encoder(spec), task=task, limits=limits, prefix=prefix,
+    _WORKER.update(records_path=records_path, encode=backend_encoder(spec), task=task, limits=limits, prefix=prefix,
                    range_rows=range_rows)
 
 
 def _tokenise_range(start: int) -> pa.RecordBatch:
-    rows = _WORKER["table"].slice(start, _WORKER["range_rows"])
-    return token_batch(_WORKER["encode"], rows, _WORKER["task"], _WORKER["limits"], _WORKER["prefix"])
+    """The token columns of rows `[start, start + range_rows)`, read through a memory map of the records file
+    opened for this range only: its pages leave the process with the range, so a worker's resident pages
+    stay those of one range, not of every range it has read."""
+    with pa.memory_map(_WORKER["records_path"], "r") as source:
+        rows = pa.ipc.open_file(source).read_all().slice(start, _WORKER["range_rows"])
+        return token_batch(_WORKER["encode"], rows, _WORKER["task"], _WORKER["limits"], _WORKER["prefix"])
 
 
 def loaded_modules() -> list[str]:
