@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from codiemb_pl.data.cache.entries import MappedTable, cached_entry, fingerprint, read_meta, write_arrow
+from codiemb_pl.data.cache.entries import MappedTable, cached_entry, fingerprint, open_arrow, read_meta, write_arrow
 from codiemb_pl.data.cache.records import RecordTable, row_location
 from codiemb_pl.data.cache.token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA, TokenLimits
 from codiemb_pl.data.cache.tokeniser_pool import token_batches
@@ -59,9 +59,10 @@ def long_texts(records: RecordTable, limits: TokenLimits, prefix: str) -> tuple[
     else:
         fields = [("text1", limits.sts, len(prefix)), ("text2", limits.sts, len(prefix))]
     count, first = 0, None
+    table = open_arrow(records.mapped.path)  # a map of its own: the texts' pages leave this process with it
     for name, limit, extra in fields:
         start = 0
-        for chunk in records.table.column(name).chunks:
+        for chunk in table.column(name).chunks:
             is_list = pa.types.is_list(chunk.type)
             lengths = pc.utf8_length(chunk.flatten() if is_list else chunk).to_numpy(zero_copy_only=False)
             hits = np.flatnonzero(lengths + extra > char_bound(limit))
