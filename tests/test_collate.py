@@ -144,3 +144,18 @@ def test_embedding_buffers_average_repeated_rows_and_detect_gaps():
     assert not buffers.complete()
     with pytest.raises(RuntimeError, match="never encoded"):
         buffers.embeddings(0, "text2")
+
+
+def test_embedding_buffers_take_float64_embeddings_under_a_float64_default():
+    """`trainer.precision: 64-true` sets torch's default dtype to float64 for the run: validation must still add
+    the model's float64 embeddings into its float32 buffers."""
+    sets = [EvalSet.from_sts("s", [STSRecord("a", "b", 0.5)])]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        buffers = EmbeddingBuffers(sets, dim=2)
+        buffers.add(0, "text1", torch.tensor([0]), torch.tensor([[0.25, 0.5]], dtype=torch.float64))
+    finally:
+        torch.set_default_dtype(previous)
+    assert buffers.embeddings(0, "text1").dtype == torch.float32
+    assert torch.equal(buffers.embeddings(0, "text1"), torch.tensor([[0.25, 0.5]]))

@@ -79,14 +79,16 @@ class EmbeddingBuffers:
 
     def __init__(self, sets: list[EvalSet], dim: int, device: torch.device | str = "cpu"):
         self.sets = sets
-        self.sums = {(i, f): torch.zeros(len(t), dim, device=device) for i, s in enumerate(sets) for f, t in s.texts.items()}
-        self.counts = {key: torch.zeros(len(value), device=device) for key, value in self.sums.items()}
+        # float32 whatever the default dtype (`trainer.precision: 64-true` makes it float64 for the run)
+        self.sums = {(i, f): torch.zeros(len(t), dim, device=device, dtype=torch.float32)
+                     for i, s in enumerate(sets) for f, t in s.texts.items()}
+        self.counts = {key: torch.zeros(len(value), device=device, dtype=torch.float32) for key, value in self.sums.items()}
 
     def add(self, set_index: int, field_name: str, rows: torch.Tensor, embeddings: torch.Tensor) -> None:
         key = (set_index, field_name)
         self.sums[key].index_add_(0, rows.to(self.sums[key].device), embeddings.detach().float())
         self.counts[key].index_add_(0, rows.to(self.counts[key].device),
-                                    torch.ones(len(rows), device=self.counts[key].device))
+                                    torch.ones(len(rows), device=self.counts[key].device, dtype=torch.float32))
 
     def all_reduce(self, reduce_sum) -> None:
         """Sum buffers across ranks with `reduce_sum(tensor) -> tensor` (identity in one process)."""
