@@ -69,6 +69,7 @@ class TestbedRow:
     kind: str = "fit"
     distillation: Optional[dict[str, Any]] = None
     overrides: dict[str, Any] = field(default_factory=dict)   # extra model.* keys of a fit row
+    train: dict[str, Any] = field(default_factory=dict)       # the unit's policy / sts_objective, when not CoDiEmb's
 
     def __post_init__(self) -> None:
         if self.kind not in ROW_KINDS:
@@ -91,6 +92,17 @@ TESTBED_ROWS: list[TestbedRow] = [
     TestbedRow("student_matryoshka", "the student with Matryoshka widths (issue 24): model.matryoshka_dims "
                "[384, 256, 128, 64, 32], uniform weights; full-width scores (widths: results/matryoshka.md)",
                overrides={"matryoshka_dims": [384, 256, 128, 64, 32]}),
+    # task conflict (issue 25): `student` is the CoDiEmb row (proportional single-task steps, task losses)
+    TestbedRow("naive_joint", "task conflict: the `mixed` policy (IR and STS items in every batch), task losses",
+               train={"policy": "mixed"}),
+    TestbedRow("codiemb_balanced", "task conflict: CoDiEmb with the `balanced` sampler", train={"policy": "balanced"}),
+    TestbedRow("joint_sum", "task conflict: the `joint` policy (one IR and one STS batch every step), plain sum of "
+               "the task losses (the control that separates the sampler from the combination)",
+               train={"policy": "joint"}),
+    TestbedRow("joint_pcgrad", "task conflict: `joint` steps, PCGrad", train={"policy": "joint"},
+               overrides={"gradient_combination": "pcgrad"}),
+    TestbedRow("joint_mgda", "task conflict: `joint` steps, MGDA", train={"policy": "joint"},
+               overrides={"gradient_combination": "mgda"}),
 ]
 
 
@@ -135,7 +147,7 @@ class Testbed(Suite):
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def unit_of(self, row: TestbedRow, seed: int) -> dict[str, Any]:
-        train = {"tasks": ["ir", "sts"], "policy": "proportional", "sts_objective": "codiemb",
+        train = {"tasks": ["ir", "sts"], "policy": "proportional", "sts_objective": "codiemb", **row.train,
                  "testbed": {"version": TESTBED_VERSION, **asdict(self.testbed), "seeds": None,
                              "layers": STUDENT_LAYERS, "teacher_mining": self.mining_key(), "row": row.kind,
                              "distillation": row.distillation, "overrides": row.overrides}}
