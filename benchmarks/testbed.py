@@ -232,7 +232,8 @@ def peer_batches(sources: dict[str, Any], budget, steps: int, seed: int) -> list
 def train_peer_student(teacher_folder: str, sources: dict[str, Any], budget, testbed: TestbedBudget, seed: int,
                        output: Path) -> None:
     """Cut the teacher to `STUDENT_LAYERS` blocks as a SentenceTransformer and train it with ST's losses: SciFact
-    (teacher-scored) DistillKLDivLoss over (query, positive, negatives) + MNRL, SNLI MNRL, STS-B CoSENT."""
+    (teacher-scored) DistillKLDivLoss over (query, positive, negatives) + MNRL, SNLI MNRL, STS-B CoSENT. SciFact
+    records without a mined hard negative are left out of the peer's batches (no column to score)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import (CoSENTLoss, DistillKLDivLoss,
                                                                    MultipleNegativesRankingLoss)
@@ -258,6 +259,9 @@ def train_peer_student(teacher_folder: str, sources: dict[str, Any], budget, tes
     model.train()
     for name, rows in peer_batches(sources, budget, testbed.max_steps, seed):
         if name == "scifact":
+            # DistillKLDivLoss needs a teacher score for every column: the records the miner left without a hard
+            # negative (ours mask their slots) sit out the peer's SciFact steps
+            rows = [r for r in rows if r["negatives"]]
             columns = [[r["query"] for r in rows], [r["positives"][0] for r in rows]]
             columns += [[r["negatives"][i % len(r["negatives"])] for r in rows] for i in range(negatives)]
             scores = torch.tensor([[r["teacher_scores"][0]] + [r["teacher_scores"][len(r["positives"]) + i %
