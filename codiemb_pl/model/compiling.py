@@ -14,7 +14,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
 from torch import nn
 
 from codiemb_pl.errors import InputError
