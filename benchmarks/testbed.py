@@ -57,12 +57,14 @@ class TestbedBudget:
     seeds: tuple[int, ...] = (42, 43, 44)
 
 
-ROW_KINDS = ("fit", "peer", "teacher")
+ROW_KINDS = ("fit", "peer", "teacher", "untrained")
+SEEDLESS_KINDS = ("teacher", "untrained")   # scored once: no training, no seed
 
 
 @dataclass(frozen=True)
 class TestbedRow:
-    """One row: `fit` (codiemb fit of the student with `distillation`), `peer` or `teacher`."""
+    """One row: `fit` (codiemb fit of the student with `distillation`), `peer`, `teacher` or `untrained` (the cut
+    student before any step)."""
 
     name: str
     description: str
@@ -89,6 +91,8 @@ TESTBED_ROWS: list[TestbedRow] = [
                "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
                kind="peer"),
     TestbedRow("teacher", "the teacher: all-MiniLM-L6-v2 (6 layers), no training", kind="teacher"),
+    TestbedRow("student_untrained", "the student before any step: the teacher's first 3 blocks, its pooling",
+               kind="untrained"),
     TestbedRow("student_matryoshka", "the student with Matryoshka widths (issue 24): model.matryoshka_dims "
                "[384, 256, 128, 64, 32], uniform weights; full-width scores (widths: results/matryoshka.md)",
                overrides={"matryoshka_dims": [384, 256, 128, 64, 32]}),
@@ -156,6 +160,8 @@ class Testbed(Suite):
     def row_key(self, row: TestbedRow, seed: Optional[int]) -> str:
         if row.kind == "teacher":
             return config_key({"testbed": TESTBED_VERSION, "teacher": TEACHER})
+        if row.kind == "untrained":
+            return config_key({"testbed": TESTBED_VERSION, "untrained": TEACHER, "layers": STUDENT_LAYERS})
         return config_key(self.unit_of(row, seed))
 
     def fit_config(self, unit: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -171,6 +177,13 @@ class Testbed(Suite):
     def build_row(self, row: TestbedRow, seed: Optional[int]) -> tuple[Path, dict[str, Any]]:
         if row.kind == "teacher":
             return Path(self.model_folder), {}
+        if row.kind == "untrained":
+            folder = self.workdir / "train" / self.row_key(row, None) / "model"
+            if not (folder / "modules.json").is_file():
+                from codiemb_pl.model.encoder import TextEncoder
+
+                TextEncoder(self.model_folder, num_layers=STUDENT_LAYERS).save(folder)
+            return folder, {}
         unit = self.unit_of(row, seed)
         if row.kind == "fit":
             folder = self.train_unit(unit)
@@ -198,13 +211,13 @@ class Testbed(Suite):
     def run_row(self, row: TestbedRow, seed: Optional[int]) -> None:
         """Build and score one row at one seed unless cached (`Suite.score_run`)."""
         self.score_run(row.name, seed, self.row_key(row, seed), row.description,
-                       lambda: None if row.kind == "teacher" else self.unit_of(row, seed),
+                       lambda: None if row.kind in SEEDLESS_KINDS else self.unit_of(row, seed),
                        lambda key: self.build_row(row, seed))
 
     def row_per_seed(self, row: TestbedRow) -> dict[int, dict[str, Optional[float]]]:
         tasks = {c["name"]: c["task"] for c in self.set_configs}
         out = {}
-        for seed in ([None] if row.kind == "teacher" else self.testbed.seeds):
+        for seed in ([None] if row.kind in SEEDLESS_KINDS else self.testbed.seeds):
             key = self.row_key(row, seed)
             if not self.results.missing_sets(key, self.set_keys):
                 out[seed] = row_scores(self.results.entries[key], tasks)
@@ -386,7 +399,7 @@ def run_testbed(args, budgets: Budgets) -> int:
     failed = []
     if not args.report_only:
         for row in (bed.rows[name] for name in names):
-            for seed in ([None] if row.kind == "teacher" else testbed.seeds):
+            for seed in ([None] if row.kind in SEEDLESS_KINDS else testbed.seeds):
                 try:
                     bed.run_row(row, seed)
                 except (Exception, SystemExit) as error:

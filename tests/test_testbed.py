@@ -25,9 +25,9 @@ def test_rows_are_the_issues_and_the_teacher_is_fixed():
     names = [row.name for row in testbed.TESTBED_ROWS]
     assert len(set(names)) == len(names)
     assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher",
-                     "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda"]
+                     "student_untrained", "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda"]
     assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
-    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher"] + ["fit"] * 6
+    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher", "untrained"] + ["fit"] * 6
     conflict = {row.name: (row.train.get("policy"), row.overrides.get("gradient_combination", "sum"))
                 for row in testbed.TESTBED_ROWS if row.train}
     assert conflict == {"naive_joint": ("mixed", "sum"), "codiemb_balanced": ("balanced", "sum"),
