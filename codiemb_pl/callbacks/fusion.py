@@ -150,7 +150,7 @@ class CheckpointFusion(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The exported winner carries the training instructions as prompts (`query`, ...), as ExportEncoder's
-        folder does, also when the run has no ExportEncoder. `trained` turns true once a batch has run."""
+        folder does, also when the run has no ExportEncoder. `trained` turns true when the training loop starts."""
         self.trained = False
         add_training_prompts(pl_module.encoder, getattr(trainer, "datamodule", None))
 
