@@ -36,8 +36,9 @@ from typing import Any, Optional
 import torch
 
 from experiment_runs import DEFAULT_MODEL, TRAIN_SOURCES, Budgets, config_key, mining_config, unit_config
-from experiments import (ANALYSIS_BEGIN, ANALYSIS_END, RESULTS_DIR, Clock, Suite, compare, fmt, kept_analysis,
-                         load_average, log, mean_sd, now, row_scores)
+from experiments import (ANALYSIS_BEGIN, ANALYSIS_END, RESULTS_DIR, Clock, Suite, codiemb, compare, fmt,
+                         kept_analysis, load_average, log, mean_sd, now, row_scores)
+from testbed_selection import Selection
 
 from codiemb_pl.storage.atomic import atomic_write_text
 
@@ -58,6 +59,11 @@ class TestbedBudget:
 
 
 ROW_KINDS = ("fit", "peer", "teacher", "untrained")
+# SciFact's hard negatives: `base` mined by the base model and rescored by the teacher (its margin only: the same
+# model, so it removes ~nothing); `student` mined by the untrained student, no teacher; `student_teacher` the same
+# candidates rescored by the teacher with its margin and consistency filter (the second table of issue 23)
+MINING_VARIANTS = ("base", "student", "student_teacher")
+TEACHER_TOP_K = 10   # consistency filter: a query stays if the teacher ranks a positive in its top 10 candidates
 SEEDLESS_KINDS = ("teacher", "untrained")   # scored once: no training, no seed
 
 
@@ -72,10 +78,14 @@ class TestbedRow:
     distillation: Optional[dict[str, Any]] = None
     overrides: dict[str, Any] = field(default_factory=dict)   # extra model.* keys of a fit row
     train: dict[str, Any] = field(default_factory=dict)       # the unit's policy / sts_objective, when not CoDiEmb's
+    select: Optional[str] = None   # a `testbed_selection` family: `distillation` is its dev-set choice
+    mining: str = "base"           # SciFact's negatives: one of MINING_VARIANTS
 
     def __post_init__(self) -> None:
         if self.kind not in ROW_KINDS:
             raise ValueError(f"test bed row {self.name}: kind must be one of {ROW_KINDS}, got {self.kind!r}")
+        if self.mining not in MINING_VARIANTS:
+            raise ValueError(f"test bed row {self.name}: mining must be one of {MINING_VARIANTS}, got {self.mining!r}")
 
 
 TESTBED_ROWS: list[TestbedRow] = [
@@ -87,6 +97,17 @@ TESTBED_ROWS: list[TestbedRow] = [
                                                  **TEMPERATURES}),
     TestbedRow("embedding_kd", "+ embedding distillation (λ_E 1, MSE) to the online teacher's embeddings",
                distillation={"embedding_weight": 1.0, "scores_from": "data", "teacher": TEACHER_SETTINGS, **TEMPERATURES}),
+    # dev-set selection (`testbed_selection.py`): each family's best candidate on STS-B dev + SciFact-train hold-out
+    TestbedRow("score_kd_dev", "score distillation from the mined `teacher_scores`, λ_KD and τ chosen on the dev sets",
+               select="score_kd"),
+    TestbedRow("online_teacher_dev", "the online teacher (IR scores + STS blend), β chosen on the dev sets from the "
+               "score-distillation choice", select="online_teacher"),
+    TestbedRow("embedding_kd_dev", "embedding distillation, λ_E chosen on the dev sets", select="embedding_kd"),
+    # teacher-aware mining (the second table): the same student trained on negatives mined without / with the teacher
+    TestbedRow("mined_by_student", "the student (no distillation) on SciFact negatives mined by the untrained "
+               "student itself, no teacher filter", mining="student"),
+    TestbedRow("mined_by_student_teacher_filtered", "the same, on those candidates after the teacher's filters "
+               f"(margin 0.95 on its scores, consistency top-{TEACHER_TOP_K})", mining="student_teacher"),
     TestbedRow("peer_st_distillkldiv", "the peer: sentence-transformers' DistillKLDivLoss (+ MNRL, CoSENT) on the "
                "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
                kind="peer"),
@@ -117,6 +138,7 @@ class Testbed(Suite):
         super().__init__(args, budgets)
         self.testbed = testbed
         self.rows = {row.name: row for row in TESTBED_ROWS}
+        self.selection = Selection(self, train=not args.report_only)
 
     # -- data: SciFact mined by the base model, rescored by the teacher --------------------------------------
     def mining_key(self) -> str:
@@ -133,28 +155,76 @@ class Testbed(Suite):
     def mined_negatives(self) -> Path:
         """The suite's mining, rescored and filtered by the teacher; what its filters removed is kept beside."""
         path = self.mined_path()
-        if path.is_file():
-            return path
+        if not path.is_file():
+            self.mine_with_summary(path, super().mined_negatives, self.mining_arguments(path))
+        return path
+
+    def mine_with_summary(self, path: Path, mine: Any, arguments: list[str]) -> None:
+        """Run `mine()` (which writes `path`), echo its output and keep the command, the teacher's filter line and
+        the time in `path`'s `.summary.json`."""
         clock, printed = Clock(), io.StringIO()
         with contextlib.redirect_stdout(printed):
-            super().mined_negatives()
+            mine()
         print(printed.getvalue(), end="")
         summary = next((line for line in printed.getvalue().splitlines() if line.startswith("teacher ")), "")
         atomic_write_text(path.with_suffix(".summary.json"), json.dumps(
-            {"command": "codiemb " + " ".join(self.mining_arguments(path)), "teacher_filters": summary,
-             "seconds": clock.seconds()}) + "\n")
+            {"command": "codiemb " + " ".join(arguments), "teacher_filters": summary, "seconds": clock.seconds(),
+             "queries": _count_lines(path)}) + "\n")
+
+    def mining_summary(self, variant: str = "base") -> dict[str, Any]:
+        path = self.mined_path() if variant == "base" else self.variant_path(variant)
+        summary = path.with_suffix(".summary.json")
+        return json.loads(summary.read_text("utf-8")) if summary.is_file() else {}
+
+    # -- the second table: negatives mined by the student, without and with the teacher's filters -----------------
+    def variant_path(self, variant: str) -> Path:
+        key = config_key({**mining_config(self.model, self.budgets), "miner": "student", "layers": STUDENT_LAYERS,
+                          "teacher": TEACHER_SETTINGS if variant == "student_teacher" else None,
+                          "top_k": TEACHER_TOP_K if variant == "student_teacher" else None})
+        return self.workdir / "mined" / f"scifact_train_{variant}_{key}.jsonl"
+
+    def variant_arguments(self, variant: str, output: Path) -> list[str]:
+        args = super().mining_arguments(output)
+        args[args.index("--model") + 1] = str(self.untrained_student())
+        if variant == "student_teacher":
+            args += ["--teacher", TEACHER, "--teacher-top-k", str(TEACHER_TOP_K),
+                     "--teacher-batch-size", str(TEACHER_SETTINGS["batch_size"]),
+                     "--teacher-max-seq-length", str(TEACHER_SETTINGS["max_seq_length"])]
+        return args
+
+    def mined_variant(self, variant: str) -> Path:
+        """SciFact train mined by the untrained student (`student`), or the same candidates after the teacher's
+        filters (`student_teacher`), cached by config."""
+        path = self.variant_path(variant)
+        if path.is_file():
+            return path
+        args = self.variant_arguments(variant, path)
+
+        def mine() -> None:
+            log(f"mining hard negatives: codiemb {' '.join(args)}")
+            if codiemb(args) != 0:
+                raise SystemExit("codiemb mine-negatives failed (see above)")
+
+        self.mine_with_summary(path, mine, args)
         return path
 
-    def mining_summary(self) -> dict[str, Any]:
-        summary = self.mined_path().with_suffix(".summary.json")
-        return json.loads(summary.read_text("utf-8")) if summary.is_file() else {}
+    def untrained_student(self) -> Path:
+        """The student before any step (the teacher's first blocks, its pooling), saved once."""
+        folder = self.workdir / "train" / self.row_key(self.rows["student_untrained"], None) / "model"
+        if not (folder / "modules.json").is_file():
+            from codiemb_pl.model.encoder import TextEncoder
+
+            TextEncoder(self.model_folder, num_layers=STUDENT_LAYERS).save(folder)
+        return folder
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def unit_of(self, row: TestbedRow, seed: int) -> dict[str, Any]:
         train = {"tasks": ["ir", "sts"], "policy": "proportional", "sts_objective": "codiemb", **row.train,
                  "testbed": {"version": TESTBED_VERSION, **asdict(self.testbed), "seeds": None,
                              "layers": STUDENT_LAYERS, "teacher_mining": self.mining_key(), "row": row.kind,
-                             "distillation": row.distillation, "overrides": row.overrides}}
+                             "distillation": row.distillation, "overrides": row.overrides,
+                             # only when not the base file, so the rows run before the variants keep their keys
+                             **({"mining": row.mining} if row.mining != "base" else {})}}
         return unit_config(self.model, self.budgets, train, seed)
 
     def row_key(self, row: TestbedRow, seed: Optional[int]) -> str:
@@ -172,18 +242,18 @@ class Testbed(Suite):
         config["model"].update(num_layers=testbed["layers"], lr=testbed["lr"], **testbed["overrides"])
         if testbed["distillation"]:
             config["model"]["distillation"] = testbed["distillation"]
+        if testbed.get("mining"):
+            scifact = next(source.name for source in TRAIN_SOURCES if source.split)
+            for entry in config["data"]["train"]:
+                if entry["name"] == scifact:
+                    entry["path"] = str(self.mined_variant(testbed["mining"]))
         return config
 
     def build_row(self, row: TestbedRow, seed: Optional[int]) -> tuple[Path, dict[str, Any]]:
         if row.kind == "teacher":
             return Path(self.model_folder), {}
         if row.kind == "untrained":
-            folder = self.workdir / "train" / self.row_key(row, None) / "model"
-            if not (folder / "modules.json").is_file():
-                from codiemb_pl.model.encoder import TextEncoder
-
-                TextEncoder(self.model_folder, num_layers=STUDENT_LAYERS).save(folder)
-            return folder, {}
+            return self.untrained_student(), {}
         unit = self.unit_of(row, seed)
         if row.kind == "fit":
             folder = self.train_unit(unit)
@@ -216,12 +286,20 @@ class Testbed(Suite):
 
     def row_per_seed(self, row: TestbedRow) -> dict[int, dict[str, Optional[float]]]:
         tasks = {c["name"]: c["task"] for c in self.set_configs}
-        out = {}
+        out: dict[int, dict[str, Optional[float]]] = {}
+        row = self.selection.resolve(row)
+        if row.select and row.distillation is None:
+            return out
         for seed in ([None] if row.kind in SEEDLESS_KINDS else self.testbed.seeds):
             key = self.row_key(row, seed)
             if not self.results.missing_sets(key, self.set_keys):
                 out[seed] = row_scores(self.results.entries[key], tasks)
         return out
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 # -- the peer: sentence-transformers' own losses on the same student and batches --------------------------------
@@ -305,7 +383,8 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
     lines = ["| row | " + " | ".join(list(tasks) + ["overall"]) + " | seeds | fit s (load) | vs student (tie rule) |",
              "|---|" + "---:|" * (len(columns) + 2) + "---|"]
     student = [r["avg"] for r in bed.row_per_seed(bed.rows["student"]).values() if r["avg"] is not None]
-    for row in TESTBED_ROWS:
+    resolved = [bed.selection.resolve(row) for row in TESTBED_ROWS]
+    for row in resolved:
         per_seed[row.name] = bed.row_per_seed(row)
         stats[row.name] = {c: mean_sd([r[c] for r in per_seed[row.name].values() if r[c] is not None]) for c in columns}
         overall = [r["avg"] for r in per_seed[row.name].values() if r["avg"] is not None]
@@ -317,7 +396,8 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
             versus = f"{c['difference']:+.2f}, {c['verdict']}"
         lines.append(f"| `{row.name}` | " + " | ".join(fmt(*stats[row.name][c]) for c in columns)
                      + f" | {len(per_seed[row.name])} | {fit} | {versus} |")
-    distilled = [name for name in ("score_kd_mined", "online_teacher", "embedding_kd") if stats[name]["avg"][0] is not None]
+    distilled = [name for name in ("score_kd_mined", "online_teacher", "embedding_kd", "score_kd_dev",
+                                   "online_teacher_dev", "embedding_kd_dev") if stats[name]["avg"][0] is not None]
     best = max(distilled, key=lambda name: stats[name]["avg"][0]) if distilled else None
     teacher = stats["teacher"]["avg"][0]
     targets = []
@@ -356,6 +436,14 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
         "",
         *(targets or ["- not measured yet"]),
         "",
+        "## Dev-set selection (`benchmarks/testbed_selection.py`)",
+        "",
+        *bed.selection.report_lines(),
+        "",
+        "## Teacher-aware mining: SciFact negatives mined by the student, without and with the teacher's filters",
+        "",
+        *mining_table(bed, per_seed, stats),
+        "",
         "## Reading",
         "",
         ANALYSIS_BEGIN,
@@ -366,7 +454,7 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
         "",
         *[f"- `{row.name}` ({row.kind}): {row.description}"
           + (f"; `model.distillation` = `{json.dumps(row.distillation)}`" if row.distillation else "")
-          for row in TESTBED_ROWS],
+          for row in resolved],
         "",
         "## Setup",
         "",
@@ -377,13 +465,29 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
         f"{bed.budgets.train.max_passage_length}/{bed.budgets.train.max_sts_length}.",
         f"- SciFact negatives: `{mining.get('command', 'not mined yet')}`; the teacher's filters: "
         f"{mining.get('teacher_filters') or '—'}.",
-        "- hyper-parameters (weights, temperatures 0.05/0.05, lr) are the distillation recipe's "
-        "(`configs/recipes/distill_minilm.yaml`), not chosen on any test set; no selection on STS-B dev / a SciFact "
-        "train hold-out has been run yet.",
+        "- hyper-parameters: the rows `score_kd_mined`, `online_teacher`, `embedding_kd` use the distillation "
+        "recipe's (`configs/recipes/distill_minilm.yaml`: weights 1, temperatures 0.05/0.05), fixed before any run; "
+        "the `*_dev` rows use the dev-set selection above (never a test set); lr 1e-4 for every row.",
         f"- every run's config, metrics and timings: `{bed.args.results}`.",
     ]
     atomic_write_text(report, "\n".join(section) + "\n")
     return report
+
+
+def mining_table(bed: Testbed, per_seed: dict[str, Any], stats: dict[str, Any]) -> list[str]:
+    """The second table: per mining variant, what the filters removed and the student's scores after training."""
+    lines = ["| SciFact negatives | queries kept | the teacher's filters | SciFact nDCG@10 | overall | seeds |",
+             "|---|---:|---|---:|---:|---:|"]
+    for row_name, variant in (("mined_by_student", "student"), ("mined_by_student_teacher_filtered", "student_teacher"),
+                              ("student", "base")):
+        summary = bed.mining_summary(variant)
+        label = {"student": "mined by the student, no teacher", "student_teacher": "the same + the teacher's filters",
+                 "base": "mined by the base model (+ its teacher rescoring: the other rows' data)"}[variant]
+        scifact = next((name for name in stats[row_name] if name.startswith("scifact")), None)
+        lines.append(f"| {label} | {summary.get('queries', '—')} | {summary.get('teacher_filters') or '—'} | "
+                     f"{fmt(*stats[row_name][scifact]) if scifact else '—'} | {fmt(*stats[row_name]['avg'])} | "
+                     f"{len(per_seed[row_name])} |")
+    return lines
 
 
 def run_testbed(args, budgets: Budgets) -> int:
@@ -399,6 +503,12 @@ def run_testbed(args, budgets: Budgets) -> int:
     failed = []
     if not args.report_only:
         for row in (bed.rows[name] for name in names):
+            try:
+                row = bed.selection.resolve(row)   # a `select` row first runs its family's dev-set selection
+            except (Exception, SystemExit) as error:
+                failed.append(f"{row.name} selection: {type(error).__name__}: {str(error)[:300]}")
+                log(f"FAILED {failed[-1]}")
+                continue
             for seed in ([None] if row.kind in SEEDLESS_KINDS else testbed.seeds):
                 try:
                     bed.run_row(row, seed)
