@@ -138,7 +138,7 @@ class Testbed(Suite):
         super().__init__(args, budgets)
         self.testbed = testbed
         self.rows = {row.name: row for row in TESTBED_ROWS}
-        self.selection = Selection(self, train=not args.report_only)
+        self.selection = Selection(self)
 
     # -- data: SciFact mined by the base model, rescored by the teacher --------------------------------------
     def mining_key(self) -> str:
@@ -504,7 +504,7 @@ def run_testbed(args, budgets: Budgets) -> int:
     if not args.report_only:
         for row in (bed.rows[name] for name in names):
             try:
-                row = bed.selection.resolve(row)   # a `select` row first runs its family's dev-set selection
+                row = bed.selection.resolve(row, train=True)   # a `select` row first runs its family's selection
             except (Exception, SystemExit) as error:
                 failed.append(f"{row.name} selection: {type(error).__name__}: {str(error)[:300]}")
                 log(f"FAILED {failed[-1]}")

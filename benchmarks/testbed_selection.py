@@ -55,19 +55,20 @@ FAMILIES = ("score_kd", "online_teacher", "embedding_kd")
 
 
 class Selection:
-    """Run (or, with `train=False`, only read) the dev-set selection of the bed's distillation families."""
+    """The dev-set selection of the bed's distillation families: `resolve(row, train=True)` trains and scores the
+    missing candidates; everything else only reads what is scored (the report never trains)."""
 
-    def __init__(self, bed: "Testbed", train: bool):
-        self.bed, self.train = bed, train
+    def __init__(self, bed: "Testbed"):
+        self.bed = bed
         self.folder = Path(bed.workdir) / "selection"
 
-    def candidates(self, family: str) -> list[dict[str, Any]]:
+    def candidates(self, family: str, train: bool = False) -> list[dict[str, Any]]:
         from testbed import TEACHER_SETTINGS
 
         if family == "score_kd":
             return score_kd_grid()
         if family == "online_teacher":
-            chosen = self.choice("score_kd")
+            chosen = self.choice("score_kd", train)
             return online_grid(chosen, TEACHER_SETTINGS) if chosen else []
         if family == "embedding_kd":
             return embedding_grid(TEACHER_SETTINGS)
@@ -77,14 +78,14 @@ class Selection:
         path = self.folder / f"{family}.json"
         return json.loads(path.read_text("utf-8")) if path.is_file() else {}
 
-    def scored(self, family: str) -> list[dict[str, Any]]:
+    def scored(self, family: str, train: bool = False) -> list[dict[str, Any]]:
         """[{distillation, dev: {set: headline, avg}, unit}] of every candidate of `family`, training and scoring
         the missing ones when `train` (else only those already scored)."""
         state, out = self.state(family), []
-        for candidate in self.candidates(family):
+        for candidate in self.candidates(family, train):
             row = self.candidate_row(family, candidate)
             key = self.bed.row_key(row, SELECTION_SEED)
-            if key not in state and self.train:
+            if key not in state and train:
                 state[key] = {"distillation": candidate, "dev": self.dev_score(row)}
                 self.folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.folder / f"{family}.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
@@ -92,9 +93,9 @@ class Selection:
                 out.append({**state[key], "unit": key})
         return out
 
-    def choice(self, family: str) -> Optional[dict[str, Any]]:
+    def choice(self, family: str, train: bool = False) -> Optional[dict[str, Any]]:
         """The candidate with the best dev avg, once every candidate of the family is scored; else None."""
-        scored = self.scored(family)
+        scored = self.scored(family, train)
         if not scored or len(scored) < len(self.candidates(family)):
             return None
         return max(scored, key=lambda entry: entry["dev"]["avg"])["distillation"]
@@ -119,24 +120,27 @@ class Selection:
         log(f"selection: dev {scores}")
         return scores
 
-    def reference_dev_score(self) -> Optional[dict[str, float]]:
+    def reference_dev_score(self, train: bool = False) -> Optional[dict[str, float]]:
         """The undistilled student's dev scores at the selection seed (cached beside the families)."""
         path = self.folder / "student.json"
         if path.is_file():
             return json.loads(path.read_text("utf-8"))
-        if not self.train:
+        if not train:
             return None
         scores = self.dev_score(self.bed.rows["student"])
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(scores, sort_keys=True) + "\n")
         return scores
 
-    def resolve(self, row: "TestbedRow") -> "TestbedRow":
+    def resolve(self, row: "TestbedRow", train: bool = False) -> "TestbedRow":
         """`row` with its family's chosen distillation (unchanged for rows without `select`); a row whose family
-        is not fully scored keeps `distillation=None` and is skipped by the caller."""
+        is not fully scored keeps `distillation=None` (the report shows it as not run). `train`: run the family's
+        missing candidates first (and the undistilled student's dev score, the table's reference)."""
         if not row.select:
             return row
-        return replace(row, distillation=self.choice(row.select))
+        if train:
+            self.reference_dev_score(train=True)
+        return replace(row, distillation=self.choice(row.select, train))
 
     def report_lines(self) -> list[str]:
         """The selection tables of the results page."""
