@@ -60,9 +60,11 @@ class TestbedBudget:
 
 ROW_KINDS = ("fit", "peer", "teacher", "untrained")
 # SciFact's hard negatives: `base` mined by the base model and rescored by the teacher (its margin only: the same
-# model, so it removes ~nothing); `student` mined by the untrained student, no teacher; `student_teacher` the same
-# candidates rescored by the teacher with its margin and consistency filter (the second table of issue 23)
-MINING_VARIANTS = ("base", "student", "student_teacher")
+# model, so it removes ~nothing). The second table of issue 23 mines with the untrained student: `student` with its
+# own margin (the default `--margin 0.95`), `student_teacher` the same candidates after the teacher's filters;
+# `student_no_margin` without any score filter, `student_no_margin_teacher` the same with the teacher's filters
+# (`--no-margin --teacher-margin 0.95 --teacher-top-k`): the teacher alone catches the false negatives
+MINING_VARIANTS = ("base", "student", "student_teacher", "student_no_margin", "student_no_margin_teacher")
 TEACHER_TOP_K = 10   # consistency filter: a query stays if the teacher ranks a positive in its top 10 candidates
 SEEDLESS_KINDS = ("teacher", "untrained")   # scored once: no training, no seed
 
@@ -108,6 +110,10 @@ TESTBED_ROWS: list[TestbedRow] = [
                "student itself, no teacher filter", mining="student"),
     TestbedRow("mined_by_student_teacher_filtered", "the same, on those candidates after the teacher's filters "
                f"(margin 0.95 on its scores, consistency top-{TEACHER_TOP_K})", mining="student_teacher"),
+    TestbedRow("mined_by_student_no_margin", "the student on negatives the untrained student mined with no score "
+               "filter (ranks 10-50, positives excluded)", mining="student_no_margin"),
+    TestbedRow("mined_by_student_no_margin_teacher_filtered", "the same candidates after the teacher's filters only "
+               f"(`--no-margin --teacher-margin 0.95 --teacher-top-k {TEACHER_TOP_K}`)", mining="student_no_margin_teacher"),
     TestbedRow("peer_st_distillkldiv", "the peer: sentence-transformers' DistillKLDivLoss (+ MNRL, CoSENT) on the "
                "same student, sources, batch sizes, lr schedule and steps (every text truncated at the passage length)",
                kind="peer"),
@@ -169,7 +175,7 @@ class Testbed(Suite):
         summary = next((line for line in printed.getvalue().splitlines() if line.startswith("teacher ")), "")
         atomic_write_text(path.with_suffix(".summary.json"), json.dumps(
             {"command": "codiemb " + " ".join(arguments), "teacher_filters": summary, "seconds": clock.seconds(),
-             "queries": _count_lines(path)}) + "\n")
+             **_record_counts(path)}) + "\n")
 
     def mining_summary(self, variant: str = "base") -> dict[str, Any]:
         path = self.mined_path() if variant == "base" else self.variant_path(variant)
@@ -178,15 +184,22 @@ class Testbed(Suite):
 
     # -- the second table: negatives mined by the student, without and with the teacher's filters -----------------
     def variant_path(self, variant: str) -> Path:
+        teacher = variant.endswith("_teacher")
         key = config_key({**mining_config(self.model, self.budgets), "miner": "student", "layers": STUDENT_LAYERS,
-                          "teacher": TEACHER_SETTINGS if variant == "student_teacher" else None,
-                          "top_k": TEACHER_TOP_K if variant == "student_teacher" else None})
+                          "teacher": TEACHER_SETTINGS if teacher else None, "top_k": TEACHER_TOP_K if teacher else None,
+                          **({"own_margin": False} if "no_margin" in variant else {})})
         return self.workdir / "mined" / f"scifact_train_{variant}_{key}.jsonl"
 
     def variant_arguments(self, variant: str, output: Path) -> list[str]:
         args = super().mining_arguments(output)
         args[args.index("--model") + 1] = str(self.untrained_student())
-        if variant == "student_teacher":
+        if "no_margin" in variant:
+            margin = args.index("--margin")
+            teacher_margin = args[margin + 1]
+            args[margin:margin + 2] = ["--no-margin"]
+            if variant.endswith("_teacher"):
+                args += ["--teacher-margin", teacher_margin]
+        if variant.endswith("_teacher"):
             args += ["--teacher", TEACHER, "--teacher-top-k", str(TEACHER_TOP_K),
                      "--teacher-batch-size", str(TEACHER_SETTINGS["batch_size"]),
                      "--teacher-max-seq-length", str(TEACHER_SETTINGS["max_seq_length"])]
@@ -297,9 +310,12 @@ class Testbed(Suite):
         return out
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for line in handle if line.strip())
+def _record_counts(path: Path) -> dict[str, Any]:
+    """Queries in a mined file, and its negatives per query (mean, and how many queries have none)."""
+    with open(path, encoding="utf-8") as handle:
+        counts = [len(json.loads(line).get("negatives") or []) for line in handle if line.strip()]
+    return {"queries": len(counts), "negatives": {"mean": sum(counts) / max(1, len(counts)),
+                                                  "none": sum(1 for count in counts if count == 0)}}
 
 
 # -- the peer: sentence-transformers' own losses on the same student and batches --------------------------------
@@ -476,15 +492,23 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
 
 def mining_table(bed: Testbed, per_seed: dict[str, Any], stats: dict[str, Any]) -> list[str]:
     """The second table: per mining variant, what the filters removed and the student's scores after training."""
-    lines = ["| SciFact negatives | queries kept | the teacher's filters | SciFact nDCG@10 | overall | seeds |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = ["| SciFact negatives | queries kept | negatives per query (queries with none) | the teacher's filters | "
+             "SciFact nDCG@10 | overall | seeds |", "|---|---:|---:|---|---:|---:|---:|"]
+    labels = {"student": "mined by the student, its own margin 0.95, no teacher",
+              "student_teacher": "the same + the teacher's filters",
+              "student_no_margin": "mined by the student, no score filter, no teacher",
+              "student_no_margin_teacher": "the same candidates, the teacher's filters only",
+              "base": "mined by the base model (+ its teacher rescoring: the other rows' data)"}
     for row_name, variant in (("mined_by_student", "student"), ("mined_by_student_teacher_filtered", "student_teacher"),
+                              ("mined_by_student_no_margin", "student_no_margin"),
+                              ("mined_by_student_no_margin_teacher_filtered", "student_no_margin_teacher"),
                               ("student", "base")):
         summary = bed.mining_summary(variant)
-        label = {"student": "mined by the student, no teacher", "student_teacher": "the same + the teacher's filters",
-                 "base": "mined by the base model (+ its teacher rescoring: the other rows' data)"}[variant]
+        label = labels[variant]
         scifact = next((name for name in stats[row_name] if name.startswith("scifact")), None)
-        lines.append(f"| {label} | {summary.get('queries', '—')} | {summary.get('teacher_filters') or '—'} | "
+        counts = summary.get("negatives")
+        negatives = f"{counts['mean']:.2f} ({counts['none']})" if counts else "—"
+        lines.append(f"| {label} | {summary.get('queries', '—')} | {negatives} | {summary.get('teacher_filters') or '—'} | "
                      f"{fmt(*stats[row_name][scifact]) if scifact else '—'} | {fmt(*stats[row_name]['avg'])} | "
                      f"{len(per_seed[row_name])} |")
     return lines
