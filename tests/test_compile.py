@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
 
 LORA = LoraSettings(r=2, alpha=4.0, dropout=0.0, target_modules="all-linear")
 BROKEN = "codiemb_test_broken_backend"
+BACKWARD_BROKEN = "codiemb_test_backward_broken_backend"
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,18 @@ def small_ir_batch(module: CoDiEmbModule) -> dict:
             "positive_ids": torch.arange(2).view(2, 1), "negative_ids": 10 + torch.arange(4).view(2, 2)}
 
 
+def uniform_ir_batch(module: CoDiEmbModule) -> dict:
+    """2 queries, 1 positive and 1 hard negative each, every text 4 one-token words: every forward (and gradient-cache
+    chunk of 2) has one shape, so one graph is traced per grad mode."""
+    tokenize = module.encoder.tokenize
+    groups = [tokenize(["red cat sat down", "blue dog ran off"]), tokenize(["a red cat sat", "the blue dog ran"]),
+              tokenize(["green trees grow tall", "old ships sail far"])]
+    assert len({features["input_ids"].shape for features in groups}) == 1
+    return {"task": "ir", "dataset": "d", "query": groups[0], "positives": groups[1], "negatives": groups[2],
+            "negative_mask": torch.ones(2, 1, dtype=torch.bool), "positive_ids": torch.arange(2).view(2, 1),
+            "negative_ids": 10 + torch.arange(2).view(2, 1)}
+
+
 @pytest.fixture(scope="module")
 def broken_backend():
     """A torch.compile backend that always fails, as a backbone with an untraceable operator would."""
@@ -48,6 +61,24 @@ def broken_backend():
         def broken(graph_module, example_inputs):
             raise RuntimeError("no kernels for this operator")
     yield BROKEN
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def backward_broken_backend():
+    """A backend whose forward graphs compile (they run as traced) and whose backward graphs fail, as inductor failing
+    on a backward kernel: AOT autograd hands it the backward graph lazily, at the first `backward()`, by default."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def no_backward(graph_module, example_inputs):
+        raise RuntimeError("no kernels for this backward")
+
+    if BACKWARD_BROKEN not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(aot_autograd(fw_compiler=boxed_nop, bw_compiler=no_backward),
+                                       name=BACKWARD_BROKEN)
+    yield BACKWARD_BROKEN
     torch._dynamo.reset()
 
 
@@ -89,3 +120,27 @@ def test_a_backbone_that_does_not_compile_runs_eager_after_one_warning(still_ber
 def test_an_unknown_backend_is_one_clear_error(still_bert):
     with pytest.raises(InputError, match="model.compile: unknown torch.compile backend 'warp_drive'"):
         CoDiEmbModule(str(still_bert), compile="warp_drive")
+
+
+@pytest.mark.parametrize("settings", [{}, {"grad_cache_chunk_size": 2}], ids=["loss_backward", "grad_cache_replay"])
+def test_a_backward_that_does_not_compile_runs_eager_after_one_warning(still_bert, backward_broken_backend, settings):
+    """The backward graph is compiled with its forward (`call_compiled`), so its failure falls back before any
+    gradient exists: the step's loss and gradients are the eager step's, whether the backward starts at the loss (as
+    in automatic optimisation and the joint manual step's `manual_backward`) or inside the gradient cache's replay."""
+    eager = CoDiEmbModule(str(still_bert), ir_temperature=0.05, **settings).train()
+    module = CoDiEmbModule(str(still_bert), ir_temperature=0.05, compile=backward_broken_backend, **settings).train()
+    module.load_state_dict(eager.state_dict())
+    batch = uniform_ir_batch(eager)
+    with pytest.warns(UserWarning, match=r"model.compile: bert did not compile \(RuntimeError: no kernels for this "
+                                         r"backward\); running it eager"):
+        loss = module.training_step(batch, 0)
+        loss.backward()
+    assert not is_compiled(module.encoder.model)
+    expected_loss = eager.training_step(batch, 0)
+    expected_loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=1e-6)
+    expected = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    got = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and expected
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")

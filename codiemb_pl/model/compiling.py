@@ -7,6 +7,14 @@ and compiles once more (`dynamic=None`, "automatic dynamic"), so length buckets,
 cache's chunks share one dynamic graph per grad mode instead of one graph per width.
 `call_compiled(module, inputs)` runs the compiled module; when compiling fails (a `TorchDynamoException`: an
 operator dynamo cannot trace, a backend error) it warns once, puts the eager forward back and runs that.
+
+Backward graphs: AOT autograd compiles a graph's backward lazily by default, at its first `backward()`, where a
+backend failure would escape as a crash in the middle of a step (after some gradients were accumulated: the gradient
+cache back-propagates chunk by chunk). `call_compiled` has it compiled with the forward instead
+(`torch._functorch.config.force_non_lazy_backward_lowering`), so a backward that does not compile fails the forward
+call: the same fallback then runs that forward eager, before any gradient of it exists, and the step's loss and
+gradients are the eager step's (whether its backward starts at the loss, in a manual step, or in the gradient cache's
+replay). Graphs traced without grad (validation, the cache's first pass) have no backward and compile as before.
 """
 
 from __future__ import annotations
@@ -50,13 +58,16 @@ def call_compiled(module: nn.Module, inputs: dict[str, Any]) -> Any:
     if not is_compiled(module):
         return module(**inputs)
     import torch._dynamo
+    import torch._functorch.config
 
     try:
-        return module(**inputs)
+        with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):   # backward fails here, not later
+            return module(**inputs)
     except torch._dynamo.exc.TorchDynamoException as error:
         name = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
-        reason = (str(error).strip().splitlines() or [""])[0][:160]
-        warnings.warn(f"[codiemb] model.compile: {name} did not compile ({type(error).__name__}: {reason}); "
+        cause = getattr(error, "inner_exception", None) or error   # a backend's own error, not dynamo's wrapper
+        reason = (str(cause).strip().splitlines() or [""])[0][:160]
+        warnings.warn(f"[codiemb] model.compile: {name} did not compile ({type(cause).__name__}: {reason}); "
                       "running it eager", stacklevel=2)
         module._compiled_call_impl = None
         return module(**inputs)
