@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from codiemb_pl.data.cache.dataset import ArrowTrainingDataset, item_seed  # noqa: F401  (item_seed: its former home)
@@ -27,6 +28,7 @@ from codiemb_pl.data.instructions import INSTRUCTION_TEMPLATE, instruction_prefi
 from codiemb_pl.data.sampler import TaskBatchSampler
 from codiemb_pl.data.sources import SourceConfig
 from codiemb_pl.data.texts import read_texts
+from codiemb_pl.data.token_budget import budget_batch_sizes
 from codiemb_pl.errors import InputError
 from codiemb_pl.paths import resolve_location
 
@@ -118,6 +120,11 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         tokenizer: tokenizer name or path (the CLI links it to the model's `model_name_or_path`).
         ir_batch_size: queries per device per micro-batch for IR sub-datasets without their own batch size.
         sts_batch_size: pairs per device per micro-batch for STS sub-datasets without their own batch size.
+        ir_batch_tokens: a token budget per device per micro-batch for IR sub-datasets without their own batch size,
+            instead of `ir_batch_size`: each gets max(1, budget // the tokens one of its records encodes: query,
+            `n_positives` positives and `n_negatives` negatives at the 95th percentile of their cached lengths)
+            (`token_budget.py`); 0 = off.
+        sts_batch_tokens: the same for STS sub-datasets (both sentences of a pair), instead of `sts_batch_size`.
         policy: task ordering policy: proportional, balanced, temperature, round_robin, sequential, mixed (baseline:
             IR and STS items pooled in every micro-batch) or joint (baseline: one IR and one STS batch per step, their
             gradients combined by `model.gradient_combination`).
@@ -154,9 +161,14 @@ class CoDiEmbDataModule(pl.LightningDataModule):
                  passage_prefix: str = "", val_batch_size: int = 128, seed: int = 42, num_workers: int = 0,
                  length_cap: Optional[int] = None, cache_dir: Optional[str] = None, rebuild_cache: bool = False,
                  verify_cache: bool = False, test: Optional[list[SourceConfig]] = None, predict: Optional[str] = None,
-                 predict_column: str = "text", predict_instruction: Optional[str] = None):
+                 predict_column: str = "text", predict_instruction: Optional[str] = None, ir_batch_tokens: int = 0,
+                 sts_batch_tokens: int = 0):
         super().__init__()
         self.save_hyperparameters()
+        for option, value in (("data.ir_batch_tokens", ir_batch_tokens), ("data.sts_batch_tokens", sts_batch_tokens)):
+            if value < 0:
+                raise InputError(option, f"{value} is negative", "set a token budget per micro-batch, or 0 for the "
+                                 "fixed batch size of data.ir_batch_size / data.sts_batch_size")
         self.train_sources = list(train or [])
         self.val_sources = list(val or [])
         self.tokenizer_name = tokenizer
@@ -171,6 +183,7 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         self.sampler: Optional[TaskBatchSampler] = None
         self.train_loader: Optional[ResumableDataLoader] = None  # built in this run (see load_state_dict)
         self.sampler_state_to_load: Optional[dict[str, Any]] = None  # from a checkpoint, see load_state_dict
+        self.budget_sizes: Optional[list[Optional[int]]] = None  # per training source, from the token budgets
         self.carry_texts = False  # training batches carry their texts (`batch["texts"]`): set by a module whose
         #                           online teacher reads them (`CoDiEmbModule.setup`), before the loader is built
 
@@ -239,9 +252,32 @@ class CoDiEmbDataModule(pl.LightningDataModule):
         return self.build_sampler(world_size, 0, accumulate)
 
     def batch_size_of(self, source: SourceConfig) -> int:
+        """The source's per-device batch size: its own `batch_size`, else its task's token budget's, else its task's
+        `ir_batch_size` / `sts_batch_size`."""
         if source.batch_size:
             return int(source.batch_size)
+        if self.hparams.ir_batch_tokens if source.task == "ir" else self.hparams.sts_batch_tokens:
+            return self.token_budget_sizes()[self.train_sources.index(source)]
         return self.hparams.ir_batch_size if source.task == "ir" else self.hparams.sts_batch_size
+
+    def token_budget_sizes(self) -> list[Optional[int]]:
+        """Per training source, its batch size from its task's token budget (None: no budget, or its own
+        `batch_size`, which wins), computed once from the token cache (`token_budget.py`), one line per source."""
+        if self.budget_sizes is None:
+            if self.train_dataset is None:
+                self.setup("fit")
+            dataset = self.train_dataset
+            if dataset.tokens is None:
+                dataset.tokenize(self.load_tokenizer(), self.token_limits())
+            budgets = {"ir": self.hparams.ir_batch_tokens, "sts": self.hparams.sts_batch_tokens}
+            self.budget_sizes, lines, warnings = budget_batch_sizes(
+                self.train_sources, [tokens.column for tokens in dataset.tokens], budgets, self.hparams.n_positives,
+                self.hparams.n_negatives)
+            for line in lines:
+                rank_zero_info(line)
+            for line in warnings:
+                rank_zero_warn(line)
+        return self.budget_sizes
 
     # -- loaders --------------------------------------------------------------------------------------
     def build_sampler(self, world_size: int, rank: int, accumulate: int) -> TaskBatchSampler:
