@@ -14,8 +14,13 @@ import pytest
 from codiemb_pl.data.cache.token_ids import IR_TOKEN_SCHEMA, STS_TOKEN_SCHEMA
 from codiemb_pl.data.datamodule import CoDiEmbDataModule
 from codiemb_pl.data.sources import SourceConfig
-from codiemb_pl.data.token_budget import (budget_batch_size, budget_batch_sizes, histogram_percentile, length_histogram,
-                                         tokens_per_record)
+from codiemb_pl.data.token_budget import (
+    budget_batch_size,
+    budget_batch_sizes,
+    histogram_percentile,
+    length_histogram,
+    tokens_per_record,
+)
 from codiemb_pl.errors import InputError
 from conftest import minilm_path
 
