@@ -105,3 +105,22 @@ def test_conflict_metrics_overall_and_per_group():
     assert metrics["head/cosine"] == 0.0 and metrics["head/norm_ratio"] == math.inf   # STS gives the head nothing
     assert [key for key in metrics if key.endswith("/cosine")] == ["embeddings/cosine", "block_00/cosine",
                                                                   "head/cosine"]
+
+
+def test_gram_of_float32_gradients_longer_than_a_block_matches_float64():
+    """Blocked float32 partial sums added in float64 (`blocked_dot`): a float32 gradient of several blocks and a tail
+    gives the float64 Gram entries to ~1e-7 relative, and the combination applies them as for float64."""
+    from codiemb_pl.training.gradient_conflict import DOT_BLOCK
+
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(3 * DOT_BLOCK + 17, generator=generator)
+    b = -0.3 * a + torch.randn(a.shape, generator=generator)
+    gram = gram_of([a.view(-1, 1)], [b.view(-1, 1)])
+    a64, b64 = a.double(), b.double()
+    assert gram.g11 == pytest.approx(float(a64 @ a64), rel=1e-6)
+    assert gram.g22 == pytest.approx(float(b64 @ b64), rel=1e-6)
+    assert gram.g12 == pytest.approx(float(a64 @ b64), rel=1e-6) and gram.g12 < 0
+    mixed = gram_of([a.double()], [b])   # float64 against float32: compared in float64
+    assert mixed.g12 == pytest.approx(float(a64 @ b64), rel=1e-12)
+    out, _, weights = combine([a.clone()], [b.clone()], "pcgrad")
+    torch.testing.assert_close(out[0], weights[0] * a + weights[1] * b)

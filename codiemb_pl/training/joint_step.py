@@ -6,8 +6,8 @@ step (accumulation, clipping, the gradient cache, every strategy). `pcgrad` and 
 gradients, so the module runs manual optimisation and `joint_manual_step` does, per step:
 
     for task in (ir, sts): embed and score the task's batch, `manual_backward` (under DDP the gradient is averaged
-                           across ranks by DDP itself before the next line); g_IR = a copy of .grad, then .grad
-                           cleared; g_STS = .grad
+                           across ranks by DDP itself before the next line); g_IR = .grad (a copy under DDP), then
+                           .grad cleared; g_STS = .grad
     .grad = w_IR·g_IR + w_STS·g_STS with the rule's weights (from the Gram entries of the reduced gradients, so
             identical on every rank); optimizer step; learning-rate scheduler step
 
@@ -61,8 +61,10 @@ def joint_manual_step(module: Any, batch: dict[str, Any], combination: str) -> t
     for task in ("ir", "sts"):
         loss = module.objective_step(module.objectives[task], batch[task])
         module.manual_backward(loss)
-        if task == "ir":   # kept as a copy: DDP's gradient_as_bucket_view would reuse the memory for STS's
-            grads.append([None if p.grad is None else p.grad.detach().clone() for p in parameters])
+        if task == "ir":   # under DDP a copy (gradient_as_bucket_view would reuse the memory for STS's); one
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()   # process: taken
+            grads.append([None if p.grad is None else p.grad.detach().clone() if distributed else p.grad
+                          for p in parameters])
             for p in parameters:
                 p.grad = None
         else:
