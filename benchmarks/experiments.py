@@ -448,10 +448,12 @@ class Suite:
         self.fuse(str(base), [str(p) for p in snapshots], spec, seed, output)
         return output, info
 
-    def fuse(self, base: str, models: list[str], spec: RunSpec, seed: int, output: Path) -> None:
-        """`codiemb fuse` of `models` against `base` with the row's method and parameters."""
+    def fuse(self, base: str, models: list[str], spec: Any, seed: int, output: Path,
+             template: Optional[str] = None) -> None:
+        """`codiemb fuse` of `models` against `base` with the row's method and parameters (`spec.method`,
+        `spec.params`); the output keeps `template`'s config and pooling (default: the base model's folder)."""
         args = ["fuse", "--base", base, "--method", str(spec.method), "--output", str(output),
-                "--template", self.model_folder, "--seed", str(seed)]
+                "--template", template or self.model_folder, "--seed", str(seed)]
         for model in models:
             args += ["--model", model]
         for name, value in spec.params.items():

@@ -40,6 +40,8 @@ from experiments import (ANALYSIS_BEGIN, ANALYSIS_END, RESULTS_DIR, Clock, Suite
                          kept_analysis, load_average, log, mean_sd, now, row_scores)
 from testbed_selection import Selection
 
+from testbed_conflict import add_probe, apply_mix, chosen_lr, conflict_series, issue25_lines, mixed_caps, probe_config
+
 from codiemb_pl.storage.atomic import atomic_write_text
 
 TESTBED_VERSION = 1
@@ -58,7 +60,7 @@ class TestbedBudget:
     seeds: tuple[int, ...] = (42, 43, 44)
 
 
-ROW_KINDS = ("fit", "peer", "teacher", "untrained")
+ROW_KINDS = ("fit", "peer", "teacher", "untrained", "cross")
 # SciFact's hard negatives: `base` mined by the base model and rescored by the teacher (its margin only: the same
 # model, so it removes ~nothing). The second table of issue 23 mines with the untrained student: `student` with its
 # own margin (the default `--margin 0.95`), `student_teacher` the same candidates after the teacher's filters;
@@ -71,8 +73,11 @@ SEEDLESS_KINDS = ("teacher", "untrained")   # scored once: no training, no seed
 
 @dataclass(frozen=True)
 class TestbedRow:
-    """One row: `fit` (codiemb fit of the student with `distillation`), `peer`, `teacher` or `untrained` (the cut
-    student before any step)."""
+    """One row: `fit` (codiemb fit of the student with `distillation`), `peer`, `teacher`, `untrained` (the cut
+    student before any step) or `cross` (`method` over the final weights of the fit rows `members`, same seed, against
+    the untrained student). Issue 25's fit options (`testbed_conflict.py`): `probe` (the gradient-conflict probe on
+    the dev sets), `lr_grid` (lr chosen on the dev sets), `mix` (fraction of each source's capped records),
+    `step_factor` (× the budget's steps)."""
 
     name: str
     description: str
@@ -82,6 +87,13 @@ class TestbedRow:
     train: dict[str, Any] = field(default_factory=dict)       # the unit's policy / sts_objective, when not CoDiEmb's
     select: Optional[str] = None   # a `testbed_selection` family: `distillation` is its dev-set choice
     mining: str = "base"           # SciFact's negatives: one of MINING_VARIANTS
+    probe: bool = False
+    lr_grid: tuple[float, ...] = ()
+    mix: Optional[dict[str, float]] = None
+    step_factor: int = 1
+    members: tuple[str, ...] = ()
+    method: Optional[str] = None
+    params: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ROW_KINDS:
@@ -90,8 +102,29 @@ class TestbedRow:
             raise ValueError(f"test bed row {self.name}: mining must be one of {MINING_VARIANTS}, got {self.mining!r}")
 
 
+# issue 25's cross-fusion members differ in data mix (fractions of the capped SciFact / SNLI / STS-B records: 192 /
+# 576 / 384 at the full budget) and in learning rate; their union is the capped data itself, `union_run`'s
+MEMBERS = {"member_ir_heavy": ({"scifact": 1.0, "snli": 1.0, "stsb": 1 / 3}, 1e-4, "IR-heavy mix (6 + 18 IR batches, "
+                               "4 STS), lr 1e-4"),
+           "member_sts_heavy": ({"scifact": 1 / 3, "snli": 1 / 9, "stsb": 1.0}, 2e-4, "STS-heavy mix (2 + 2 IR batches, "
+                                "12 STS), lr 2e-4"),
+           "member_balanced": ({"scifact": 1.0, "snli": 1 / 3, "stsb": 1.0}, 5e-5, "balanced mix (6 + 6 IR batches, 12 "
+                               "STS), lr 5e-5")}
+FUSION_PARAMS = {"delta_guided": {"gamma": 1.0}, "ties": {"density": 0.2}, "uniform_soup": {}}   # the suite's
+TASK_LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05, "task_adapters": True}   # export fusion: delta-guided (default)
+LORA_LR_GRID = (1e-4, 3e-4, 1e-3)   # the full-parameter lr up to 10x it: LoRA's usual range
+
+
+def cross_row(name: str, method: str) -> TestbedRow:
+    members = tuple(MEMBERS)
+    return TestbedRow(name, f"task conflict: {method} of " + ", ".join(f"`{m}`" for m in members) + " (final weights, "
+                      "same seed) against the untrained student", kind="cross", members=members, method=method,
+                      params=FUSION_PARAMS[method])
+
+
 TESTBED_ROWS: list[TestbedRow] = [
-    TestbedRow("student", "the student, CoDiEmb losses, no teacher"),
+    TestbedRow("student", "the student, CoDiEmb losses, no teacher (the gradient-conflict probe on the dev sets)",
+               probe=True),
     TestbedRow("score_kd_mined", "+ IR score distillation (λ_KD 1) from the mined `teacher_scores`",
                distillation={"ir_weight": 1.0, "scores_from": "data", **TEMPERATURES}),
     TestbedRow("online_teacher", "+ IR score distillation (λ_KD 1) and STS targets blended with the teacher (β 0.5), "
@@ -124,8 +157,8 @@ TESTBED_ROWS: list[TestbedRow] = [
                "[384, 256, 128, 64, 32], uniform weights; full-width scores (widths: results/matryoshka.md)",
                overrides={"matryoshka_dims": [384, 256, 128, 64, 32]}),
     # task conflict (issue 25): `student` is the CoDiEmb row (proportional single-task steps, task losses)
-    TestbedRow("naive_joint", "task conflict: the `mixed` policy (IR and STS items in every batch), task losses",
-               train={"policy": "mixed"}),
+    TestbedRow("naive_joint", "task conflict: the `mixed` policy (IR and STS items in every batch), task losses (the "
+               "gradient-conflict probe on the dev sets)", train={"policy": "mixed"}, probe=True),
     TestbedRow("codiemb_balanced", "task conflict: CoDiEmb with the `balanced` sampler", train={"policy": "balanced"}),
     TestbedRow("joint_sum", "task conflict: the `joint` policy (one IR and one STS batch every step), plain sum of "
                "the task losses (the control that separates the sampler from the combination)",
@@ -134,6 +167,18 @@ TESTBED_ROWS: list[TestbedRow] = [
                overrides={"gradient_combination": "pcgrad"}),
     TestbedRow("joint_mgda", "task conflict: `joint` steps, MGDA", train={"policy": "joint"},
                overrides={"gradient_combination": "mgda"}),
+    TestbedRow("task_lora_fused", "task conflict: task-routed LoRA (shared + one adapter set per task, r 16, alpha 32, "
+               "all linear layers) on the student; export = W0 + shared + delta-guided fusion of the task adapters; "
+               f"lr chosen on the dev sets from {list(LORA_LR_GRID)}", overrides={"lora": TASK_LORA},
+               lr_grid=LORA_LR_GRID),
+    *[TestbedRow(name, f"cross-fusion member: {what}", mix=mix, overrides={"lr": lr})
+      for name, (mix, lr, what) in MEMBERS.items()],
+    cross_row("cross_delta_fusion", "delta_guided"),
+    cross_row("cross_ties", "ties"),
+    cross_row("cross_uniform_soup", "uniform_soup"),
+    TestbedRow("union_run", "task conflict: one run on the union of the members' data (the capped data) with their "
+               f"total steps ({len(MEMBERS)} x the budget), lr 1e-4 (the bed's): the control a merge must beat",
+               step_factor=len(MEMBERS)),
 ]
 
 
@@ -231,13 +276,26 @@ class Testbed(Suite):
         return folder
 
     # -- runs ---------------------------------------------------------------------------------------------------
-    def unit_of(self, row: TestbedRow, seed: int) -> dict[str, Any]:
+    def unit_of(self, row: TestbedRow, seed: int, lr: Optional[float] = None) -> dict[str, Any]:
+        """The training unit of a fit row (its key); a `lr_grid` row's unit names the grid, and with `lr` it is the
+        fit at that lr. Issue 25's options enter only when set, so the other rows keep their keys."""
+        testbed = {"version": TESTBED_VERSION, **asdict(self.testbed), "seeds": None, "layers": STUDENT_LAYERS,
+                   "teacher_mining": self.mining_key(), "row": row.kind, "distillation": row.distillation,
+                   "overrides": row.overrides}
+        if row.mining != "base":   # only when not the base file, so the rows run before the variants keep their keys
+            testbed["mining"] = row.mining
+        if row.probe:
+            testbed["probe"] = probe_config(self)
+        if row.mix:
+            testbed["mix"] = mixed_caps(self, row.mix)
+        if row.step_factor != 1:
+            testbed["max_steps"] = self.testbed.max_steps * row.step_factor
+        if row.lr_grid and lr is None:
+            testbed["lr_grid"] = list(row.lr_grid)
+        elif row.lr_grid:
+            testbed["lr"] = lr
         train = {"tasks": ["ir", "sts"], "policy": "proportional", "sts_objective": "codiemb", **row.train,
-                 "testbed": {"version": TESTBED_VERSION, **asdict(self.testbed), "seeds": None,
-                             "layers": STUDENT_LAYERS, "teacher_mining": self.mining_key(), "row": row.kind,
-                             "distillation": row.distillation, "overrides": row.overrides,
-                             # only when not the base file, so the rows run before the variants keep their keys
-                             **({"mining": row.mining} if row.mining != "base" else {})}}
+                 "testbed": testbed}
         return unit_config(self.model, self.budgets, train, seed)
 
     def row_key(self, row: TestbedRow, seed: Optional[int]) -> str:
@@ -245,6 +303,9 @@ class Testbed(Suite):
             return config_key({"testbed": TESTBED_VERSION, "teacher": TEACHER})
         if row.kind == "untrained":
             return config_key({"testbed": TESTBED_VERSION, "untrained": TEACHER, "layers": STUDENT_LAYERS})
+        if row.kind == "cross":
+            return config_key({"testbed": TESTBED_VERSION, "cross": row.method, "params": row.params,
+                               "members": [self.row_key(self.rows[name], seed) for name in row.members]})
         return config_key(self.unit_of(row, seed))
 
     def fit_config(self, unit: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -260,6 +321,10 @@ class Testbed(Suite):
             for entry in config["data"]["train"]:
                 if entry["name"] == scifact:
                     entry["path"] = str(self.mined_variant(testbed["mining"]))
+        if testbed.get("mix"):
+            apply_mix(config, testbed["mix"])
+        if testbed.get("probe"):
+            add_probe(self, config)
         return config
 
     def build_row(self, row: TestbedRow, seed: Optional[int]) -> tuple[Path, dict[str, Any]]:
@@ -267,14 +332,34 @@ class Testbed(Suite):
             return Path(self.model_folder), {}
         if row.kind == "untrained":
             return self.untrained_student(), {}
+        if row.kind == "cross":
+            return self.build_cross_row(row, seed)
+        info: dict[str, Any] = {}
         unit = self.unit_of(row, seed)
+        if row.lr_grid:   # the dev-set choice first (`testbed_conflict.chosen_lr`), then the fit at that lr
+            lr, scored = chosen_lr(self, row)
+            unit = self.unit_of(row, seed, lr=lr)
+            info.update(lr=lr, selection=scored)
         if row.kind == "fit":
             folder = self.train_unit(unit)
         else:
             folder = self.train_peer(unit)
+        if row.probe:
+            info["conflict"] = conflict_series(folder)
         cost = folder / "cost.json"
-        return folder / "model", {"unit": config_key(unit), "steps": self.testbed.max_steps,
-                                  "fit": json.loads(cost.read_text("utf-8")) if cost.is_file() else None}
+        return folder / "model", {"unit": config_key(unit), "steps": unit["testbed"]["max_steps"],
+                                  "fit": json.loads(cost.read_text("utf-8")) if cost.is_file() else None, **info}
+
+    def build_cross_row(self, row: TestbedRow, seed: int) -> tuple[Path, dict[str, Any]]:
+        """`codiemb fuse` of the members' final weights (trained now unless cached) against θ0 = the untrained
+        student, which also gives the output its config and pooling."""
+        members = [self.train_unit(self.unit_of(self.rows[name], seed)) / "model" for name in row.members]
+        output = self.workdir / "merged" / self.row_key(row, seed)
+        info = {"members": list(row.members), "method": row.method, "params": row.params}
+        if not (output / "modules.json").is_file():
+            base = str(self.untrained_student())
+            self.fuse(base, [str(m) for m in members], row, seed, output, template=base)
+        return output, info
 
     def train_peer(self, unit: dict[str, Any]) -> Path:
         """sentence-transformers' training of the student on the same sources, batch sizes and step count."""
@@ -465,6 +550,8 @@ def write_testbed_report(bed: Testbed, command: str) -> Path:
         ANALYSIS_BEGIN,
         analysis,
         ANALYSIS_END,
+        "",
+        *issue25_lines(bed, per_seed, report.with_suffix("") / "conflict.png", report),
         "",
         "## Rows",
         "",

@@ -28,15 +28,19 @@ def test_rows_are_the_issues_and_the_teacher_is_fixed():
               "mined_by_student_no_margin_teacher_filtered"]
     assert names == ["student", "score_kd_mined", "online_teacher", "embedding_kd", "score_kd_dev", "online_teacher_dev",
                      "embedding_kd_dev", *mining, "peer_st_distillkldiv", "teacher", "student_untrained",
-                     "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda"]
+                     "student_matryoshka", "naive_joint", "codiemb_balanced", "joint_sum", "joint_pcgrad", "joint_mgda",
+                     "task_lora_fused", "member_ir_heavy", "member_sts_heavy", "member_balanced", "cross_delta_fusion",
+                     "cross_ties", "cross_uniform_soup", "union_run"]
     assert testbed.TEACHER == experiment_runs.DEFAULT_MODEL and testbed.STUDENT_LAYERS == 3
-    assert [row.kind for row in testbed.TESTBED_ROWS] == ["fit"] * 11 + ["peer", "teacher", "untrained"] + ["fit"] * 6
+    assert [row.kind for row in testbed.TESTBED_ROWS] == (["fit"] * 11 + ["peer", "teacher", "untrained"] + ["fit"] * 10
+                                                          + ["cross"] * 3 + ["fit"])
     assert {row.name: row.select for row in testbed.TESTBED_ROWS if row.select} == {
         "score_kd_dev": "score_kd", "online_teacher_dev": "online_teacher", "embedding_kd_dev": "embedding_kd"}
     assert [row.mining for row in testbed.TESTBED_ROWS if row.mining != "base"] == [
         "student", "student_teacher", "student_no_margin", "student_no_margin_teacher"]
     conflict = {row.name: (row.train.get("policy"), row.overrides.get("gradient_combination", "sum"))
                 for row in testbed.TESTBED_ROWS if row.train}
+    assert [row.name for row in testbed.TESTBED_ROWS if row.probe] == ["student", "naive_joint"]
     assert conflict == {"naive_joint": ("mixed", "sum"), "codiemb_balanced": ("balanced", "sum"),
                         "joint_sum": ("joint", "sum"), "joint_pcgrad": ("joint", "pcgrad"),
                         "joint_mgda": ("joint", "mgda")}
@@ -112,3 +116,48 @@ def test_peer_batches_mix_every_source_in_task_sized_batches(tmp_path):
     assert sorted(name for name, _ in batches[:4]) == ["ir", "ir", "sts", "sts"] and batches[4:] == batches[:2]
     assert batches == testbed.peer_batches(sources, budget, steps=6, seed=1)
     assert batches != testbed.peer_batches(sources, budget, steps=6, seed=2)
+
+
+def test_issue25_options_leave_the_cached_rows_keys_and_size_the_members(tmp_path):
+    """Every cached run of the committed results keeps its key unless its row gained the probe; the members' mixes are
+    subsets of the capped data whose union is the capped data (`union_run`'s, with 3 x the steps)."""
+    args = experiments.parse_args(["--testbed", "--workdir", str(tmp_path), "--results", str(tmp_path / "runs.json"),
+                                   "--report", str(tmp_path / "testbed.md")])
+    bed = testbed.Testbed(args, experiment_runs.FULL, testbed.TestbedBudget())
+    cached = json.loads((BENCHMARKS / "results" / "testbed" / "runs.json").read_text())["runs"]
+    checked = 0
+    for key, entry in cached.items():
+        row = bed.rows.get(entry["name"])
+        if row is not None and row.kind in ("fit", "peer") and not row.probe and not row.select:
+            assert bed.row_key(row, entry["seed"]) == key, entry["name"]
+            checked += 1
+    assert checked >= 10
+    student = bed.unit_of(bed.rows["student"], 42)["testbed"]
+    assert student["probe"]["every"] == 6 and student["probe"]["val"]["stsb_dev"]["path"] == "sts/stsb/dev.jsonl"
+    caps = {name: bed.unit_of(bed.rows[name], 42)["testbed"]["mix"] for name in testbed.MEMBERS}
+    assert caps == {"member_ir_heavy": {"scifact": 192, "snli": 576, "stsb": 128},
+                    "member_sts_heavy": {"scifact": 64, "snli": 64, "stsb": 384},
+                    "member_balanced": {"scifact": 192, "snli": 192, "stsb": 384}}
+    assert {s: max(c[s] for c in caps.values()) for s in ("scifact", "snli", "stsb")} == \
+        {"scifact": 192, "snli": 576, "stsb": 384}   # the bed's caps: union_run trains on them
+    union = bed.unit_of(bed.rows["union_run"], 42)["testbed"]
+    assert union["max_steps"] == 108 and "mix" not in union
+    lora = bed.rows["task_lora_fused"]
+    candidates = {experiment_runs.config_key(bed.unit_of(lora, 42, lr=lr)) for lr in lora.lr_grid}
+    assert len(candidates) == 3 and bed.row_key(lora, 42) not in candidates
+    crosses = {bed.row_key(bed.rows[name], 42) for name in ("cross_delta_fusion", "cross_ties", "cross_uniform_soup")}
+    assert len(crosses) == 3 and bed.row_key(bed.rows["cross_ties"], 43) not in crosses
+
+
+def test_conflict_series_reads_the_probe_columns_of_the_last_csv_log(tmp_path):
+    import testbed_conflict
+
+    old, new = tmp_path / "logs" / "version_0", tmp_path / "logs" / "version_1"
+    old.mkdir(parents=True)
+    new.mkdir(parents=True)
+    (old / "metrics.csv").write_text("step,conflict/cosine\n0,0.9\n")
+    (new / "metrics.csv").write_text("epoch,step,conflict/cosine,conflict/block_00/cosine,train/loss\n"
+                                     ",0,0.25,-0.5,\n0,4,,,1.5\n,6,-0.125,0.0625,\n")
+    assert testbed_conflict.conflict_series(tmp_path) == {
+        "0": {"conflict/cosine": 0.25, "conflict/block_00/cosine": -0.5},
+        "6": {"conflict/cosine": -0.125, "conflict/block_00/cosine": 0.0625}}
