@@ -287,12 +287,53 @@ def run_sampled(command: list[str], env: dict, log: Path) -> tuple[int, float, d
 
 # ----------------------------------------------------------------------------------------- fit stage
 
+_DATA_SETUP: dict | None = None
+DATA_SETUP_CALLS = (("CoDiEmbDataModule", "check_training_plan"), ("CoDiEmbDataModule", "setup"),
+                    ("CoDiEmbDataModule", "train_dataloader"), ("TaskBatchSampler", "epoch_plan"))
+
+
+def time_data_setup() -> dict:
+    """Wrap the data's own set-up in this process (`DATA_SETUP_CALLS`: open and check the cached tables, build
+    them when missing, build the sampler and plan its epoch) to sum the seconds spent in them: outermost calls
+    only, so a call made inside another counts once. Returns the running totals: {"seconds", "parts": {name: s}}."""
+    global _DATA_SETUP
+    if _DATA_SETUP is not None:  # wrapped once per process
+        return _DATA_SETUP
+    from codiemb_pl.data.datamodule import CoDiEmbDataModule
+    from codiemb_pl.data.sampler import TaskBatchSampler
+
+    owners = {"CoDiEmbDataModule": CoDiEmbDataModule, "TaskBatchSampler": TaskBatchSampler}
+    spent = {"seconds": 0.0, "parts": {}, "depth": 0}
+
+    def timed(name: str, original):
+        def wrapper(*args, **kwargs):
+            outermost, began = spent["depth"] == 0, time.time()
+            spent["depth"] += 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent["depth"] -= 1
+                if outermost:
+                    seconds = time.time() - began
+                    spent["seconds"] += seconds
+                    spent["parts"][name] = spent["parts"].get(name, 0.0) + seconds
+        return wrapper
+
+    for owner, name in DATA_SETUP_CALLS:
+        setattr(owners[owner], name, timed(name, getattr(owners[owner], name)))
+    _DATA_SETUP = spent
+    return spent
+
+
 class StepClock(pl.Callback):
     """Lightning callback (loaded by `--trainer.callbacks+=data_scale.StepClock`): writes each rank's time of
-    the first training step's start and of every step's end to `$DATA_SCALE_CLOCK/clock_rank<r>.json`."""
+    the first training step's start, of every step's end and the seconds of the data's own set-up
+    (`time_data_setup`, from the callback's creation, before the CLI checks the data) to
+    `$DATA_SCALE_CLOCK/clock_rank<r>.json`."""
 
     def __init__(self):
         self.first_batch, self.ends = None, []
+        self.data_setup = time_data_setup()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if self.first_batch is None:
@@ -304,7 +345,8 @@ class StepClock(pl.Callback):
     def on_train_end(self, trainer, module):
         folder = Path(os.environ["DATA_SCALE_CLOCK"])
         (folder / f"clock_rank{trainer.global_rank}.json").write_text(
-            json.dumps({"first_batch": self.first_batch, "ends": self.ends}))
+            json.dumps({"first_batch": self.first_batch, "ends": self.ends,
+                        "data_setup_s": self.data_setup["seconds"], "data_setup_parts": self.data_setup["parts"]}))
 
 
 def fit_config(folder: Path, ir_path: Path, sts_path: Path, path: str, args) -> Path:
@@ -354,7 +396,10 @@ def fit_stage(folder: Path, count: int, ir_path: Path, sts_path: Path, path: str
         steps = [b - a for c in clocks for a, b in zip(c["ends"][:-1], c["ends"][1:])]
         results.append({"stage": "fit", "path": path, "records": count, "run": run, "wall_s": round(wall, 1),
                         "start_s": round(max(c["first_batch"] for c in clocks) - launched, 1),
-                        "step_s": round(statistics.median(steps), 2) if steps else None, "rss_anon_mb": peaks,
+                        "step_s": round(statistics.median(steps), 2) if steps else None,
+                        "data_setup_s": [round(c.get("data_setup_s", 0.0), 2) for c in clocks],
+                        "data_setup_parts": [{k: round(v, 2) for k, v in c.get("data_setup_parts", {}).items()}
+                                             for c in clocks], "rss_anon_mb": peaks,
                         "load_average": os.getloadavg(), "uptime": uptime()})
         print(json.dumps(results[-1]), flush=True)
     return results
@@ -384,13 +429,15 @@ data = CoDiEmbDataModule(**kwargs)
 data.setup("fit")
 loader = data.train_dataloader()
 ready, setup_cpu_s = time.time(), cpu_s() - cpu_started
-count = 0
+count, first_batch = 0, None
 for batch in loader:
     count += 1
+    first_batch = first_batch or time.time()
     if count == int(max_batches):
         break
 done = time.time()
 print("RESULT " + json.dumps({"setup_s": ready - started, "setup_cpu_s": setup_cpu_s, "batches": count,
+                              "first_batch_s": first_batch - ready,
                               "seconds": done - ready, "of": len(loader)}))
 '''
 
@@ -560,6 +607,8 @@ def table(rows: list[dict]) -> str:
         memory = ", ".join(f"{label} {value:.0f}" for label, value in sorted(row["rss_anon_mb"].items()))
         if row["stage"] == "fit":
             timing, step, rate = row["start_s"], row["step_s"], ""
+            if row.get("data_setup_s"):
+                timing = f"{timing} (data set-up {' / '.join(f'{v:.1f}' for v in row['data_setup_s'])})"
         elif row["stage"] == "tokenise":
             first = row["methods"][0]
             for method in row["methods"]:
@@ -571,7 +620,8 @@ def table(rows: list[dict]) -> str:
                              f"{method['load_before']:.1f}-{method['load_after']:.1f} |")
             continue
         elif row["stage"] == "loader":
-            timing, step = f"{row['setup_s']:.1f}" + (f" ({row['setup_cpu_s']:.0f} CPU-s)" if "setup_cpu_s" in row else ""), ""
+            timing, step = f"{row['setup_s']:.1f}" + (f" ({row['setup_cpu_s']:.0f} CPU-s)" if "setup_cpu_s" in row else "") \
+                + (f", first batch +{row['first_batch_s']:.1f}" if "first_batch_s" in row else ""), ""
             rate = f"{row['batches'] / row['seconds']:.1f} ({row['batches']} of {row['of']})"
         elif row["stage"] == "tile":
             timing, step, rate = f"{row['wall_s']:.1f} (cache assembled from copies)", "", ""
