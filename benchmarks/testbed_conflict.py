@@ -27,6 +27,7 @@ from experiments import bootstrap_lines, compare, log
 from testbed_selection import SELECTION_SEED   # the seed of every dev-set candidate
 
 from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
+from codiemb_pl.training.gradient_conflict import group_order
 
 if TYPE_CHECKING:   # testbed imports this module
     from testbed import Testbed, TestbedRow
@@ -204,8 +205,9 @@ def conflict_means(bed: "Testbed", row: "TestbedRow") -> dict[str, dict[int, tup
                     continue
                 group = "all" if len(parts) == 2 else parts[1]
                 values.setdefault(group, {}).setdefault(int(step), []).append(value)
-    return {group: {step: (sum(v) / len(v), len(v)) for step, v in sorted(steps.items())}
-            for group, steps in values.items()}
+    order = ["all"] + group_order([group for group in values if group != "all"])   # model order: embeddings first
+    return {group: {step: (sum(v) / len(v), len(v)) for step, v in sorted(values[group].items())}
+            for group in order if group in values}
 
 
 def write_conflict_plot(path: Path, series: dict[str, dict[str, dict[int, tuple[float, int]]]]) -> None:
@@ -248,8 +250,7 @@ def conflict_lines(bed: "Testbed", plot: Path, report: Path) -> list[str]:
     lines += ["| row | group | " + " | ".join(f"step {s}" for s in steps) + " | n |",
               "|---|---|" + "---:|" * (len(steps) + 1)]
     for name, groups in series.items():
-        order = ["all"] + [g for g in groups if g != "all"]
-        for group in (g for g in order if g in groups):
+        for group in groups:
             cells = [f"{groups[group][s][0]:+.3f}" if s in groups[group] else "—" for s in steps]
             seeds = max(n for _, n in groups[group].values())
             lines.append(f"| `{name}` | {group} | " + " | ".join(cells) + f" | {seeds} |")
@@ -260,11 +261,13 @@ def selection_lines(bed: "Testbed") -> list[str]:
     lines = []
     for row in (r for r in bed.rows.values() if r.lr_grid):
         lr, scored = chosen_lr(bed, row, train=False)
-        lines += [f"`{row.name}`: lr from {list(row.lr_grid)}, each trained once at seed {SELECTION_SEED} and scored "
-                  "on the dev sets (×100); chosen: " + (f"**{lr:g}**" if lr is not None else "not yet (candidates "
-                                                        "missing)"), "",
-                  "| lr | " + " | ".join(k for k in (scored[0]["dev"] if scored else {}) if k != "avg") + " | dev avg |",
-                  "|---:|" + "---:|" * (len(scored[0]["dev"]) if scored else 1)]
+        lines.append(f"`{row.name}`: lr from {list(row.lr_grid)}, each trained once at seed {SELECTION_SEED} and "
+                     "scored on the dev sets (×100); chosen: " + (f"**{lr:g}**" if lr is not None else
+                                                                "not yet (candidates missing)"))
+        if not scored:
+            continue
+        lines += ["", "| lr | " + " | ".join(k for k in scored[0]["dev"] if k != "avg") + " | dev avg |",
+                  "|---:|" + "---:|" * len(scored[0]["dev"])]
         for entry in scored:
             cells = [f"{100 * v:.2f}" for k, v in entry["dev"].items() if k != "avg"]
             lines.append(f"| {entry['lr']:g} | " + " | ".join(cells) + f" | {100 * entry['dev']['avg']:.2f} |")
@@ -279,7 +282,7 @@ def target_lines(bed: "Testbed", per_seed: dict[str, Any]) -> list[str]:
 
     def versus(a: Optional[str], b: Optional[str], margin: float = 0.0, label: str = "") -> None:
         if a is None or b is None or not overall.get(a) or not overall.get(b):
-            lines.append(f"- {label or f'`{a}` ≥ `{b}`'}: not measured yet")
+            lines.append(f"- {label or f'`{a}` ≥ `{b}`'}: not measured yet".replace("`None`", "—"))
             return
         c = compare(overall[a], overall[b])
         met = c["difference"] >= margin and (margin > 0 or c["verdict"] != "worse")
