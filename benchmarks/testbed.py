@@ -313,7 +313,7 @@ class Testbed(Suite):
         testbed = unit["testbed"]
         config["trainer"]["max_epochs"] = -1
         config["trainer"]["max_steps"] = testbed["max_steps"]
-        config["model"].update(num_layers=testbed["layers"], lr=testbed["lr"], **testbed["overrides"])
+        config["model"].update({"num_layers": testbed["layers"], "lr": testbed["lr"], **testbed["overrides"]})   # lr too
         if testbed["distillation"]:
             config["model"]["distillation"] = testbed["distillation"]
         if testbed.get("mining"):
