@@ -280,21 +280,25 @@ def target_lines(bed: "Testbed", per_seed: dict[str, Any]) -> list[str]:
     means = {name: (sum(v) / len(v) if v else None) for name, v in overall.items()}
     lines = []
 
-    def versus(a: Optional[str], b: Optional[str], margin: float = 0.0, label: str = "") -> None:
+    def versus(a: Optional[str], b: Optional[str], margin: float = 0.0, label: str = "", beyond_sd: bool = False,
+               target: bool = True) -> None:
+        """One comparison line: ✓/✗ for a target (≥, or + margin, or beyond the sd: the tie rule's `better`),
+        the verdict alone for a plain comparison (`target=False`)."""
         if a is None or b is None or not overall.get(a) or not overall.get(b):
             lines.append(f"- {label or f'`{a}` ≥ `{b}`'}: not measured yet".replace("`None`", "—"))
             return
         c = compare(overall[a], overall[b])
-        met = c["difference"] >= margin and (margin > 0 or c["verdict"] != "worse")
+        met = c["difference"] >= margin and (c["verdict"] == "better" if beyond_sd else
+                                             margin > 0 or c["verdict"] != "worse")
         lines.append(f"- {label or f'`{a}` ≥ `{b}`'}{f' + {margin}' if margin else ''}: {c['difference']:+.2f} "
-                     f"(sd {c['sd']:.2f}, {c['verdict']}, seeds {len(overall[a])}/{len(overall[b])}) → "
-                     f"{'✓' if met else '✗'}")
+                     f"(sd {c['sd']:.2f}, {c['verdict']}, seeds {len(overall[a])}/{len(overall[b])})"
+                     + (f" → {'✓' if met else '✗'}" if target else ""))
 
-    versus("student", "naive_joint", label="`student` (CoDiEmb) ≥ `naive_joint` beyond the sd")
+    versus("student", "naive_joint", label="`student` (CoDiEmb) ≥ `naive_joint` beyond the sd", beyond_sd=True)
     best_joint = resolve(bed, "best_joint", means)
     for other in ("joint_sum", "naive_joint", "student"):
-        versus(best_joint, other, label=f"best of PCGrad/MGDA (`{best_joint}`) vs `{other}`")
-    versus("task_lora_fused", "student", label="`task_lora_fused` vs full-parameter `student`")
+        versus(best_joint, other, label=f"best of PCGrad/MGDA (`{best_joint}`) vs `{other}`", target=False)
+    versus("task_lora_fused", "student", label="`task_lora_fused` vs full-parameter `student`", target=False)
     best_member = resolve(bed, "best_member", means)
     versus("cross_delta_fusion", best_member, 0.3, label=f"`cross_delta_fusion` ≥ best member (`{best_member}`)")
     versus("cross_delta_fusion", "cross_uniform_soup")
