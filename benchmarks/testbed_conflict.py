@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from experiment_runs import DATA_SEED, HEADLINE, TRAIN_SOURCES, config_key, dev_sets_config
+from experiment_runs import DATA_SEED, TRAIN_SOURCES, config_key, dev_sets_config
 from experiments import bootstrap_lines, compare, log
-from testbed_selection import SELECTION_SEED   # the seed of every dev-set candidate
+from testbed_selection import SELECTION_SEED, best_by_dev, dev_scores, save_state
 
-from codiemb_pl.storage.atomic import atomic_directory, atomic_write_text
+from codiemb_pl.storage.atomic import atomic_directory
 from codiemb_pl.training.gradient_conflict import group_order
 
 if TYPE_CHECKING:   # testbed imports this module
@@ -115,17 +115,6 @@ def conflict_series(folder: Path) -> dict[str, dict[str, float]]:
 
 
 # -- dev-set choice of a learning rate -------------------------------------------------------------------------
-def dev_scores(bed: "Testbed", model: Path) -> dict[str, float]:
-    """Headline metric per dev set and their `avg` (the summary's mean of the task averages)."""
-    from codiemb_pl.model.encoder import TextEncoder
-    from codiemb_pl.workflows.evaluation import evaluate_sets
-
-    encoder = TextEncoder(str(model), max_seq_length=bed.budgets.eval.max_length)
-    dev = bed.dev_sets()
-    per_set, summary = evaluate_sets(encoder, dev, batch_size=bed.budgets.eval.batch_size)
-    return {**{vset.name: per_set[vset.name][HEADLINE[vset.task]] for vset in dev}, "avg": summary["avg"]}
-
-
 def chosen_lr(bed: "Testbed", row: "TestbedRow", train: bool = True) -> tuple[Optional[float], list[dict[str, Any]]]:
     """(the grid's lr with the best dev avg, [{lr, unit, dev}] of the scored candidates); None until all are scored
     (with `train`, the missing candidates are trained at SELECTION_SEED and scored now)."""
@@ -139,13 +128,12 @@ def chosen_lr(bed: "Testbed", row: "TestbedRow", train: bool = True) -> tuple[Op
             log(f"selection: {row.name} lr {lr:g} at seed {SELECTION_SEED}")
             state[key] = {"lr": lr, "dev": dev_scores(bed, bed.train_unit(unit) / "model")}
             log(f"selection: {row.name} lr {lr:g}: dev {state[key]['dev']}")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
+            save_state(path, state)
         if key in state:
             scored.append({**state[key], "unit": key})
     if len(scored) < len(row.lr_grid):
         return None, scored
-    return max(scored, key=lambda entry: entry["dev"]["avg"])["lr"], scored
+    return best_by_dev(scored)["lr"], scored
 
 
 # -- report ------------------------------------------------------------------------------------------------------

@@ -54,6 +54,28 @@ def embedding_grid(teacher: dict[str, Any]) -> list[dict[str, Any]]:
 FAMILIES = ("score_kd", "online_teacher", "embedding_kd")
 
 
+def dev_scores(bed: "Testbed", model: Path) -> dict[str, float]:
+    """Headline metric per dev set and their `avg` (the summary's mean of the task averages) of the saved `model`."""
+    from codiemb_pl.model.encoder import TextEncoder
+    from codiemb_pl.workflows.evaluation import evaluate_sets
+
+    encoder = TextEncoder(str(model), max_seq_length=bed.budgets.eval.max_length)
+    dev = bed.dev_sets()
+    per_set, summary = evaluate_sets(encoder, dev, batch_size=bed.budgets.eval.batch_size)
+    return {**{vset.name: per_set[vset.name][HEADLINE[vset.task]] for vset in dev}, "avg": summary["avg"]}
+
+
+def best_by_dev(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scored candidate ({..., dev: {..., avg}}) with the best dev avg: every dev-set choice of the bed."""
+    return max(scored, key=lambda entry: entry["dev"]["avg"])
+
+
+def save_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a selection state (candidates' dev scores) atomically, so a killed selection keeps what it scored."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(state, indent=1, sort_keys=True) + "\n")
+
+
 class Selection:
     """The dev-set selection of the bed's distillation families: `resolve(row, train=True)` trains and scores the
     missing candidates; everything else only reads what is scored (the report never trains)."""
@@ -87,8 +109,7 @@ class Selection:
             key = self.bed.row_key(row, SELECTION_SEED)
             if key not in state and train:
                 state[key] = {"distillation": candidate, "dev": self.dev_score(row)}
-                self.folder.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.folder / f"{family}.json", json.dumps(state, indent=1, sort_keys=True) + "\n")
+                save_state(self.folder / f"{family}.json", state)
             if key in state:
                 out.append({**state[key], "unit": key})
         return out
@@ -98,7 +119,7 @@ class Selection:
         scored = self.scored(family, train)
         if not scored or len(scored) < len(self.candidates(family)):
             return None
-        return max(scored, key=lambda entry: entry["dev"]["avg"])["distillation"]
+        return best_by_dev(scored)["distillation"]
 
     def candidate_row(self, family: str, distillation: dict[str, Any]) -> "TestbedRow":
         from testbed import TestbedRow
@@ -107,16 +128,8 @@ class Selection:
 
     def dev_score(self, row: "TestbedRow") -> dict[str, float]:
         """Train `row` at the selection seed (cached like every bed fit) and score it on the dev sets."""
-        from codiemb_pl.model.encoder import TextEncoder
-        from codiemb_pl.workflows.evaluation import evaluate_sets
-
         log(f"selection: {row.name} {json.dumps(row.distillation)}")
-        folder = self.bed.train_unit(self.bed.unit_of(row, SELECTION_SEED))
-        encoder = TextEncoder(str(folder / "model"), max_seq_length=self.bed.budgets.eval.max_length)
-        dev = self.bed.dev_sets()
-        per_set, summary = evaluate_sets(encoder, dev, batch_size=self.bed.budgets.eval.batch_size)
-        scores = {vset.name: per_set[vset.name][HEADLINE[vset.task]] for vset in dev}
-        scores["avg"] = summary["avg"]
+        scores = dev_scores(self.bed, self.bed.train_unit(self.bed.unit_of(row, SELECTION_SEED)) / "model")
         log(f"selection: dev {scores}")
         return scores
 
@@ -128,8 +141,7 @@ class Selection:
         if not train:
             return None
         scores = self.dev_score(self.bed.rows["student"])
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(scores, sort_keys=True) + "\n")
+        save_state(path, scores)
         return scores
 
     def resolve(self, row: "TestbedRow", train: bool = False) -> "TestbedRow":
@@ -154,7 +166,7 @@ class Selection:
             scored = self.scored(family)
             if not scored:
                 continue
-            best = max(scored, key=lambda entry: entry["dev"]["avg"])
+            best = best_by_dev(scored)
             complete = len(scored) == len(self.candidates(family))
             lines += ["", f"`{family}` ({len(scored)} of {len(self.candidates(family))} candidates scored"
                       + ("" if complete else "; no choice yet") + "):", "",

@@ -8,8 +8,9 @@ give  cos(g_1, g_2) = g_12 / √(g_11·g_22)  (negative: the tasks pull apart; 0
 norm ratio ‖g_1‖ / ‖g_2‖ (inf when only g_2 is zero, nan when both are). Each dot product is summed in blocks of
 `DOT_BLOCK` elements in the gradients' own float32 (one batched BLAS call, no float64 copy of the gradient) and the
 block sums are added in float64 (relative error ~1e-7, against ~1e-4 for one float32 dot over a 10M-element
-embedding matrix); float64 gradients stay float64, half precision is widened to float32 first. Per layer group (`layer_group`): the token / position embeddings, each transformer block, and the rest
-(pooler, final norm, projection head), each with its own Gram entries over that group's parameters only.
+embedding matrix); float64 gradients stay float64, half precision is widened to float32 first. Per layer group
+(`layer_group`): the token / position embeddings, each transformer block, and the rest (pooler, final norm,
+projection head), each with its own Gram entries over that group's parameters only.
 Plain tensors: the Lightning side (probe batches, when to measure) is `training/conflict_probe.py`.
 """
 
@@ -87,7 +88,8 @@ def gram_terms(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
     if a1 is not None and b1 is not None and a1.dtype != b1.dtype:
         a1, b1 = a1.to(torch.float64), b1.to(torch.float64)
     zero = torch.zeros((), dtype=torch.float64, device=(a1 if a1 is not None else b1).device)
-    return torch.stack([blocked_dot(a1, a1) if a1 is not None else zero, blocked_dot(b1, b1) if b1 is not None else zero,
+    return torch.stack([blocked_dot(a1, a1) if a1 is not None else zero,
+                        blocked_dot(b1, b1) if b1 is not None else zero,
                         blocked_dot(a1, b1) if a1 is not None and b1 is not None else zero])
 
 
