@@ -58,11 +58,13 @@ def joint_manual_step(module: Any, batch: dict[str, Any], combination: str) -> t
     optimizer = module.optimizers()
     parameters = [p for p in module.parameters() if p.requires_grad]
     grads, losses = [], []
+    # g_IR is copied under DDP (gradient_as_bucket_view would reuse its memory for g_STS); in one process the
+    # tensors are taken as they are (.grad is cleared before STS's backward)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     for task in ("ir", "sts"):
         loss = module.objective_step(module.objectives[task], batch[task])
         module.manual_backward(loss)
-        if task == "ir":   # under DDP a copy (gradient_as_bucket_view would reuse the memory for STS's); one
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()   # process: taken
+        if task == "ir":
             grads.append([None if p.grad is None else p.grad.detach().clone() if distributed else p.grad
                           for p in parameters])
             for p in parameters:
