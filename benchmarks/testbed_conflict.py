@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from experiment_runs import DATA_SEED, TRAIN_SOURCES, config_key, dev_sets_config
 from experiments import bootstrap_lines, compare, log
-from testbed_selection import SELECTION_SEED, best_by_dev, dev_scores, save_state
+from testbed_selection import SELECTION_SEED, best_by_dev, dev_scores, load_state, save_state
 
 from codiemb_pl.storage.atomic import atomic_directory
 from codiemb_pl.training.gradient_conflict import group_order
@@ -119,7 +119,7 @@ def chosen_lr(bed: "Testbed", row: "TestbedRow", train: bool = True) -> tuple[Op
     """(the grid's lr with the best dev avg, [{lr, unit, dev}] of the scored candidates); None until all are scored
     (with `train`, the missing candidates are trained at SELECTION_SEED and scored now)."""
     path = bed.workdir / "selection" / f"{row.name}_{config_key(bed.unit_of(row, SELECTION_SEED))}.json"
-    state = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    state = load_state(path)
     scored = []
     for lr in row.lr_grid:
         unit = bed.unit_of(row, SELECTION_SEED, lr=lr)
@@ -262,10 +262,14 @@ def selection_lines(bed: "Testbed") -> list[str]:
     return lines
 
 
-def target_lines(bed: "Testbed", per_seed: dict[str, Any]) -> list[str]:
-    """Issue 25's targets with the tie rule (a difference of means under the larger seed sd is a tie)."""
+def overall_scores(per_seed: dict[str, Any]) -> tuple[dict[str, list[float]], dict[str, Optional[float]]]:
+    """({row: its overall score at each measured seed}, {row: their mean, None when unmeasured})."""
     overall = {name: [r["avg"] for r in rows.values() if r["avg"] is not None] for name, rows in per_seed.items()}
-    means = {name: (sum(v) / len(v) if v else None) for name, v in overall.items()}
+    return overall, {name: (sum(v) / len(v) if v else None) for name, v in overall.items()}
+
+
+def target_lines(bed: "Testbed", overall: dict[str, list[float]], means: dict[str, Optional[float]]) -> list[str]:
+    """Issue 25's targets with the tie rule (a difference of means under the larger seed sd is a tie)."""
     lines = []
 
     def versus(a: Optional[str], b: Optional[str], margin: float = 0.0, label: str = "", beyond_sd: bool = False,
@@ -296,11 +300,10 @@ def target_lines(bed: "Testbed", per_seed: dict[str, Any]) -> list[str]:
 
 def issue25_lines(bed: "Testbed", per_seed: dict[str, Any], plot: Path, report: Path) -> list[str]:
     """The results page's task-conflict section."""
-    means = {name: (sum(v) / len(v) if (v := [r["avg"] for r in rows.values() if r["avg"] is not None]) else None)
-             for name, rows in per_seed.items()}
+    overall, means = overall_scores(per_seed)
     members = [row for row in bed.rows.values() if row.mix]
     caps = {row.name: mixed_caps(bed, row.mix) for row in members}
-    lines = ["## Task conflict (issue 25)", "", "### Targets", "", *target_lines(bed, per_seed), "",
+    lines = ["## Task conflict (issue 25)", "", "### Targets", "", *target_lines(bed, overall, means), "",
              "### Per-layer gradient conflict", "", *conflict_lines(bed, plot, report), "",
              "### Cross-fusion members (data mix and learning rate differ)", "",
              "| member | SciFact / SNLI / STS-B records | lr | steps |", "|---|---|---:|---:|"]
@@ -310,8 +313,9 @@ def issue25_lines(bed: "Testbed", per_seed: dict[str, Any], plot: Path, report: 
                      f"{bed.testbed.max_steps * row.step_factor} |")
     union = bed.rows.get("union_run")
     if union is not None:
-        lines.append(f"| `union_run` (control) | {' / '.join(str(max(c[s] for c in caps.values())) for s in caps[members[0].name])}"
-                     f" | {union.overrides.get('lr', bed.testbed.lr):g} | {bed.testbed.max_steps * union.step_factor} |")
+        records = " / ".join(str(max(c[s] for c in caps.values())) for s in caps[members[0].name])
+        lines.append(f"| `union_run` (control) | {records} | {union.overrides.get('lr', bed.testbed.lr):g} | "
+                     f"{bed.testbed.max_steps * union.step_factor} |")
     lines += ["", "### Dev-set choice of task-routed LoRA's learning rate", "", *(selection_lines(bed) or ["—"]), "",
               "### Paired bootstrap per seed (test sets, ×100; overall = mean of the task averages)", ""]
     comparisons = paired_comparisons(bed, means)

@@ -70,6 +70,11 @@ def best_by_dev(scored: list[dict[str, Any]]) -> dict[str, Any]:
     return max(scored, key=lambda entry: entry["dev"]["avg"])
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """A selection state written by `save_state` ({} before the first candidate is scored)."""
+    return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+
+
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """Write a selection state (candidates' dev scores) atomically, so a killed selection keeps what it scored."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +102,7 @@ class Selection:
         raise ValueError(f"unknown selection family {family!r}; known: {FAMILIES}")
 
     def state(self, family: str) -> dict[str, Any]:
-        path = self.folder / f"{family}.json"
-        return json.loads(path.read_text("utf-8")) if path.is_file() else {}
+        return load_state(self.folder / f"{family}.json")
 
     def scored(self, family: str, train: bool = False) -> list[dict[str, Any]]:
         """[{distillation, dev: {set: headline, avg}, unit}] of every candidate of `family`, training and scoring
